@@ -1,0 +1,6 @@
+//! The one place atomics come from, so loom can stand in for them (`RUSTFLAGS="--cfg loom"`).
+
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{fence, AtomicU64, Ordering};
+#[cfg(not(loom))]
+pub(crate) use std::sync::atomic::{fence, AtomicU64, Ordering};
