@@ -87,8 +87,7 @@ pub mod local {
         /// Marks this end as gone (or back), as an ivshmem server would report it, and
         /// wakes the other end so it notices.
         pub fn set_present(&self, present: bool) {
-            self.peer_present.lock().unwrap_or_else(|e| e.into_inner())[self.id as usize] =
-                present;
+            self.peer_present.lock().unwrap_or_else(|e| e.into_inner())[self.id as usize] = present;
             self.peer.ring();
         }
     }

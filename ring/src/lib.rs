@@ -3,11 +3,24 @@
 //!
 //! This crate knows no operating system: it runs on any [`SharedRegion`] with any
 //! [`Doorbell`], so its tests run on heap memory. The wire format is in `PROTOCOL.md`.
+//!
+//! An [`Endpoint`] is one side of a link; [`Endpoint::listen`] and [`Endpoint::connect`]
+//! give [`Session`]s, which are `std::io::Read + Write` and behave like sockets.
 #![deny(missing_docs)]
 
+mod config;
 pub mod doorbell;
+mod endpoint;
+pub mod frame;
+pub mod layout;
+mod link;
 pub mod region;
+mod ring;
 mod sync;
 
+pub use config::{Config, WaitMode};
 pub use doorbell::Doorbell;
+pub use endpoint::{Endpoint, Listener, Session, SessionOptions};
+pub use layout::{Geometry, LayoutError, Role};
+pub use link::Stats;
 pub use region::SharedRegion;

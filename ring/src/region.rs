@@ -40,6 +40,7 @@ impl fmt::Debug for SharedRegion {
 
 /// Heap memory standing in for a shared region (tests, loopback benches).
 struct HeapBlock {
+    #[cfg_attr(not(loom), allow(dead_code))]
     words: Box<[AtomicU64]>,
 }
 

@@ -1,0 +1,51 @@
+//! Tunables of a link.
+
+use std::time::Duration;
+
+/// How a blocked reader or writer waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitMode {
+    /// Spin for [`Config::spin`], then sleep until the doorbell rings.
+    Adaptive,
+    /// Never sleep: lowest latency, one core busy while waiting.
+    Poll,
+    /// Sleep at once: no spinning at all.
+    Block,
+}
+
+/// Tunables of a link; `Config::default()` suits most uses.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How often this side bumps its heartbeat.
+    pub heartbeat: Duration,
+    /// A peer whose heartbeat has not moved for this long is declared gone and its
+    /// sessions reset. Generous enough for a loaded host or a TCG guest.
+    pub peer_timeout: Duration,
+    /// Receive buffer per session (the credit granted to the peer), in bytes.
+    pub buf_size: u32,
+    /// Most sessions open at once on this link.
+    pub max_sessions: usize,
+    /// Most opened-but-not-accepted sessions per listener.
+    pub backlog: usize,
+    /// How long `connect` waits for the peer to attach and answer.
+    pub connect_timeout: Duration,
+    /// How blocked readers and writers wait.
+    pub wait: WaitMode,
+    /// How long an adaptive waiter spins before sleeping.
+    pub spin: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            heartbeat: Duration::from_millis(100),
+            peer_timeout: Duration::from_secs(1),
+            buf_size: 256 << 10,
+            max_sessions: 4096,
+            backlog: 128,
+            connect_timeout: Duration::from_secs(10),
+            wait: WaitMode::Adaptive,
+            spin: Duration::from_micros(50),
+        }
+    }
+}

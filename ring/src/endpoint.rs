@@ -1,0 +1,708 @@
+//! Sockets over the link: [`Endpoint`], [`Listener`] and [`Session`].
+//!
+//! One mutex guards the link. A keeper thread per endpoint follows the peer (epoch,
+//! heartbeat), reads the ring and sleeps on the doorbell when there is nothing to do;
+//! blocked readers and writers spin briefly reading the ring themselves, then sleep on a
+//! condition variable that the keeper (or any thread that made progress) signals.
+
+use crate::config::{Config, WaitMode};
+use crate::doorbell::Doorbell;
+use crate::layout::{Geometry, LayoutError, Role};
+use crate::link::{Fault, Link, Listen, State, Stats};
+use crate::region::SharedRegion;
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering as StdOrdering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+struct Shared {
+    link: Mutex<Link>,
+    cv: Condvar,
+    doorbell: Arc<dyn Doorbell>,
+    own_id: u16,
+    cfg: Config,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Rings the peer if the link asked for it. Called with the lock held: ringing is one
+    /// eventfd write or one MMIO store, and it keeps the order of ring and state simple.
+    fn ring(&self, link: &mut Link) {
+        if let Some(peer) = link.take_ring() {
+            self.doorbell.ring(peer);
+        }
+    }
+
+    /// A link fault: reset every session and start a new epoch (empty message: the peer
+    /// restarted and `check_peer` handles it).
+    fn fault(&self, link: &mut Link, f: Fault) {
+        if !f.0.is_empty() {
+            link.local_reset(f.0, Some(self.own_id));
+        }
+        self.cv.notify_all();
+    }
+
+    /// Runs `attempt` until it returns a value, waiting between tries as the config says.
+    fn wait_for<T>(
+        &self,
+        deadline: Option<Instant>,
+        nonblocking: bool,
+        mut attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
+    ) -> io::Result<T> {
+        let start = Instant::now();
+        let spin_until = match self.cfg.wait {
+            WaitMode::Poll => None,
+            WaitMode::Block => Some(start),
+            WaitMode::Adaptive => Some(start + self.cfg.spin),
+        };
+        let mut link = self.lock();
+        loop {
+            let r = attempt(&mut link);
+            self.ring(&mut link);
+            match r {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => {}
+                Err(e) => return Err(e),
+            }
+            if nonblocking {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "ivring: timed out"));
+            }
+            if link.closed {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "ivring: endpoint closed",
+                ));
+            }
+            if spin_until.is_none_or(|s| now < s) {
+                match link.pump() {
+                    Ok(true) => {
+                        self.ring(&mut link);
+                        self.cv.notify_all();
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(f) => {
+                        self.fault(&mut link, f);
+                        continue;
+                    }
+                }
+                drop(link);
+                for _ in 0..32 {
+                    std::hint::spin_loop();
+                }
+                link = self.lock();
+            } else {
+                let mut limit = Duration::from_millis(100);
+                if let Some(d) = deadline {
+                    limit = limit.min(d.saturating_duration_since(now));
+                }
+                link = self
+                    .cv
+                    .wait_timeout(link, limit)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+    }
+}
+
+/// One side of a link: listens and connects, as a socket library does.
+///
+/// ```
+/// use ivring::{doorbell::local, Config, Endpoint, SharedRegion};
+/// use std::io::{Read, Write};
+/// use std::sync::Arc;
+///
+/// let region = SharedRegion::heap(1 << 20);
+/// let (a, b) = local::pair();
+/// let host = Endpoint::host(region.clone(), Arc::new(a), Config::default()).unwrap();
+/// let guest = Endpoint::guest(region, Arc::new(b), Config::default()).unwrap();
+/// let listener = guest.listen(7).unwrap();
+/// let mut s = host.connect(7).unwrap();
+/// let mut g = listener.accept().unwrap();
+/// s.write_all(b"hello").unwrap();
+/// drop(s);
+/// let mut got = Vec::new();
+/// g.read_to_end(&mut got).unwrap();
+/// assert_eq!(got, b"hello");
+/// ```
+pub struct Endpoint {
+    shared: Arc<Shared>,
+    keeper: Option<JoinHandle<()>>,
+}
+
+/// Options for one session.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SessionOptions {
+    /// Keep message boundaries (as SOCK_SEQPACKET) instead of a byte stream.
+    pub message: bool,
+}
+
+impl Endpoint {
+    /// The host side: lays the region out and attaches.
+    pub fn host(
+        region: SharedRegion,
+        doorbell: Arc<dyn Doorbell>,
+        cfg: Config,
+    ) -> Result<Endpoint, LayoutError> {
+        Endpoint::new(Role::Host, region, doorbell, cfg)
+    }
+
+    /// The guest side: attaches, and waits for the host to lay the region out if it has
+    /// not yet. Fails at once if the region holds something that is not ivring's.
+    pub fn guest(
+        region: SharedRegion,
+        doorbell: Arc<dyn Doorbell>,
+        cfg: Config,
+    ) -> Result<Endpoint, LayoutError> {
+        Endpoint::new(Role::Guest, region, doorbell, cfg)
+    }
+
+    /// Either side.
+    pub fn new(
+        role: Role,
+        region: SharedRegion,
+        doorbell: Arc<dyn Doorbell>,
+        cfg: Config,
+    ) -> Result<Endpoint, LayoutError> {
+        let geom = Geometry::for_size(region.len())?;
+        if role == Role::Guest {
+            Geometry::read_header(&region)?;
+        }
+        let own_id = doorbell.own_id();
+        let mut link = Link::new(role, region, geom, cfg.clone());
+        link.attach(Some(own_id));
+        link.check_peer(Instant::now());
+        let shared = Arc::new(Shared {
+            link: Mutex::new(link),
+            cv: Condvar::new(),
+            doorbell,
+            own_id,
+            cfg,
+            stop: AtomicBool::new(false),
+        });
+        {
+            let mut link = shared.lock();
+            shared.ring(&mut link);
+        }
+        let keeper_shared = shared.clone();
+        let keeper = std::thread::Builder::new()
+            .name("ivring-keeper".into())
+            .spawn(move || keeper(keeper_shared))
+            .expect("spawn ivring keeper thread");
+        Ok(Endpoint {
+            shared,
+            keeper: Some(keeper),
+        })
+    }
+
+    /// Whether both sides are attached and have acknowledged each other.
+    pub fn is_up(&self) -> bool {
+        self.shared.lock().up
+    }
+
+    /// Waits until the link is up; `false` on timeout.
+    pub fn wait_up(&self, timeout: Duration) -> bool {
+        self.shared
+            .wait_for(Some(Instant::now() + timeout), false, |l| {
+                Ok(l.up.then_some(()))
+            })
+            .is_ok()
+    }
+
+    /// Counters about the peer's behaviour, and the last link error.
+    pub fn stats(&self) -> Stats {
+        self.shared.lock().stats.clone()
+    }
+
+    /// Number of sessions open (or opening) on this link.
+    pub fn session_count(&self) -> usize {
+        self.shared.lock().sessions.len()
+    }
+
+    /// Largest payload of one frame on this link.
+    pub fn max_frame(&self) -> usize {
+        self.shared.lock().max_payload
+    }
+
+    /// Accepts sessions opened by the peer on `port`.
+    pub fn listen(&self, port: u32) -> io::Result<Listener> {
+        let mut link = self.shared.lock();
+        if link.listeners.contains_key(&port) {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("ivring: port {port} already has a listener"),
+            ));
+        }
+        link.listeners.insert(port, Listen::default());
+        Ok(Listener {
+            shared: self.shared.clone(),
+            port,
+            nonblocking: false,
+        })
+    }
+
+    /// Opens a stream session to the peer's listener on `port`.
+    pub fn connect(&self, port: u32) -> io::Result<Session> {
+        self.connect_with(port, SessionOptions::default())
+    }
+
+    /// Opens a session with options. Waits up to `Config::connect_timeout` for the peer
+    /// to attach and answer; `ConnectionRefused` when nobody listens there.
+    pub fn connect_with(&self, port: u32, opts: SessionOptions) -> io::Result<Session> {
+        let sh = &self.shared;
+        let deadline = Instant::now() + sh.cfg.connect_timeout;
+        sh.wait_for(Some(deadline), false, |l| Ok(l.up.then_some(())))
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::TimedOut => io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "ivring: the peer is not attached to the shared region",
+                ),
+                _ => e,
+            })?;
+        let (id, gen) = {
+            let mut link = sh.lock();
+            let id = link.open(port, opts.message)?;
+            let gen = link.gen;
+            sh.ring(&mut link);
+            (id, gen)
+        };
+        let r = sh.wait_for(Some(deadline), false, |l| {
+            if l.gen != gen {
+                return Err(reset_error(l));
+            }
+            let s = l.session(id)?;
+            match s.state {
+                State::Open => Ok(Some(())),
+                State::Connecting => Ok(None),
+                State::Refused => Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("ivring: nothing listens on port {port}"),
+                )),
+                State::Reset(_) => unreachable!("session() reports resets"),
+            }
+        });
+        match r {
+            Ok(()) => Ok(Session::new(sh.clone(), id, gen, port, opts.message)),
+            Err(e) => {
+                let mut link = sh.lock();
+                if link.gen == gen {
+                    link.close(id);
+                    sh.ring(&mut link);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, StdOrdering::SeqCst);
+        self.shared.doorbell.interrupt();
+        if let Some(k) = self.keeper.take() {
+            let _ = k.join();
+        }
+        let mut link = self.shared.lock();
+        link.detach();
+        self.shared.ring(&mut link);
+        self.shared.cv.notify_all();
+    }
+}
+
+fn reset_error(l: &Link) -> io::Error {
+    let why = l
+        .stats
+        .last_error
+        .clone()
+        .unwrap_or_else(|| "link reset".into());
+    io::Error::new(io::ErrorKind::ConnectionReset, format!("ivring: {why}"))
+}
+
+/// The keeper: follows the peer, reads the ring, and sleeps on the doorbell when idle.
+fn keeper(sh: Arc<Shared>) {
+    let can_wait = sh.doorbell.can_wait();
+    const POLL_MIN: Duration = Duration::from_micros(20);
+    const POLL_MAX: Duration = Duration::from_millis(1);
+    let mut poll = POLL_MIN;
+    while !sh.stop.load(StdOrdering::SeqCst) {
+        let now = Instant::now();
+        let mut link = sh.lock();
+        link.disarm_wakeup();
+        let mut changed = link.check_peer(now);
+        let present = link.peer_id.and_then(|id| sh.doorbell.peer_present(id));
+        if let Err(f) = link.beat(now, present) {
+            sh.fault(&mut link, f);
+            changed = true;
+        }
+        match link.pump() {
+            Ok(p) => changed |= p,
+            Err(f) => {
+                sh.fault(&mut link, f);
+                changed = true;
+            }
+        }
+        if let Err(f) = link.flush() {
+            sh.fault(&mut link, f);
+        }
+        if changed {
+            sh.cv.notify_all();
+        }
+        // Arm, then re-check (the lost-wakeup rule): sleep only if nothing came in since.
+        let mut sleep = true;
+        match link.arm_wakeup() {
+            Ok(true) => sleep = false,
+            Ok(false) => {}
+            Err(f) => {
+                sh.fault(&mut link, f);
+                sleep = false;
+            }
+        }
+        if link.has_pending() {
+            match link.arm_pending_space() {
+                Ok(true) => sleep = false,
+                Ok(false) => {}
+                Err(f) => sh.fault(&mut link, f),
+            }
+        }
+        // Doorbell-less links poll, backing off while idle.
+        poll = if changed {
+            POLL_MIN
+        } else {
+            (poll * 2).min(POLL_MAX)
+        };
+        let timeout = if can_wait {
+            sh.cfg.heartbeat
+        } else {
+            poll.min(sh.cfg.heartbeat)
+        };
+        sh.ring(&mut link);
+        drop(link);
+        if sleep {
+            sh.doorbell.wait(Some(timeout));
+        }
+    }
+}
+
+/// Accepts sessions the peer opens on one port. Dropping it stops listening and closes
+/// the sessions not yet accepted.
+pub struct Listener {
+    shared: Arc<Shared>,
+    port: u32,
+    nonblocking: bool,
+}
+
+impl Listener {
+    /// The port.
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+
+    /// Waits for the next session.
+    pub fn accept(&self) -> io::Result<Session> {
+        self.accept_inner(None)
+    }
+
+    /// Waits for the next session at most `timeout` (`TimedOut` after).
+    pub fn accept_timeout(&self, timeout: Duration) -> io::Result<Session> {
+        self.accept_inner(Some(Instant::now() + timeout))
+    }
+
+    /// `accept` returns `WouldBlock` instead of waiting.
+    pub fn set_nonblocking(&mut self, nonblocking: bool) {
+        self.nonblocking = nonblocking;
+    }
+
+    fn accept_inner(&self, deadline: Option<Instant>) -> io::Result<Session> {
+        let port = self.port;
+        let sh = &self.shared;
+        sh.wait_for(deadline, self.nonblocking, |l| {
+            let gen = l.gen;
+            let Some(id) = l
+                .listeners
+                .get_mut(&port)
+                .and_then(|x| x.backlog.pop_front())
+            else {
+                return Ok(None);
+            };
+            let Some(s) = l.sessions.get(&id) else {
+                return Ok(None);
+            };
+            let message = s.message;
+            Ok(Some(Session::new(sh.clone(), id, gen, port, message)))
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let mut link = self.shared.lock();
+        if let Some(l) = link.listeners.remove(&self.port) {
+            for id in l.backlog {
+                link.close(id);
+            }
+        }
+        self.shared.ring(&mut link);
+    }
+}
+
+/// One session: a socket-like byte stream (or message pipe) to the peer.
+///
+/// Reads return the data the peer sent, then `Ok(0)` after its shutdown or close; writes
+/// after the peer's close fail with `BrokenPipe`; when the link resets (the peer restarted,
+/// left, or corrupted the ring) every operation fails with `ConnectionReset`. Dropping
+/// the session closes it.
+pub struct Session {
+    shared: Arc<Shared>,
+    id: u64,
+    gen: u64,
+    port: u32,
+    message: bool,
+    read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
+    nonblocking: bool,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("port", &self.port)
+            .field("message", &self.message)
+            .finish()
+    }
+}
+
+enum WriteStep {
+    Wrote(usize),
+    Wait,
+}
+
+impl Session {
+    fn new(shared: Arc<Shared>, id: u64, gen: u64, port: u32, message: bool) -> Session {
+        Session {
+            shared,
+            id,
+            gen,
+            port,
+            message,
+            read_timeout: None,
+            write_timeout: None,
+            nonblocking: false,
+        }
+    }
+
+    /// The session id (unique on this link for the life of the process).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The port the session was opened on.
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+
+    /// Whether message boundaries are kept.
+    pub fn is_message(&self) -> bool {
+        self.message
+    }
+
+    /// Reads time out after this long (`None`: wait for ever).
+    pub fn set_read_timeout(&mut self, t: Option<Duration>) {
+        self.read_timeout = t;
+    }
+
+    /// Writes time out after this long (`None`: wait for ever).
+    pub fn set_write_timeout(&mut self, t: Option<Duration>) {
+        self.write_timeout = t;
+    }
+
+    /// Reads and writes return `WouldBlock` instead of waiting.
+    pub fn set_nonblocking(&mut self, nonblocking: bool) {
+        self.nonblocking = nonblocking;
+    }
+
+    fn check(&self, l: &Link) -> io::Result<()> {
+        if l.gen != self.gen {
+            return Err(reset_error(l));
+        }
+        Ok(())
+    }
+
+    /// Closes the read half, the write half, or both (as `TcpStream::shutdown`).
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        let mut link = self.shared.lock();
+        self.check(&link)?;
+        if matches!(how, Shutdown::Write | Shutdown::Both) {
+            link.shutdown_write(self.id)?;
+        }
+        if matches!(how, Shutdown::Read | Shutdown::Both) {
+            let s = link.session(self.id)?;
+            s.rd_shut = true;
+            // Discard and credit what is buffered.
+            let mut sink = vec![0u8; 64 << 10];
+            while let Some(n) = link.read_discard(self.id, &mut sink)? {
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        self.shared.ring(&mut link);
+        Ok(())
+    }
+
+    fn deadline(t: Option<Duration>) -> Option<Instant> {
+        t.map(|t| Instant::now() + t)
+    }
+
+    fn write_stream(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let id = self.id;
+        let gen = self.gen;
+        self.shared
+            .wait_for(Self::deadline(self.write_timeout), self.nonblocking, |l| {
+                if l.gen != gen {
+                    return Err(reset_error(l));
+                }
+                match step(l, id, buf, false, true)? {
+                    WriteStep::Wrote(n) => {
+                        l.publish();
+                        Ok(Some(n))
+                    }
+                    WriteStep::Wait => Ok(None),
+                }
+            })
+    }
+
+    fn write_message(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let id = self.id;
+        let gen = self.gen;
+        let sh = self.shared.clone();
+        let deadline = Self::deadline(self.write_timeout);
+        // The whole message's credit first, so the peer can always take all of it.
+        sh.wait_for(deadline, self.nonblocking, |l| {
+            if l.gen != gen {
+                return Err(reset_error(l));
+            }
+            let s = l.session(id)?;
+            if s.peer_closed || s.wr_shut {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "ivring: session closed for writing",
+                ));
+            }
+            if buf.len() > s.peer_buf_alloc() as usize {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "ivring: message of {} bytes exceeds the peer's receive buffer of {}",
+                        buf.len(),
+                        s.peer_buf_alloc()
+                    ),
+                ));
+            }
+            Ok((s.credit() >= buf.len() as u64).then_some(()))
+        })?;
+        let mut off = 0;
+        loop {
+            // Later fragments may not be abandoned half way: wait without a deadline.
+            let n = sh.wait_for(None, false, |l| {
+                if l.gen != gen {
+                    return Err(reset_error(l));
+                }
+                match step(l, id, &buf[off..], true, false)? {
+                    WriteStep::Wrote(n) => Ok(Some(n)),
+                    WriteStep::Wait => {
+                        l.publish();
+                        Ok(None)
+                    }
+                }
+            })?;
+            off += n;
+            if off == buf.len() {
+                break;
+            }
+        }
+        let mut link = sh.lock();
+        link.publish();
+        sh.ring(&mut link);
+        Ok(buf.len())
+    }
+}
+
+/// One attempt at writing a frame; on a full ring, posts the space needed first.
+fn step(l: &mut Link, id: u64, data: &[u8], eor: bool, credit: bool) -> io::Result<WriteStep> {
+    loop {
+        match l.write_frame(id, data, eor, credit)? {
+            Some(n) => return Ok(WriteStep::Wrote(n)),
+            None => {
+                let s = l.session(id)?;
+                let no_credit = credit && s.credit() == 0;
+                if no_credit || l.has_pending() {
+                    if l.has_pending() {
+                        match l.flush() {
+                            Ok(true) => continue,
+                            Ok(false) => {}
+                            Err(f) => return Err(l.fault_to_io(f)),
+                        }
+                    }
+                    return Ok(WriteStep::Wait);
+                }
+                match l.arm_space(data.len()) {
+                    Ok(true) => continue,
+                    Ok(false) => return Ok(WriteStep::Wait),
+                    Err(f) => return Err(l.fault_to_io(f)),
+                }
+            }
+        }
+    }
+}
+
+impl io::Read for Session {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let id = self.id;
+        let gen = self.gen;
+        self.shared
+            .wait_for(Self::deadline(self.read_timeout), self.nonblocking, |l| {
+                if l.gen != gen {
+                    return Err(reset_error(l));
+                }
+                l.read(id, buf)
+            })
+    }
+}
+
+impl io::Write for Session {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.message {
+            self.write_message(buf)
+        } else if buf.is_empty() {
+            Ok(0)
+        } else {
+            self.write_stream(buf)
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let mut link = self.shared.lock();
+        if link.gen == self.gen {
+            link.close(self.id);
+            self.shared.ring(&mut link);
+        }
+    }
+}

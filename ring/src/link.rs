@@ -1,0 +1,871 @@
+//! One link's state: the handshake, the two ring halves and every session on them.
+//!
+//! All of it sits behind one mutex in [`crate::endpoint`]; nothing here blocks or sleeps.
+//! Everything read from shared memory is read once, checked, and used from the local
+//! copy (PROTOCOL.md §6).
+
+use crate::config::Config;
+use crate::frame::{self, CreditArgs, Header, Kind, OpenArgs, FLAG_EOR};
+use crate::layout::{side, Geometry, Role, PEER_ID_VALID};
+use crate::region::SharedRegion;
+use crate::ring::{BadIndex, Consumer, Producer};
+use crate::sync::Ordering;
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::time::Instant;
+
+/// Counters a link keeps about its peer's behaviour.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Frames for sessions that are not open, dropped unread.
+    pub frames_dropped: u64,
+    /// Times every session was reset (peer restart, peer gone, corruption).
+    pub link_resets: u64,
+    /// Sessions reset alone (a peer that broke the session protocol, or said Reset).
+    pub session_resets: u64,
+    /// Times the peer corrupted the ring or its indices.
+    pub corruptions: u64,
+    /// Open requests refused (no listener, backlog or session limit).
+    pub opens_refused: u64,
+    /// The most recent reason for a reset of the link, if any.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum State {
+    Connecting,
+    Open,
+    Refused,
+    Reset(String),
+}
+
+pub(crate) struct Sess {
+    pub state: State,
+    pub message: bool,
+    pub port: u32,
+    rx: Vec<u8>,
+    rx_pos: usize,
+    msgs: VecDeque<usize>,
+    partial: usize,
+    /// The peer will send no more (Shutdown or Close seen).
+    pub rx_eof: bool,
+    /// We shut our read side: arriving data is dropped (but credited).
+    pub rd_shut: bool,
+    buf_alloc: u32,
+    received: u64,
+    fwd_cnt: u64,
+    fwd_sent: u64,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u64,
+    tx_cnt: u64,
+    /// The peer closed: writes fail with BrokenPipe.
+    pub peer_closed: bool,
+    /// We sent Shutdown.
+    pub wr_shut: bool,
+}
+
+impl Sess {
+    fn new(port: u32, message: bool, buf_alloc: u32, state: State) -> Sess {
+        Sess {
+            state,
+            message,
+            port,
+            rx: Vec::new(),
+            rx_pos: 0,
+            msgs: VecDeque::new(),
+            partial: 0,
+            rx_eof: false,
+            rd_shut: false,
+            buf_alloc,
+            received: 0,
+            fwd_cnt: 0,
+            fwd_sent: 0,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            tx_cnt: 0,
+            peer_closed: false,
+            wr_shut: false,
+        }
+    }
+
+    fn buffered(&self) -> usize {
+        self.rx.len() - self.rx_pos
+    }
+
+    /// Bytes we may still send before the peer's buffer is full.
+    pub fn credit(&self) -> u64 {
+        (self.peer_buf_alloc as u64).saturating_sub(self.tx_cnt - self.peer_fwd_cnt)
+    }
+
+    pub fn peer_buf_alloc(&self) -> u32 {
+        self.peer_buf_alloc
+    }
+
+    /// Whether a read would return something (data, a message, or EOF).
+    pub fn readable(&self) -> bool {
+        if self.message {
+            !self.msgs.is_empty() || self.rx_eof || self.rd_shut
+        } else {
+            self.buffered() > 0 || self.rx_eof || self.rd_shut
+        }
+    }
+
+    /// Copies out what a read returns; the count of bytes consumed for credit.
+    fn take(&mut self, buf: &mut [u8]) -> (usize, usize) {
+        if self.message {
+            let Some(m) = self.msgs.pop_front() else {
+                return (0, 0);
+            };
+            let n = m.min(buf.len());
+            buf[..n].copy_from_slice(&self.rx[self.rx_pos..self.rx_pos + n]);
+            self.rx_pos += m;
+            self.compact();
+            (n, m)
+        } else {
+            let n = self.buffered().min(buf.len());
+            buf[..n].copy_from_slice(&self.rx[self.rx_pos..self.rx_pos + n]);
+            self.rx_pos += n;
+            self.compact();
+            (n, n)
+        }
+    }
+
+    fn compact(&mut self) {
+        if self.rx_pos == self.rx.len() {
+            self.rx.clear();
+            self.rx_pos = 0;
+        } else if self.rx_pos > self.rx.len() / 2 && self.rx_pos > 4096 {
+            self.rx.drain(..self.rx_pos);
+            self.rx_pos = 0;
+        }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Listen {
+    pub backlog: VecDeque<u64>,
+}
+
+/// A link fault that ends every session: corruption or a vanished peer.
+pub(crate) struct Fault(pub String);
+
+pub(crate) struct Link {
+    pub role: Role,
+    region: SharedRegion,
+    pub geom: Geometry,
+    pub max_payload: usize,
+    cfg: Config,
+    own: usize,
+    peer: usize,
+    /// Our epoch, as published.
+    epoch: u64,
+    /// The peer epoch we have reset our indices for and acknowledged.
+    peer_acked: u64,
+    /// Both sides have acknowledged each other's epoch: traffic may flow.
+    pub up: bool,
+    /// The host has laid the region out (always true on the host).
+    laid_out: bool,
+    /// Bumped at every reset of all sessions: a session of an older generation is reset.
+    pub gen: u64,
+    pub peer_id: Option<u16>,
+    heartbeat: u64,
+    last_beat: Instant,
+    peer_beat: u64,
+    peer_beat_at: Instant,
+    tx: Producer,
+    rx: Consumer,
+    pub sessions: HashMap<u64, Sess>,
+    pub listeners: HashMap<u32, Listen>,
+    next_seq: u64,
+    highest_peer_seq: u64,
+    /// Control frames waiting for ring space, in order.
+    pending: VecDeque<(Header, [u8; 16])>,
+    pub stats: Stats,
+    /// Set once the endpoint is dropped.
+    pub closed: bool,
+    /// Ring the peer once the lock is released.
+    ring_peer: bool,
+}
+
+const MAX_PENDING_CONTROL: usize = 1 << 16;
+
+impl Link {
+    pub fn new(role: Role, region: SharedRegion, geom: Geometry, cfg: Config) -> Link {
+        let own = role.own_block();
+        let peer = role.peer_block();
+        let tx = Producer::new(
+            region.clone(),
+            geom.tx_offset(role),
+            geom.capacity,
+            own,
+            peer,
+        );
+        let rx = Consumer::new(
+            region.clone(),
+            geom.rx_offset(role),
+            geom.capacity,
+            own,
+            peer,
+        );
+        let now = Instant::now();
+        Link {
+            role,
+            region,
+            max_payload: geom.max_payload(),
+            geom,
+            cfg,
+            own,
+            peer,
+            epoch: 0,
+            peer_acked: 0,
+            up: false,
+            laid_out: role == Role::Host,
+            gen: 1,
+            peer_id: None,
+            heartbeat: 0,
+            last_beat: now,
+            peer_beat: 0,
+            peer_beat_at: now,
+            tx,
+            rx,
+            sessions: HashMap::new(),
+            listeners: HashMap::new(),
+            next_seq: 1,
+            highest_peer_seq: 0,
+            pending: VecDeque::new(),
+            stats: Stats::default(),
+            closed: false,
+            ring_peer: false,
+        }
+    }
+
+    fn load_own(&self, word: usize) -> u64 {
+        self.region.load_u64(self.own + word, Ordering::Relaxed)
+    }
+
+    fn load_peer(&self, word: usize, order: Ordering) -> u64 {
+        self.region.load_u64(self.peer + word, order)
+    }
+
+    fn store_own(&self, word: usize, v: u64, order: Ordering) {
+        self.region.store_u64(self.own + word, v, order)
+    }
+
+    /// Attaches (or re-attaches after a local reset): zeroes our indices, withdraws our
+    /// acknowledgement, then publishes a new epoch (PROTOCOL.md §3).
+    pub fn attach(&mut self, own_id: Option<u16>) {
+        if self.role == Role::Host {
+            self.geom.write_header(&self.region);
+        }
+        self.tx.reset();
+        self.rx.reset();
+        self.up = false;
+        self.store_own(side::ACK, 0, Ordering::Relaxed);
+        self.peer_acked = 0;
+        self.store_own(
+            side::PEER_ID,
+            own_id.map_or(0, |id| PEER_ID_VALID | id as u64),
+            Ordering::Relaxed,
+        );
+        self.epoch = self.load_own(side::EPOCH).wrapping_add(1).max(1);
+        // SYNC POINT epoch: Release pairs with the Acquire load of the peer's EPOCH in
+        // check_peer: our zeroed indices and cleared ack are visible before the epoch.
+        self.store_own(side::EPOCH, self.epoch, Ordering::Release);
+        self.ring_peer = true;
+    }
+
+    /// Leaves the link for good: the peer resets its sessions at once.
+    pub fn detach(&mut self) {
+        self.reset_all("endpoint closed");
+        self.store_own(side::ACK, 0, Ordering::Relaxed);
+        self.store_own(side::PEER_ID, 0, Ordering::Relaxed);
+        self.epoch = self.epoch.wrapping_add(1).max(1);
+        // SYNC POINT epoch (as in attach).
+        self.store_own(side::EPOCH, self.epoch, Ordering::Release);
+        self.ring_peer = true;
+        self.closed = true;
+    }
+
+    /// Ends every session with ConnectionReset and forgets every buffered byte.
+    fn reset_all(&mut self, why: &str) {
+        if !self.sessions.is_empty() || self.up {
+            self.stats.link_resets += 1;
+        }
+        self.stats.last_error = Some(why.to_string());
+        self.sessions.clear();
+        for l in self.listeners.values_mut() {
+            l.backlog.clear();
+        }
+        self.pending.clear();
+        self.gen += 1;
+        self.up = false;
+    }
+
+    /// A local reset: every session ends, and a new epoch makes the peer start over too.
+    pub fn local_reset(&mut self, why: String, own_id: Option<u16>) {
+        self.reset_all(&why);
+        let acked = self.peer_acked;
+        self.attach(own_id);
+        // Keep acknowledging the peer's current epoch: a live peer only has to see our
+        // new epoch and answer it; a dead one never will.
+        self.peer_acked = acked;
+        // SYNC POINT ack: Release pairs with the peer's Acquire load of our ACK in
+        // check_peer; our indices were zeroed in attach before this store.
+        self.store_own(side::ACK, acked, Ordering::Release);
+    }
+
+    /// Follows the peer's epoch and acknowledgement; brings the link up or down.
+    /// Returns whether anything changed.
+    pub fn check_peer(&mut self, now: Instant) -> bool {
+        if !self.laid_out {
+            match Geometry::read_header(&self.region) {
+                Ok(Some(g)) if g == self.geom => self.laid_out = true,
+                Ok(_) => return false,
+                Err(e) => {
+                    let msg = e.to_string();
+                    if self.stats.last_error.as_deref() != Some(&msg) {
+                        self.stats.last_error = Some(msg);
+                    }
+                    return false;
+                }
+            }
+        }
+        // SYNC POINT epoch: Acquire pairs with the peer's Release store in attach.
+        let peer_epoch = self.load_peer(side::EPOCH, Ordering::Acquire);
+        let mut changed = false;
+        if peer_epoch != self.peer_acked {
+            if self.role == Role::Guest {
+                // The host may have re-laid the region out; check the header again.
+                match Geometry::read_header(&self.region) {
+                    Ok(Some(g)) if g == self.geom => {}
+                    other => {
+                        self.laid_out = false;
+                        if let Err(e) = other {
+                            self.stats.last_error = Some(e.to_string());
+                        }
+                        if self.up {
+                            self.reset_all("host re-laid the region out");
+                        }
+                        return true;
+                    }
+                }
+            }
+            if self.up || !self.sessions.is_empty() {
+                self.reset_all("peer restarted");
+            }
+            self.up = false;
+            self.tx.reset();
+            self.rx.reset();
+            self.peer_acked = peer_epoch;
+            // SYNC POINT ack: Release pairs with the peer's Acquire load of our ACK below:
+            // our indices are zero before the peer sees the acknowledgement.
+            self.store_own(side::ACK, peer_epoch, Ordering::Release);
+            self.read_peer_id();
+            self.ring_peer = true;
+            changed = true;
+        }
+        if !self.up && peer_epoch != 0 {
+            // SYNC POINT ack (the Acquire side).
+            let peer_ack = self.load_peer(side::ACK, Ordering::Acquire);
+            if peer_ack == self.epoch {
+                self.up = true;
+                self.read_peer_id();
+                self.peer_beat = self.load_peer(side::HEARTBEAT, Ordering::Relaxed);
+                self.peer_beat_at = now;
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    fn read_peer_id(&mut self) {
+        let w = self.load_peer(side::PEER_ID, Ordering::Relaxed);
+        self.peer_id = if w & PEER_ID_VALID != 0 && w >> 33 == 0 {
+            Some(w as u16)
+        } else {
+            None
+        };
+    }
+
+    /// Bumps our heartbeat when due and checks the peer's; `Err` once the peer is gone.
+    pub fn beat(&mut self, now: Instant, peer_present: Option<bool>) -> Result<(), Fault> {
+        if now.duration_since(self.last_beat) >= self.cfg.heartbeat {
+            self.heartbeat = self.heartbeat.wrapping_add(1);
+            self.store_own(side::HEARTBEAT, self.heartbeat, Ordering::Relaxed);
+            self.last_beat = now;
+        }
+        if !self.up {
+            return Ok(());
+        }
+        if peer_present == Some(false) {
+            return Err(Fault("peer left the ivshmem server".into()));
+        }
+        let b = self.load_peer(side::HEARTBEAT, Ordering::Relaxed);
+        if b != self.peer_beat {
+            self.peer_beat = b;
+            self.peer_beat_at = now;
+        } else if now.duration_since(self.peer_beat_at) > self.cfg.peer_timeout {
+            return Err(Fault(format!(
+                "peer heartbeat stopped for {:?}",
+                self.cfg.peer_timeout
+            )));
+        }
+        Ok(())
+    }
+
+    /// A bad index is a restart if the peer's epoch moved, corruption otherwise.
+    fn index_fault(&mut self, bad: BadIndex) -> Fault {
+        let peer_epoch = self.load_peer(side::EPOCH, Ordering::Acquire);
+        if peer_epoch != self.peer_acked {
+            // check_peer will see the new epoch and reset; not the peer's fault.
+            self.up = false;
+            return Fault(String::new());
+        }
+        self.stats.corruptions += 1;
+        Fault(format!(
+            "peer corrupted the ring: index {} against ours {}",
+            bad.peer_index, bad.own_index
+        ))
+    }
+
+    fn corrupt(&mut self, what: impl std::fmt::Display) -> Fault {
+        self.stats.corruptions += 1;
+        Fault(format!("peer corrupted the ring: {what}"))
+    }
+
+    /// Takes whether the peer should be rung (the caller rings it after the lock).
+    pub fn take_ring(&mut self) -> Option<u16> {
+        if std::mem::take(&mut self.ring_peer) {
+            self.peer_id.or_else(|| {
+                let w = self.load_peer(side::PEER_ID, Ordering::Relaxed);
+                (w & PEER_ID_VALID != 0 && w >> 33 == 0).then_some(w as u16)
+            })
+        } else {
+            None
+        }
+    }
+
+    /// Reads every published frame into the sessions. Returns whether anything arrived.
+    pub fn pump(&mut self) -> Result<bool, Fault> {
+        if !self.up {
+            return Ok(false);
+        }
+        if !self.rx.has_cached() {
+            match self.rx.available() {
+                Ok(0) => return Ok(false),
+                Ok(_) => {}
+                Err(bad) => return Err(self.index_fault(bad)),
+            }
+        }
+        let quarter = self.geom.capacity / 4;
+        loop {
+            let rec = match self.rx.next(self.max_payload) {
+                Ok(Some(rec)) => rec,
+                Ok(None) => {
+                    // Caught up with what we saw; look once more before stopping.
+                    match self.rx.available() {
+                        Ok(0) => break,
+                        Ok(_) => continue,
+                        Err(bad) => return Err(self.index_fault(bad)),
+                    }
+                }
+                Err(e) => return Err(self.corrupt(e)),
+            };
+            self.dispatch(&rec.header, rec.payload_at)?;
+            self.rx.consume(&rec.header);
+            if self.rx.unreleased() >= quarter && self.rx.release() {
+                self.ring_peer = true;
+            }
+        }
+        if self.rx.release() {
+            self.ring_peer = true;
+        }
+        self.flush()?;
+        Ok(true)
+    }
+
+    fn dispatch(&mut self, h: &Header, payload_at: usize) -> Result<(), Fault> {
+        let peer_bit = self.role.id_bit() ^ 1;
+        match h.kind {
+            Kind::Pad => unreachable!("consumed by Consumer::next"),
+            Kind::Data => {
+                let len = h.len as usize;
+                let Some(s) = self.sessions.get_mut(&h.session) else {
+                    self.stats.frames_dropped += 1;
+                    return Ok(());
+                };
+                if s.state != State::Open || s.rx_eof {
+                    self.stats.frames_dropped += 1;
+                    return Ok(());
+                }
+                let held = s.received - s.fwd_cnt;
+                if held + len as u64 > s.buf_alloc as u64 {
+                    let id = h.session;
+                    self.reset_session(id, "peer sent past its credit");
+                    return Ok(());
+                }
+                s.received += len as u64;
+                if s.rd_shut {
+                    // Dropped unread, but credited so the peer is not stalled.
+                    s.fwd_cnt += len as u64;
+                } else {
+                    let start = s.rx.len();
+                    s.rx.resize(start + len, 0);
+                    self.rx.read_payload(payload_at, &mut s.rx[start..]);
+                    if s.message {
+                        s.partial += len;
+                        if h.flags & FLAG_EOR != 0 {
+                            s.msgs.push_back(s.partial);
+                            s.partial = 0;
+                        }
+                    }
+                }
+            }
+            Kind::Open => {
+                let mut p = [0u8; 16];
+                self.rx.read_payload(payload_at, &mut p);
+                let args = OpenArgs::decode(&p);
+                let seq = h.session >> 1;
+                if args.is_none() || h.session & 1 != peer_bit || seq <= self.highest_peer_seq {
+                    self.stats.frames_dropped += 1;
+                    return Ok(());
+                }
+                let args = args.unwrap_or(OpenArgs {
+                    port: 0,
+                    message: false,
+                    buf_alloc: 0,
+                });
+                self.highest_peer_seq = seq;
+                let fits = self.sessions.len() < self.cfg.max_sessions;
+                let backlog = self.cfg.backlog;
+                match self.listeners.get_mut(&args.port) {
+                    Some(l) if fits && l.backlog.len() < backlog => {
+                        l.backlog.push_back(h.session);
+                        let mut s =
+                            Sess::new(args.port, args.message, self.cfg.buf_size, State::Open);
+                        s.peer_buf_alloc = args.buf_alloc;
+                        self.sessions.insert(h.session, s);
+                        let accept = CreditArgs {
+                            fwd_cnt: 0,
+                            buf_alloc: self.cfg.buf_size,
+                        };
+                        self.send_ctrl(Kind::Accept, h.session, Some(accept.encode()))?;
+                    }
+                    _ => {
+                        self.stats.opens_refused += 1;
+                        self.send_ctrl(Kind::Refuse, h.session, None)?;
+                    }
+                }
+            }
+            Kind::Accept | Kind::Credit => {
+                let mut p = [0u8; 16];
+                self.rx.read_payload(payload_at, &mut p);
+                let Some(s) = self.sessions.get_mut(&h.session) else {
+                    self.stats.frames_dropped += 1;
+                    return Ok(());
+                };
+                let Some(c) = CreditArgs::decode(&p) else {
+                    self.reset_session(h.session, "peer sent a malformed credit");
+                    return Ok(());
+                };
+                match (h.kind, &s.state) {
+                    (Kind::Accept, State::Connecting) if c.fwd_cnt == 0 => {
+                        s.state = State::Open;
+                        s.peer_buf_alloc = c.buf_alloc;
+                    }
+                    (Kind::Credit, State::Open)
+                        if c.fwd_cnt >= s.peer_fwd_cnt && c.fwd_cnt <= s.tx_cnt =>
+                    {
+                        s.peer_fwd_cnt = c.fwd_cnt;
+                        s.peer_buf_alloc = c.buf_alloc;
+                    }
+                    (_, State::Reset(_)) => self.stats.frames_dropped += 1,
+                    _ => self.reset_session(h.session, "peer broke the credit protocol"),
+                }
+            }
+            Kind::Refuse => match self.sessions.get_mut(&h.session) {
+                Some(s) if s.state == State::Connecting => s.state = State::Refused,
+                _ => self.stats.frames_dropped += 1,
+            },
+            Kind::Shutdown | Kind::Close => match self.sessions.get_mut(&h.session) {
+                Some(s) if s.state == State::Open => {
+                    s.rx_eof = true;
+                    if h.kind == Kind::Close {
+                        s.peer_closed = true;
+                    }
+                }
+                _ => self.stats.frames_dropped += 1,
+            },
+            Kind::Reset => match self.sessions.get_mut(&h.session) {
+                Some(s) if matches!(s.state, State::Open | State::Connecting) => {
+                    s.state = State::Reset("peer reset the session".into());
+                    self.stats.session_resets += 1;
+                }
+                _ => self.stats.frames_dropped += 1,
+            },
+        }
+        Ok(())
+    }
+
+    /// Resets one session for a protocol violation; the link and other sessions go on.
+    fn reset_session(&mut self, id: u64, why: &str) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.state = State::Reset(why.to_string());
+            s.rx.clear();
+            s.rx_pos = 0;
+            s.msgs.clear();
+            self.stats.session_resets += 1;
+            // Best effort: a full ring queues it.
+            let _ = self.send_ctrl(Kind::Reset, id, None);
+        }
+    }
+
+    /// Sends a control frame now, or queues it behind those already waiting for space.
+    pub fn send_ctrl(
+        &mut self,
+        kind: Kind,
+        session: u64,
+        payload: Option<[u8; 16]>,
+    ) -> Result<(), Fault> {
+        let h = Header {
+            kind,
+            flags: 0,
+            len: if payload.is_some() { 16 } else { 0 },
+            session,
+        };
+        let p = payload.unwrap_or([0; 16]);
+        if self.pending.is_empty() {
+            match self.tx.push(&h, &p[..h.len as usize]) {
+                Ok(true) => {
+                    if self.tx.publish() {
+                        self.ring_peer = true;
+                    }
+                    return Ok(());
+                }
+                Ok(false) => {}
+                Err(bad) => return Err(self.index_fault(bad)),
+            }
+        }
+        if self.pending.len() >= MAX_PENDING_CONTROL {
+            // Only a peer that floods us without reading can get here: stop answering it.
+            self.stats.frames_dropped += 1;
+            return Ok(());
+        }
+        self.pending.push_back((h, p));
+        Ok(())
+    }
+
+    /// Sends queued control frames while the ring has room. `Ok(true)` when none is left.
+    pub fn flush(&mut self) -> Result<bool, Fault> {
+        let mut sent = false;
+        while let Some((h, p)) = self.pending.front() {
+            let (h, p) = (*h, *p);
+            match self.tx.push(&h, &p[..h.len as usize]) {
+                Ok(true) => {
+                    self.pending.pop_front();
+                    sent = true;
+                }
+                Ok(false) => break,
+                Err(bad) => return Err(self.index_fault(bad)),
+            }
+        }
+        if sent && self.tx.publish() {
+            self.ring_peer = true;
+        }
+        Ok(self.pending.is_empty())
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Posts the space the first queued control frame needs (see Producer::arm_space).
+    pub fn arm_pending_space(&mut self) -> Result<bool, Fault> {
+        let Some((h, _)) = self.pending.front() else {
+            return Ok(true);
+        };
+        let rec = frame::record_len(h.len as usize);
+        self.tx.arm_space(rec).map_err(|bad| self.index_fault(bad))
+    }
+
+    /// Arms the need-wakeup flag; `Ok(true)` if data is already there.
+    pub fn arm_wakeup(&mut self) -> Result<bool, Fault> {
+        if !self.up {
+            return Ok(false);
+        }
+        self.rx.arm_wakeup().map_err(|bad| self.index_fault(bad))
+    }
+
+    pub fn disarm_wakeup(&mut self) {
+        self.rx.disarm_wakeup();
+    }
+
+    // ---- session operations (the caller has checked the generation) ----
+
+    pub fn open(&mut self, port: u32, message: bool) -> Result<u64, io::Error> {
+        if self.sessions.len() >= self.cfg.max_sessions {
+            return Err(io::Error::other(format!(
+                "ivring: {} sessions already open on this link (Config::max_sessions)",
+                self.cfg.max_sessions
+            )));
+        }
+        let id = self.next_seq << 1 | self.role.id_bit();
+        self.next_seq += 1;
+        self.sessions.insert(
+            id,
+            Sess::new(port, message, self.cfg.buf_size, State::Connecting),
+        );
+        let args = OpenArgs {
+            port,
+            message,
+            buf_alloc: self.cfg.buf_size,
+        };
+        self.send_ctrl(Kind::Open, id, Some(args.encode()))
+            .map_err(|f| self.fault_to_io(f))?;
+        Ok(id)
+    }
+
+    pub fn fault_to_io(&mut self, f: Fault) -> io::Error {
+        io::Error::new(io::ErrorKind::ConnectionReset, format!("ivring: {}", f.0))
+    }
+
+    /// Reads from a session: `Ok(Some(n))` when the read completes, `Ok(None)` to wait.
+    pub fn read(&mut self, id: u64, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let s = self.session(id)?;
+        if s.rd_shut {
+            return Ok(Some(0));
+        }
+        if !s.readable() {
+            return Ok(None);
+        }
+        let (n, consumed) = s.take(buf);
+        s.fwd_cnt += consumed as u64;
+        // Grant more credit once a quarter of the buffer has been consumed. That is enough
+        // to never stall the peer: if it is out of credit, everything it sent since our
+        // last grant (a whole buffer) is consumed by the time our buffer is empty.
+        let due = s.fwd_cnt - s.fwd_sent >= (s.buf_alloc / 4).max(1) as u64;
+        if due && s.state == State::Open && !s.rx_eof {
+            s.fwd_sent = s.fwd_cnt;
+            let c = CreditArgs {
+                fwd_cnt: s.fwd_cnt,
+                buf_alloc: s.buf_alloc,
+            };
+            self.send_ctrl(Kind::Credit, id, Some(c.encode()))
+                .map_err(|f| self.fault_to_io(f))?;
+        }
+        Ok(Some(n))
+    }
+
+    /// The state check shared by every session operation.
+    pub fn session(&mut self, id: u64) -> io::Result<&mut Sess> {
+        let s = self.sessions.get_mut(&id).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotConnected, "ivring: session is closed")
+        })?;
+        match &s.state {
+            State::Reset(why) => Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!("ivring: {why}"),
+            )),
+            _ => Ok(s),
+        }
+    }
+
+    /// Writes up to one frame of stream data (or one fragment of a message whose credit
+    /// has been checked). `Ok(None)`: no credit or no ring space; wait.
+    pub fn write_frame(
+        &mut self,
+        id: u64,
+        data: &[u8],
+        eor: bool,
+        check_credit: bool,
+    ) -> io::Result<Option<usize>> {
+        let max = self.max_payload;
+        let pending = self.has_pending();
+        let s = self.session(id)?;
+        if s.peer_closed || s.wr_shut {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "ivring: session closed for writing",
+            ));
+        }
+        let mut n = data.len().min(max);
+        if check_credit {
+            n = n.min(s.credit() as usize);
+            if n == 0 && !data.is_empty() {
+                return Ok(None);
+            }
+        }
+        if pending {
+            return Ok(None);
+        }
+        let h = Header {
+            kind: Kind::Data,
+            flags: if eor && n == data.len() { FLAG_EOR } else { 0 },
+            len: n as u32,
+            session: id,
+        };
+        match self.tx.push(&h, &data[..n]) {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            Err(bad) => {
+                let f = self.index_fault(bad);
+                return Err(self.fault_to_io(f));
+            }
+        }
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.tx_cnt += n as u64;
+        }
+        Ok(Some(n))
+    }
+
+    /// Stores the head after writes; the peer is rung after the lock if it asked.
+    pub fn publish(&mut self) {
+        if self.tx.unpublished() && self.tx.publish() {
+            self.ring_peer = true;
+        }
+    }
+
+    /// Posts the ring space a frame of `len` payload bytes needs; `Ok(true)` if it is there.
+    pub fn arm_space(&mut self, len: usize) -> Result<bool, Fault> {
+        let rec = frame::record_len(len.min(self.max_payload));
+        self.tx.arm_space(rec).map_err(|bad| self.index_fault(bad))
+    }
+
+    /// Ends a session from our side: Close to the peer unless it is already gone.
+    pub fn close(&mut self, id: u64) {
+        if let Some(s) = self.sessions.remove(&id) {
+            if matches!(s.state, State::Open | State::Connecting) && !s.peer_closed && self.up {
+                let _ = self.send_ctrl(Kind::Close, id, None);
+                self.publish();
+            }
+        }
+    }
+
+    pub fn shutdown_write(&mut self, id: u64) -> io::Result<()> {
+        let s = self.session(id)?;
+        if s.wr_shut || s.peer_closed {
+            return Ok(());
+        }
+        s.wr_shut = true;
+        self.send_ctrl(Kind::Shutdown, id, None)
+            .map_err(|f| self.fault_to_io(f))?;
+        Ok(())
+    }
+}
+
+impl Link {
+    /// Reads and credits buffered data without waiting (used by shutdown(Read)).
+    pub fn read_discard(&mut self, id: u64, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let s = self.session(id)?;
+        if s.buffered() == 0 && s.msgs.is_empty() {
+            return Ok(None);
+        }
+        let was = s.rd_shut;
+        s.rd_shut = false;
+        let r = self.read(id, buf);
+        if let Ok(s) = self.session(id) {
+            s.rd_shut = was;
+        }
+        r
+    }
+}
