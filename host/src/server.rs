@@ -23,7 +23,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// How many peers one server serves at most; more are refused (and logged to stderr).
+/// How many peers one server serves by default; more are refused (and logged to stderr).
+/// See [`Server::with_max_peers`].
 pub const MAX_PEERS: usize = 64;
 /// How many vectors (eventfds per peer) a server hands out at most.
 pub const MAX_VECTORS: usize = 64;
@@ -44,6 +45,7 @@ pub struct Server {
     stop: Arc<EventFd>,
     /// The id given last; the next peer gets the next free one after it.
     last_id: AtomicU16,
+    max_peers: usize,
 }
 
 /// One connected peer, as the server sees it.
@@ -83,7 +85,14 @@ impl Server {
             vectors,
             stop: Arc::new(EventFd::new()?),
             last_id: AtomicU16::new(0),
+            max_peers: MAX_PEERS,
         })
+    }
+
+    /// Serves at most `max` peers (clamped to 1 ..= 65535) instead of [`MAX_PEERS`].
+    pub fn with_max_peers(mut self, max: usize) -> Server {
+        self.max_peers = max.clamp(1, u16::MAX as usize);
+        self
     }
 
     /// The socket path.
@@ -153,10 +162,12 @@ impl Server {
                     return;
                 }
             };
-            if peers.len() >= MAX_PEERS {
+            if peers.len() >= self.max_peers {
                 eprintln!(
-                    "ivring-host: ivshmem server {}: refusing a peer: already {MAX_PEERS} peers connected",
-                    self.path.display()
+                    "ivring-host: ivshmem server {}: refusing a peer: already {} peers connected \
+                     (the limit); disconnect one first",
+                    self.path.display(),
+                    self.max_peers
                 );
                 continue;
             }
@@ -176,7 +187,7 @@ impl Server {
         let id = (1..=u16::MAX)
             .map(|k| ((u32::from(last) + u32::from(k) - 1) % 65535 + 1) as u16)
             .find(|id| peers.iter().all(|p| p.id != *id))
-            .expect("at most MAX_PEERS peers");
+            .expect("fewer than 65535 peers");
         self.last_id.store(id, Ordering::Relaxed);
         sock.set_nonblocking(false)
             .and_then(|()| sock.set_write_timeout(Some(SEND_TIMEOUT)))

@@ -235,3 +235,86 @@ pub(crate) fn recv_msg(sock: BorrowedFd<'_>) -> Result<Option<(i64, Option<Owned
     }
     Ok(Some((i64::from_le_bytes(bytes), fds.pop())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn send_raw(sock: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !fds.is_empty() {
+            assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
+        }
+        let n = rustix::net::sendmsg(
+            sock,
+            &[IoSlice::new(bytes)],
+            &mut control,
+            SendFlags::empty(),
+        )
+        .unwrap();
+        assert_eq!(n, bytes.len());
+    }
+
+    #[test]
+    fn message_round_trip_with_and_without_fd() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let efd = EventFd::new().unwrap();
+        send_msg(a.as_fd(), -1, Some(efd.as_fd())).unwrap();
+        send_msg(a.as_fd(), 0x1234_5678_9abc, None).unwrap();
+        let (v, fd) = recv_msg(b.as_fd()).unwrap().unwrap();
+        assert_eq!(v, -1);
+        // The received fd is the same eventfd: signalling it makes ours readable.
+        EventFd::from_owned(fd.unwrap()).signal();
+        assert!(poll_readable(&[efd.as_fd()], Some(Duration::ZERO)).unwrap()[0]);
+        let (v, fd) = recv_msg(b.as_fd()).unwrap().unwrap();
+        assert_eq!(v, 0x1234_5678_9abc);
+        assert!(fd.is_none());
+        drop(a);
+        assert!(recv_msg(b.as_fd()).unwrap().is_none(), "clean EOF");
+    }
+
+    #[test]
+    fn short_reads_are_joined_and_fd_kept() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let efd = EventFd::new().unwrap();
+        let bytes = 7i64.to_le_bytes();
+        send_raw(&a, &bytes[..3], &[efd.as_fd()]);
+        send_raw(&a, &bytes[3..], &[]);
+        let (v, fd) = recv_msg(b.as_fd()).unwrap().unwrap();
+        assert_eq!(v, 7);
+        assert!(fd.is_some());
+    }
+
+    #[test]
+    fn two_fds_in_one_message_are_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (e1, e2) = (EventFd::new().unwrap(), EventFd::new().unwrap());
+        send_raw(&a, &5i64.to_le_bytes(), &[e1.as_fd(), e2.as_fd()]);
+        match recv_msg(b.as_fd()) {
+            Err(HostError::BadFds { count: 2, .. }) => {}
+            other => panic!("expected BadFds, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn eof_inside_a_message_is_an_error() {
+        let (a, b) = UnixStream::pair().unwrap();
+        send_raw(&a, &[1, 2, 3], &[]);
+        drop(a);
+        assert!(recv_msg(b.as_fd()).is_err());
+    }
+
+    #[test]
+    fn sealed_memfd_has_its_seals() {
+        let fd = create_sealed_memfd("t", 1 << 16).unwrap();
+        let seals = rustix::fs::fcntl_get_seals(&fd).unwrap();
+        assert!(seals.contains(SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL));
+        assert!(
+            rustix::fs::ftruncate(&fd, 1 << 12).is_err(),
+            "shrinking must fail"
+        );
+        assert_eq!(fd_size(fd.as_fd()).unwrap(), 1 << 16);
+    }
+}

@@ -3,9 +3,13 @@
 
 use ivring::Doorbell;
 use ivring_host::shm::{check_memfd, create_sealed_memfd, validate_size};
-use ivring_host::{Client, HostError, Server};
-use std::os::fd::AsFd;
+use ivring_host::{Client, ConnectOptions, HostError, Server};
+use std::io::IoSlice;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -245,4 +249,172 @@ fn plain_file_maps_and_is_shared() {
     std::fs::write(dir.path().join("small"), b"x").unwrap();
     let err = ivring_host::shm::map_file(&dir.path().join("small")).unwrap_err();
     assert!(matches!(err, HostError::BadSize { .. }), "{err}");
+}
+
+#[test]
+fn peer_limit_refuses_the_extra_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let _server = Server::bind(&sock, SIZE, 1)
+        .unwrap()
+        .with_max_peers(2)
+        .spawn();
+    let _a = Client::connect(&sock).unwrap();
+    let b = Client::connect(&sock).unwrap();
+    let err = Client::connect(&sock).unwrap_err();
+    assert!(matches!(err, HostError::Protocol { .. }), "{err}");
+    drop(b);
+    // A slot is free again once the leave is processed.
+    assert!(eventually(|| Client::connect(&sock).is_ok()));
+}
+
+// --- A scripted server, to test the client against bad or unusual servers. ---
+
+/// Sends raw bytes with optional fds in one sendmsg.
+fn send_raw(sock: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() {
+        assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
+    }
+    rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )
+    .unwrap();
+}
+
+fn send(sock: &UnixStream, val: i64, fds: &[BorrowedFd<'_>]) {
+    send_raw(sock, &val.to_le_bytes(), fds);
+}
+
+fn eventfd() -> OwnedFd {
+    use rustix::event::EventfdFlags;
+    rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap()
+}
+
+/// Runs `script` as the server side of one connection at `path`, then holds the
+/// connection open until the client closes it.
+fn scripted(
+    path: &Path,
+    script: impl FnOnce(&UnixStream) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let listener = UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        script(&s);
+        // Hold the socket until the client goes.
+        let _ = std::io::Read::read(&mut &s, &mut [0u8; 1]);
+    })
+}
+
+#[test]
+fn client_rejects_other_protocol_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let t = scripted(&sock, |s| send(s, 1, &[]));
+    let err = Client::connect(&sock).unwrap_err();
+    assert!(
+        matches!(err, HostError::BadVersion { version: 1, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("version 1"), "{err}");
+    t.join().unwrap();
+}
+
+#[test]
+fn client_joins_a_foreign_server_with_split_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let mem = create_sealed_memfd("fake", SIZE).unwrap();
+    let peer7 = eventfd();
+    let own = [eventfd(), eventfd()];
+    let own_dup: Vec<OwnedFd> = own.iter().map(|f| f.try_clone().unwrap()).collect();
+    let t = scripted(&sock, move |s| {
+        // Every message in two pieces: the client must join short reads.
+        for (val, fd) in [(0i64, None), (3, None), (-1, Some(mem.as_fd()))] {
+            let b = val.to_le_bytes();
+            send_raw(s, &b[..5], fd.as_slice());
+            send_raw(s, &b[5..], &[]);
+        }
+        send(s, 7, &[peer7.as_fd()]);
+        send(s, 3, &[own_dup[0].as_fd()]);
+        send(s, 3, &[own_dup[1].as_fd()]);
+        std::thread::sleep(Duration::from_millis(200));
+        send(s, 7, &[]); // peer 7 leaves
+    });
+    let c = Client::connect(&sock).unwrap();
+    assert_eq!(c.id(), 3);
+    assert_eq!(c.vectors(), 2);
+    assert_eq!(c.peers(), vec![7]);
+    assert_eq!(c.doorbell().peer_present(7), Some(true));
+    // Ringing our vector 0 (as peer 7 would) wakes our wait.
+    rustix::io::write(&own[0], &1u64.to_ne_bytes()).unwrap();
+    let t0 = Instant::now();
+    c.doorbell().wait(Some(LONG));
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    assert!(eventually(|| c.doorbell().peer_present(7) == Some(false)));
+    drop(c);
+    t.join().unwrap();
+}
+
+#[test]
+fn client_refuses_unsealed_memory_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    for allow in [false, true] {
+        let sock = dir.path().join(format!("s{allow}"));
+        let mem = rustix::fs::memfd_create("unsealed", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&mem, SIZE).unwrap();
+        let own = eventfd();
+        let t = scripted(&sock, move |s| {
+            send(s, 0, &[]);
+            send(s, 1, &[]);
+            send(s, -1, &[mem.as_fd()]);
+            send(s, 1, &[own.as_fd()]);
+        });
+        let opts = ConnectOptions {
+            allow_unsealed: allow,
+            ..Default::default()
+        };
+        match Client::connect_with(&sock, &opts) {
+            Ok(c) => assert!(allow, "unsealed memfd accepted: {c:?}"),
+            Err(e) => {
+                assert!(!allow, "{e}");
+                assert!(matches!(e, HostError::NotSealed { .. }), "{e}");
+            }
+        }
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn client_times_out_on_a_silent_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let t = scripted(&sock, |_| {});
+    let opts = ConnectOptions {
+        handshake_timeout: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let err = Client::connect_with(&sock, &opts).unwrap_err();
+    assert!(matches!(err, HostError::HandshakeTimeout { .. }), "{err}");
+    t.join().unwrap();
+}
+
+#[test]
+fn client_rejects_two_fds_in_one_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let t = scripted(&sock, |s| {
+        let (e1, e2) = (eventfd(), eventfd());
+        send(s, 0, &[]);
+        send(s, 1, &[]);
+        send(s, -1, &[e1.as_fd(), e2.as_fd()]);
+    });
+    let err = Client::connect(&sock).unwrap_err();
+    assert!(matches!(err, HostError::BadFds { count: 2, .. }), "{err}");
+    t.join().unwrap();
 }
