@@ -120,8 +120,10 @@ impl Server {
         crate::shm::map_memfd(self.memfd.as_fd())
     }
 
-    /// Serves peers until stopped through a [`ServerHandle`] (see [`Server::spawn`]).
-    /// Errors only if polling itself fails; a misbehaving peer is just disconnected.
+    /// Serves peers until stopped through a [`ServerHandle`] (see [`Server::spawn`]), on
+    /// the calling thread; call it from one thread at a time. Peers connected when it
+    /// returns are disconnected. Errors only if polling itself fails; a misbehaving peer
+    /// is just disconnected, and a peer that does not take a message within 1 s counts as gone.
     pub fn run(&self) -> Result<()> {
         let mut peers: Vec<Peer> = Vec::new();
         loop {

@@ -307,6 +307,33 @@ mod tests {
     }
 
     #[test]
+    fn socket_file_takes_the_mode_set_before_bind() {
+        // What makes `bind_unix_0600` umask-safe: the file is born 0600 (or narrower, by
+        // the umask), never wider, before the chmod that follows.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ivring-sys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let _ = std::fs::remove_file(&path);
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o600)).unwrap();
+        rustix::net::bind(&fd, &SocketAddrUnix::new(&path).unwrap()).unwrap();
+        let mode = std::fs::symlink_metadata(&path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(mode & !0o600, 0, "socket born with mode {mode:o}");
+    }
+
+    #[test]
     fn sealed_memfd_has_its_seals() {
         let fd = create_sealed_memfd("t", 1 << 16).unwrap();
         let seals = rustix::fs::fcntl_get_seals(&fd).unwrap();
