@@ -1,0 +1,398 @@
+//! An ivshmem client that joins a server as QEMU does (see `IVSHMEM.md`, "The ivshmem
+//! server protocol"), and the eventfd [`Doorbell`] built on what it receives.
+//!
+//! After the handshake a background thread keeps reading the socket for joins and leaves.
+//! It never writes: the server takes any readability of our socket as our leaving.
+
+use crate::error::{HostError, Result};
+use crate::sys::{self, EventFd};
+use ivring::{Doorbell, SharedRegion};
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How a [`Client`] joins.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// How long the whole handshake may take.
+    pub handshake_timeout: Duration,
+    /// Accept shared memory that is not sealed against shrinking (e.g. from QEMU's
+    /// example server). Then the server or a peer truncating it would SIGBUS us.
+    pub allow_unsealed: bool,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            handshake_timeout: Duration::from_secs(5),
+            allow_unsealed: false,
+        }
+    }
+}
+
+/// After our own first vector, messages still arriving within this quiet period belong to
+/// the handshake (the protocol does not say how many vectors there are).
+const HANDSHAKE_QUIET: Duration = Duration::from_millis(50);
+
+/// A peer of an ivshmem server: our id, the shared memory, and the doorbell.
+#[derive(Debug)]
+pub struct Client {
+    id: u16,
+    region: SharedRegion,
+    path: PathBuf,
+    bell: Arc<ClientDoorbell>,
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The eventfd doorbell of a [`Client`]: rings other peers' vector 0 and waits on ours.
+#[derive(Debug)]
+pub struct ClientDoorbell {
+    id: u16,
+    /// Our vector 0: the others ring it.
+    own0: EventFd,
+    /// Our other vectors, kept open (not waited on).
+    own_more: Mutex<Vec<EventFd>>,
+    /// Private: [`Doorbell::interrupt`] and membership changes signal it.
+    intr: EventFd,
+    peers: Mutex<BTreeMap<u16, Vec<EventFd>>>,
+    changed: Condvar,
+    server_alive: AtomicBool,
+}
+
+impl Client {
+    /// Joins the ivshmem server at `path` with [`ConnectOptions::default`].
+    pub fn connect(path: impl AsRef<Path>) -> Result<Client> {
+        Self::connect_with(path, &ConnectOptions::default())
+    }
+
+    /// Joins the ivshmem server at `path`: reads the version (must be 0), our id, the
+    /// shared memory (validated and mapped), the other peers' and our own eventfds.
+    pub fn connect_with(path: impl AsRef<Path>, opts: &ConnectOptions) -> Result<Client> {
+        let path = path.as_ref().to_path_buf();
+        let sock = UnixStream::connect(&path).map_err(|e| {
+            HostError::io(
+                format!(
+                    "connect to ivshmem server {} (is it running?)",
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+        let deadline = Instant::now() + opts.handshake_timeout;
+        let proto = |detail: &str| HostError::Protocol {
+            path: path.clone(),
+            detail: detail.into(),
+        };
+        let next = |what: &str| -> Result<(i64, Option<OwnedFd>)> {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !sys::poll_readable(&[sock.as_fd()], Some(left))?[0] {
+                return Err(HostError::HandshakeTimeout { path: path.clone() });
+            }
+            sys::recv_msg(sock.as_fd())?.ok_or_else(|| {
+                proto(&format!(
+                    "the server closed the connection before sending {what}"
+                ))
+            })
+        };
+
+        let (version, fd) = next("the protocol version")?;
+        if fd.is_some() {
+            return Err(proto("the version message carried an fd"));
+        }
+        if version != 0 {
+            return Err(HostError::BadVersion { path, version });
+        }
+        let (id, fd) = next("our peer id")?;
+        let id = match (u16::try_from(id), fd) {
+            (Ok(id), None) => id,
+            _ => return Err(proto(&format!("bad peer id message ({id})"))),
+        };
+        let (minus1, shm) = next("the shared memory")?;
+        let shm = match (minus1, shm) {
+            (-1, Some(fd)) => fd,
+            _ => return Err(proto("expected -1 with the shared-memory fd")),
+        };
+        if !opts.allow_unsealed {
+            crate::shm::check_memfd(shm.as_fd())?;
+        }
+        let region = crate::shm::map_fd(
+            shm.as_fd(),
+            &format!("from ivshmem server {}", path.display()),
+        )?;
+        drop(shm);
+
+        // Peers' vectors, then ours; we do not know N, so after our first vector we take
+        // whatever follows within a short quiet period, and the thread takes the rest.
+        let mut peers = Peers::default();
+        let mut own: Vec<EventFd> = Vec::new();
+        let mut alive = true;
+        while own.is_empty() {
+            let (val, fd) = next("our own eventfds")?;
+            peers.apply(id, val, fd, &mut own);
+        }
+        while sys::poll_readable(&[sock.as_fd()], Some(HANDSHAKE_QUIET))?[0] {
+            match sys::recv_msg(sock.as_fd()) {
+                Ok(Some((val, fd))) => {
+                    peers.apply(id, val, fd, &mut own);
+                }
+                _ => {
+                    alive = false;
+                    break;
+                }
+            }
+        }
+        let mut own = own.into_iter();
+        let own0 = own.next().expect("at least one own vector");
+        let bell = Arc::new(ClientDoorbell {
+            id,
+            own0,
+            own_more: Mutex::new(own.collect()),
+            intr: EventFd::new()?,
+            peers: Mutex::new(peers.map),
+            changed: Condvar::new(),
+            server_alive: AtomicBool::new(alive),
+        });
+        let stop = Arc::new(EventFd::new()?);
+        let thread = if alive {
+            let (bell, stop) = (bell.clone(), stop.clone());
+            Some(
+                std::thread::Builder::new()
+                    .name(format!("ivshmem-client-{id}"))
+                    .spawn(move || listen(sock, &bell, &stop))
+                    .map_err(|e| HostError::io("spawn ivshmem client thread", e))?,
+            )
+        } else {
+            None
+        };
+        Ok(Client {
+            id,
+            region,
+            path,
+            bell,
+            stop,
+            thread,
+        })
+    }
+
+    /// Our peer id.
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    /// The socket path of the server.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The shared memory (a clone; it stays mapped while any clone lives).
+    pub fn region(&self) -> SharedRegion {
+        self.region.clone()
+    }
+
+    /// How many vectors (eventfds) the server gave us.
+    pub fn vectors(&self) -> usize {
+        1 + lock(&self.bell.own_more).len()
+    }
+
+    /// The doorbell for the ring.
+    pub fn doorbell(&self) -> Arc<ClientDoorbell> {
+        self.bell.clone()
+    }
+
+    /// Whether the server is still connected. After it dies the memory and the eventfds
+    /// we hold keep working, but joins and leaves are no longer heard of.
+    pub fn server_alive(&self) -> bool {
+        self.bell.server_alive()
+    }
+
+    /// Ids of the other peers present now, ascending.
+    pub fn peers(&self) -> Vec<u16> {
+        self.bell.other_peers()
+    }
+
+    /// Waits until some other peer is present (`None` for `timeout`: no limit) and returns
+    /// the lowest such id; `None` on timeout.
+    pub fn wait_for_peer(&self, timeout: Option<Duration>) -> Option<u16> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut peers = lock(&self.bell.peers);
+        loop {
+            if let Some(&p) = peers.keys().find(|&&p| p != self.id) {
+                return Some(p);
+            }
+            peers = match deadline {
+                None => self
+                    .bell
+                    .changed
+                    .wait(peers)
+                    .unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.checked_duration_since(Instant::now())?;
+                    self.bell
+                        .changed
+                        .wait_timeout(peers, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.stop.signal();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // Our socket is closed: the server announces our leave; we hear nothing more.
+        self.bell.mark_server_gone();
+    }
+}
+
+/// Membership as learnt from the server's messages.
+#[derive(Default)]
+struct Peers {
+    map: BTreeMap<u16, Vec<EventFd>>,
+}
+
+/// What one server message changed.
+#[derive(PartialEq)]
+enum Change {
+    None,
+    Membership,
+}
+
+impl Peers {
+    /// Applies one message: a peer's vector (a join at its first), a leave, or one of our
+    /// own vectors (pushed to `own`). Nonsense (a bad id) is dropped, fd closed.
+    fn apply(
+        &mut self,
+        own_id: u16,
+        val: i64,
+        fd: Option<OwnedFd>,
+        own: &mut Vec<EventFd>,
+    ) -> Change {
+        let Ok(id) = u16::try_from(val) else {
+            return Change::None;
+        };
+        match fd {
+            Some(fd) if id == own_id => {
+                own.push(EventFd::from_owned(fd));
+                Change::None
+            }
+            Some(fd) => {
+                let v = self.map.entry(id).or_default();
+                v.push(EventFd::from_owned(fd));
+                if v.len() == 1 {
+                    Change::Membership
+                } else {
+                    Change::None
+                }
+            }
+            None => {
+                if self.map.remove(&id).is_some() {
+                    Change::Membership
+                } else {
+                    Change::None
+                }
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The background reader: applies joins and leaves until stopped or the server goes.
+fn listen(sock: UnixStream, bell: &ClientDoorbell, stop: &EventFd) {
+    while let Ok(ready) = sys::poll_readable(&[sock.as_fd(), stop.as_fd()], None) {
+        if ready[1] {
+            return;
+        }
+        match sys::recv_msg(sock.as_fd()) {
+            Ok(Some((val, fd))) => {
+                let mut own = Vec::new();
+                let change = {
+                    let mut guard = lock(&bell.peers);
+                    let mut p = Peers {
+                        map: std::mem::take(&mut *guard),
+                    };
+                    let c = p.apply(bell.id, val, fd, &mut own);
+                    *guard = p.map;
+                    c
+                };
+                lock(&bell.own_more).extend(own);
+                if change == Change::Membership {
+                    bell.changed.notify_all();
+                    bell.interrupt();
+                }
+            }
+            // End of stream or a broken message: the server is gone or untrustworthy.
+            Ok(None) | Err(_) => break,
+        }
+    }
+    bell.mark_server_gone();
+}
+
+impl ClientDoorbell {
+    /// Whether the server connection is still up.
+    pub fn server_alive(&self) -> bool {
+        self.server_alive.load(Ordering::Acquire)
+    }
+
+    fn mark_server_gone(&self) {
+        self.server_alive.store(false, Ordering::Release);
+        // Take the lock so a `wait_for_peer` between its check and its wait is not missed.
+        drop(lock(&self.peers));
+        self.changed.notify_all();
+        self.interrupt();
+    }
+
+    fn other_peers(&self) -> Vec<u16> {
+        lock(&self.peers)
+            .keys()
+            .copied()
+            .filter(|&p| p != self.id)
+            .collect()
+    }
+}
+
+impl Doorbell for ClientDoorbell {
+    fn own_id(&self) -> u16 {
+        self.id
+    }
+
+    fn ring(&self, peer: u16) {
+        if let Some(v) = lock(&self.peers).get(&peer).and_then(|v| v.first()) {
+            v.signal();
+        }
+    }
+
+    fn wait(&self, timeout: Option<Duration>) {
+        // A poll error (EINTR is retried inside) leaves us returning early, which the
+        // contract allows.
+        let _ = sys::poll_readable(&[self.own0.as_fd(), self.intr.as_fd()], timeout);
+        self.own0.drain();
+        self.intr.drain();
+    }
+
+    fn interrupt(&self) {
+        self.intr.signal();
+    }
+
+    /// `Some(true)` while the server lists `peer`, `Some(false)` once it is not listed (it
+    /// left, or never joined), `None` after the server connection is gone (we cannot tell).
+    fn peer_present(&self, peer: u16) -> Option<bool> {
+        if !self.server_alive() {
+            return None;
+        }
+        Some(peer == self.id || lock(&self.peers).contains_key(&peer))
+    }
+}

@@ -1,0 +1,330 @@
+//! An ivshmem server speaking QEMU's protocol (see `IVSHMEM.md`, "The ivshmem server
+//! protocol"): it hands every peer the shared memory and the eventfds of every other peer,
+//! and tells the others when a peer joins or leaves.
+//!
+//! Peer ids rotate as in QEMU's own server: each new peer gets the next free id after the
+//! last one given, wrapping, so a peer that rejoins gets a new id and a stale ring to its
+//! old id reaches no one. Unlike QEMU's server we never give out 0, so a guest reading
+//! IVPosition 0 knows its device has no doorbell. Ids change on every reconnect: the
+//! transport publishes current ids in shared memory.
+//!
+//! The memory is a memfd sealed against shrinking and growing, so no peer can truncate it
+//! under another's mapping.
+
+use crate::error::{HostError, Result};
+use crate::sys::{self, EventFd};
+use ivring::SharedRegion;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How many peers one server serves by default; more are refused (and logged to stderr).
+/// See [`Server::with_max_peers`].
+pub const MAX_PEERS: usize = 64;
+/// How many vectors (eventfds per peer) a server hands out at most.
+pub const MAX_VECTORS: usize = 64;
+/// How long a send to one peer may block before that peer counts as gone.
+const SEND_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A bound (listening) ivshmem server. [`Server::run`] serves; dropping it removes its
+/// socket file.
+#[derive(Debug)]
+pub struct Server {
+    path: PathBuf,
+    /// (device, inode) of our socket file, so we never remove someone else's.
+    ident: Option<(u64, u64)>,
+    listener: UnixListener,
+    memfd: OwnedFd,
+    size: u64,
+    vectors: usize,
+    stop: Arc<EventFd>,
+    /// The id given last; the next peer gets the next free one after it.
+    last_id: AtomicU16,
+    max_peers: usize,
+}
+
+/// One connected peer, as the server sees it.
+struct Peer {
+    id: u16,
+    sock: UnixStream,
+    /// Vector i of this peer: others write it to ring the peer; the peer reads it.
+    vectors: Vec<EventFd>,
+}
+
+impl Server {
+    /// Creates a sealed memfd of `size` bytes (a power of two from 64 KiB to 1 GiB) and
+    /// listens at `path` (mode 0600) for peers, each given `vectors` eventfds (1 to 64).
+    ///
+    /// If `path` exists: a socket someone accepts on is [`HostError::SocketInUse`]; a
+    /// stale socket is replaced; anything else is [`HostError::NotASocket`] and is left as is.
+    pub fn bind(path: impl AsRef<Path>, size: u64, vectors: usize) -> Result<Server> {
+        let path = path.as_ref().to_path_buf();
+        if vectors == 0 || vectors > MAX_VECTORS {
+            return Err(HostError::BadVectors {
+                vectors,
+                max: MAX_VECTORS,
+            });
+        }
+        let memfd = crate::shm::create_sealed_memfd("ivring", size)?;
+        clear_stale_socket(&path)?;
+        let listener = sys::bind_unix_0600(&path)?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| HostError::io("make listener non-blocking", e))?;
+        Ok(Server {
+            ident: sys::path_identity(&path),
+            path,
+            listener,
+            memfd,
+            size,
+            vectors,
+            stop: Arc::new(EventFd::new()?),
+            last_id: AtomicU16::new(0),
+            max_peers: MAX_PEERS,
+        })
+    }
+
+    /// Serves at most `max` peers (clamped to 1 ..= 65535) instead of [`MAX_PEERS`].
+    pub fn with_max_peers(mut self, max: usize) -> Server {
+        self.max_peers = max.clamp(1, u16::MAX as usize);
+        self
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size of the shared memory in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Number of vectors (eventfds) per peer.
+    pub fn vectors(&self) -> usize {
+        self.vectors
+    }
+
+    /// The shared memory fd (a sealed memfd).
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.memfd.as_fd()
+    }
+
+    /// Maps the shared memory into this process (a program embedding the server).
+    pub fn region(&self) -> Result<SharedRegion> {
+        crate::shm::map_memfd(self.memfd.as_fd())
+    }
+
+    /// Serves peers until stopped through a [`ServerHandle`] (see [`Server::spawn`]), on
+    /// the calling thread; call it from one thread at a time. Peers connected when it
+    /// returns are disconnected. Errors only if polling itself fails; a misbehaving peer
+    /// is just disconnected, and a peer that does not take a message within 1 s counts as gone.
+    pub fn run(&self) -> Result<()> {
+        let mut peers: Vec<Peer> = Vec::new();
+        loop {
+            let ready = {
+                let mut fds: Vec<BorrowedFd<'_>> = vec![self.stop.as_fd(), self.listener.as_fd()];
+                fds.extend(peers.iter().map(|p| p.sock.as_fd()));
+                sys::poll_readable(&fds, None)?
+            };
+            if ready[0] {
+                return Ok(());
+            }
+            // A peer never writes: any readability (data or EOF) is a disconnect.
+            let gone: Vec<u16> = peers
+                .iter()
+                .zip(&ready[2..])
+                .filter(|(_, r)| **r)
+                .map(|(p, _)| p.id)
+                .collect();
+            remove_peers(&mut peers, gone);
+            if ready[1] {
+                self.accept_all(&mut peers);
+            }
+        }
+    }
+
+    /// Accepts every pending connection.
+    fn accept_all(&self, peers: &mut Vec<Peer>) {
+        loop {
+            let sock = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    eprintln!(
+                        "ivring-host: ivshmem server {}: accept: {e}",
+                        self.path.display()
+                    );
+                    return;
+                }
+            };
+            if peers.len() >= self.max_peers {
+                eprintln!(
+                    "ivring-host: ivshmem server {}: refusing a peer: already {} peers connected \
+                     (the limit); disconnect one first",
+                    self.path.display(),
+                    self.max_peers
+                );
+                continue;
+            }
+            if let Err(e) = self.add_peer(peers, sock) {
+                eprintln!(
+                    "ivring-host: ivshmem server {}: new peer dropped: {e}",
+                    self.path.display()
+                );
+            }
+        }
+    }
+
+    /// Hands a new peer the memory and everyone's eventfds, then announces it to the others.
+    fn add_peer(&self, peers: &mut Vec<Peer>, sock: UnixStream) -> Result<()> {
+        // Only `run` (one thread) touches it; the atomic just keeps `Server` Sync.
+        let last = self.last_id.load(Ordering::Relaxed);
+        let id = (1..=u16::MAX)
+            .map(|k| ((u32::from(last) + u32::from(k) - 1) % 65535 + 1) as u16)
+            .find(|id| peers.iter().all(|p| p.id != *id))
+            .expect("fewer than 65535 peers");
+        self.last_id.store(id, Ordering::Relaxed);
+        sock.set_nonblocking(false)
+            .and_then(|()| sock.set_write_timeout(Some(SEND_TIMEOUT)))
+            .map_err(|e| HostError::io("set up peer socket", e))?;
+        let vectors = (0..self.vectors)
+            .map(|_| EventFd::new())
+            .collect::<Result<Vec<_>>>()?;
+        let s = sock.as_fd();
+        let send = |val: i64, fd: Option<BorrowedFd<'_>>| {
+            sys::send_msg(s, val, fd)
+                .map_err(|e| HostError::io(format!("send handshake to peer {id}"), e))
+        };
+        send(0, None)?;
+        send(id.into(), None)?;
+        send(-1, Some(self.memfd.as_fd()))?;
+        for p in peers.iter() {
+            for v in &p.vectors {
+                send(p.id.into(), Some(v.as_fd()))?;
+            }
+        }
+        for v in &vectors {
+            send(id.into(), Some(v.as_fd()))?;
+        }
+        let mut failed = Vec::new();
+        for p in peers.iter() {
+            for v in &vectors {
+                if sys::send_msg(p.sock.as_fd(), id.into(), Some(v.as_fd())).is_err() {
+                    failed.push(p.id);
+                    break;
+                }
+            }
+        }
+        peers.push(Peer { id, sock, vectors });
+        remove_peers(peers, failed);
+        Ok(())
+    }
+
+    /// Runs the server on a thread of its own.
+    pub fn spawn(self) -> ServerHandle {
+        let stop = self.stop.clone();
+        let path = self.path.clone();
+        let thread = std::thread::Builder::new()
+            .name("ivshmem-server".into())
+            .spawn(move || self.run())
+            .expect("spawn ivshmem server thread");
+        ServerHandle {
+            stop,
+            path,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Remove the socket file only if it is still ours (not replaced by a newer server).
+        if self.ident.is_some() && sys::path_identity(&self.path) == self.ident {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Removes the peers `gone` (closing their sockets and eventfds) and announces each leave
+/// to the rest; a peer the announcement cannot reach is removed in turn.
+fn remove_peers(peers: &mut Vec<Peer>, mut gone: Vec<u16>) {
+    while let Some(id) = gone.pop() {
+        let Some(at) = peers.iter().position(|p| p.id == id) else {
+            continue;
+        };
+        drop(peers.swap_remove(at));
+        for p in peers.iter() {
+            if sys::send_msg(p.sock.as_fd(), id.into(), None).is_err() && !gone.contains(&p.id) {
+                gone.push(p.id);
+            }
+        }
+    }
+}
+
+/// Makes `path` free to bind: nothing there, or a stale socket (removed). A live socket
+/// or a non-socket is an error, and a non-socket is never touched.
+fn clear_stale_socket(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(HostError::io(format!("stat {}", path.display()), e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(HostError::NotASocket { path: path.into() });
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(HostError::SocketInUse { path: path.into() }),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)
+            .map_err(|e| HostError::io(format!("remove stale socket {}", path.display()), e)),
+        Err(e) => Err(HostError::io(format!("probe socket {}", path.display()), e)),
+    }
+}
+
+/// Controls a server running on its own thread; dropping it stops the server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    stop: Arc<EventFd>,
+    path: PathBuf,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl ServerHandle {
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops the server, disconnects every peer and removes the socket file. Returns the
+    /// error that ended the server early, if any.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Result<()> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        self.stop.signal();
+        match thread.join() {
+            Ok(r) => r,
+            Err(_) => Err(HostError::io(
+                "ivshmem server thread",
+                io::Error::other("it panicked"),
+            )),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        let _ = self.stop_and_join();
+    }
+}

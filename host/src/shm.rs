@@ -1,0 +1,136 @@
+//! Mapping the shared memory: a memfd from the ivshmem server (doorbell mode) or a file
+//! under /dev/shm that QEMU maps with `memory-backend-file` (plain mode).
+//!
+//! Every mapping is validated first: a power of two from [`MIN_REGION`] to [`MAX_REGION`]
+//! bytes. A memfd must also be sealed against shrinking, so no one can truncate it under
+//! us (touching a truncated mapping raises SIGBUS). A plain file cannot be sealed; only
+//! map files that you own.
+
+use crate::error::{HostError, Result};
+use crate::sys;
+use ivring::SharedRegion;
+use memmap2::{MmapOptions, MmapRaw};
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The smallest region ivring accepts: 64 KiB.
+pub const MIN_REGION: u64 = 64 << 10;
+/// The largest region ivring accepts: 1 GiB.
+pub const MAX_REGION: u64 = 1 << 30;
+
+/// Checks that `size` is a power of two from 64 KiB to 1 GiB; `what` names the region in
+/// the error, which suggests the nearest usable size.
+pub fn validate_size(what: &str, size: u64) -> Result<usize> {
+    if size.is_power_of_two() && (MIN_REGION..=MAX_REGION).contains(&size) {
+        return Ok(size as usize);
+    }
+    let near = size
+        .clamp(MIN_REGION, MAX_REGION)
+        .next_power_of_two()
+        .min(MAX_REGION);
+    let suggest = if near >= 1 << 30 {
+        format!("{}G", near >> 30)
+    } else if near >= 1 << 20 {
+        format!("{}M", near >> 20)
+    } else {
+        format!("{}K", near >> 10)
+    };
+    Err(HostError::BadSize {
+        what: what.into(),
+        size,
+        suggest,
+    })
+}
+
+/// Creates a memfd of `size` bytes (validated) sealed with `F_SEAL_SHRINK | F_SEAL_GROW |
+/// F_SEAL_SEAL`, as the server hands out.
+pub fn create_sealed_memfd(name: &str, size: u64) -> Result<OwnedFd> {
+    validate_size(&format!("memfd {name}"), size)?;
+    sys::create_sealed_memfd(name, size)
+}
+
+/// Checks that `fd` is a memfd sealed against shrinking, so it is safe to map: a
+/// [`HostError::NotMemfd`] for anything else (a pipe, a file on disk), a
+/// [`HostError::NotSealed`] for a memfd or shmem file without `F_SEAL_SHRINK`.
+pub fn check_memfd(fd: BorrowedFd<'_>) -> Result<()> {
+    sys::check_memfd(fd, "shared-memory fd")
+}
+
+/// Owner of a mapping, kept alive by every clone of the region made from it.
+struct Mapping {
+    _map: MmapRaw,
+}
+
+/// Maps the whole of `fd` shared and read-write after validating its size; `what` names
+/// it in errors. Does not check seals: see [`map_memfd`].
+pub fn map_fd(fd: BorrowedFd<'_>, what: &str) -> Result<SharedRegion> {
+    let size = validate_size(what, sys::fd_size(fd)?)?;
+    let map = MmapOptions::new()
+        .len(size)
+        .map_raw(&fd)
+        .map_err(|e| HostError::io(format!("mmap {what}"), e))?;
+    let base = map.as_mut_ptr();
+    let len = map.len();
+    let owner = Arc::new(Mapping { _map: map });
+    // SAFETY: `base` is a fresh shared read-write mapping of `len` bytes, page-aligned, and
+    // `owner` keeps it mapped for as long as any clone of the region lives. Nothing in this
+    // process holds references into it. If the file shrank later we would fault, which is
+    // why the callers check seals (memfd) or document that the file must be ours (plain).
+    Ok(unsafe { SharedRegion::new(base, len, owner) })
+}
+
+/// Maps a memfd after checking that it is sealed against shrinking and validating its size.
+pub fn map_memfd(fd: BorrowedFd<'_>) -> Result<SharedRegion> {
+    check_memfd(fd)?;
+    map_fd(fd, "memfd")
+}
+
+/// Maps an existing file (plain mode: the `mem-path` of QEMU's `memory-backend-file`).
+pub fn map_file(path: &Path) -> Result<SharedRegion> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| HostError::io(format!("open {}", path.display()), e))?;
+    map_fd(file.as_fd(), &path.display().to_string())
+}
+
+/// Opens `path` read-write, creating it (mode 0600) with `size` bytes if it does not
+/// exist. An existing file keeps its size, which must then equal `size`.
+pub fn open_or_create_file(path: &Path, size: u64) -> Result<File> {
+    let name = path.display().to_string();
+    validate_size(&name, size)?;
+    let open = |create: bool| {
+        let mut o = OpenOptions::new();
+        o.read(true).write(true);
+        if create {
+            o.create_new(true).mode(0o600);
+        }
+        o.open(path)
+    };
+    let file = match open(true) {
+        Ok(f) => {
+            f.set_len(size)
+                .map_err(|e| HostError::io(format!("size {name} to {size} bytes"), e))?;
+            return Ok(f);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            open(false).map_err(|e| HostError::io(format!("open {name}"), e))?
+        }
+        Err(e) => return Err(HostError::io(format!("create {name}"), e)),
+    };
+    let have = sys::fd_size(file.as_fd())?;
+    if have != size {
+        validate_size(&name, have)?;
+        return Err(HostError::io(
+            format!("open {name}"),
+            std::io::Error::other(format!(
+                "it is {have} bytes, not the {size} asked for; pass its size or remove it"
+            )),
+        ));
+    }
+    Ok(file)
+}
