@@ -30,6 +30,8 @@ pub const MIN_BAR2: u64 = 64 * 1024;
 pub const REG_IV_POSITION: usize = 8;
 /// BAR0 register offset: the doorbell, written `(peer << 16) | vector`.
 pub const REG_DOORBELL: usize = 12;
+/// PCI command register, low byte: memory space enable.
+const CMD_MEMORY: u8 = 1 << 1;
 /// The size of the register block the spec defines (the BAR itself is 256 bytes).
 const REG_SPAN: usize = 16;
 
@@ -101,6 +103,24 @@ impl DeviceInfo {
         // aligned (so 8-aligned); the Arc we hand over keeps it mapped as long as any clone
         // of the region lives, and this process holds no other references into it.
         Ok(unsafe { SharedRegion::new(base, len, Arc::new(map)) })
+    }
+
+    /// Sets the memory-space bit of the PCI command register through the sysfs `config`
+    /// file if it is clear. Best effort: a missing or read-only `config` is left alone.
+    pub fn enable_memory_decoding(&self) {
+        use std::os::unix::fs::FileExt;
+        let Ok(cfg) = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.path.join("config"))
+        else {
+            return;
+        };
+        let mut cmd = [0u8; 2];
+        if cfg.read_exact_at(&mut cmd, 4).is_ok() && cmd[0] & CMD_MEMORY == 0 {
+            cmd[0] |= CMD_MEMORY;
+            let _ = cfg.write_all_at(&cmd, 4);
+        }
     }
 
     /// Maps BAR0 (the registers) through `resource0`.

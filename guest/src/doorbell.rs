@@ -103,7 +103,8 @@ impl GuestDoorbell {
             .map(|fd| PollFd::new(*fd, PollFlags::IN))
             .chain(std::iter::once(PollFd::new(&self.interrupt, PollFlags::IN)))
             .collect();
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout too long to represent is no timeout.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
             let left = deadline.map(|d| timespec(d.saturating_duration_since(Instant::now())));
             match poll(&mut pfds, left.as_ref()) {

@@ -143,13 +143,8 @@ pub fn open(opts: &OpenOptions) -> Result<GuestDevice> {
 
     let why = match no_vfio {
         Some(why) => why,
-        None => match vfio::VfioDevice::open(&info, root) {
-            Ok(v) => {
-                let region = v.map_shared()?;
-                let regs = v.registers()?;
-                let nvec = v.vectors().len();
-                let doorbell = GuestDoorbell::msix(regs, v)
-                    .map_err(|e| Error::vfio(&info.bdf, "creating the interrupt eventfd", e))?;
+        None => match open_vfio(&info, root) {
+            Ok((region, doorbell, nvec)) => {
                 return Ok(GuestDevice {
                     why: format!("interrupts: MSI-X through VFIO ({nvec} vectors)"),
                     info,
@@ -163,6 +158,9 @@ pub fn open(opts: &OpenOptions) -> Result<GuestDevice> {
         },
     };
 
+    // A device left behind by vfio-pci (a failed VFIO attempt) may have memory decoding
+    // off, and then BAR accesses through sysfs would read all ones.
+    info.enable_memory_decoding();
     let region = info.map_shared()?;
     let regs = info.map_registers()?;
     let doorbell = GuestDoorbell::polling(regs).map_err(|e| Error::Io {
@@ -176,4 +174,18 @@ pub fn open(opts: &OpenOptions) -> Result<GuestDevice> {
         mode: Mode::Polling,
         why,
     })
+}
+
+/// The VFIO half of [`open`]: every failure here is a reason to poll instead.
+fn open_vfio(
+    info: &DeviceInfo,
+    root: &std::path::Path,
+) -> Result<(SharedRegion, GuestDoorbell, usize)> {
+    let v = vfio::VfioDevice::open(info, root)?;
+    let region = v.map_shared()?;
+    let regs = v.registers()?;
+    let nvec = v.vectors().len();
+    let doorbell = GuestDoorbell::msix(regs, v)
+        .map_err(|e| Error::vfio(&info.bdf, "creating the interrupt eventfd", e))?;
+    Ok((region, doorbell, nvec))
 }

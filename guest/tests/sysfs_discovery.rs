@@ -403,6 +403,7 @@ fn check_polling_open(t: &FakeSysfs, p: &Path, opts: &OpenOptions, why: &str) {
         "{:?}",
         start.elapsed()
     );
+    bell.wait(Some(Duration::MAX));
     let start = Instant::now();
     bell.wait(Some(Duration::from_micros(10)));
     assert!(start.elapsed() < Duration::from_millis(500));
@@ -427,6 +428,18 @@ fn open_plain_device_polls() {
         &t.opts(None),
         "polling: device is ivshmem-plain (no MSI-X)",
     );
+}
+
+#[test]
+fn polling_open_turns_memory_decoding_on() {
+    let t = FakeSysfs::new();
+    let p = t.add(Dev::ivshmem("0000:00:04.0", false, 1 << 16));
+    let mut cfg = vec![0u8; 64];
+    cfg[4] = 0x04; // bus master on, memory decoding off
+    fs::write(p.join("config"), &cfg).unwrap();
+    let dev = open(&t.opts(None)).unwrap();
+    assert_eq!(dev.mode(), Mode::Polling);
+    assert_eq!(fs::read(p.join("config")).unwrap()[4], 0x06);
 }
 
 #[test]
