@@ -70,12 +70,12 @@ impl VfioDevice {
         );
 
         let device = VfioPciDevice::open(&info.path).map_err(|e| {
-            // pci-driver fails container setup with EINVAL-like errors when the kernel offers
-            // no type1v2 IOMMU (e.g. only no-IOMMU mode).
-            if e.kind() == io::ErrorKind::InvalidInput || e.kind() == io::ErrorKind::Other {
+            // pci-driver reports a container without type1v2 IOMMU support (e.g. only
+            // no-IOMMU mode) as InvalidInput; everything else keeps its own message.
+            if e.kind() == io::ErrorKind::InvalidInput {
                 Error::NoIommu {
                     bdf: bdf.to_owned(),
-                    detail: format!("opening VFIO group {group}: {e}"),
+                    detail: format!("VFIO group {group} has no type1v2 IOMMU container: {e}"),
                 }
             } else {
                 Error::vfio(bdf, format!("opening VFIO group {group}"), e)
