@@ -42,7 +42,6 @@ pub(crate) enum State {
 pub(crate) struct Sess {
     pub state: State,
     pub message: bool,
-    pub port: u32,
     rx: Vec<u8>,
     rx_pos: usize,
     msgs: VecDeque<usize>,
@@ -65,11 +64,10 @@ pub(crate) struct Sess {
 }
 
 impl Sess {
-    fn new(port: u32, message: bool, buf_alloc: u32, state: State) -> Sess {
+    fn new(message: bool, buf_alloc: u32, state: State) -> Sess {
         Sess {
             state,
             message,
-            port,
             rx: Vec::new(),
             rx_pos: 0,
             msgs: VecDeque::new(),
@@ -542,7 +540,7 @@ impl Link {
                     Some(l) if fits && l.backlog.len() < backlog => {
                         l.backlog.push_back(h.session);
                         let mut s =
-                            Sess::new(args.port, args.message, self.cfg.buf_size, State::Open);
+                            Sess::new(args.message, self.cfg.buf_size, State::Open);
                         s.peer_buf_alloc = args.buf_alloc;
                         self.sessions.insert(h.session, s);
                         let accept = CreditArgs {
@@ -713,7 +711,7 @@ impl Link {
         self.next_seq += 1;
         self.sessions.insert(
             id,
-            Sess::new(port, message, self.cfg.buf_size, State::Connecting),
+            Sess::new(message, self.cfg.buf_size, State::Connecting),
         );
         let args = OpenArgs {
             port,
