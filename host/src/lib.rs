@@ -26,8 +26,10 @@
 
 pub mod attach;
 pub mod client;
+pub mod demo;
 pub mod error;
 pub mod server;
+pub mod services;
 pub mod shm;
 mod sys;
 
