@@ -54,10 +54,12 @@ _stop_pid() { # PID [GRACE_SECONDS]: TERM, then KILL after the grace time
     for ((i = 0; i < grace * 10; i++)); do _alive "$pid" || break; sleep 0.1; done
     _alive "$pid" && kill -KILL "$pid" 2>/dev/null
     wait "$pid" 2>/dev/null || true
+    return 0
 }
 
 e2e_cleanup() {
     local rc=$? f
+    set +e
     trap - EXIT INT TERM
     [ -n "$E2E_TMP" ] && [ -d "$E2E_TMP" ] || return $rc
     for f in "$E2E_TMP"/vm/*.pid "$E2E_TMP"/pids/*.pid; do
@@ -332,7 +334,16 @@ rand32() { od -An -tx4 -N4 /dev/urandom | tr -d ' \n' | sed 's/^/0x/'; echo; }
 # qga_ping SOCK TIMEOUT: talk to the guest agent on a virtio-serial chardev socket:
 # guest-sync-delimited (after a 0xFF resync byte), then guest-ping. 0 on success.
 qga_ping() {
-    python3 - "$1" "$2" <<'PY'
+    # in the background + wait, so that a signal to the suite is handled at once
+    local pid rc=0
+    _qga_ping_py "$@" & pid=$!
+    echo "$pid" > "$E2E_TMP/pids/qga_ping.pid"
+    wait "$pid" || rc=$?
+    rm -f "$E2E_TMP/pids/qga_ping.pid"
+    return $rc
+}
+_qga_ping_py() { # only run in the background: exec replaces the subshell, so the pid is python's
+    exec python3 - "$1" "$2" <<'PY'
 import json, socket, sys, time, random
 path, deadline = sys.argv[1], time.time() + float(sys.argv[2])
 def attempt():

@@ -76,6 +76,7 @@ case_doorbell() {
     nonce=$(rand32)
     truncate -s 4096 "$init"
     mem_put32 "$init" 0 $MAGIC0; mem_put32 "$init" 4 $MAGIC1; mem_put32 "$init" 8 "$nonce"
+    mem_put32 "$init" 12 0xffffffff   # the server must overwrite it with its host peer id
     if ! start_ivshmem_server ivserver "$sock" "$SIZE" --vectors 2 --host-peer --host-id-offset 12 \
             --init-file "$init" --dump "$dump"; then
         e2e_fail doorbell/server-listens "$(cat "$E2E_TMP/ivserver.log")"; return
