@@ -1,4 +1,4 @@
-# shellcheck shell=sh
+# shellcheck shell=sh disable=SC1091,SC2013,SC2015,SC2034,SC2086
 # Guest side of the e2e suite: installed as /lib/e2e.sh in every initramfs; /init
 # sources it. Results go to the serial console as `PASS case` / `FAIL case: reason`;
 # finish powers the VM off.

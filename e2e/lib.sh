@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2054,SC2059,SC2086
 # Library for the ivring real-VM test suite. Source it, then call e2e_init.
 #
 # Env vars (all optional):
@@ -194,7 +194,7 @@ build_initramfs() {
 # $E2E_TMP/NAME.qemu.log. Sets VM_PID and prints the pid.
 boot_vm() {
     local name=$1 mode=$2 initrd=$3; shift 3
-    local size=4M shm=/dev/shm/$name sock= vectors=2 vserial= extra=() kargs=()
+    local size=4M shm=/dev/shm/$name sock='' vectors=2 vserial='' extra=() kargs=()
     while [ $# -gt 0 ]; do
         case $1 in
             --size) size=$2; shift 2 ;;

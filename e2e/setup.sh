@@ -63,7 +63,7 @@ apt_private() {
 # ---------------------------------------------------------------- packages
 qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'; }
 need=()
-[ "$(qemu_major)" -ge 8 ] 2>/dev/null || need+=(qemu-system-x86)
+[ "$(qemu_major)" -ge 10 ] 2>/dev/null || need+=(qemu-system-x86)
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 installed busybox-static || need+=(busybox-static)
 installed cpio || need+=(cpio)
