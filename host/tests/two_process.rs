@@ -69,6 +69,22 @@ impl Drop for Setup {
     }
 }
 
+/// Connects, retrying while the peer process has attached but not yet started listening.
+fn connect(ep: &Endpoint, port: u32) -> Session {
+    let t0 = Instant::now();
+    loop {
+        match ep.connect(port) {
+            Err(e)
+                if e.kind() == ErrorKind::ConnectionRefused
+                    && t0.elapsed() < Duration::from_secs(10) =>
+            {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            r => return r.unwrap(),
+        }
+    }
+}
+
 fn up(ep: &Endpoint) {
     assert!(ep.wait_up(Duration::from_secs(20)), "link did not come up");
 }
@@ -132,12 +148,10 @@ fn thousand_sessions_in_turn_and_hundred_at_once() {
     let _guest = Peer::start(&t.sock, "guest");
     up(&host);
     for i in 0..1000u64 {
-        let mut s = host.connect(PORT_CHECK).unwrap();
+        let mut s = connect(&host, PORT_CHECK);
         check_send(&mut s, i, 100 + i % 700, 333);
     }
-    let mut sessions: Vec<Session> = (0..100)
-        .map(|_| host.connect(PORT_CHECK).unwrap())
-        .collect();
+    let mut sessions: Vec<Session> = (0..100).map(|_| connect(&host, PORT_CHECK)).collect();
     let ids: std::collections::HashSet<u64> = sessions.iter().map(|s| s.id()).collect();
     assert_eq!(ids.len(), 100, "session ids are unique");
     // Interleave writes across all hundred sessions, then check each.
@@ -168,7 +182,7 @@ fn thousand_sessions_in_turn_and_hundred_at_once() {
         for i in 0..100u64 {
             let host = &host;
             sc.spawn(move || {
-                let mut s = host.connect(PORT_SOURCE).unwrap();
+                let mut s = connect(&host, PORT_SOURCE);
                 source_recv(&mut s, 20_000 + i, 50_000 + i * 13).unwrap();
             });
         }
@@ -187,13 +201,13 @@ fn one_gib_with_checksums() {
         for seed in 0..2u64 {
             let host = &host;
             sc.spawn(move || {
-                let mut s = host.connect(PORT_CHECK).unwrap();
+                let mut s = connect(&host, PORT_CHECK);
                 check_send(&mut s, seed, 384 << 20, 64 << 10);
             });
         }
         let host = &host;
         sc.spawn(move || {
-            let mut s = host.connect(PORT_SOURCE).unwrap();
+            let mut s = connect(&host, PORT_SOURCE);
             source_recv(&mut s, 99, 256 << 20).unwrap();
         });
     });
@@ -207,7 +221,7 @@ fn stalled_reader_does_not_stall_others() {
     let _guest = Peer::start(&t.sock, "guest");
     up(&host);
     // Session A: we never read the echo, so the peer's echo writes run out of credit.
-    let mut a = host.connect(PORT_ECHO).unwrap();
+    let mut a = connect(&host, PORT_ECHO);
     a.set_write_timeout(Some(Duration::from_secs(2)));
     let chunk = vec![1u8; 64 << 10];
     let mut stuck = false;
@@ -223,7 +237,7 @@ fn stalled_reader_does_not_stall_others() {
     }
     assert!(stuck, "session A should fill both credit windows and block");
     // Session B moves 64 MiB meanwhile.
-    let mut b = host.connect(PORT_CHECK).unwrap();
+    let mut b = connect(&host, PORT_CHECK);
     check_send(&mut b, 5, 64 << 20, 64 << 10);
     // And A still works once read.
     let mut got = vec![0u8; 64 << 10];
@@ -231,7 +245,14 @@ fn stalled_reader_does_not_stall_others() {
     assert!(got.iter().all(|&x| x == 1));
 }
 
-fn restart_case(victim_role: Role) {
+/// Kills the other process `rounds` times at a random point of transfers both ways;
+/// checks that our sessions reset within a bound, and that new sessions carry only new
+/// bytes. `IVRING_KILLS` overrides the round count.
+fn restart_case(victim_role: Role, rounds: u64) {
+    let rounds = std::env::var("IVRING_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(rounds);
     let name = if victim_role == Role::Host {
         "rg"
     } else {
@@ -246,19 +267,25 @@ fn restart_case(victim_role: Role) {
     let me = t.join(victim_role);
     let mut peer = Peer::start(&t.sock, other);
     up(&me);
-    for round in 0..3u64 {
+    let mut rng = 0x2545_f491_4f6c_dd1du64 ^ victim_role as u64;
+    let mut worst = Duration::ZERO;
+    for round in 0..rounds {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
         // Mid-transfer in both directions.
-        let mut outgoing = me.connect(PORT_CHECK).unwrap();
-        let mut incoming = me.connect(PORT_SOURCE).unwrap();
+        let mut outgoing = connect(&me, PORT_CHECK);
+        let mut incoming = connect(&me, PORT_SOURCE);
         let mut req = [0u8; 16];
         req[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
         req[8..].copy_from_slice(&(round + 1000).to_le_bytes());
         incoming.write_all(&req).unwrap();
         let mut buf = vec![0xeeu8; 32 << 10];
-        for _ in 0..8 {
+        for _ in 0..(rng % 16) {
             outgoing.write_all(&buf).unwrap();
             incoming.read_exact(&mut buf).unwrap();
         }
+        std::thread::sleep(Duration::from_micros(rng % 3000));
         peer.kill();
         let killed = Instant::now();
         let e = loop {
@@ -268,28 +295,37 @@ fn restart_case(victim_role: Role) {
             }
         };
         assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+        worst = worst.max(killed.elapsed());
         let e = outgoing.write_all(&buf).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
         drop((outgoing, incoming));
         peer = Peer::start(&t.sock, other);
         up(&me);
         // New sessions see only new bytes: every byte is checked against its pattern.
-        let mut s = me.connect(PORT_SOURCE).unwrap();
+        let mut s = connect(&me, PORT_SOURCE);
         source_recv(&mut s, round + 2000, 3 << 20).unwrap();
-        let mut s = me.connect(PORT_CHECK).unwrap();
-        check_send(&mut s, round + 3000, 3 << 20, 50_000);
+        drop(s);
+        let mut s = connect(&me, PORT_CHECK);
+        check_send(&mut s, round + 3000, 1 << 20, 50_000);
+        drop(s);
+        assert_eq!(
+            me.session_count(),
+            0,
+            "no stale session after round {round}"
+        );
     }
     assert_eq!(me.stats().corruptions, 0);
+    eprintln!("{rounds} kills of the {other}: slowest reset seen {worst:?}");
 }
 
 #[test]
 fn guest_killed_mid_transfer() {
-    restart_case(Role::Host);
+    restart_case(Role::Host, 50);
 }
 
 #[test]
 fn host_killed_mid_transfer() {
-    restart_case(Role::Guest);
+    restart_case(Role::Guest, 50);
 }
 
 fn run_bin(args: &[&str]) -> (i32, String) {
@@ -360,4 +396,39 @@ fn bad_input_gives_one_line_errors() {
     let err = one_line(run_bin(&["peer", "--join", file.to_str().unwrap()]));
     assert!(!err.is_empty());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A peer that stops without leaving the server (SIGSTOP, a hung VM) is declared gone by
+/// heartbeat within `Config::peer_timeout`; once it runs again the link re-forms with
+/// fresh sessions (PROTOCOL.md §3).
+#[test]
+fn frozen_peer_is_reset_by_heartbeat() {
+    let t = Setup::new("frozen", 1 << 20);
+    let me = t.join(Role::Host);
+    let peer = Peer::start(&t.sock, "guest");
+    up(&me);
+    let mut s = connect(&me, PORT_ECHO);
+    s.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).unwrap();
+    let pid = peer.0.id().to_string();
+    let signal = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    signal("-STOP");
+    let t0 = Instant::now();
+    let e = s.read(&mut b).unwrap_err();
+    let took = t0.elapsed();
+    assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+    assert!(e.to_string().contains("heartbeat"), "{e}");
+    assert!(took < Duration::from_secs(5), "reset took {took:?}");
+    eprintln!("frozen peer reset after {took:?} (peer_timeout 1 s)");
+    signal("-CONT");
+    up(&me);
+    let mut s = connect(&me, PORT_SOURCE);
+    source_recv(&mut s, 77, 1 << 20).unwrap();
 }
