@@ -432,3 +432,71 @@ fn frozen_peer_is_reset_by_heartbeat() {
     let mut s = connect(&me, PORT_SOURCE);
     source_recv(&mut s, 77, 1 << 20).unwrap();
 }
+
+/// A session's fd polls readable when data arrives, and not before (PollableSession).
+#[test]
+fn pollable_session_fd() {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use std::os::fd::AsFd;
+    let t = Setup::new("poll", 1 << 20);
+    let me = t.join(Role::Host);
+    let _peer = Peer::start(&t.sock, "guest");
+    up(&me);
+    let mut s = ivring_host::PollableSession::new(connect(&me, PORT_ECHO)).unwrap();
+    let ready = |s: &ivring_host::PollableSession, ms: i64| {
+        let mut fds = [PollFd::new(s, PollFlags::IN)];
+        let t = Timespec {
+            tv_sec: ms / 1000,
+            tv_nsec: (ms % 1000) * 1_000_000,
+        };
+        poll(&mut fds, Some(&t)).unwrap() == 1
+    };
+    assert!(ready(&s, 0), "starts readable");
+    s.clear();
+    let mut buf = [0u8; 16];
+    assert_eq!(s.read(&mut buf).unwrap_err().kind(), ErrorKind::WouldBlock);
+    assert!(!ready(&s, 100), "nothing arrived yet");
+    s.write_all(b"hello").unwrap();
+    assert!(ready(&s, 10_000), "echo arrives");
+    s.clear();
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        match s.read(&mut buf) {
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => assert!(ready(&s, 10_000)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(got, b"hello");
+    let _ = s.as_fd();
+}
+
+/// ivshmem-plain's setting: a shared file, no doorbells; both sides poll.
+#[test]
+fn plain_file_two_processes() {
+    let dir = std::env::temp_dir().join(format!("ivring-t-plain-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("shm");
+    let attach = Attach::Plain {
+        file: file.clone(),
+        size: Some(1 << 20),
+    };
+    let me = HostLink::open(Role::Host, &attach, Config::default()).unwrap();
+    let _peer = Peer(
+        Command::new(BIN)
+            .args(["peer", "--role", "guest", "--plain"])
+            .arg(&file)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    up(&me);
+    let mut s = connect(&me, PORT_CHECK);
+    check_send(&mut s, 1, 8 << 20, 10_000);
+    let mut s = connect(&me, PORT_SOURCE);
+    source_recv(&mut s, 2, 8 << 20).unwrap();
+    drop(s);
+    drop(me);
+    let _ = std::fs::remove_dir_all(&dir);
+}

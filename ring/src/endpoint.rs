@@ -532,6 +532,17 @@ impl Session {
         self.nonblocking = nonblocking;
     }
 
+    /// Calls `notify` whenever the session may have become readable or writable: data,
+    /// EOF, credit, or a reset arrived. It runs on whichever thread reads the ring, with
+    /// the link locked, so it must be cheap (signal an eventfd, wake a task) and must not
+    /// call into the endpoint. `ivring_host::PollableSession` builds a pollable fd on it.
+    pub fn set_notify(&self, notify: Arc<dyn Fn() + Send + Sync>) -> io::Result<()> {
+        let mut link = self.shared.lock();
+        self.check(&link)?;
+        link.session(self.id)?.notify = Some(notify);
+        Ok(())
+    }
+
     fn check(&self, l: &Link) -> io::Result<()> {
         if l.gen != self.gen {
             return Err(reset_error(l));

@@ -61,7 +61,12 @@ pub(crate) struct Sess {
     pub peer_closed: bool,
     /// We sent Shutdown.
     pub wr_shut: bool,
+    /// Called whenever the session may have become readable or writable (pollable fds).
+    pub notify: Option<Notifier>,
 }
+
+/// A readiness callback: must be cheap and must not call back into the endpoint.
+pub type Notifier = std::sync::Arc<dyn Fn() + Send + Sync>;
 
 impl Sess {
     fn new(message: bool, buf_alloc: u32, state: State) -> Sess {
@@ -83,6 +88,7 @@ impl Sess {
             tx_cnt: 0,
             peer_closed: false,
             wr_shut: false,
+            notify: None,
         }
     }
 
@@ -293,6 +299,11 @@ impl Link {
             self.stats.link_resets += 1;
         }
         self.stats.last_error = Some(why.to_string());
+        for s in self.sessions.values() {
+            if let Some(n) = &s.notify {
+                n();
+            }
+        }
         self.sessions.clear();
         for l in self.listeners.values_mut() {
             l.backlog.clear();
@@ -495,6 +506,18 @@ impl Link {
     }
 
     fn dispatch(&mut self, h: &Header, payload_at: usize) -> Result<(), Fault> {
+        self.dispatch_frame(h, payload_at)?;
+        if let Some(n) = self
+            .sessions
+            .get(&h.session)
+            .and_then(|s| s.notify.as_ref())
+        {
+            n();
+        }
+        Ok(())
+    }
+
+    fn dispatch_frame(&mut self, h: &Header, payload_at: usize) -> Result<(), Fault> {
         let peer_bit = self.role.id_bit() ^ 1;
         match h.kind {
             Kind::Pad => unreachable!("consumed by Consumer::next"),
