@@ -3,7 +3,7 @@
 use crate::error::HostError;
 use crate::sys::EventFd;
 use ivring::Session;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
