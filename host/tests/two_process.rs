@@ -182,7 +182,7 @@ fn thousand_sessions_in_turn_and_hundred_at_once() {
         for i in 0..100u64 {
             let host = &host;
             sc.spawn(move || {
-                let mut s = connect(&host, PORT_SOURCE);
+                let mut s = connect(host, PORT_SOURCE);
                 source_recv(&mut s, 20_000 + i, 50_000 + i * 13).unwrap();
             });
         }
@@ -201,13 +201,13 @@ fn one_gib_with_checksums() {
         for seed in 0..2u64 {
             let host = &host;
             sc.spawn(move || {
-                let mut s = connect(&host, PORT_CHECK);
+                let mut s = connect(host, PORT_CHECK);
                 check_send(&mut s, seed, 384 << 20, 64 << 10);
             });
         }
         let host = &host;
         sc.spawn(move || {
-            let mut s = connect(&host, PORT_SOURCE);
+            let mut s = connect(host, PORT_SOURCE);
             source_recv(&mut s, 99, 256 << 20).unwrap();
         });
     });
@@ -290,7 +290,10 @@ fn restart_case(victim_role: Role, rounds: u64) {
         let killed = Instant::now();
         let e = loop {
             match incoming.read(&mut buf) {
-                Ok(_) => assert!(killed.elapsed() < Duration::from_secs(5), "no reset"),
+                Ok(n) => assert!(
+                    n > 0 && killed.elapsed() < Duration::from_secs(5),
+                    "no reset"
+                ),
                 Err(e) => break e,
             }
         };
