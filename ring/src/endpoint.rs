@@ -106,11 +106,13 @@ impl Shared {
                 if let Some(d) = deadline {
                     limit = limit.min(d.saturating_duration_since(now));
                 }
+                link.waiters += 1;
                 link = self
                     .cv
                     .wait_timeout(link, limit)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
+                link.waiters -= 1;
             }
         }
     }
@@ -355,7 +357,9 @@ fn keeper(sh: Arc<Shared>) {
         if let Err(f) = link.flush() {
             sh.fault(&mut link, f);
         }
-        if changed {
+        // A doorbell may also mean "the space you posted is free", which changes nothing
+        // the keeper can see: wake every sleeper to re-check whenever there are any.
+        if changed || link.waiters > 0 {
             sh.cv.notify_all();
         }
         // Arm, then re-check (the lost-wakeup rule): sleep only if nothing came in since.

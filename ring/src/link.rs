@@ -191,6 +191,8 @@ pub(crate) struct Link {
     pub closed: bool,
     /// Ring the peer once the lock is released.
     ring_peer: bool,
+    /// Threads asleep on the endpoint's condition variable.
+    pub waiters: usize,
 }
 
 const MAX_PENDING_CONTROL: usize = 1 << 16;
@@ -243,6 +245,7 @@ impl Link {
             stats: Stats::default(),
             closed: false,
             ring_peer: false,
+            waiters: 0,
         }
     }
 
