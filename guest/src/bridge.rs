@@ -51,7 +51,10 @@ impl GuestBridgeOptions {
             port: ivring_host::bridge::PORT_QGA,
             sync_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
-            relay: RelayOptions::default(),
+            relay: RelayOptions {
+                end_on_stream_eof: true,
+                ..RelayOptions::default()
+            },
             verbose: true,
         }
     }

@@ -38,6 +38,12 @@ pub struct RelayOptions {
     pub max_wait: Duration,
     /// Set to end the relay from another thread.
     pub stop: Option<Arc<AtomicBool>>,
+    /// End as soon as the session's EOF has been passed on (the host bridge: the guest
+    /// side closed, so the client gets EOF and nothing it sends could be answered).
+    pub end_on_session_eof: bool,
+    /// End as soon as the stream's EOF has been passed on (the guest bridge: the agent
+    /// closed its connection; it never half-closes).
+    pub end_on_stream_eof: bool,
 }
 
 impl Default for RelayOptions {
@@ -46,6 +52,8 @@ impl Default for RelayOptions {
             linger: Duration::from_secs(10),
             max_wait: Duration::from_millis(5),
             stop: None,
+            end_on_session_eof: false,
+            end_on_stream_eof: false,
         }
     }
 }
@@ -75,7 +83,8 @@ fn transient(e: &io::Error) -> bool {
 }
 
 /// Copies bytes both ways between `session` and `stream` until both sides have closed
-/// (EOF both ways, each passed on as a shutdown of the other side's write half), either
+/// (EOF both ways, each passed on as a shutdown of the other side's write half; or one
+/// way, as `opts.end_on_*` say), either
 /// side fails (the session resets, the stream's peer goes away), the linger time after a
 /// half-close runs out, or `opts.stop` is set.
 ///
@@ -171,6 +180,12 @@ pub fn relay(
         }
         if session_shut && stream_shut {
             finish!(true, "closed");
+        }
+        if session_shut && opts.end_on_stream_eof {
+            finish!(true, "socket closed");
+        }
+        if stream_shut && opts.end_on_session_eof {
+            finish!(true, "session closed");
         }
         if stream_eof || session_eof {
             let since = *half_since.get_or_insert_with(Instant::now);
@@ -312,7 +327,10 @@ pub struct HostBridgeOptions {
     pub group: Option<String>,
     /// Relay tunables.
     pub relay: RelayOptions,
-    /// Log one line per client.
+    /// How long a refused session (nobody listening on the guest's port yet) is retried
+    /// before the client is given EOF.
+    pub refused_wait: Duration,
+    /// Log one line per client (failures to open a session are always logged).
     pub verbose: bool,
 }
 
@@ -325,7 +343,11 @@ impl HostBridgeOptions {
             port: PORT_QGA,
             mode: 0o600,
             group: None,
-            relay: RelayOptions::default(),
+            relay: RelayOptions {
+                end_on_session_eof: true,
+                ..RelayOptions::default()
+            },
+            refused_wait: Duration::from_secs(5),
             verbose: true,
         }
     }
@@ -376,15 +398,26 @@ fn serve_client(link: &HostLink, client: UnixStream, n: u64, opts: &HostBridgeOp
             Err(_) => {}
         }
     }
-    let mut session = match link.connect(opts.port) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("ivring-host bridge: client {n}: no session to the guest: {e}");
-            return;
+    // Right after a guest (re)start the link can be up a moment before the guest bridge
+    // listens: a refusal is retried for a while.
+    let since = Instant::now();
+    let mut session = loop {
+        match link.connect(opts.port) {
+            Ok(s) => break s,
+            Err(e)
+                if e.kind() == io::ErrorKind::ConnectionRefused
+                    && since.elapsed() < opts.refused_wait =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                eprintln!("ivring-host bridge: client {n}: no session to the guest: {e}");
+                return;
+            }
         }
     };
     let end = relay(&mut session, &client, first, &opts.relay);
-    if opts.verbose || !end.clean {
+    if opts.verbose {
         eprintln!(
             "ivring-host bridge: client {n}: session {} ended ({}): {} bytes to the guest, {} back",
             session.id(),
