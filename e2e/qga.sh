@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2015  # e2e_pass/e2e_fail never fail
 # The guest agent over ivring in a real VM, side by side with virtio-serial.
-# Usage: e2e/qga.sh [--mode doorbell|plain] [--guest-bin P] [--host-bin P] [--reps N]
+# Usage: e2e/qga.sh [--mode doorbell|join|plain] [--guest-bin P] [--host-bin P] [--reps N]
 #
 # One VM runs qemu-ga twice: on the virtio-serial port org.qemu.guest_agent.0 (as libvirt
 # wires it), and on a UNIX socket behind `ivring-guest bridge` on the ivshmem device. On
-# the host, `ivring-host bridge` offers the agent's socket (embedding the ivshmem server
-# in doorbell mode, or on the plain shared file). Checks: guest-ping, guest-info,
+# the host, `ivring-host bridge` offers the agent's socket: ivshmem-doorbell with the
+# server embedded (doorbell) or run apart by `ivring-host serve` (join), or ivshmem-plain
+# (plain). In join and plain modes the host bridge is also restarted mid-run. Checks: guest-ping, guest-info,
 # guest-sync through ivring; then the reset scenarios (a) half a command + disconnect,
 # (b) guest-info + disconnect before the reply, each also with the reconnect at once,
 # REPS times each, over both transports. Asserts: ivring never hands a client anything
@@ -33,7 +34,7 @@ while [ $# -gt 0 ]; do
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
-case $MODE in doorbell|plain) ;; *) echo "--mode doorbell|plain" >&2; exit 2 ;; esac
+case $MODE in doorbell|join|plain) ;; *) echo "--mode doorbell|join|plain" >&2; exit 2 ;; esac
 
 if [ -z "$GUEST_BIN" ]; then
     (cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
@@ -65,6 +66,12 @@ case $MODE in
         e2e_spawn host-bridge "$HOST_BIN" bridge --listen "$br" --serve "$ivs" --size "$SIZE" --vectors 2
         wait_for_file "$ivs" 10 || { e2e_fail qga/host-bridge "$(cat "$E2E_TMP/host-bridge.log")"; e2e_summary; exit 1; }
         vmargs=(--sock "$ivs" --vectors 2) ;;
+    join)
+        ivs=$E2E_TMP/ivshmem.sock
+        e2e_spawn ivshmem-server "$HOST_BIN" serve --socket "$ivs" --size "$SIZE" --vectors 2
+        wait_for_file "$ivs" 10 || { e2e_fail qga/ivshmem-server "$(cat "$E2E_TMP/ivshmem-server.log")"; e2e_summary; exit 1; }
+        e2e_spawn host-bridge "$HOST_BIN" bridge --listen "$br" --join "$ivs"
+        vmargs=(--sock "$ivs" --vectors 2) ;;
     plain)
         shm=/dev/shm/$name
         echo "$shm" >> "$E2E_TMP/shm-files"
@@ -78,8 +85,9 @@ mode=$(stat -c %a "$br" 2>/dev/null || echo none)
 [ "$mode" = 600 ] && e2e_pass qga/socket-0600 || e2e_fail qga/socket-0600 "mode $mode"
 
 build_initramfs "$initrd" "$GUEST_BIN" "$E2E_DIR/cases/qga.init"
-boot_vm "$name" "$MODE" "$initrd" --size "$SIZE" "${vmargs[@]}" --vserial "$vs" \
-    -- e2e.mode="$MODE" >/dev/null
+vmmode=$MODE; [ "$MODE" = join ] && vmmode=doorbell
+boot_vm "$name" "$vmmode" "$initrd" --size "$SIZE" "${vmargs[@]}" --vserial "$vs" \
+    -- e2e.mode="$vmmode" >/dev/null
 
 # The checks over ivring (the first one waits for the guest to boot).
 if client check "$br" 120 > "$E2E_TMP/check-ivring.log" 2>&1; then e2e_pass qga/ivring-ping-info-sync
@@ -122,6 +130,17 @@ sa=$(( ${LEAKS[vserial-a]:-0} + ${LEAKS[vserial-a-fast]:-0} ))
 [ "$sa" -gt 0 ] && e2e_pass qga/vserial-a-leaks \
     || e2e_fail qga/vserial-a-leaks "no wrong first reply over virtio-serial in $((2 * REPS)) runs"
 
+# The host bridge restarts (join and plain: the link outlives it); the guest side follows.
+if [ "$MODE" != doorbell ]; then
+    e2e_stop host-bridge
+    case $MODE in
+        join) e2e_spawn host-bridge "$HOST_BIN" bridge --listen "$br" --join "$ivs" ;;
+        plain) e2e_spawn host-bridge "$HOST_BIN" bridge --listen "$br" --plain "$shm" --size "$SIZE" ;;
+    esac
+    if client check "$br" 60 > "$E2E_TMP/check-restart.log" 2>&1; then e2e_pass qga/ivring-after-host-bridge-restart
+    else e2e_fail qga/ivring-after-host-bridge-restart "$(tr '\n' ';' < "$E2E_TMP/check-restart.log")"; fi
+fi
+
 # Still answering after all that, and nothing in the guest died.
 if client check "$br" 30 > "$E2E_TMP/check2.log" 2>&1; then e2e_pass qga/ivring-after-scenarios
 else e2e_fail qga/ivring-after-scenarios "$(tr '\n' ';' < "$E2E_TMP/check2.log")"; fi
@@ -136,5 +155,6 @@ if grep -q "no session" "$E2E_TMP/host-bridge.log"; then
     grep "no session" "$E2E_TMP/host-bridge.log" | tail -5
 fi
 e2e_stop host-bridge
+e2e_stop ivshmem-server
 echo "e2e: qga total $((SECONDS - t0)) s"
 e2e_summary

@@ -98,7 +98,7 @@ fn socket_mode_in_use_stale_and_relay() {
     drop(first);
     assert!(sock.exists());
     let gid = std::fs::metadata(dir.path()).unwrap().gid().to_string();
-    let _second = Kill(
+    let second = Kill(
         bridge(&sock, &shm, &["--mode", "0660", "--group", &gid])
             .spawn()
             .unwrap(),
@@ -107,6 +107,27 @@ fn socket_mode_in_use_stale_and_relay() {
     let md = std::fs::metadata(&sock).unwrap();
     assert_eq!(md.permissions().mode() & 0o777, 0o660);
     assert_eq!(md.gid().to_string(), gid);
+
+    // The guest side lived through the host bridge's restart: the new bridge (port 5 by
+    // default: nothing listens there) refuses, then a third on port 1 echoes again.
+    let mut c = UnixStream::connect(&sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    c.write_all(b"x").unwrap();
+    let mut b = Vec::new();
+    assert!(
+        matches!(c.read_to_end(&mut b), Ok(0) | Err(_)),
+        "EOF for a refused session"
+    );
+    drop(second);
+    let _third = Kill(bridge(&sock, &shm, &["--port", "1"]).spawn().unwrap());
+    wait_listening(&sock);
+    let mut c = UnixStream::connect(&sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    c.write_all(b"after the restart").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut b = Vec::new();
+    c.read_to_end(&mut b).unwrap();
+    assert_eq!(b, b"after the restart");
 
     // Not a socket: refused, one line.
     let file = dir.path().join("file");
