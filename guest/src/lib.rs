@@ -19,6 +19,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod bridge;
 pub mod device;
 pub mod doorbell;
 pub mod error;

@@ -67,6 +67,39 @@ enum Cmd {
         #[arg(long)]
         hello: bool,
     },
+    /// Offer a UNIX socket for the guest agent's clients (as QEMU's `-chardev
+    /// socket,server=on` does) and carry each client over one ivring session to the guest
+    /// bridge. One client at a time: a second client waits until the first leaves.
+    Bridge {
+        /// The socket clients connect to.
+        #[arg(long)]
+        listen: PathBuf,
+        /// Join the ivshmem server on this socket (`ivring-host serve`).
+        #[arg(long, conflicts_with_all = ["serve", "plain"])]
+        join: Option<PathBuf>,
+        /// Serve the ivshmem protocol on this socket ourselves (start before QEMU; the link
+        /// ends when the bridge exits).
+        #[arg(long, conflicts_with = "plain")]
+        serve: Option<PathBuf>,
+        /// Use this plain shared file (`ivshmem-plain`), created with --size if missing.
+        #[arg(long)]
+        plain: Option<PathBuf>,
+        /// Shared memory size with --serve or --plain.
+        #[arg(long, default_value = "4M", value_parser = parse_size)]
+        size: u64,
+        /// Interrupt vectors per peer with --serve (QEMU's `vectors=`).
+        #[arg(long, default_value_t = 1)]
+        vectors: usize,
+        /// The guest bridge's port.
+        #[arg(long, default_value_t = ivring_host::bridge::PORT_QGA)]
+        port: u32,
+        /// Mode of the socket, in octal.
+        #[arg(long, default_value = "0600", value_parser = ivring_host::bridge::parse_mode)]
+        mode: u32,
+        /// Group of the socket (name or number).
+        #[arg(long)]
+        group: Option<String>,
+    },
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -153,6 +186,36 @@ fn run(cli: Cli) -> Result<()> {
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }
+        }
+        Cmd::Bridge {
+            listen,
+            join,
+            serve,
+            plain,
+            size,
+            vectors,
+            port,
+            mode,
+            group,
+        } => {
+            let attach = match (join, serve, plain) {
+                (Some(j), None, None) => Attach::Join(j),
+                (None, Some(socket), None) => Attach::Serve {
+                    socket,
+                    size,
+                    vectors,
+                },
+                (None, None, Some(file)) => Attach::Plain {
+                    file,
+                    size: Some(size),
+                },
+                _ => bail!("give one of --join SOCKET, --serve SOCKET or --plain FILE"),
+            };
+            let mut opts = ivring_host::bridge::HostBridgeOptions::new(listen, attach);
+            opts.port = port;
+            opts.mode = mode;
+            opts.group = group;
+            ivring_host::bridge::run_host(&opts)
         }
     }
 }

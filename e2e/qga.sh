@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# shellcheck disable=SC2015  # e2e_pass/e2e_fail never fail
+# The guest agent over ivring in a real VM, side by side with virtio-serial.
+# Usage: e2e/qga.sh [--mode doorbell|join|plain] [--guest-bin P] [--host-bin P] [--reps N]
+#
+# One VM runs qemu-ga twice: on the virtio-serial port org.qemu.guest_agent.0 (as libvirt
+# wires it), and on a UNIX socket behind `ivring-guest bridge` on the ivshmem device. On
+# the host, `ivring-host bridge` offers the agent's socket: ivshmem-doorbell with the
+# server embedded (doorbell) or run apart by `ivring-host serve` (join), or ivshmem-plain
+# (plain). In join and plain modes the host bridge is also restarted mid-run. Checks: guest-ping, guest-info,
+# guest-sync through ivring; then the reset scenarios (a) half a command + disconnect,
+# (b) guest-info + disconnect before the reply, each also with the reconnect at once,
+# REPS times each, over both transports. Asserts: ivring never hands a client anything
+# but its own reply; virtio-serial does (the stale reply arrives) in (b), and in (a).
+# Env: GUEST_BIN, HOST_BIN (default: built here; the guest one static), QGA_REPS (50),
+# and lib.sh's (E2E_BUILD, E2E_ACCEL, E2E_KEEP, ...). Last line: `N passed, M failed`.
+set -euo pipefail
+E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh
+. "$E2E_DIR/lib.sh"
+ROOT=$(cd "$E2E_DIR/.." && pwd)
+
+MODE=doorbell
+REPS=${QGA_REPS:-50}
+GUEST_BIN=${GUEST_BIN:-}
+HOST_BIN=${HOST_BIN:-}
+while [ $# -gt 0 ]; do
+    case $1 in
+        --mode) MODE=$2; shift 2 ;;
+        --guest-bin) GUEST_BIN=$2; shift 2 ;;
+        --host-bin) HOST_BIN=$2; shift 2 ;;
+        --reps) REPS=$2; shift 2 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        *) echo "unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+case $MODE in doorbell|join|plain) ;; *) echo "--mode doorbell|join|plain" >&2; exit 2 ;; esac
+
+if [ -z "$GUEST_BIN" ]; then
+    (cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
+        -p ivring-guest --target x86_64-unknown-linux-gnu)
+    GUEST_BIN=$ROOT/target/x86_64-unknown-linux-gnu/release/ivring-guest
+fi
+if [ -z "$HOST_BIN" ]; then
+    (cd "$ROOT" && cargo build --quiet --release -p ivring-host)
+    HOST_BIN=$ROOT/target/release/ivring-host
+fi
+command -v qemu-ga >/dev/null || [ -x /usr/sbin/qemu-ga ] || {
+    echo "qemu-ga missing: run e2e/setup.sh (installs qemu-guest-agent)" >&2; exit 2; }
+
+e2e_init
+t0=$SECONDS
+kvm_works || true
+echo "e2e: qga mode=$MODE accel=$E2E_ACCEL reps=$REPS qemu=$("$QEMU" --version | head -1)"
+
+SIZE=4M
+name=qga-$$
+br=$E2E_TMP/qga-ivring.sock      # what clients of the agent over ivring connect to
+vs=$E2E_TMP/qga-vserial.sock     # the virtio-serial chardev (QEMU is the server)
+initrd=$E2E_TMP/qga.cpio.gz
+client() { python3 "$E2E_DIR/qga_client.py" "$@"; }
+
+case $MODE in
+    doorbell)
+        ivs=$E2E_TMP/ivshmem.sock
+        e2e_spawn host-bridge "$HOST_BIN" bridge --listen "$br" --serve "$ivs" --size "$SIZE" --vectors 2
+        wait_for_file "$ivs" 10 || { e2e_fail qga/host-bridge "$(cat "$E2E_TMP/host-bridge.log")"; e2e_summary; exit 1; }
+        vmargs=(--sock "$ivs" --vectors 2) ;;
+    join)
+        ivs=$E2E_TMP/ivshmem.sock
+        e2e_spawn ivshmem-server "$HOST_BIN" serve --socket "$ivs" --size "$SIZE" --vectors 2
+        wait_for_file "$ivs" 10 || { e2e_fail qga/ivshmem-server "$(cat "$E2E_TMP/ivshmem-server.log")"; e2e_summary; exit 1; }
+        e2e_spawn host-bridge "$HOST_BIN" bridge --listen "$br" --join "$ivs"
+        vmargs=(--sock "$ivs" --vectors 2) ;;
+    plain)
+        shm=/dev/shm/$name
+        echo "$shm" >> "$E2E_TMP/shm-files"
+        rm -f "$shm"
+        e2e_spawn host-bridge "$HOST_BIN" bridge --listen "$br" --plain "$shm" --size "$SIZE"
+        vmargs=(--shm "$shm") ;;
+esac
+wait_for_file "$br" 10 && e2e_pass qga/host-bridge-listens \
+    || e2e_fail qga/host-bridge-listens "$(cat "$E2E_TMP/host-bridge.log")"
+mode=$(stat -c %a "$br" 2>/dev/null || echo none)
+[ "$mode" = 600 ] && e2e_pass qga/socket-0600 || e2e_fail qga/socket-0600 "mode $mode"
+
+build_initramfs "$initrd" "$GUEST_BIN" "$E2E_DIR/cases/qga.init"
+vmmode=$MODE; [ "$MODE" = join ] && vmmode=doorbell
+boot_vm "$name" "$vmmode" "$initrd" --size "$SIZE" "${vmargs[@]}" --vserial "$vs" \
+    -- e2e.mode="$vmmode" >/dev/null
+
+# The checks over ivring (the first one waits for the guest to boot).
+if client check "$br" 120 > "$E2E_TMP/check-ivring.log" 2>&1; then e2e_pass qga/ivring-ping-info-sync
+else e2e_fail qga/ivring-ping-info-sync "$(tr '\n' ';' < "$E2E_TMP/check-ivring.log")"; fi
+sed 's/^/  ivring /' "$E2E_TMP/check-ivring.log"
+if client check "$vs" 60 > "$E2E_TMP/check-vserial.log" 2>&1; then e2e_pass qga/vserial-ping-info-sync
+else e2e_fail qga/vserial-ping-info-sync "$(tr '\n' ';' < "$E2E_TMP/check-vserial.log")"; fi
+
+# result LINE KEY: the value of KEY=... in a RESULT line
+result() { sed -n "s/.* $2=\([0-9]*\).*/\1/p" <<< "$1"; }
+
+run_scenario() { # TRANSPORT SOCK KIND FAST
+    local tr=$1 sock=$2 kind=$3 fast=$4 label out ok
+    label=$tr-$kind
+    [ "$fast" = 1 ] && label+=-fast
+    out=$(client scenario "$sock" "$label" "$kind" "$fast" "$REPS" --resync 2>&1 | grep '^RESULT' || true)
+    echo "  $out"
+    ok=$(result "$out" ok)
+    [ -n "$ok" ] || { e2e_fail "qga/$label" "no result: $out"; return; }
+    if [ "$tr" = ivring ]; then
+        [ "$ok" -eq "$REPS" ] && e2e_pass "qga/$label-clean" \
+            || e2e_fail "qga/$label-clean" "$((REPS - ok)) of $REPS first replies were not the client's own"
+    else
+        LEAKS[$label]=$((REPS - ok))
+        STALE_INFO[$label]=$(result "$out" stale_info)
+    fi
+}
+declare -A LEAKS STALE_INFO
+for fast in 0 1; do
+    for kind in a b; do
+        run_scenario ivring "$br" "$kind" "$fast"
+        run_scenario vserial "$vs" "$kind" "$fast"
+    done
+done
+# virtio-serial must show the problem, or this comparison proves nothing.
+sb=$(( ${STALE_INFO[vserial-b]:-0} + ${STALE_INFO[vserial-b-fast]:-0} ))
+[ "$sb" -gt 0 ] && e2e_pass qga/vserial-b-leaks-stale-guest-info \
+    || e2e_fail qga/vserial-b-leaks-stale-guest-info "no stale guest-info reply over virtio-serial in $((2 * REPS)) runs"
+sa=$(( ${LEAKS[vserial-a]:-0} + ${LEAKS[vserial-a-fast]:-0} ))
+[ "$sa" -gt 0 ] && e2e_pass qga/vserial-a-leaks \
+    || e2e_fail qga/vserial-a-leaks "no wrong first reply over virtio-serial in $((2 * REPS)) runs"
+
+# The host bridge restarts (join and plain: the link outlives it); the guest side follows.
+if [ "$MODE" != doorbell ]; then
+    e2e_stop host-bridge
+    case $MODE in
+        join) e2e_spawn host-bridge "$HOST_BIN" bridge --listen "$br" --join "$ivs" ;;
+        plain) e2e_spawn host-bridge "$HOST_BIN" bridge --listen "$br" --plain "$shm" --size "$SIZE" ;;
+    esac
+    if client check "$br" 60 > "$E2E_TMP/check-restart.log" 2>&1; then e2e_pass qga/ivring-after-host-bridge-restart
+    else e2e_fail qga/ivring-after-host-bridge-restart "$(tr '\n' ';' < "$E2E_TMP/check-restart.log")"; fi
+fi
+
+# Still answering after all that, and nothing in the guest died.
+if client check "$br" 30 > "$E2E_TMP/check2.log" 2>&1; then e2e_pass qga/ivring-after-scenarios
+else e2e_fail qga/ivring-after-scenarios "$(tr '\n' ';' < "$E2E_TMP/check2.log")"; fi
+sleep 5.5
+status=$(tr -d '\r' < "$(vm_serial "$name")" | grep -a '^STATUS' | tail -n 1)
+[ "$status" = "STATUS qga-unix=up bridge=up qga-vserial=up" ] && e2e_pass qga/guest-processes-alive \
+    || e2e_fail qga/guest-processes-alive "${status:-no STATUS line}"
+kill_vm "$name"
+collect_results "$name" pci-device qga-vserial-start qga-unix-start guest-bridge-start
+if grep -q "no session" "$E2E_TMP/host-bridge.log"; then
+    echo "---- host bridge log (sessions refused or failed) ----"
+    grep "no session" "$E2E_TMP/host-bridge.log" | tail -5
+fi
+e2e_stop host-bridge
+e2e_stop ivshmem-server
+echo "e2e: qga total $((SECONDS - t0)) s"
+e2e_summary

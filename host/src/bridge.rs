@@ -1,0 +1,429 @@
+//! Bridges between a UNIX stream socket and ivring sessions.
+//!
+//! [`relay`] copies bytes both ways between one [`Session`] and one [`UnixStream`], passing
+//! half-closes through. [`run_host`] is `ivring-host bridge`: it offers a UNIX socket, as
+//! QEMU's `-chardev socket,server=on` does for the guest agent, and opens one session to the
+//! guest's port per accepted client. The guest half (`ivring-guest bridge`) uses [`relay`]
+//! too.
+//!
+//! One client at a time: the guest agent serves one client at a time, so the host bridge
+//! accepts the next client only when the current one has left. A second client that
+//! connects meanwhile waits in the socket's listen backlog (its connect succeeds, its
+//! requests wait unanswered) until the first client leaves, exactly as a second client of
+//! qemu-ga's own socket does.
+
+use crate::attach::{Attach, HostLink};
+use anyhow::{bail, Context, Result};
+use ivring::{Config, Role, Session};
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The port the guest bridge listens on by default (the guest agent's).
+pub const PORT_QGA: u32 = 5;
+
+/// How [`relay`] behaves.
+#[derive(Clone, Debug)]
+pub struct RelayOptions {
+    /// Once one side has finished sending (EOF), how long the other side may still send
+    /// before the relay gives up on it.
+    pub linger: Duration,
+    /// The longest the relay sleeps when idle; bounds the latency of the first byte after
+    /// an idle period.
+    pub max_wait: Duration,
+    /// Set to end the relay from another thread.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// End as soon as the session's EOF has been passed on (the host bridge: the guest
+    /// side closed, so the client gets EOF and nothing it sends could be answered).
+    pub end_on_session_eof: bool,
+    /// End as soon as the stream's EOF has been passed on (the guest bridge: the agent
+    /// closed its connection; it never half-closes).
+    pub end_on_stream_eof: bool,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        RelayOptions {
+            linger: Duration::from_secs(10),
+            max_wait: Duration::from_millis(5),
+            stop: None,
+            end_on_session_eof: false,
+            end_on_stream_eof: false,
+        }
+    }
+}
+
+/// How a relay ended, and how much it carried.
+#[derive(Clone, Debug)]
+pub struct RelayEnd {
+    /// Bytes copied from the stream into the session.
+    pub to_session: u64,
+    /// Bytes copied from the session into the stream.
+    pub to_stream: u64,
+    /// Both sides closed in order (EOF both ways), as opposed to an error, a stop or the
+    /// linger time running out.
+    pub clean: bool,
+    /// Why it ended, in words for a log.
+    pub why: String,
+}
+
+const MIN_WAIT: Duration = Duration::from_micros(500);
+const CHUNK: usize = 64 << 10;
+
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+/// Copies bytes both ways between `session` and `stream` until both sides have closed
+/// (EOF both ways, each passed on as a shutdown of the other side's write half; or one
+/// way, as `opts.end_on_*` say), either
+/// side fails (the session resets, the stream's peer goes away), the linger time after a
+/// half-close runs out, or `opts.stop` is set.
+///
+/// `to_session` is sent to the session first (bytes already read from the stream).
+/// The stream is left non-blocking; neither side is closed here: the caller drops them
+/// (or closes the stream gracefully first).
+pub fn relay(
+    session: &mut Session,
+    stream: &UnixStream,
+    to_session: Vec<u8>,
+    opts: &RelayOptions,
+) -> RelayEnd {
+    let mut end = RelayEnd {
+        to_session: 0,
+        to_stream: 0,
+        clean: false,
+        why: String::new(),
+    };
+    macro_rules! finish {
+        ($clean:expr, $($why:tt)*) => {{
+            end.clean = $clean;
+            end.why = format!($($why)*);
+            return end;
+        }};
+    }
+    if let Err(e) = stream.set_nonblocking(true) {
+        finish!(false, "socket: {e}");
+    }
+    let mut s = stream;
+    let mut buf = vec![0u8; CHUNK];
+    let (mut up, mut up_off) = (to_session, 0usize);
+    let (mut down, mut down_off) = (Vec::<u8>::with_capacity(CHUNK), 0usize);
+    let (mut stream_eof, mut session_eof) = (false, false);
+    let (mut session_shut, mut stream_shut) = (false, false);
+    let mut half_since: Option<Instant> = None;
+    let mut wait = MIN_WAIT;
+    loop {
+        if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+            finish!(false, "stopped");
+        }
+        let mut progress = false;
+        // Stream -> session.
+        if !stream_eof && up_off == up.len() {
+            up.clear();
+            up_off = 0;
+            match s.read(&mut buf) {
+                Ok(0) => {
+                    stream_eof = true;
+                    progress = true;
+                }
+                Ok(n) => {
+                    up.extend_from_slice(&buf[..n]);
+                    progress = true;
+                }
+                Err(e) if transient(&e) => {}
+                Err(e) => finish!(false, "socket read: {e}"),
+            }
+        }
+        if up_off < up.len() {
+            session.set_nonblocking(true);
+            match session.write(&up[up_off..]) {
+                Ok(n) => {
+                    up_off += n;
+                    end.to_session += n as u64;
+                    progress |= n > 0;
+                }
+                Err(e) if transient(&e) => {}
+                Err(e) => finish!(false, "session write: {e}"),
+            }
+        }
+        if stream_eof && up_off == up.len() && !session_shut {
+            if let Err(e) = session.shutdown(Shutdown::Write) {
+                finish!(false, "session shutdown: {e}");
+            }
+            session_shut = true;
+        }
+        // Session -> stream (what the last round read).
+        if down_off < down.len() {
+            match s.write(&down[down_off..]) {
+                Ok(n) => {
+                    down_off += n;
+                    end.to_stream += n as u64;
+                    progress |= n > 0;
+                }
+                Err(e) if transient(&e) => {}
+                Err(e) => finish!(false, "socket write: {e}"),
+            }
+        }
+        if session_eof && down_off == down.len() && !stream_shut {
+            // The peer may already be gone; that ends the relay just as well.
+            let _ = stream.shutdown(Shutdown::Write);
+            stream_shut = true;
+        }
+        if session_shut && stream_shut {
+            finish!(true, "closed");
+        }
+        if session_shut && opts.end_on_stream_eof {
+            finish!(true, "socket closed");
+        }
+        if stream_shut && opts.end_on_session_eof {
+            finish!(true, "session closed");
+        }
+        if stream_eof || session_eof {
+            let since = *half_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > opts.linger {
+                finish!(
+                    false,
+                    "{} closed and the other side kept its half open for {:?}",
+                    if stream_eof { "socket" } else { "session" },
+                    opts.linger
+                );
+            }
+        }
+        if progress {
+            wait = MIN_WAIT;
+        }
+        // Read the session; when nothing else moved this is where the relay waits.
+        if !session_eof && down_off == down.len() {
+            down.clear();
+            down_off = 0;
+            if progress {
+                session.set_nonblocking(true);
+            } else {
+                session.set_nonblocking(false);
+                session.set_read_timeout(Some(wait));
+            }
+            match session.read(&mut buf) {
+                Ok(0) => {
+                    session_eof = true;
+                    wait = MIN_WAIT;
+                }
+                Ok(n) => {
+                    down.extend_from_slice(&buf[..n]);
+                    wait = MIN_WAIT;
+                }
+                Err(e) if transient(&e) => {
+                    if !progress {
+                        wait = (wait * 2).min(opts.max_wait);
+                    }
+                }
+                Err(e) => finish!(false, "session read: {e}"),
+            }
+        } else if !progress {
+            // Only the stream can move: wait on its fd.
+            let mut flags = rustix::event::PollFlags::empty();
+            if !stream_eof && up_off == up.len() {
+                flags |= rustix::event::PollFlags::IN;
+            }
+            if down_off < down.len() {
+                flags |= rustix::event::PollFlags::OUT;
+            }
+            if flags.is_empty() {
+                std::thread::sleep(wait);
+            } else {
+                let mut fds = [rustix::event::PollFd::new(stream, flags)];
+                let ts = rustix::event::Timespec::try_from(wait).unwrap_or_default();
+                let _ = rustix::event::poll(&mut fds, Some(&ts));
+            }
+            wait = (wait * 2).min(opts.max_wait);
+        }
+    }
+}
+
+/// Parses a socket mode written in octal (`0600`, `660`).
+pub fn parse_mode(s: &str) -> std::result::Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal mode such as 0600"))?;
+    if m > 0o777 {
+        return Err(format!("{s:?}: a socket mode is at most 0777"));
+    }
+    Ok(m)
+}
+
+/// Looks a group up by name (in `/etc/group`) or takes it as a number.
+pub fn resolve_group(g: &str) -> Result<u32> {
+    if let Ok(n) = g.parse::<u32>() {
+        return Ok(n);
+    }
+    let text = std::fs::read_to_string("/etc/group").context("reading /etc/group")?;
+    for line in text.lines() {
+        let mut f = line.split(':');
+        if f.next() == Some(g) {
+            if let Some(gid) = f.nth(1).and_then(|x| x.parse().ok()) {
+                return Ok(gid);
+            }
+        }
+    }
+    bail!("no group named {g:?} in /etc/group")
+}
+
+/// Binds a listening UNIX socket at `path` with `mode` (and `group`), created with no
+/// access for others from the start. A stale socket (nobody listening) is replaced; a
+/// socket in use, or anything that is not a socket, is an error.
+pub fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if !md.file_type().is_socket() => {
+            bail!("{}: exists and is not a socket", path.display())
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => bail!(
+                "{}: in use (another process is listening on it)",
+                path.display()
+            ),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("{}: removing the stale socket", path.display()))?;
+            }
+            Err(e) => bail!("{}: cannot tell whether it is in use: {e}", path.display()),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => bail!("{}: {e}", path.display()),
+    }
+    let gid = group.map(resolve_group).transpose()?;
+    // Owner-only from the moment the socket exists; widened below if asked.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let bound = UnixListener::bind(path);
+    rustix::process::umask(old);
+    let listener = bound.with_context(|| format!("{}: bind", path.display()))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("{}: chown to group {gid}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("{}: chmod {mode:o}", path.display()))?;
+    Ok(listener)
+}
+
+/// What `ivring-host bridge` does.
+#[derive(Clone, Debug)]
+pub struct HostBridgeOptions {
+    /// The UNIX socket to offer clients.
+    pub listen: PathBuf,
+    /// Where the link to the guest comes from.
+    pub attach: Attach,
+    /// The guest bridge's port.
+    pub port: u32,
+    /// The socket's mode.
+    pub mode: u32,
+    /// The socket's group (name or number).
+    pub group: Option<String>,
+    /// Relay tunables.
+    pub relay: RelayOptions,
+    /// How long a refused session (nobody listening on the guest's port yet) is retried
+    /// before the client is given EOF.
+    pub refused_wait: Duration,
+    /// Log one line per client (failures to open a session are always logged).
+    pub verbose: bool,
+}
+
+impl HostBridgeOptions {
+    /// Defaults for the rest.
+    pub fn new(listen: PathBuf, attach: Attach) -> HostBridgeOptions {
+        HostBridgeOptions {
+            listen,
+            attach,
+            port: PORT_QGA,
+            mode: 0o600,
+            group: None,
+            relay: RelayOptions {
+                end_on_session_eof: true,
+                ..RelayOptions::default()
+            },
+            refused_wait: Duration::from_secs(5),
+            verbose: true,
+        }
+    }
+}
+
+/// Runs the host bridge: binds the socket, attaches the link, then serves clients one at
+/// a time for ever. Survives guest restarts: each client opens a fresh session, which
+/// waits (up to `Config::connect_timeout`) for the link to come back up.
+pub fn run_host(opts: &HostBridgeOptions) -> Result<()> {
+    let listener = bind_socket(&opts.listen, opts.mode, opts.group.as_deref())?;
+    let link = HostLink::open(Role::Host, &opts.attach, Config::default())
+        .context("attaching to the shared memory")?;
+    eprintln!(
+        "ivring-host bridge: clients on {} -> guest port {} ({})",
+        opts.listen.display(),
+        opts.port,
+        if link.is_up() {
+            "guest attached"
+        } else {
+            "guest not attached yet"
+        }
+    );
+    let mut n = 0u64;
+    for client in listener.incoming() {
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("ivring-host bridge: accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        n += 1;
+        serve_client(&link, client, n, opts);
+    }
+    Ok(())
+}
+
+/// Serves one client: a session to the guest, then the relay; both closed at the end.
+fn serve_client(link: &HostLink, client: UnixStream, n: u64, opts: &HostBridgeOptions) {
+    // A client that came and went while queued gets no session at all.
+    let mut first = Vec::new();
+    if client.set_nonblocking(true).is_ok() {
+        let mut b = [0u8; 4096];
+        match (&client).read(&mut b) {
+            Ok(0) => return,
+            Ok(k) => first.extend_from_slice(&b[..k]),
+            Err(_) => {}
+        }
+    }
+    // Right after a guest (re)start the link can be up a moment before the guest bridge
+    // listens: a refusal is retried for a while.
+    let since = Instant::now();
+    let mut session = loop {
+        match link.connect(opts.port) {
+            Ok(s) => break s,
+            Err(e)
+                if e.kind() == io::ErrorKind::ConnectionRefused
+                    && since.elapsed() < opts.refused_wait =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                eprintln!("ivring-host bridge: client {n}: no session to the guest: {e}");
+                return;
+            }
+        }
+    };
+    let end = relay(&mut session, &client, first, &opts.relay);
+    if opts.verbose {
+        eprintln!(
+            "ivring-host bridge: client {n}: session {} ended ({}): {} bytes to the guest, {} back",
+            session.id(),
+            end.why,
+            end.to_session,
+            end.to_stream
+        );
+    }
+}
