@@ -33,8 +33,8 @@ pub struct RelayOptions {
     /// Once one side has finished sending (EOF), how long the other side may still send
     /// before the relay gives up on it.
     pub linger: Duration,
-    /// The longest the relay sleeps when idle; bounds the latency of the first byte after
-    /// an idle period.
+    /// How long the relay sleeps before retrying a write that waits for ring space (the
+    /// one wait without a readiness signal).
     pub max_wait: Duration,
     /// Set to end the relay from another thread.
     pub stop: Option<Arc<AtomicBool>>,
@@ -50,7 +50,7 @@ impl Default for RelayOptions {
     fn default() -> Self {
         RelayOptions {
             linger: Duration::from_secs(10),
-            max_wait: Duration::from_millis(5),
+            max_wait: Duration::from_millis(1),
             stop: None,
             end_on_session_eof: false,
             end_on_stream_eof: false,
@@ -72,7 +72,8 @@ pub struct RelayEnd {
     pub why: String,
 }
 
-const MIN_WAIT: Duration = Duration::from_micros(500);
+/// Longest sleep of an idle relay: bounds how late it notices `stop` or the linger time.
+const IDLE_WAIT: Duration = Duration::from_millis(200);
 const CHUNK: usize = 64 << 10;
 
 fn transient(e: &io::Error) -> bool {
@@ -120,7 +121,16 @@ pub fn relay(
     let (mut stream_eof, mut session_eof) = (false, false);
     let (mut session_shut, mut stream_shut) = (false, false);
     let mut half_since: Option<Instant> = None;
-    let mut wait = MIN_WAIT;
+    // Signalled whenever the session may have become readable or writable.
+    let ready = match crate::sys::EventFd::new() {
+        Ok(e) => std::sync::Arc::new(e),
+        Err(e) => finish!(false, "eventfd: {e}"),
+    };
+    let signal = ready.clone();
+    if let Err(e) = session.set_notify(std::sync::Arc::new(move || signal.signal())) {
+        finish!(false, "session: {e}");
+    }
+    session.set_nonblocking(true);
     loop {
         if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
             finish!(false, "stopped");
@@ -144,7 +154,6 @@ pub fn relay(
             }
         }
         if up_off < up.len() {
-            session.set_nonblocking(true);
             match session.write(&up[up_off..]) {
                 Ok(n) => {
                     up_off += n;
@@ -198,53 +207,47 @@ pub fn relay(
                 );
             }
         }
-        if progress {
-            wait = MIN_WAIT;
-        }
-        // Read the session; when nothing else moved this is where the relay waits.
+        // Read the session (non-blocking; its readiness fd says when to look again).
         if !session_eof && down_off == down.len() {
             down.clear();
             down_off = 0;
-            if progress {
-                session.set_nonblocking(true);
-            } else {
-                session.set_nonblocking(false);
-                session.set_read_timeout(Some(wait));
-            }
             match session.read(&mut buf) {
                 Ok(0) => {
                     session_eof = true;
-                    wait = MIN_WAIT;
+                    progress = true;
                 }
                 Ok(n) => {
                     down.extend_from_slice(&buf[..n]);
-                    wait = MIN_WAIT;
+                    progress = true;
                 }
-                Err(e) if transient(&e) => {
-                    if !progress {
-                        wait = (wait * 2).min(opts.max_wait);
-                    }
-                }
+                Err(e) if transient(&e) => {}
                 Err(e) => finish!(false, "session read: {e}"),
             }
-        } else if !progress {
-            // Only the stream can move: wait on its fd.
-            let mut flags = rustix::event::PollFlags::empty();
-            if !stream_eof && up_off == up.len() {
-                flags |= rustix::event::PollFlags::IN;
-            }
-            if down_off < down.len() {
-                flags |= rustix::event::PollFlags::OUT;
-            }
-            if flags.is_empty() {
-                std::thread::sleep(wait);
-            } else {
-                let mut fds = [rustix::event::PollFd::new(stream, flags)];
-                let ts = rustix::event::Timespec::try_from(wait).unwrap_or_default();
-                let _ = rustix::event::poll(&mut fds, Some(&ts));
-            }
-            wait = (wait * 2).min(opts.max_wait);
         }
+        if progress {
+            continue;
+        }
+        // Nothing moved: sleep until the socket or the session can. A write waiting for
+        // ring space (rather than credit) has no readiness signal, so it re-polls soon.
+        let mut flags = rustix::event::PollFlags::empty();
+        if !stream_eof && up_off == up.len() {
+            flags |= rustix::event::PollFlags::IN;
+        }
+        if down_off < down.len() {
+            flags |= rustix::event::PollFlags::OUT;
+        }
+        let timeout = if up_off < up.len() {
+            opts.max_wait
+        } else {
+            IDLE_WAIT
+        };
+        let mut fds = [
+            rustix::event::PollFd::new(stream, flags),
+            rustix::event::PollFd::new(&*ready, rustix::event::PollFlags::IN),
+        ];
+        let ts = rustix::event::Timespec::try_from(timeout).unwrap_or_default();
+        let _ = rustix::event::poll(&mut fds, Some(&ts));
+        ready.drain();
     }
 }
 
