@@ -49,9 +49,9 @@ suite "loom models" env RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 \
 if [ "$vm" = 1 ]; then
   if true; then
     suite "e2e VM suite" bash e2e/run.sh
-    if [ -f e2e/qga.sh ]; then
-      suite "qemu-ga VM suite" bash e2e/qga.sh
-    fi
+    for mode in doorbell join plain; do
+      suite "qemu-ga VM suite ($mode)" bash e2e/qga.sh --mode "$mode"
+    done
   fi
 fi
 
