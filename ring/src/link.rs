@@ -853,6 +853,36 @@ impl Link {
     }
 }
 
+#[cfg(feature = "fuzzing")]
+impl Link {
+    /// Panics if the peer has made us hold more than the limits allow (fuzzing only).
+    pub fn check_bounds(&self) {
+        assert!(
+            self.sessions.len() <= self.cfg.max_sessions,
+            "too many sessions"
+        );
+        assert!(
+            self.pending.len() <= MAX_PENDING_CONTROL,
+            "too many control frames"
+        );
+        for l in self.listeners.values() {
+            assert!(
+                l.backlog.len() <= self.cfg.backlog,
+                "backlog over its limit"
+            );
+        }
+        for s in self.sessions.values() {
+            let cap = s.buf_alloc as usize;
+            assert!(s.rx.len() <= 2 * cap + 8192, "receive buffer over credit");
+            assert!(s.msgs.len() <= cap + 1, "message queue over credit");
+            assert!(
+                s.received - s.fwd_cnt <= cap as u64,
+                "held bytes over credit"
+            );
+        }
+    }
+}
+
 impl Link {
     /// Reads and credits buffered data without waiting (used by shutdown(Read)).
     pub fn read_discard(&mut self, id: u64, buf: &mut [u8]) -> io::Result<Option<usize>> {
