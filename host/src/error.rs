@@ -107,6 +107,10 @@ pub enum HostError {
         /// The socket path.
         path: PathBuf,
     },
+
+    /// The shared memory cannot carry ivring (size, or someone else's data in it).
+    #[error("{0}")]
+    Layout(ivring::LayoutError),
 }
 
 impl HostError {

@@ -24,12 +24,16 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod attach;
 pub mod client;
+pub mod demo;
 pub mod error;
 pub mod server;
+pub mod services;
 pub mod shm;
 mod sys;
 
+pub use attach::{Attach, HostLink};
 pub use client::{Client, ClientDoorbell, ConnectOptions};
 pub use error::{HostError, Result};
 pub use server::{Server, ServerHandle};

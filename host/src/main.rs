@@ -1,1 +1,158 @@
-fn main() {}
+//! `ivring-host`: the host side of ivring.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use ivring::{Config, Role};
+use ivring_host::attach::{Attach, HostLink};
+use ivring_host::{demo, services, Server};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "ivring-host",
+    version,
+    about = "ivring on the host: ivshmem server, demo, bench, bridge"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Host,
+    Guest,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the ivshmem protocol (start before QEMU): shared memory and doorbells for
+    /// QEMU's ivshmem-doorbell device and for host programs.
+    Serve {
+        /// Socket path, as QEMU's `-chardev socket,path=` names it.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Shared memory size: a power of two from 64K to 1G.
+        #[arg(long, default_value = "4M", value_parser = parse_size)]
+        size: u64,
+        /// Interrupt vectors per peer (QEMU's `vectors=`).
+        #[arg(long, default_value_t = 1)]
+        vectors: usize,
+    },
+    /// Show the transport working on this machine: two processes over a real memfd and
+    /// eventfds, sessions both ways, a peer restart, throughput and latency.
+    Demo {
+        /// Shared memory size.
+        #[arg(long, default_value = "16M", value_parser = parse_size)]
+        size: u64,
+        /// Seconds per throughput and latency figure.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+    },
+    /// Run the echo, check, source and sink services on a link (the other side of the
+    /// demo, the bench and the tests).
+    Peer {
+        /// Join the ivshmem server on this socket.
+        #[arg(long, conflicts_with = "plain")]
+        join: Option<PathBuf>,
+        /// Use this plain shared file instead (no doorbells).
+        #[arg(long)]
+        plain: Option<PathBuf>,
+        /// Which side of the link to be.
+        #[arg(long, value_enum, default_value = "guest")]
+        role: RoleArg,
+        /// Open a session to the other side's port 9 and greet it.
+        #[arg(long)]
+        hello: bool,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().find(|(_, c)| c.is_alphabetic()) {
+        Some((i, _)) => {
+            let mul = match s[i..]
+                .to_ascii_uppercase()
+                .trim_end_matches("IB")
+                .trim_end_matches('B')
+            {
+                "K" => 1u64 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "" => 1,
+                other => return Err(format!("unknown size suffix {other:?}: use K, M or G")),
+            };
+            (&s[..i], mul)
+        }
+        None => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size: write e.g. 4M, 64K or 1G"))?;
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("ivring-host: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Serve {
+            socket,
+            size,
+            vectors,
+        } => {
+            let server = Server::bind(&socket, size, vectors)?;
+            eprintln!(
+                "ivring-host: serving {} MiB on {} ({} vector{}); start QEMU with -chardev socket,path={},id=ivs -device ivshmem-doorbell,chardev=ivs,vectors={}",
+                size >> 20,
+                socket.display(),
+                vectors,
+                if vectors == 1 { "" } else { "s" },
+                socket.display(),
+                vectors
+            );
+            server.run()?;
+            Ok(())
+        }
+        Cmd::Demo { size, seconds } => demo::run(&demo::DemoOptions { size, seconds }),
+        Cmd::Peer {
+            join,
+            plain,
+            role,
+            hello,
+        } => {
+            let attach = match (join, plain) {
+                (Some(j), None) => Attach::Join(j),
+                (None, Some(p)) => Attach::Plain {
+                    file: p,
+                    size: None,
+                },
+                _ => bail!("give --join SOCKET or --plain FILE"),
+            };
+            let role = match role {
+                RoleArg::Host => Role::Host,
+                RoleArg::Guest => Role::Guest,
+            };
+            let link = HostLink::open(role, &attach, Config::default())?;
+            services::spawn_all(&link)?;
+            if hello {
+                let mut s = link
+                    .connect(demo::PORT_HELLO)
+                    .context("greet the other side")?;
+                write!(s, "hello from pid {}", std::process::id())?;
+            }
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }
+}

@@ -126,3 +126,44 @@ pub mod local {
         }
     }
 }
+
+/// A doorbell for links with none (ivshmem-plain, a shared file): rings do nothing and
+/// waits are short sleeps, so the link polls shared memory with backoff.
+#[derive(Default)]
+pub struct Polling {
+    interrupted: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Polling {
+    /// A polling doorbell.
+    pub fn new() -> Polling {
+        Polling::default()
+    }
+}
+
+impl Doorbell for Polling {
+    fn own_id(&self) -> u16 {
+        0
+    }
+    fn ring(&self, _peer: u16) {}
+    fn wait(&self, timeout: Option<Duration>) {
+        let t = timeout.unwrap_or(Duration::from_millis(1));
+        let mut i = self.interrupted.lock().unwrap_or_else(|e| e.into_inner());
+        if !*i {
+            i = self
+                .cv
+                .wait_timeout(i, t)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *i = false;
+    }
+    fn interrupt(&self) {
+        *self.interrupted.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+    fn can_wait(&self) -> bool {
+        false
+    }
+}

@@ -683,10 +683,12 @@ impl io::Read for Session {
 
 impl io::Write for Session {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.message {
-            self.write_message(buf)
-        } else if buf.is_empty() {
+        // Nothing is sent for an empty buffer, in either mode, so that a read of 0 bytes
+        // always means EOF.
+        if buf.is_empty() {
             Ok(0)
+        } else if self.message {
+            self.write_message(buf)
         } else {
             self.write_stream(buf)
         }

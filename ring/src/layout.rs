@@ -240,7 +240,7 @@ const _: () = {
     assert!(HOST_BLOCK >= header::G2H_CAPACITY + 8);
     assert!(HOST_BLOCK + 4 * LINE <= GUEST_BLOCK);
     assert!(GUEST_BLOCK + 4 * LINE <= CONTROL_SIZE);
-    assert!(CONTROL_SIZE % LINE == 0);
+    assert!(CONTROL_SIZE.is_multiple_of(LINE));
 };
 
 #[cfg(test)]

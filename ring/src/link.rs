@@ -42,7 +42,6 @@ pub(crate) enum State {
 pub(crate) struct Sess {
     pub state: State,
     pub message: bool,
-    pub port: u32,
     rx: Vec<u8>,
     rx_pos: usize,
     msgs: VecDeque<usize>,
@@ -65,11 +64,10 @@ pub(crate) struct Sess {
 }
 
 impl Sess {
-    fn new(port: u32, message: bool, buf_alloc: u32, state: State) -> Sess {
+    fn new(message: bool, buf_alloc: u32, state: State) -> Sess {
         Sess {
             state,
             message,
-            port,
             rx: Vec::new(),
             rx_pos: 0,
             msgs: VecDeque::new(),
@@ -168,6 +166,8 @@ pub(crate) struct Link {
     /// Bumped at every reset of all sessions: a session of an older generation is reset.
     pub gen: u64,
     pub peer_id: Option<u16>,
+    /// The transport has reported the current peer present at least once.
+    peer_seen_present: bool,
     heartbeat: u64,
     last_beat: Instant,
     peer_beat: u64,
@@ -222,6 +222,7 @@ impl Link {
             laid_out: role == Role::Host,
             gen: 1,
             peer_id: None,
+            peer_seen_present: false,
             heartbeat: 0,
             last_beat: now,
             peer_beat: 0,
@@ -357,6 +358,8 @@ impl Link {
             self.tx.reset();
             self.rx.reset();
             self.peer_acked = peer_epoch;
+            // A new incarnation of the peer numbers its sessions afresh.
+            self.highest_peer_seq = 0;
             // SYNC POINT ack: Release pairs with the peer's Acquire load of our ACK below:
             // our indices are zero before the peer sees the acknowledgement.
             self.store_own(side::ACK, peer_epoch, Ordering::Release);
@@ -370,6 +373,7 @@ impl Link {
             if peer_ack == self.epoch {
                 self.up = true;
                 self.read_peer_id();
+                self.peer_seen_present = false;
                 self.peer_beat = self.load_peer(side::HEARTBEAT, Ordering::Relaxed);
                 self.peer_beat_at = now;
                 changed = true;
@@ -397,8 +401,14 @@ impl Link {
         if !self.up {
             return Ok(());
         }
-        if peer_present == Some(false) {
-            return Err(Fault("peer left the ivshmem server".into()));
+        // The server's news of a join can arrive after the peer is already up in shared
+        // memory: only a peer once seen present and then gone counts as gone.
+        match peer_present {
+            Some(true) => self.peer_seen_present = true,
+            Some(false) if self.peer_seen_present => {
+                return Err(Fault("peer left the ivshmem server".into()));
+            }
+            _ => {}
         }
         let b = self.load_peer(side::HEARTBEAT, Ordering::Relaxed);
         if b != self.peer_beat {
@@ -541,8 +551,7 @@ impl Link {
                 match self.listeners.get_mut(&args.port) {
                     Some(l) if fits && l.backlog.len() < backlog => {
                         l.backlog.push_back(h.session);
-                        let mut s =
-                            Sess::new(args.port, args.message, self.cfg.buf_size, State::Open);
+                        let mut s = Sess::new(args.message, self.cfg.buf_size, State::Open);
                         s.peer_buf_alloc = args.buf_alloc;
                         self.sessions.insert(h.session, s);
                         let accept = CreditArgs {
@@ -711,10 +720,8 @@ impl Link {
         }
         let id = self.next_seq << 1 | self.role.id_bit();
         self.next_seq += 1;
-        self.sessions.insert(
-            id,
-            Sess::new(port, message, self.cfg.buf_size, State::Connecting),
-        );
+        self.sessions
+            .insert(id, Sess::new(message, self.cfg.buf_size, State::Connecting));
         let args = OpenArgs {
             port,
             message,

@@ -97,7 +97,7 @@ impl Producer {
             .region
             .load_u64(self.peer_block + side::RX_TAIL, Ordering::Acquire);
         let used = self.head.wrapping_sub(tail);
-        if used > self.cap || used % RECORD_ALIGN != 0 {
+        if used > self.cap || !used.is_multiple_of(RECORD_ALIGN) {
             return Err(BadIndex {
                 peer_index: tail,
                 own_index: self.head,
@@ -113,7 +113,7 @@ impl Producer {
     #[inline]
     pub(crate) fn reserve(&mut self, rec: usize) -> Result<Option<usize>, BadIndex> {
         let rec = rec as u64;
-        debug_assert!(rec % RECORD_ALIGN == 0 && rec <= self.cap / 2);
+        debug_assert!(rec.is_multiple_of(RECORD_ALIGN) && rec <= self.cap / 2);
         let to_end = self.cap - self.head_off;
         let need = if to_end < rec { to_end + rec } else { rec };
         if self.free(need)? < need {
@@ -273,7 +273,7 @@ impl Consumer {
             .region
             .load_u64(self.peer_block + side::TX_HEAD, Ordering::Acquire);
         let used = head.wrapping_sub(self.tail);
-        if used > self.cap || used % RECORD_ALIGN != 0 {
+        if used > self.cap || !used.is_multiple_of(RECORD_ALIGN) {
             return Err(BadIndex {
                 peer_index: head,
                 own_index: self.tail,

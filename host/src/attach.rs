@@ -1,0 +1,99 @@
+//! Attaching an [`Endpoint`] to real shared memory: joined to an ivshmem server (as QEMU
+//! is), embedding a server, or a plain shared file without doorbells.
+
+use crate::client::Client;
+use crate::error::HostError;
+use crate::server::{Server, ServerHandle};
+use crate::shm;
+use ivring::doorbell::Polling;
+use ivring::{Config, Endpoint, Role};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Where the shared memory and doorbells come from.
+#[derive(Clone, Debug)]
+pub enum Attach {
+    /// Join a running ivshmem server (`ivring-host serve`, or QEMU's own) as a peer.
+    /// Survives our own restarts: the server and QEMU keep the memory.
+    Join(PathBuf),
+    /// Run an ivshmem server in this process on `socket` and join it. The link ends when
+    /// this process exits (QEMU cannot reconnect to a new server).
+    Serve {
+        /// Socket path QEMU's `-chardev socket,path=` names.
+        socket: PathBuf,
+        /// Shared memory size in bytes (a power of two).
+        size: u64,
+        /// Interrupt vectors per peer (QEMU's `vectors=`).
+        vectors: usize,
+    },
+    /// A plain shared file (`memory-backend-file,share=on` with `ivshmem-plain`): no
+    /// doorbells, the link polls. Created with `size` if it does not exist.
+    Plain {
+        /// Usually `/dev/shm/NAME`.
+        file: PathBuf,
+        /// Size to create it with; an existing file must have this size if given.
+        size: Option<u64>,
+    },
+}
+
+/// An attached endpoint with what keeps its memory and doorbells alive.
+pub struct HostLink {
+    /// The endpoint (dropped first, so it detaches while the mapping still exists).
+    pub endpoint: Endpoint,
+    client: Option<Client>,
+    server: Option<ServerHandle>,
+}
+
+impl HostLink {
+    /// Attaches in `role`.
+    pub fn open(role: Role, attach: &Attach, cfg: Config) -> Result<HostLink, HostError> {
+        let (server, client, region, doorbell): (_, _, _, Arc<dyn ivring::Doorbell>) = match attach
+        {
+            Attach::Join(path) => {
+                let c = Client::connect(path)?;
+                let (r, d) = (c.region(), c.doorbell());
+                (None, Some(c), r, d)
+            }
+            Attach::Serve {
+                socket,
+                size,
+                vectors,
+            } => {
+                let s = Server::bind(socket, *size, *vectors)?.spawn();
+                let c = Client::connect(socket)?;
+                let (r, d) = (c.region(), c.doorbell());
+                (Some(s), Some(c), r, d)
+            }
+            Attach::Plain { file, size } => {
+                if let Some(size) = size {
+                    shm::open_or_create_file(file, *size)?;
+                }
+                let r = shm::map_file(file)?;
+                (None, None, r, Arc::new(Polling::new()))
+            }
+        };
+        let endpoint = Endpoint::new(role, region, doorbell, cfg).map_err(HostError::Layout)?;
+        Ok(HostLink {
+            endpoint,
+            client,
+            server,
+        })
+    }
+
+    /// Our ivshmem peer id (`None` in plain mode).
+    pub fn peer_id(&self) -> Option<u16> {
+        self.client.as_ref().map(|c| c.id())
+    }
+
+    /// Whether this process serves the ivshmem protocol itself.
+    pub fn embeds_server(&self) -> bool {
+        self.server.is_some()
+    }
+}
+
+impl std::ops::Deref for HostLink {
+    type Target = Endpoint;
+    fn deref(&self) -> &Endpoint {
+        &self.endpoint
+    }
+}

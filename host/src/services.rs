@@ -1,0 +1,192 @@
+//! Test and bench services a peer offers: echo, sink and source, on fixed ports.
+//!
+//! The demo, the bench, the tests and the e2e suite run these in the "other" process
+//! (a second host process standing in for the guest, or `ivring-guest` in a VM).
+
+use ivring::{Endpoint, Listener, Session};
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+use std::thread;
+
+/// Echoes every byte (or message) back until EOF, then closes.
+pub const PORT_ECHO: u32 = 1;
+/// Reads until EOF, then answers with the byte count and [`StreamHash`] (16 bytes LE).
+pub const PORT_CHECK: u32 = 2;
+/// Reads a 16-byte request (total bytes, seed), writes that many pattern bytes, closes.
+pub const PORT_SOURCE: u32 = 3;
+/// Reads until EOF, then answers with the byte count only (8 bytes LE): no hashing cost.
+pub const PORT_SINK: u32 = 4;
+
+/// A checksum of a byte stream that does not depend on how the stream was split.
+#[derive(Clone, Debug)]
+pub struct StreamHash {
+    h: u64,
+    count: u64,
+    carry: [u8; 8],
+    carried: usize,
+}
+
+impl Default for StreamHash {
+    fn default() -> Self {
+        StreamHash {
+            h: 0x9e37_79b9_7f4a_7c15,
+            count: 0,
+            carry: [0; 8],
+            carried: 0,
+        }
+    }
+}
+
+impl StreamHash {
+    #[inline]
+    fn word(&mut self, w: u64) {
+        self.h = (self.h.rotate_left(23) ^ w).wrapping_mul(0x2127_599b_f432_5c37);
+    }
+
+    /// Adds bytes.
+    pub fn update(&mut self, mut b: &[u8]) {
+        self.count += b.len() as u64;
+        if self.carried > 0 {
+            let n = (8 - self.carried).min(b.len());
+            self.carry[self.carried..self.carried + n].copy_from_slice(&b[..n]);
+            self.carried += n;
+            b = &b[n..];
+            if self.carried < 8 {
+                return;
+            }
+            let w = u64::from_le_bytes(self.carry);
+            self.word(w);
+            self.carried = 0;
+        }
+        let mut chunks = b.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            self.word(w);
+        }
+        let rest = chunks.remainder();
+        self.carry[..rest.len()].copy_from_slice(rest);
+        self.carried = rest.len();
+    }
+
+    /// Bytes seen.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The checksum of everything so far.
+    pub fn finish(&self) -> u64 {
+        let mut h = self.h;
+        for &b in &self.carry[..self.carried] {
+            h = (h.rotate_left(23) ^ b as u64).wrapping_mul(0x2127_599b_f432_5c37);
+        }
+        h ^ self.count
+    }
+}
+
+/// Fills `buf` with the pattern for stream `seed` starting at byte `offset`: every byte
+/// depends on both, so a byte delivered to the wrong session or place shows.
+pub fn pattern(seed: u64, offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let x = offset + i as u64;
+        *b = (x ^ (x >> 8) ^ seed.wrapping_mul(0x9e37_79b9) ^ (seed >> 8)) as u8;
+    }
+}
+
+/// Starts every service on `ep`, each accepted session on its own thread. Returns at once;
+/// the services run until the endpoint is dropped.
+pub fn spawn_all(ep: &Endpoint) -> io::Result<()> {
+    spawn(ep.listen(PORT_ECHO)?, echo)?;
+    spawn(ep.listen(PORT_CHECK)?, |s| sink(s, true))?;
+    spawn(ep.listen(PORT_SOURCE)?, source)?;
+    spawn(ep.listen(PORT_SINK)?, |s| sink(s, false))?;
+    Ok(())
+}
+
+fn spawn(listener: Listener, serve: fn(Session) -> io::Result<()>) -> io::Result<()> {
+    let listener = Arc::new(listener);
+    thread::Builder::new()
+        .name(format!("ivring-svc-{}", listener.port()))
+        .spawn(move || loop {
+            match listener.accept() {
+                Ok(s) => {
+                    let _ = thread::Builder::new()
+                        .name("ivring-session".into())
+                        .spawn(move || serve(s));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+                Err(_) => thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        })?;
+    Ok(())
+}
+
+fn echo(mut s: Session) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        s.write_all(&buf[..n])?;
+    }
+}
+
+fn sink(mut s: Session, hash: bool) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut h = StreamHash::default();
+    let mut count = 0u64;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        count += n as u64;
+        if hash {
+            h.update(&buf[..n]);
+        }
+    }
+    let mut reply = [0u8; 16];
+    reply[..8].copy_from_slice(&count.to_le_bytes());
+    reply[8..].copy_from_slice(&h.finish().to_le_bytes());
+    s.write_all(if hash { &reply } else { &reply[..8] })
+}
+
+fn source(mut s: Session) -> io::Result<()> {
+    let mut req = [0u8; 16];
+    s.read_exact(&mut req)?;
+    let total = u64::from_le_bytes(req[..8].try_into().expect("8 bytes"));
+    let seed = u64::from_le_bytes(req[8..].try_into().expect("8 bytes"));
+    let mut buf = vec![0u8; 256 << 10];
+    let mut off = 0u64;
+    while off < total {
+        let n = (total - off).min(buf.len() as u64) as usize;
+        pattern(seed, off, &mut buf[..n]);
+        s.write_all(&buf[..n])?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_ignores_split() {
+        let mut data = vec![0u8; 1000];
+        pattern(7, 0, &mut data);
+        let mut a = StreamHash::default();
+        a.update(&data);
+        for split in [1, 3, 7, 8, 9, 500] {
+            let mut b = StreamHash::default();
+            for c in data.chunks(split) {
+                b.update(c);
+            }
+            assert_eq!(a.finish(), b.finish());
+        }
+        let mut c = StreamHash::default();
+        data[500] ^= 1;
+        c.update(&data);
+        assert_ne!(a.finish(), c.finish());
+    }
+}

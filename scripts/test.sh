@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs every ivring test: unit, property, two-process, hostile-peer, loom models, the
+# real-VM suite (QEMU booting a Debian guest kernel) and the qemu-ga suite.
+# Installs what it needs from Debian's packages (run as root). Last line: N passed, M failed.
+#
+#   scripts/test.sh            everything
+#   scripts/test.sh --no-vm    skip the QEMU suites
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+vm=1
+for a in "$@"; do
+  case "$a" in
+    --no-vm) vm=0 ;;
+    *) echo "usage: scripts/test.sh [--no-vm]" >&2; exit 2 ;;
+  esac
+done
+
+passed=0
+failed=0
+failures=()
+suite() {
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "=== $name: $*"
+  if "$@"; then
+    passed=$((passed + 1))
+    echo "=== $name: ok ($((SECONDS - t0)) s)"
+  else
+    failed=$((failed + 1))
+    failures+=("$name")
+    echo "=== $name: FAILED ($((SECONDS - t0)) s)"
+  fi
+}
+
+if [ "$vm" = 1 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "the VM suites need root (apt-get, /dev/shm, QEMU): run as root or pass --no-vm" >&2
+    failed=$((failed + 1)); failures+=("vm suites (not root)")
+    vm=0
+  else
+    # QEMU, the guest kernel, busybox and qemu-guest-agent (the qemu-ga tests use it too).
+    suite "e2e setup" bash e2e/setup.sh
+  fi
+fi
+suite "cargo test" cargo test --workspace --release
+suite "loom models" env RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 \
+  cargo test -p ivring --release --lib --target-dir target/loom loom
+if [ "$vm" = 1 ]; then
+  if true; then
+    suite "e2e VM suite" bash e2e/run.sh
+    if [ -f e2e/qga.sh ]; then
+      suite "qemu-ga VM suite" bash e2e/qga.sh
+    fi
+  fi
+fi
+
+[ "$failed" = 0 ] || echo "failed suites: ${failures[*]}"
+echo "suites: $passed passed, $failed failed"
+[ "$failed" = 0 ]
