@@ -468,9 +468,13 @@ impl Link {
             }
         }
         let quarter = self.geom.capacity / 4;
+        // A peer that publishes as fast as we read must not keep us here (holding the
+        // link's lock) for ever: after a ring's worth, stop and let the caller come back.
+        let mut budget = self.geom.capacity;
         loop {
             let rec = match self.rx.next(self.max_payload) {
                 Ok(Some(rec)) => rec,
+                Ok(None) if budget == 0 => break,
                 Ok(None) => {
                     // Caught up with what we saw; look once more before stopping.
                     match self.rx.available() {
@@ -483,6 +487,7 @@ impl Link {
             };
             self.dispatch(&rec.header, rec.payload_at)?;
             self.rx.consume(&rec.header);
+            budget = budget.saturating_sub(frame::record_len(rec.header.len as usize) as u64);
             if self.rx.unreleased() >= quarter && self.rx.release() {
                 self.ring_peer = true;
             }
@@ -512,6 +517,15 @@ impl Link {
                 if held + len as u64 > s.buf_alloc as u64 {
                     let id = h.session;
                     self.reset_session(id, "peer sent past its credit");
+                    return Ok(());
+                }
+                // Empty messages take no credit, so credit alone does not bound the
+                // queue of message lengths: allow as many as one-byte messages could
+                // fill (what an honest peer can already make us hold), no more.
+                let ends_message = s.message && h.flags & FLAG_EOR != 0 && !s.rd_shut;
+                if ends_message && s.msgs.len() >= (s.buf_alloc as usize).max(1) {
+                    let id = h.session;
+                    self.reset_session(id, "peer queued more messages than its credit");
                     return Ok(());
                 }
                 s.received += len as u64;
