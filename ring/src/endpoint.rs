@@ -614,8 +614,10 @@ impl Session {
         })?;
         let mut off = 0;
         loop {
-            // Later fragments may not be abandoned half way: wait without a deadline.
-            let n = sh.wait_for(None, false, |l| {
+            // A message may not be abandoned half way, yet a peer that granted credit
+            // and then stopped reading must not hold us past the deadline: at the
+            // deadline with part of the message sent, the session is reset.
+            let r = sh.wait_for(deadline, false, |l| {
                 if l.gen != gen {
                     return Err(reset_error(l));
                 }
@@ -626,7 +628,19 @@ impl Session {
                         Ok(None)
                     }
                 }
-            })?;
+            });
+            let n = match r {
+                Ok(n) => n,
+                Err(e) => {
+                    let mut link = sh.lock();
+                    if off > 0 && e.kind() == io::ErrorKind::TimedOut && link.gen == gen {
+                        link.reset_session(id, "message write timed out half way");
+                        link.publish();
+                        sh.ring(&mut link);
+                    }
+                    return Err(e);
+                }
+            };
             off += n;
             if off == buf.len() {
                 break;

@@ -631,7 +631,7 @@ impl Link {
     }
 
     /// Resets one session for a protocol violation; the link and other sessions go on.
-    fn reset_session(&mut self, id: u64, why: &str) {
+    pub fn reset_session(&mut self, id: u64, why: &str) {
         if let Some(s) = self.sessions.get_mut(&id) {
             s.state = State::Reset(why.to_string());
             s.rx.clear();

@@ -989,3 +989,118 @@ fn doorbell_flood_does_not_spin_the_keeper() {
         share * 100.0
     );
 }
+
+/// Accepts the victim's first Open on the hostile link with `buf_alloc` of credit.
+fn accept_victim_open(h: &mut Hostile, buf_alloc: u32) -> u64 {
+    let t0 = Instant::now();
+    loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no Open from the victim"
+        );
+        h.follow();
+        h.drain();
+        if let Some(&(id, victim_buf)) = h.victim_opens.first() {
+            let c = CreditArgs {
+                fwd_cnt: 0,
+                buf_alloc,
+            };
+            assert!(h.push(Kind::Accept, 0, id, &c.encode()));
+            h.sessions.insert(
+                id,
+                HostileSess {
+                    sent: 0,
+                    peer_fwd: 0,
+                    buf_alloc: victim_buf,
+                },
+            );
+            h.publish();
+            return id;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Empty messages take no credit: a flood of them must hit a limit, not our memory.
+#[test]
+fn empty_message_flood_is_bounded() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (victim, mut h) = setup(Role::Host);
+    let victim = Arc::new(victim);
+    let v = victim.clone();
+    let conn =
+        thread::spawn(move || v.connect_with(PORT, ivring::SessionOptions { message: true }));
+    let id = accept_victim_open(&mut h, 1 << 20);
+    let mut s = conn.join().unwrap().expect("victim connect");
+    let limit = victim_cfg().buf_size as u64;
+    let mut pushed = 0u64;
+    let t0 = Instant::now();
+    while pushed < 2 * limit + 1000 && t0.elapsed() < Duration::from_secs(20) {
+        h.follow();
+        h.drain();
+        if h.push(Kind::Data, FLAG_EOR, id, &[]) {
+            pushed += 1;
+        } else {
+            h.publish();
+            thread::sleep(Duration::from_micros(100));
+        }
+    }
+    h.publish();
+    assert_eq!(pushed, 2 * limit + 1000, "the victim stopped reading");
+    thread::sleep(Duration::from_millis(100));
+    s.set_read_timeout(Some(Duration::from_millis(100)));
+    // The victim may hand out the empty messages it kept, then must fail the session.
+    let mut buf = [0u8; 16];
+    let mut empties = 0u64;
+    let e = loop {
+        match s.read(&mut buf) {
+            Ok(0) => empties += 1,
+            Ok(n) => panic!("{n} bytes from empty messages"),
+            Err(e) => break e,
+        }
+        assert!(
+            empties <= limit,
+            "more than {limit} empty messages were kept"
+        );
+    };
+    assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+}
+
+/// A peer that grants credit but stops reading the ring must not hang a message write
+/// that has a timeout.
+#[test]
+fn message_write_times_out_when_the_peer_stops_reading() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (victim, mut h) = setup(Role::Guest);
+    let victim = Arc::new(victim);
+    let v = victim.clone();
+    let conn =
+        thread::spawn(move || v.connect_with(PORT, ivring::SessionOptions { message: true }));
+    let _id = accept_victim_open(&mut h, 1 << 24);
+    let mut s = conn.join().unwrap().expect("victim connect");
+    s.set_write_timeout(Some(Duration::from_millis(200)));
+    // Larger than the ring: it cannot all go in while nobody reads.
+    let msg = vec![0xa5u8; 4 * HOSTILE_REGION];
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let r = s.write(&msg).map_err(|e| e.kind());
+        let _ = tx.send(r);
+    });
+    // Keep the heartbeat going (a silent peer would be reset anyway) but never read.
+    let t0 = Instant::now();
+    let r = loop {
+        h.follow();
+        if let Ok(r) = rx.try_recv() {
+            break r;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "a message write with a 200 ms timeout still blocks after 5 s"
+        );
+        thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(r, Err(ErrorKind::TimedOut));
+    // The half-written message cannot be taken back: the session is reset.
+    let st = victim.stats();
+    assert!(st.session_resets >= 1, "{st:?}");
+}
