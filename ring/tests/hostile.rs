@@ -445,7 +445,9 @@ fn use_victim_session(mut s: Session, out: &Outcomes, rng: &mut Rng) {
     s.set_read_timeout(Some(Duration::from_millis(50)));
     s.set_write_timeout(Some(Duration::from_millis(50)));
     let mut pos = 0u64;
-    let mut buf = [0u8; 4096];
+    // Larger than any message the victim can hold (its buf_size), so none is truncated
+    // (a truncated message drops its tail by design, which would skew the byte check).
+    let mut buf = vec![0u8; 2 * victim_cfg().buf_size as usize];
     for _ in 0..4 {
         if rng.chance(2) {
             match s.write_all(&[0x55; 100]) {
@@ -611,15 +613,25 @@ fn hostile_round(h: &mut Hostile, rng: &mut Rng) {
         }
         // Unknown kinds, reserved bits, huge and wrapping lengths, bad flags.
         8 => {
+            // Always invalid by construction: a header that happened to be valid would
+            // make the victim skip the peer's later frames, which the byte checks would
+            // (rightly) report as the peer's doing, not the transport's.
             let mut hb = [0u8; HEADER_LEN];
-            hb[0] = rng.next() as u8;
-            hb[1] = if rng.chance(2) { 0 } else { rng.next() as u8 };
             let len: u32 = match rng.below(4) {
                 0 => u32::MAX,
                 1 => u32::MAX - 15,
                 2 => (cap as u32).wrapping_mul(3),
-                _ => rng.next() as u32,
+                _ => rng.next() as u32 | 1 << 20,
             };
+            match rng.below(3) {
+                0 => hb[0] = 9 + rng.below(247) as u8,
+                1 => {
+                    hb[0] = rng.below(9) as u8;
+                    hb[2 + rng.below(2) as usize] = 1 + rng.below(255) as u8;
+                }
+                _ => hb[0] = Kind::Data as u8,
+            }
+            hb[1] = if rng.chance(2) { 0 } else { rng.next() as u8 };
             hb[4..8].copy_from_slice(&len.to_le_bytes());
             hb[8..16].copy_from_slice(&rng.next().to_le_bytes());
             h.push_raw(&hb, &[]);
@@ -640,8 +652,13 @@ fn hostile_round(h: &mut Hostile, rng: &mut Rng) {
                     len,
                     session: 0,
                 };
+                // The bytes skipped are zeroed, not left stale: a stale frame read back
+                // would be a replay by the peer, not an error of the transport.
+                let skip = to_end.min(cap / 2).max(HEADER_LEN as u64) & !15;
+                h.region
+                    .write(h.tx_ring + off as usize, &vec![0; skip as usize]);
                 h.region.write(h.tx_ring + off as usize, &h_.encode());
-                h.head += to_end.min(cap / 2).max(HEADER_LEN as u64) & !15;
+                h.head += skip;
             }
         }
         // Indices: beyond capacity, unaligned, backwards.
