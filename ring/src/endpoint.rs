@@ -337,6 +337,9 @@ fn keeper(sh: Arc<Shared>) {
     const POLL_MIN: Duration = Duration::from_micros(20);
     const POLL_MAX: Duration = Duration::from_millis(1);
     let mut poll = POLL_MIN;
+    // Early wakeups in a row that found nothing to do (a doorbell flood).
+    let mut early_idle = 0u32;
+    let mut woke_early = false;
     while !sh.stop.load(StdOrdering::SeqCst) {
         let now = Instant::now();
         let mut link = sh.lock();
@@ -392,8 +395,23 @@ fn keeper(sh: Arc<Shared>) {
         };
         sh.ring(&mut link);
         drop(link);
+        // Doorbells are hints: a peer ringing with nothing to read must not make us spin.
+        // After a run of early wakeups that found nothing, pause before listening again
+        // (rings coalesce, so none is lost; new data is at most 1 ms late meanwhile).
+        early_idle = if woke_early && !changed {
+            early_idle.saturating_add(1)
+        } else {
+            0
+        };
         if sleep {
+            if early_idle > 64 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let t = Instant::now();
             sh.doorbell.wait(Some(timeout));
+            woke_early = can_wait && t.elapsed() < timeout / 2;
+        } else {
+            woke_early = false;
         }
     }
 }
@@ -629,8 +647,10 @@ impl Session {
         })?;
         let mut off = 0;
         loop {
-            // Later fragments may not be abandoned half way: wait without a deadline.
-            let n = sh.wait_for(None, false, |l| {
+            // A message may not be abandoned half way, yet a peer that granted credit
+            // and then stopped reading must not hold us past the deadline: at the
+            // deadline with part of the message sent, the session is reset.
+            let r = sh.wait_for(deadline, false, |l| {
                 if l.gen != gen {
                     return Err(reset_error(l));
                 }
@@ -641,7 +661,19 @@ impl Session {
                         Ok(None)
                     }
                 }
-            })?;
+            });
+            let n = match r {
+                Ok(n) => n,
+                Err(e) => {
+                    let mut link = sh.lock();
+                    if off > 0 && e.kind() == io::ErrorKind::TimedOut && link.gen == gen {
+                        link.reset_session(id, "message write timed out half way");
+                        link.publish();
+                        sh.ring(&mut link);
+                    }
+                    return Err(e);
+                }
+            };
             off += n;
             if off == buf.len() {
                 break;

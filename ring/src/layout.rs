@@ -43,7 +43,7 @@ pub const GUEST_BLOCK: usize = 8 * LINE;
 
 /// Word offsets inside a side block. Every word is written only by the side that owns the
 /// block, and read by both.
-pub(crate) mod side {
+pub mod side {
     use super::LINE;
     /// Line 0: who is attached.
     /// The owner's epoch: bumped at every attach and every local reset; 0 = never attached.

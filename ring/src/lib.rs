@@ -12,6 +12,9 @@ mod config;
 pub mod doorbell;
 mod endpoint;
 pub mod frame;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layout;
 mod link;
 pub mod region;

@@ -482,9 +482,13 @@ impl Link {
             }
         }
         let quarter = self.geom.capacity / 4;
+        // A peer that publishes as fast as we read must not keep us here (holding the
+        // link's lock) for ever: after a ring's worth, stop and let the caller come back.
+        let mut budget = self.geom.capacity;
         loop {
             let rec = match self.rx.next(self.max_payload) {
                 Ok(Some(rec)) => rec,
+                Ok(None) if budget == 0 => break,
                 Ok(None) => {
                     // Caught up with what we saw; look once more before stopping.
                     match self.rx.available() {
@@ -497,6 +501,7 @@ impl Link {
             };
             self.dispatch(&rec.header, rec.payload_at)?;
             self.rx.consume(&rec.header);
+            budget = budget.saturating_sub(frame::record_len(rec.header.len as usize) as u64);
             if self.rx.unreleased() >= quarter && self.rx.release() {
                 self.ring_peer = true;
             }
@@ -538,6 +543,15 @@ impl Link {
                 if held + len as u64 > s.buf_alloc as u64 {
                     let id = h.session;
                     self.reset_session(id, "peer sent past its credit");
+                    return Ok(());
+                }
+                // Empty messages take no credit, so credit alone does not bound the
+                // queue of message lengths: allow as many as one-byte messages could
+                // fill (what an honest peer can already make us hold), no more.
+                let ends_message = s.message && h.flags & FLAG_EOR != 0 && !s.rd_shut;
+                if ends_message && s.msgs.len() >= (s.buf_alloc as usize).max(1) {
+                    let id = h.session;
+                    self.reset_session(id, "peer queued more messages than its credit");
                     return Ok(());
                 }
                 s.received += len as u64;
@@ -643,7 +657,7 @@ impl Link {
     }
 
     /// Resets one session for a protocol violation; the link and other sessions go on.
-    fn reset_session(&mut self, id: u64, why: &str) {
+    pub fn reset_session(&mut self, id: u64, why: &str) {
         if let Some(s) = self.sessions.get_mut(&id) {
             s.state = State::Reset(why.to_string());
             s.rx.clear();
@@ -883,6 +897,36 @@ impl Link {
         self.send_ctrl(Kind::Shutdown, id, None)
             .map_err(|f| self.fault_to_io(f))?;
         Ok(())
+    }
+}
+
+#[cfg(feature = "fuzzing")]
+impl Link {
+    /// Panics if the peer has made us hold more than the limits allow (fuzzing only).
+    pub fn check_bounds(&self) {
+        assert!(
+            self.sessions.len() <= self.cfg.max_sessions,
+            "too many sessions"
+        );
+        assert!(
+            self.pending.len() <= MAX_PENDING_CONTROL,
+            "too many control frames"
+        );
+        for l in self.listeners.values() {
+            assert!(
+                l.backlog.len() <= self.cfg.backlog,
+                "backlog over its limit"
+            );
+        }
+        for s in self.sessions.values() {
+            let cap = s.buf_alloc as usize;
+            assert!(s.rx.len() <= 2 * cap + 8192, "receive buffer over credit");
+            assert!(s.msgs.len() <= cap + 1, "message queue over credit");
+            assert!(
+                s.received - s.fwd_cnt <= cap as u64,
+                "held bytes over credit"
+            );
+        }
     }
 }
 

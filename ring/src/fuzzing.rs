@@ -1,0 +1,248 @@
+//! A deterministic, single-threaded harness over the receive path, for coverage-guided
+//! fuzzing (`fuzz/` at the workspace root; docs/FUZZING.md). Built only with the
+//! `fuzzing` feature; not a stable API.
+//!
+//! The fuzz bytes play a hostile peer: they write the peer's side block (epoch, ack,
+//! indices) and its ring contents, and between their writes the victim [`Link`] pumps,
+//! flushes, opens, reads and writes as the keeper and sessions would. Every fault is
+//! handled the way the endpoint handles it (a local reset), after which the peer may
+//! shake hands again. Bounds on the victim's memory are asserted after every step.
+
+use crate::config::Config;
+use crate::frame::{record_len, Header, Kind, HEADER_LEN};
+use crate::layout::{side, Geometry, Role};
+use crate::link::Link;
+use crate::region::SharedRegion;
+use crate::sync::Ordering;
+use std::time::{Duration, Instant};
+
+/// Region size for the harness: the smallest ivring accepts, so the ring wraps often.
+const REGION: usize = 64 << 10;
+const MAX_SESSIONS: usize = 8;
+const BACKLOG: usize = 4;
+const BUF: u32 = 4096;
+const PORT: u32 = 7;
+
+struct Input<'a>(&'a [u8]);
+
+impl Input<'_> {
+    fn bytes(&mut self, n: usize) -> &[u8] {
+        let n = n.min(self.0.len());
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        a
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.bytes(1).first().copied()
+    }
+    fn u16(&mut self) -> u16 {
+        let b = self.bytes(2);
+        b.iter().rev().fold(0, |a, &x| a << 8 | x as u16)
+    }
+    fn u32(&mut self) -> u32 {
+        let b = self.bytes(4);
+        b.iter().rev().fold(0, |a, &x| a << 8 | x as u32)
+    }
+    fn u64(&mut self) -> u64 {
+        let b = self.bytes(8);
+        b.iter().rev().fold(0, |a, &x| a << 8 | x as u64)
+    }
+}
+
+/// Runs one fuzz input against a victim link. Panics only on a bug in this crate.
+#[doc(hidden)]
+pub fn fuzz_pump(data: &[u8]) {
+    let mut input = Input(data);
+    // The first byte picks the victim's role.
+    let role = match input.u8() {
+        Some(b) if b & 1 == 1 => Role::Guest,
+        _ => Role::Host,
+    };
+    let region = SharedRegion::heap(REGION);
+    let geom = Geometry::for_size(REGION).expect("fuzz region size");
+    if role == Role::Guest {
+        geom.write_header(&region);
+    }
+    let cfg = Config {
+        heartbeat: Duration::from_secs(3600),
+        peer_timeout: Duration::from_secs(3600),
+        buf_size: BUF,
+        max_sessions: MAX_SESSIONS,
+        backlog: BACKLOG,
+        ..Config::default()
+    };
+    let mut link = Link::new(role, region.clone(), geom, cfg);
+    link.listeners.insert(PORT, Default::default());
+    link.attach(Some(0));
+    let peer_block = role.peer_block();
+    let own_block = role.own_block();
+    let ring = geom.rx_offset(role);
+    let cap = geom.capacity;
+    let w = |word: usize, v: u64| region.store_u64(peer_block + word, v, Ordering::Release);
+    // The peer's own writes stay inside the ring, wherever its (maybe bogus) head points.
+    let put = |off: u64, bytes: &[u8]| {
+        let off = off % cap;
+        let n = (bytes.len() as u64).min(cap - off) as usize;
+        region.write(ring + off as usize, &bytes[..n]);
+    };
+    let victim_epoch = || region.load_u64(own_block + side::EPOCH, Ordering::Acquire);
+    // The peer's state: its epoch and its write index into the victim's ring.
+    let mut epoch = 1u64;
+    let mut head = 0u64;
+    let handshake = |epoch: u64| {
+        w(side::EPOCH, epoch);
+        w(side::PEER_ID, crate::layout::PEER_ID_VALID | 1);
+        w(side::ACK, victim_epoch());
+    };
+    handshake(epoch);
+    let now = Instant::now();
+    let step = |link: &mut Link, r: Result<bool, crate::link::Fault>| {
+        if let Err(f) = r {
+            if !f.0.is_empty() {
+                link.local_reset(f.0, Some(0));
+            }
+        }
+    };
+    link.check_peer(now);
+    let mut sessions: Vec<u64> = Vec::new();
+    let mut buf = vec![0u8; 2 * BUF as usize];
+    while let Some(op) = input.u8() {
+        match op % 12 {
+            // Raw bytes anywhere in the victim's receive ring.
+            0 => {
+                let off = input.u16() as u64 % cap;
+                let n = input.u8().unwrap_or(0) as u64;
+                let bytes = input.bytes(n as usize).to_vec();
+                put(off, &bytes);
+            }
+            // A well-formed-looking frame at the peer's head, then publish it.
+            1 => {
+                let kind = input.u8().unwrap_or(0) % 10;
+                let flags = input.u8().unwrap_or(0) & 3;
+                let len = match input.u8().unwrap_or(0) {
+                    x @ 0..=200 => x as u32,
+                    201..=250 => 16,
+                    _ => input.u32(),
+                };
+                let session = input.u64() % 32;
+                let off = head % cap;
+                let to_end = cap - off;
+                let rec = record_len((len as usize).min(1 << 20)) as u64;
+                if rec > to_end && to_end >= HEADER_LEN as u64 {
+                    let pad = Header {
+                        kind: Kind::Pad,
+                        flags: 0,
+                        len: (to_end - HEADER_LEN as u64) as u32,
+                        session: 0,
+                    };
+                    put(off, &pad.encode());
+                    head += to_end;
+                }
+                let off = head % cap;
+                let mut hb = [0u8; HEADER_LEN];
+                hb[0] = kind;
+                hb[1] = flags;
+                hb[4..8].copy_from_slice(&len.to_le_bytes());
+                hb[8..16].copy_from_slice(&session.to_le_bytes());
+                put(off, &hb);
+                let payload = input.bytes((len as usize).min(64)).to_vec();
+                put(off + HEADER_LEN as u64, &payload);
+                head += rec.min(cap);
+                w(side::TX_HEAD, head);
+            }
+            // Any head at all, relative to the last one or absolute.
+            2 => {
+                let v = input.u64();
+                head = if v & 1 == 0 {
+                    head.wrapping_add(v >> 1 & 0xffff)
+                } else {
+                    v >> 1
+                };
+                w(side::TX_HEAD, head);
+            }
+            // The victim reads the ring.
+            3 => {
+                let r = link.pump();
+                step(&mut link, r);
+                let r = link.flush().map(|_| true);
+                step(&mut link, r);
+            }
+            // Any word in the peer's side block.
+            4 => {
+                let word = (input.u8().unwrap_or(0) as usize % 64) * 8;
+                let v = input.u64();
+                region.store_u64(peer_block + word, v, Ordering::Relaxed);
+            }
+            // The peer restarts (or re-acknowledges) and the victim follows.
+            5 => {
+                if input.u8().unwrap_or(0) & 1 == 1 {
+                    epoch += 1;
+                    head = 0;
+                    w(side::TX_HEAD, 0);
+                    w(side::RX_TAIL, 0);
+                }
+                handshake(epoch);
+                link.check_peer(now);
+            }
+            // The victim opens a session.
+            6 => {
+                if link.up {
+                    if let Ok(id) = link.open(input.u8().unwrap_or(0) as u32 % 4 + 6, false) {
+                        sessions.push(id);
+                    }
+                }
+            }
+            // The victim reads from a session (this may send Credit).
+            7 => {
+                let ids: Vec<u64> = link.sessions.keys().copied().collect();
+                if let Some(&id) = ids.get(input.u8().unwrap_or(0) as usize % ids.len().max(1)) {
+                    let n = input.u16() as usize % buf.len() + 1;
+                    let _ = link.read(id, &mut buf[..n]);
+                }
+            }
+            // The victim writes to a session (credit-checked), then publishes.
+            8 => {
+                let ids: Vec<u64> = link.sessions.keys().copied().collect();
+                if let Some(&id) = ids.get(input.u8().unwrap_or(0) as usize % ids.len().max(1)) {
+                    let n = input.u16() as usize % buf.len();
+                    let _ = link.write_frame(id, &buf[..n], false, true);
+                    link.publish();
+                }
+            }
+            // The victim closes, shuts down or accepts a session.
+            9 => {
+                let ids: Vec<u64> = link.sessions.keys().copied().collect();
+                if let Some(&id) = ids.get(input.u8().unwrap_or(0) as usize % ids.len().max(1)) {
+                    match input.u8().unwrap_or(0) % 3 {
+                        0 => link.close(id),
+                        1 => {
+                            let _ = link.shutdown_write(id);
+                        }
+                        _ => {
+                            if let Some(l) = link.listeners.get_mut(&PORT) {
+                                l.backlog.pop_front();
+                            }
+                        }
+                    }
+                }
+            }
+            // The victim arms its wakeup and space posts (the keeper's sleep path).
+            10 => {
+                let r = link.arm_wakeup();
+                step(&mut link, r);
+                if link.has_pending() {
+                    let r = link.arm_pending_space();
+                    step(&mut link, r);
+                }
+                link.disarm_wakeup();
+            }
+            // The victim's keeper follows the peer.
+            _ => {
+                link.check_peer(now);
+                let r = link.beat(now, Some(true)).map(|_| true);
+                step(&mut link, r);
+            }
+        }
+        link.check_bounds();
+    }
+}
