@@ -25,6 +25,7 @@
 #![deny(missing_docs)]
 
 pub mod attach;
+pub mod checks;
 pub mod client;
 pub mod demo;
 pub mod error;
