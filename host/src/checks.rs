@@ -12,7 +12,6 @@ use ivring::{Endpoint, Role, Session, SharedRegion};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Port on which each side of an [`exchange`] hears that the other side has finished.
@@ -166,6 +165,11 @@ pub struct ExchangeOptions {
     pub timeout: Duration,
     /// Wait for the other side's checks (over [`PORT_DONE`]) before returning.
     pub wait_peer: bool,
+    /// Our side of the link (the guest says "done" first).
+    pub role: Role,
+    /// Readers block at once ([`ivring::WaitMode::Block`]): check that the doorbell wakes
+    /// them well within the heartbeat.
+    pub block: bool,
     /// The heartbeat period, printed beside the latency as the time a blocked reader waits
     /// when no doorbell wakes it.
     pub heartbeat: Duration,
@@ -175,20 +179,12 @@ pub struct ExchangeOptions {
 /// `ConnectionRefused`, several sessions at once, a latency figure. The caller runs
 /// [`services::spawn_all`] on `ep` first, so the peer can run its own checks meanwhile.
 pub fn exchange(ep: &Endpoint, opts: &ExchangeOptions, r: &mut Report) -> Result<()> {
-    // Hear the peer's "done" while we run (its sessions come whenever it finishes).
-    let (done_tx, done_rx) = mpsc::channel::<String>();
-    let done = ep.listen(PORT_DONE)?;
-    std::thread::Builder::new()
-        .name("ivring-done".into())
-        .spawn(move || {
-            while let Ok(mut s) = done.accept() {
-                let mut msg = String::new();
-                if s.read_to_string(&mut msg).is_ok() {
-                    let _ = done_tx.send(msg);
-                }
-            }
-        })?;
-
+    // The guest side says "done" first, on a session to the host's PORT_DONE (listening
+    // from the start, so the guest may finish first).
+    let done = match opts.role {
+        Role::Host => Some(ep.listen(PORT_DONE)?),
+        Role::Guest => None,
+    };
     let t0 = Instant::now();
     if r.record(
         "link-up",
@@ -273,10 +269,12 @@ pub fn exchange(ep: &Endpoint, opts: &ExchangeOptions, r: &mut Report) -> Result
         }),
     );
 
+    let mut p50 = 0;
     if opts.latency_secs > 0.0 {
         r.record(
             "latency",
             round_trips(ep, 64, opts.latency_secs).map(|rtts| {
+                p50 = pct(&rtts, 50.0);
                 out(format_args!(
                     "INFO latency 64 B round trip x{}: p50 {:.3} ms p99 {:.3} ms (a reader no doorbell wakes waits up to the {} ms heartbeat)",
                     rtts.len(),
@@ -286,32 +284,54 @@ pub fn exchange(ep: &Endpoint, opts: &ExchangeOptions, r: &mut Report) -> Result
                 ))
             }),
         );
+        if opts.block {
+            // Our readers sleep at once; only the keeper, woken by the doorbell or its
+            // heartbeat tick, wakes them. A loose bound: a quarter of the tick.
+            let bound = opts.heartbeat / 4;
+            r.record(
+                "blocked-reader-woken",
+                if p50 > 0 && Duration::from_nanos(p50) < bound {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!(
+                        "round trip p50 {:?} not below {bound:?}: is the doorbell waking us?",
+                        Duration::from_nanos(p50)
+                    ))
+                },
+            );
+        }
     }
 
-    // Tell the peer we are done; wait for its own "done" if asked.
-    let summary = format!("{} passed, {} failed", r.passed, r.failed);
-    r.record(
-        "done-sent",
-        (|| {
-            let mut s = ep.connect(PORT_DONE)?;
+    // Summaries both ways over one session: the guest writes its own and reads the
+    // host's, then leaves; the host, after writing its own, stays until the guest has left,
+    // since leaving resets every session, even one whose last bytes are still in the ring.
+    if opts.wait_peer {
+        let summary = format!("{} passed, {} failed", r.passed, r.failed);
+        let mut peer = String::new();
+        let res = (|| {
+            let mut s = match &done {
+                Some(l) => l.accept_timeout(opts.timeout)?,
+                None => ep.connect(PORT_DONE)?,
+            };
+            s.set_read_timeout(Some(opts.timeout));
+            if done.is_some() {
+                s.read_to_string(&mut peer)?;
+            }
             s.write_all(summary.as_bytes())?;
             s.shutdown(Shutdown::Write)?;
-            // Wait for the peer to have read it (it closes), so our exit cannot lose it.
-            s.set_read_timeout(Some(opts.timeout));
-            match s.read(&mut [0u8; 16])? {
-                0 => Ok(()),
-                n => bail!("{n} unexpected bytes on the done session"),
+            if done.is_none() {
+                s.read_to_string(&mut peer)?;
             }
-        })(),
-    );
-    if opts.wait_peer {
+            Ok(())
+        })();
         r.record(
             "peer-done",
-            done_rx
-                .recv_timeout(opts.timeout)
-                .map(|m| out(format_args!("INFO peer says: {m}")))
-                .context("the peer did not finish its checks"),
+            res.map(|()| out(format_args!("INFO peer says: {peer}"))),
         );
+        let t = Instant::now();
+        while done.is_some() && ep.is_up() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     r.result()
 }
@@ -526,6 +546,8 @@ pub fn run(
                 latency_secs: args.latency,
                 timeout,
                 wait_peer: !args.no_wait_peer,
+                role,
+                block: args.block,
                 heartbeat: args.config().heartbeat,
             },
             &mut r,
