@@ -140,13 +140,17 @@ start_host_server() {
     wait_for_file "$2" 10 || { e2e_fail "$1/listens" "no socket: $(cat "$E2E_TMP/$1.log")"; return 1; }
 }
 
-# wait_helper NAME TIMEOUT: waits for helper NAME to exit by itself; its exit status
-# (124 when it had to be stopped).
+# wait_helper NAME TIMEOUT [VM]: waits for helper NAME to exit by itself; its exit status
+# (124 when it had to be stopped). With VM: gives up 10 s after that VM has stopped.
 wait_helper() {
-    local f=$E2E_TMP/pids/$1.pid pid i rc=0
+    local f=$E2E_TMP/pids/$1.pid pid i rc=0 vmf=${3:+$E2E_TMP/vm/$3.pid} grace=100
     [ -e "$f" ] || return 0
     pid=$(cat "$f")
-    for ((i = 0; i < $2 * 10; i++)); do _alive "$pid" || break; sleep 0.1; done
+    for ((i = 0; i < $2 * 10 && grace > 0; i++)); do
+        _alive "$pid" || break
+        if [ -n "$vmf" ] && ! { [ -e "$vmf" ] && _alive "$(cat "$vmf")"; }; then grace=$((grace - 1)); fi
+        sleep 0.1
+    done
     if _alive "$pid"; then e2e_stop "$1"; return 124; fi
     wait "$pid" || rc=$?
     rm -f "$f"
@@ -169,7 +173,7 @@ case_ivring_doorbell() {
     e2e_spawn ivd-host "$HOST_BIN" check --join "$sock" --timeout 120
     ivring_initrd "$initrd"
     boot_vm ivd doorbell "$initrd" --sock "$sock" -- e2e.vfio=1 e2e.args=check,--block >/dev/null
-    if wait_vm ivd 240; then e2e_pass ivd/poweroff; else e2e_fail ivd/poweroff timeout; fi
+    if wait_vm ivd 150; then e2e_pass ivd/poweroff; else e2e_fail ivd/poweroff timeout; fi
     collect_results ivd vfio-modules probe probe-interrupts probe-header "${EXCHANGE[@]}" blocked-reader-woken guest-run msix-delivered
     wait_helper ivd-host 30 || rc=$?
     collect_file ivd-host "$E2E_TMP/ivd-host.log" "${EXCHANGE[@]}"
@@ -187,7 +191,7 @@ case_ivring_plain() {
     e2e_spawn ivp-host "$HOST_BIN" check --plain "$shm" --timeout 120
     ivring_initrd "$initrd"
     boot_vm ivp plain "$initrd" --shm "$shm" --size "$SIZE" -- e2e.vfio=0 e2e.args=check >/dev/null
-    if wait_vm ivp 240; then e2e_pass ivp/poweroff; else e2e_fail ivp/poweroff timeout; fi
+    if wait_vm ivp 150; then e2e_pass ivp/poweroff; else e2e_fail ivp/poweroff timeout; fi
     collect_results ivp probe probe-polling probe-header "${EXCHANGE[@]}" guest-run
     wait_helper ivp-host 30 || rc=$?
     collect_file ivp-host "$E2E_TMP/ivp-host.log" "${EXCHANGE[@]}"
@@ -205,7 +209,7 @@ case_ivring_host_restart() {
     e2e_spawn ivh-host1 "$HOST_BIN" peer --role host --join "$sock"
     ivring_initrd "$initrd"
     boot_vm ivh doorbell "$initrd" --sock "$sock" -- e2e.vfio=1 e2e.args=check,--scenario,peer-restart >/dev/null
-    if wait_for_line "$(vm_serial ivh)" '^READY peer-restart' 180; then
+    if wait_for_line "$(vm_serial ivh)" '^READY peer-restart' 120 ivh; then
         kill -KILL "$(cat "$E2E_TMP/pids/ivh-host1.pid")"; e2e_stop ivh-host1
         e2e_pass ivh/host-killed
         sleep 1
@@ -213,7 +217,7 @@ case_ivring_host_restart() {
     else
         e2e_fail ivh/host-killed "the guest never said READY"
     fi
-    if wait_vm ivh 180; then e2e_pass ivh/poweroff; else e2e_fail ivh/poweroff timeout; fi
+    if wait_vm ivh 120; then e2e_pass ivh/poweroff; else e2e_fail ivh/poweroff timeout; fi
     collect_results ivh probe probe-interrupts probe-header "${RESTART[@]}" guest-run msix-delivered
     show_info ivh "$(vm_serial ivh)"
     e2e_stop ivh-host2; e2e_stop ivh-server
@@ -226,16 +230,16 @@ case_ivring_guest_reboot() {
     need_bins ivring_guest_reboot || return 0
     local sock=$E2E_TMP/ivg.sock initrd=$E2E_TMP/ivring.cpio.gz rc=0 boot
     start_host_server ivg-server "$sock" || return 0
-    e2e_spawn ivg-host "$HOST_BIN" check --join "$sock" --scenario peer-restart --timeout 180
+    e2e_spawn ivg-host "$HOST_BIN" check --join "$sock" --scenario peer-restart --timeout 120
     ivring_initrd "$initrd"
     boot_vm ivg1 doorbell "$initrd" --sock "$sock" -- e2e.vfio=1 e2e.args=serve >/dev/null
-    if wait_for_line "$E2E_TMP/ivg-host.log" '^READY peer-restart' 180; then
+    if wait_for_line "$E2E_TMP/ivg-host.log" '^READY peer-restart' 120 ivg1; then
         kill_vm ivg1; e2e_pass ivg/first-guest-killed
     else
         e2e_fail ivg/first-guest-killed "the host never said READY"; kill_vm ivg1
     fi
     boot_vm ivg2 doorbell "$initrd" --sock "$sock" -- e2e.vfio=1 e2e.args=serve >/dev/null
-    wait_helper ivg-host 180 || rc=$?
+    wait_helper ivg-host 150 ivg2 || rc=$?
     kill_vm ivg2
     for boot in ivg1 ivg2; do
         if grep -aq 'ivring-guest: serving ports 1-4; .*interrupts: MSI-X through VFIO' "$(vm_serial $boot)"; then
@@ -261,7 +265,7 @@ case_ivring_bench() {
     e2e_spawn ivb-host "$HOST_BIN" peer --role host --join "$sock"
     ivring_initrd "$initrd"
     boot_vm ivb doorbell "$initrd" --sock "$sock" -- e2e.vfio=1 e2e.args=check,--scenario,bench,--seconds,2 >/dev/null
-    if wait_vm ivb 180; then e2e_pass ivb/poweroff; else e2e_fail ivb/poweroff timeout; fi
+    if wait_vm ivb 120; then e2e_pass ivb/poweroff; else e2e_fail ivb/poweroff timeout; fi
     collect_results ivb probe probe-interrupts bench guest-run msix-delivered
     show_info ivb "$(vm_serial ivb)"
     e2e_stop ivb-host; e2e_stop ivb-server
