@@ -132,7 +132,7 @@ fn main() {
         Cmd::Check { attach, args } => check(&attach, &args),
     };
     if let Err(e) = r {
-        eprintln!("ivring-guest: error: {e:#}");
+        eprintln!("ivring-guest: error: {}", ivring_host::error::one_line(&e));
         std::process::exit(1);
     }
 }

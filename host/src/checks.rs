@@ -481,11 +481,11 @@ pub fn bench(ep: &Endpoint, seconds: f64, timeout: Duration, r: &mut Report) -> 
 /// What to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
-    /// [`exchange`].
+    /// Data both ways with checksums, EOF, BrokenPipe, ConnectionRefused, latency.
     Exchange,
-    /// [`peer_restart`].
+    /// The peer is restarted meanwhile (say `READY peer-restart`, then expect resets).
     PeerRestart,
-    /// [`bench`].
+    /// Throughput to the peer's sink and latency through its echo.
     Bench,
 }
 

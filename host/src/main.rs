@@ -114,7 +114,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("ivring-host: error: {e:#}");
+        eprintln!("ivring-host: error: {}", ivring_host::error::one_line(&e));
         std::process::exit(1);
     }
 }
