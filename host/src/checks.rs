@@ -83,6 +83,21 @@ fn expect_kind<T: std::fmt::Debug>(r: io::Result<T>, kind: ErrorKind) -> Result<
     }
 }
 
+/// Waits until the peer's services listen: a peer's link comes up a moment before it
+/// starts listening, and an open in between is refused.
+fn wait_services(ep: &Endpoint, timeout: Duration) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        match ep.connect(services::PORT_ECHO) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused && t.elapsed() < timeout => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => return Err(e).context("the peer's echo service"),
+        }
+    }
+}
+
 /// Echo: `bytes` of the pattern for `seed` in 64 KiB round trips, compared byte for byte.
 fn echo_data(s: &mut Session, bytes: u64, seed: u64) -> Result<()> {
     let mut out = vec![0u8; 64 << 10];
@@ -189,7 +204,7 @@ pub fn exchange(ep: &Endpoint, opts: &ExchangeOptions, r: &mut Report) -> Result
     if r.record(
         "link-up",
         if ep.wait_up(opts.timeout) {
-            Ok(())
+            wait_services(ep, opts.timeout)
         } else {
             Err(anyhow::anyhow!("no peer within {:?}", opts.timeout))
         },
@@ -303,8 +318,7 @@ pub fn exchange(ep: &Endpoint, opts: &ExchangeOptions, r: &mut Report) -> Result
     }
 
     // Summaries both ways over one session: the guest writes its own and reads the
-    // host's, then leaves; the host, after writing its own, stays until the guest has left,
-    // since leaving resets every session, even one whose last bytes are still in the ring.
+    // host's; each side leaves right after, which must not lose the other's last bytes.
     if opts.wait_peer {
         let summary = format!("{} passed, {} failed", r.passed, r.failed);
         let mut peer = String::new();
@@ -328,10 +342,6 @@ pub fn exchange(ep: &Endpoint, opts: &ExchangeOptions, r: &mut Report) -> Result
             "peer-done",
             res.map(|()| out(format_args!("INFO peer says: {peer}"))),
         );
-        let t = Instant::now();
-        while done.is_some() && ep.is_up() && t.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
     r.result()
 }
@@ -354,6 +364,7 @@ pub fn peer_restart(
             if !up {
                 bail!("no peer within {timeout:?}");
             }
+            wait_services(ep, timeout)?;
             let mut s = ep.connect(services::PORT_ECHO)?;
             echo_data(&mut s, 4096, 0xdead)?;
             // Old bytes still on their way: an echo we do not read, and a checked stream we
@@ -401,14 +412,16 @@ pub fn peer_restart(
     drop(old);
 
     let up = ep.wait_up(timeout);
-    r.record(
-        "new-peer-up",
-        if up {
-            Ok(())
-        } else {
-            Err(anyhow::anyhow!("no new peer within {timeout:?}"))
-        },
-    );
+    let up = r
+        .record(
+            "new-peer-up",
+            if up {
+                wait_services(ep, timeout)
+            } else {
+                Err(anyhow::anyhow!("no new peer within {timeout:?}"))
+            },
+        )
+        .is_some();
     if !up {
         return r.result();
     }
@@ -452,8 +465,8 @@ pub fn peer_restart(
 
 /// Throughput to the peer's sink and round-trip latency through its echo, printed.
 pub fn bench(ep: &Endpoint, seconds: f64, timeout: Duration, r: &mut Report) -> Result<()> {
-    if !ep.wait_up(timeout) {
-        r.record::<()>("bench-link-up", Err(anyhow::anyhow!("no peer")));
+    if !ep.wait_up(timeout) || wait_services(ep, timeout).is_err() {
+        r.record::<()>("bench-link-up", Err(anyhow::anyhow!("no peer services")));
         return r.result();
     }
     let figures = (|| {
