@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # ivring real-VM suite. Usage: e2e/run.sh [--guest-bin PATH] [--host-bin PATH] [CASE...]
-# Env: GUEST_BIN, HOST_BIN (the ivring binaries; built from this checkout when unset:
-# `cargo build --release -p ivring-host` and a static ivring-guest), E2E_CASES (space-separated case list), and those of lib.sh (E2E_ACCEL, E2E_KEEP,
-# E2E_LOGS, ...). Last line: `N passed, M failed`; exit 0 only when M is 0.
+# Env: GUEST_BIN, HOST_BIN (the ivring binaries; built from this checkout when unset),
+# E2E_CASES (space-separated case list), those of lib.sh (E2E_ACCEL, E2E_KEEP, E2E_LOGS..).
+# Last line: `N passed, M failed`; exit 0 only when M is 0.
 set -euo pipefail
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
