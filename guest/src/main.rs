@@ -1,15 +1,22 @@
-//! `ivring-guest`: the guest side of ivring.
+//! `ivring-guest`: the guest side of ivring, run inside the VM.
 
-use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
-use ivring::{Config, Endpoint, Role};
-use ivring_guest::bridge::{self, GuestBridgeOptions};
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ivring::layout::{side, HOST_BLOCK, PEER_ID_VALID};
+use ivring::{Config, Endpoint, Geometry, Role, SharedRegion};
+use ivring_guest::{device, GuestDevice, OpenOptions};
 use ivring_host::attach::{Attach, HostLink};
+use ivring_host::{checks, services};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "ivring-guest", version, about = "ivring inside a QEMU guest")]
+#[command(
+    name = "ivring-guest",
+    version,
+    about = "ivring in a QEMU guest: probe the ivshmem device, serve, check"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -17,78 +24,211 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Show the ivshmem devices, the interrupt mode and why, our peer id, and what the
+    /// host published in the shared header.
+    Probe {
+        /// The device to open (default: the only ivshmem device).
+        #[arg(long, value_name = "BDF")]
+        device: Option<String>,
+        /// Do not try VFIO (poll instead of interrupts).
+        #[arg(long)]
+        no_vfio: bool,
+    },
+    /// Run the echo, check, source and sink services (ports 1-4) until killed.
+    Serve(AttachArgs),
+    /// Test the link against the host's services; prints `PASS name` / `FAIL name: why`.
+    Check {
+        #[command(flatten)]
+        attach: AttachArgs,
+        #[command(flatten)]
+        args: checks::CheckArgs,
+    },
     /// Carry the QEMU guest agent: each session on --port becomes one connection to
     /// `qemu-ga -m unix-listen -p QGA_SOCK`, its parser state scrubbed first.
     Bridge {
         /// The agent's socket.
         #[arg(long, value_name = "QGA_SOCK")]
         connect: PathBuf,
-        /// The ivshmem PCI device (`0000:00:04.0`, or `auto` for the only one).
-        #[arg(long, value_name = "BDF", conflicts_with_all = ["join", "plain"])]
-        device: Option<String>,
-        /// Join an ivshmem server instead (testing on the host).
-        #[arg(long, value_name = "SOCK", conflicts_with = "plain")]
-        join: Option<PathBuf>,
-        /// Use a plain shared file instead (testing on the host).
-        #[arg(long, value_name = "FILE")]
-        plain: Option<PathBuf>,
+        #[command(flatten)]
+        attach: AttachArgs,
         /// The port to listen on.
         #[arg(long, default_value_t = ivring_host::bridge::PORT_QGA)]
         port: u32,
     },
 }
 
+/// Where the guest end of the link comes from.
+#[derive(Args, Clone, Debug)]
+struct AttachArgs {
+    /// The ivshmem PCI device (default, or `auto`: the only one).
+    #[arg(long, value_name = "BDF", conflicts_with_all = ["join", "plain"])]
+    device: Option<String>,
+    /// Join an ivshmem server socket as QEMU would (tests on the host).
+    #[arg(long, value_name = "SOCK", conflicts_with = "plain")]
+    join: Option<PathBuf>,
+    /// Map a plain shared file (tests on the host).
+    #[arg(long, value_name = "FILE")]
+    plain: Option<PathBuf>,
+    /// Do not try VFIO (poll instead of interrupts).
+    #[arg(long)]
+    no_vfio: bool,
+}
+
+/// The guest role attached to a device, or (for tests on the host) through ivring-host.
+enum GuestLink {
+    /// `ep` is declared first so it detaches before the device is unmapped.
+    Device {
+        ep: Endpoint,
+        dev: GuestDevice,
+    },
+    Host(HostLink),
+}
+
+impl GuestLink {
+    fn open(a: &AttachArgs, cfg: Config) -> Result<GuestLink> {
+        let attach = match (&a.join, &a.plain) {
+            (Some(sock), _) => Attach::Join(sock.clone()),
+            (None, Some(file)) => Attach::Plain {
+                file: file.clone(),
+                size: None,
+            },
+            (None, None) => {
+                let dev = open_device(a.device.clone(), a.no_vfio)?;
+                let ep = Endpoint::guest(dev.region(), dev.doorbell(), cfg)?;
+                return Ok(GuestLink::Device { ep, dev });
+            }
+        };
+        Ok(GuestLink::Host(HostLink::open(Role::Guest, &attach, cfg)?))
+    }
+
+    fn endpoint(&self) -> &Endpoint {
+        match self {
+            GuestLink::Device { ep, .. } => ep,
+            GuestLink::Host(h) => h,
+        }
+    }
+
+    fn region(&self) -> SharedRegion {
+        match self {
+            GuestLink::Device { dev, .. } => dev.region(),
+            GuestLink::Host(h) => h.region(),
+        }
+    }
+
+    /// "interrupts: ..." or "polling: ...".
+    fn why(&self) -> String {
+        match self {
+            GuestLink::Device { dev, .. } => format!("{}: {}", dev.bdf(), dev.why()),
+            GuestLink::Host(h) if h.peer_id().is_some() => {
+                "interrupts: eventfds from the ivshmem server".into()
+            }
+            GuestLink::Host(_) => "polling: plain shared file".into(),
+        }
+    }
+}
+
+fn open_device(device: Option<String>, no_vfio: bool) -> Result<GuestDevice> {
+    let opts = OpenOptions {
+        device: device.filter(|d| d != "auto"),
+        vfio: !no_vfio,
+        ..OpenOptions::default()
+    };
+    Ok(ivring_guest::open(&opts)?)
+}
+
 fn main() {
     let cli = Cli::parse();
-    if let Err(e) = run(cli) {
-        eprintln!("ivring-guest: error: {e:#}");
+    let r = match cli.cmd {
+        Cmd::Probe { device, no_vfio } => probe(device, no_vfio),
+        Cmd::Serve(a) => serve(&a),
+        Cmd::Check { attach, args } => check(&attach, &args),
+        Cmd::Bridge {
+            connect,
+            attach,
+            port,
+        } => bridge(connect, &attach, port),
+    };
+    if let Err(e) = r {
+        eprintln!("ivring-guest: error: {}", ivring_host::error::one_line(&e));
         std::process::exit(1);
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.cmd {
-        Cmd::Bridge {
-            connect,
-            device,
-            join,
-            plain,
-            port,
-        } => {
-            let mut opts = GuestBridgeOptions::new(connect);
-            opts.port = port;
-            match (device, join, plain) {
-                (Some(bdf), None, None) => {
-                    let dev = ivring_guest::open(&ivring_guest::OpenOptions {
-                        device: (bdf != "auto").then_some(bdf),
-                        ..Default::default()
-                    })
-                    .context("opening the ivshmem device")?;
-                    eprintln!(
-                        "ivring-guest: {} ({} bytes): {}",
-                        dev.bdf(),
-                        dev.region().len(),
-                        dev.why()
-                    );
-                    let doorbell: Arc<dyn ivring::Doorbell> = dev.doorbell();
-                    let ep = Endpoint::guest(dev.region(), doorbell, Config::default())
-                        .context("attaching to the shared memory")?;
-                    bridge::run(&ep, &opts)
-                }
-                (None, Some(sock), None) => {
-                    let link = HostLink::open(Role::Guest, &Attach::Join(sock), Config::default())?;
-                    bridge::run(&link, &opts)
-                }
-                (None, None, Some(file)) => {
-                    let link = HostLink::open(
-                        Role::Guest,
-                        &Attach::Plain { file, size: None },
-                        Config::default(),
-                    )?;
-                    bridge::run(&link, &opts)
-                }
-                _ => bail!("give one of --device BDF, --join SOCK or --plain FILE"),
-            }
-        }
+fn probe(device: Option<String>, no_vfio: bool) -> Result<()> {
+    let root = PathBuf::from(device::DEFAULT_SYSFS_ROOT);
+    let found = device::list(&root)?;
+    println!("ivshmem devices: {}", found.len());
+    for d in &found {
+        let bars: Vec<String> = d
+            .bar_sizes
+            .iter()
+            .enumerate()
+            .filter(|(_, &s)| s != 0)
+            .map(|(i, &s)| format!("BAR{i} {}", human(s)))
+            .collect();
+        println!(
+            "  {} {:?}: {}; driver {}; IOMMU group {}",
+            d.bdf,
+            d.kind(),
+            bars.join(", "),
+            d.driver.as_deref().unwrap_or("none"),
+            d.iommu_group.map_or("none".into(), |g| g.to_string())
+        );
+    }
+    let dev = open_device(device, no_vfio)?;
+    println!("opened {}: {}", dev.bdf(), dev.why());
+    if let Ok(now) = device::probe(&root, dev.bdf()) {
+        println!("  driver now {}", now.driver.as_deref().unwrap_or("none"));
+    }
+    println!("own peer id (IVPosition): {}", dev.iv_position());
+    let region = dev.region();
+    match Geometry::read_header(&region) {
+        Ok(Some(g)) => println!(
+            "shared header: laid out by the host ({} rings of {} each)",
+            human(region.len() as u64),
+            human(g.capacity)
+        ),
+        Ok(None) => println!("shared header: not laid out yet (no host program has attached)"),
+        Err(e) => println!("shared header: unusable: {e}"),
+    }
+    let epoch = region.load_u64(HOST_BLOCK + side::EPOCH, Ordering::Acquire);
+    let id = region.load_u64(HOST_BLOCK + side::PEER_ID, Ordering::Acquire);
+    let id = if id & PEER_ID_VALID != 0 {
+        (id as u16).to_string()
+    } else {
+        "none".into()
+    };
+    println!("host side: peer id {id}, epoch {epoch}");
+    Ok(())
+}
+
+fn serve(a: &AttachArgs) -> Result<()> {
+    let link = GuestLink::open(a, Config::default())?;
+    eprintln!("ivring-guest: serving ports 1-4; {}", link.why());
+    services::spawn_all(link.endpoint()).context("start the services")?;
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn check(a: &AttachArgs, args: &checks::CheckArgs) -> Result<()> {
+    let link = GuestLink::open(a, args.config())?;
+    println!("INFO {}", link.why());
+    checks::run(link.endpoint(), Some(&link.region()), Role::Guest, args)
+}
+
+fn bridge(connect: PathBuf, a: &AttachArgs, port: u32) -> Result<()> {
+    let link = GuestLink::open(a, Config::default())?;
+    eprintln!("ivring-guest: bridge on port {port}; {}", link.why());
+    let mut opts = ivring_guest::bridge::GuestBridgeOptions::new(connect);
+    opts.port = port;
+    ivring_guest::bridge::run(link.endpoint(), &opts)
+}
+
+fn human(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
     }
 }

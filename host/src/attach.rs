@@ -6,7 +6,7 @@ use crate::error::HostError;
 use crate::server::{Server, ServerHandle};
 use crate::shm;
 use ivring::doorbell::Polling;
-use ivring::{Config, Endpoint, Role};
+use ivring::{Config, Endpoint, Role, SharedRegion};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -40,6 +40,7 @@ pub enum Attach {
 pub struct HostLink {
     /// The endpoint (dropped first, so it detaches while the mapping still exists).
     pub endpoint: Endpoint,
+    region: SharedRegion,
     client: Option<Client>,
     server: Option<ServerHandle>,
 }
@@ -72,9 +73,11 @@ impl HostLink {
                 (None, None, r, Arc::new(Polling::new()))
             }
         };
-        let endpoint = Endpoint::new(role, region, doorbell, cfg).map_err(HostError::Layout)?;
+        let endpoint =
+            Endpoint::new(role, region.clone(), doorbell, cfg).map_err(HostError::Layout)?;
         Ok(HostLink {
             endpoint,
+            region,
             client,
             server,
         })
@@ -83,6 +86,11 @@ impl HostLink {
     /// Our ivshmem peer id (`None` in plain mode).
     pub fn peer_id(&self) -> Option<u16> {
         self.client.as_ref().map(|c| c.id())
+    }
+
+    /// The shared memory (a clone), e.g. to read the words each side publishes.
+    pub fn region(&self) -> SharedRegion {
+        self.region.clone()
     }
 
     /// Whether this process serves the ivshmem protocol itself.

@@ -8,7 +8,7 @@
 use crate::attach::{Attach, HostLink};
 use crate::services::{self, StreamHash};
 use anyhow::{bail, Context, Result};
-use ivring::{Config, Role};
+use ivring::{Config, Endpoint, Role};
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::path::Path;
@@ -168,7 +168,7 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
 
 /// Streams `size`-byte writes to the guest's sink for `seconds`; returns bytes and time
 /// until the sink confirmed the count.
-pub fn stream_to_sink(host: &HostLink, size: usize, seconds: f64) -> Result<(u64, f64)> {
+pub fn stream_to_sink(host: &Endpoint, size: usize, seconds: f64) -> Result<(u64, f64)> {
     let mut s = host.connect(services::PORT_SINK)?;
     let buf = vec![0x5au8; size];
     let t0 = Instant::now();
@@ -192,7 +192,7 @@ pub fn stream_to_sink(host: &HostLink, size: usize, seconds: f64) -> Result<(u64
 }
 
 /// Round trips of `size` bytes through the echo service for `seconds`; nanoseconds each.
-pub fn round_trips(host: &HostLink, size: usize, seconds: f64) -> Result<Vec<u64>> {
+pub fn round_trips(host: &Endpoint, size: usize, seconds: f64) -> Result<Vec<u64>> {
     let mut s = host.connect(services::PORT_ECHO)?;
     let out = vec![7u8; size];
     let mut back = vec![0u8; size];

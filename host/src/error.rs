@@ -135,3 +135,18 @@ impl HostError {
 
 /// Result with a [`HostError`].
 pub type Result<T, E = HostError> = std::result::Result<T, E>;
+
+/// An error and its causes on one line, for a binary's `error:` message. Like anyhow's
+/// `{:#}`, but a cause is left out when the text before already ends with it: our
+/// errors print their source in their own message *and* return it from `source()`.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.ends_with(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
+}

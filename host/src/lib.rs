@@ -26,6 +26,7 @@
 
 pub mod attach;
 pub mod bridge;
+pub mod checks;
 pub mod client;
 pub mod demo;
 pub mod error;

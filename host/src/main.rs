@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ivring::{Config, Role};
 use ivring_host::attach::{Attach, HostLink};
-use ivring_host::{demo, services, Server};
+use ivring_host::{checks, demo, services, Server};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -100,6 +100,22 @@ enum Cmd {
         #[arg(long)]
         group: Option<String>,
     },
+    /// Run the e2e checks against the other side's services (serving ours meanwhile);
+    /// prints `PASS name` / `FAIL name: why` lines.
+    #[command(hide = true)]
+    Check {
+        /// Join the ivshmem server on this socket.
+        #[arg(long, conflicts_with = "plain")]
+        join: Option<PathBuf>,
+        /// Use this plain shared file instead (no doorbells).
+        #[arg(long)]
+        plain: Option<PathBuf>,
+        /// Which side of the link to be.
+        #[arg(long, value_enum, default_value = "host")]
+        role: RoleArg,
+        #[command(flatten)]
+        args: checks::CheckArgs,
+    },
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -131,7 +147,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("ivring-host: error: {e:#}");
+        eprintln!("ivring-host: error: {}", ivring_host::error::one_line(&e));
         std::process::exit(1);
     }
 }
@@ -163,19 +179,7 @@ fn run(cli: Cli) -> Result<()> {
             role,
             hello,
         } => {
-            let attach = match (join, plain) {
-                (Some(j), None) => Attach::Join(j),
-                (None, Some(p)) => Attach::Plain {
-                    file: p,
-                    size: None,
-                },
-                _ => bail!("give --join SOCKET or --plain FILE"),
-            };
-            let role = match role {
-                RoleArg::Host => Role::Host,
-                RoleArg::Guest => Role::Guest,
-            };
-            let link = HostLink::open(role, &attach, Config::default())?;
+            let link = HostLink::open(role.into(), &attach(join, plain)?, Config::default())?;
             services::spawn_all(&link)?;
             if hello {
                 let mut s = link
@@ -216,6 +220,35 @@ fn run(cli: Cli) -> Result<()> {
             opts.mode = mode;
             opts.group = group;
             ivring_host::bridge::run_host(&opts)
+        }
+        Cmd::Check {
+            join,
+            plain,
+            role,
+            args,
+        } => {
+            let link = HostLink::open(role.into(), &attach(join, plain)?, args.config())?;
+            checks::run(&link, Some(&link.region()), role.into(), &args)
+        }
+    }
+}
+
+fn attach(join: Option<PathBuf>, plain: Option<PathBuf>) -> Result<Attach> {
+    Ok(match (join, plain) {
+        (Some(j), None) => Attach::Join(j),
+        (None, Some(p)) => Attach::Plain {
+            file: p,
+            size: None,
+        },
+        _ => bail!("give --join SOCKET or --plain FILE"),
+    })
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Role {
+        match r {
+            RoleArg::Host => Role::Host,
+            RoleArg::Guest => Role::Guest,
         }
     }
 }

@@ -482,8 +482,9 @@ impl Drop for Listener {
 ///
 /// Reads return the data the peer sent, then `Ok(0)` after its shutdown or close; writes
 /// after the peer's close fail with `BrokenPipe`; when the link resets (the peer restarted,
-/// left, or corrupted the ring) every operation fails with `ConnectionReset`. Dropping
-/// the session closes it.
+/// left, or corrupted the ring) every operation fails with `ConnectionReset`, except reads
+/// of a session the peer had already shut down or closed: those still return what it sent,
+/// then EOF (a peer may close and exit at once). Dropping the session closes it.
 pub struct Session {
     shared: Arc<Shared>,
     id: u64,
@@ -721,7 +722,11 @@ impl io::Read for Session {
         self.shared
             .wait_for(Self::deadline(self.read_timeout), self.nonblocking, |l| {
                 if l.gen != gen {
-                    return Err(reset_error(l));
+                    // Data and EOF the peer sent before the link reset are still read.
+                    return match l.read_ended(gen, id, buf) {
+                        Some(n) => Ok(Some(n)),
+                        None => Err(reset_error(l)),
+                    };
                 }
                 l.read(id, buf)
             })
@@ -752,6 +757,8 @@ impl Drop for Session {
         if link.gen == self.gen {
             link.close(self.id);
             self.shared.ring(&mut link);
+        } else {
+            link.ended.remove(&(self.gen, self.id));
         }
     }
 }

@@ -42,7 +42,8 @@ pub const HOST_BLOCK: usize = 4 * LINE;
 pub const GUEST_BLOCK: usize = 8 * LINE;
 
 /// Word offsets inside a side block. Every word is written only by the side that owns the
-/// block, and read by both.
+/// block, and read by both. Public so that tools can show what each side published (e.g.
+/// `ivring-guest probe` reads the host's `EPOCH` and `PEER_ID` at `HOST_BLOCK + ...`).
 pub mod side {
     use super::LINE;
     /// Line 0: who is attached.

@@ -10,7 +10,7 @@ use crate::layout::{side, Geometry, Role, PEER_ID_VALID};
 use crate::region::SharedRegion;
 use crate::ring::{BadIndex, Consumer, Producer};
 use crate::sync::Ordering;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::time::Instant;
 
@@ -181,6 +181,9 @@ pub(crate) struct Link {
     tx: Producer,
     rx: Consumer,
     pub sessions: HashMap<u64, Sess>,
+    /// Sessions the peer had finished (Shutdown or Close) when the link reset, by
+    /// (generation, id): their data is still read, then EOF. Dropping the Session removes it.
+    pub ended: HashMap<(u64, u64), Sess>,
     pub listeners: HashMap<u32, Listen>,
     next_seq: u64,
     highest_peer_seq: u64,
@@ -238,6 +241,7 @@ impl Link {
             tx,
             rx,
             sessions: HashMap::new(),
+            ended: HashMap::new(),
             listeners: HashMap::new(),
             next_seq: 1,
             highest_peer_seq: 0,
@@ -307,7 +311,19 @@ impl Link {
                 n();
             }
         }
-        self.sessions.clear();
+        // A session the peer finished before the reset keeps what it sent (as a socket
+        // keeps the data before a FIN); the others are reset. Not yet accepted ones go.
+        let queued: HashSet<u64> = self
+            .listeners
+            .values()
+            .flat_map(|l| l.backlog.iter().copied())
+            .collect();
+        let gen = self.gen;
+        for (id, s) in self.sessions.drain() {
+            if s.state == State::Open && s.rx_eof && !queued.contains(&id) {
+                self.ended.insert((gen, id), s);
+            }
+        }
         for l in self.listeners.values_mut() {
             l.backlog.clear();
         }
@@ -366,6 +382,11 @@ impl Link {
                 }
             }
             if self.up || !self.sessions.is_empty() {
+                // First take what the old incarnation published before it moved its epoch:
+                // a peer that closed its sessions and left published those frames first.
+                // A restarted peer's zeroed head is a bad index, which index_fault does not
+                // count as corruption.
+                let _ = self.pump();
                 self.reset_all("peer restarted");
             }
             self.up = false;
@@ -801,6 +822,16 @@ impl Link {
                 .map_err(|f| self.fault_to_io(f))?;
         }
         Ok(Some(n))
+    }
+
+    /// Reads from a session in [`Link::ended`]: its remaining data, then `Some(0)`.
+    /// `None` when there is no such session (it was reset).
+    pub fn read_ended(&mut self, gen: u64, id: u64, buf: &mut [u8]) -> Option<usize> {
+        let s = self.ended.get_mut(&(gen, id))?;
+        if s.rd_shut {
+            return Some(0);
+        }
+        Some(s.take(buf).0)
     }
 
     /// The state check shared by every session operation.
