@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ivring::{Config, Role};
 use ivring_host::attach::{Attach, HostLink};
-use ivring_host::{demo, services, Server};
+use ivring_host::{bench, demo, services, Server};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -66,7 +66,13 @@ enum Cmd {
         /// Open a session to the other side's port 9 and greet it.
         #[arg(long)]
         hello: bool,
+        /// How blocked readers and writers wait: poll, block or adaptive.
+        #[arg(long, value_parser = bench::parse_wait, default_value = "adaptive")]
+        wait: ivring::WaitMode,
     },
+    /// Throughput and latency against baselines measured in the same run (loopback pair,
+    /// or a guest with --serve).
+    Bench(bench::BenchArgs),
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -129,6 +135,7 @@ fn run(cli: Cli) -> Result<()> {
             plain,
             role,
             hello,
+            wait,
         } => {
             let attach = match (join, plain) {
                 (Some(j), None) => Attach::Join(j),
@@ -142,7 +149,11 @@ fn run(cli: Cli) -> Result<()> {
                 RoleArg::Host => Role::Host,
                 RoleArg::Guest => Role::Guest,
             };
-            let link = HostLink::open(role, &attach, Config::default())?;
+            let cfg = Config {
+                wait,
+                ..Config::default()
+            };
+            let link = HostLink::open(role, &attach, cfg)?;
             services::spawn_all(&link)?;
             if hello {
                 let mut s = link
@@ -154,5 +165,6 @@ fn run(cli: Cli) -> Result<()> {
                 std::thread::sleep(Duration::from_secs(3600));
             }
         }
+        Cmd::Bench(args) => bench::run(&args),
     }
 }

@@ -17,23 +17,25 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-struct Shared {
+pub(crate) struct Shared {
     link: Mutex<Link>,
-    cv: Condvar,
-    doorbell: Arc<dyn Doorbell>,
+    pub(crate) cv: Condvar,
+    pub(crate) doorbell: Arc<dyn Doorbell>,
     own_id: u16,
     cfg: Config,
     stop: AtomicBool,
+    /// The keeper sleeps unarmed while a frame is parked for an in-place reader.
+    pub(crate) keeper_parked: AtomicBool,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Link> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Link> {
         self.link.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Rings the peer if the link asked for it. Called with the lock held: ringing is one
     /// eventfd write or one MMIO store, and it keeps the order of ring and state simple.
-    fn ring(&self, link: &mut Link) {
+    pub(crate) fn ring(&self, link: &mut Link) {
         if let Some(peer) = link.take_ring() {
             self.doorbell.ring(peer);
         }
@@ -41,7 +43,7 @@ impl Shared {
 
     /// A link fault: reset every session and start a new epoch (empty message: the peer
     /// restarted and `check_peer` handles it).
-    fn fault(&self, link: &mut Link, f: Fault) {
+    pub(crate) fn fault(&self, link: &mut Link, f: Fault) {
         if !f.0.is_empty() {
             link.local_reset(f.0, Some(self.own_id));
         }
@@ -53,8 +55,19 @@ impl Shared {
         &self,
         deadline: Option<Instant>,
         nonblocking: bool,
-        mut attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
+        attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
     ) -> io::Result<T> {
+        self.wait_locked(deadline, nonblocking, attempt)
+            .map(|(_, v)| v)
+    }
+
+    /// As `wait_for`, keeping the lock held when `attempt` succeeds.
+    pub(crate) fn wait_locked<T>(
+        &self,
+        deadline: Option<Instant>,
+        nonblocking: bool,
+        mut attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
+    ) -> io::Result<(MutexGuard<'_, Link>, T)> {
         let start = Instant::now();
         let spin_until = match self.cfg.wait {
             WaitMode::Poll => None,
@@ -62,11 +75,12 @@ impl Shared {
             WaitMode::Adaptive => Some(start + self.cfg.spin),
         };
         let mut link = self.lock();
+        let mut spins = 0u32;
         loop {
             let r = attempt(&mut link);
             self.ring(&mut link);
             match r {
-                Ok(Some(v)) => return Ok(v),
+                Ok(Some(v)) => return Ok((link, v)),
                 Ok(None) => {}
                 Err(e) => return Err(e),
             }
@@ -84,6 +98,7 @@ impl Shared {
                 ));
             }
             if spin_until.is_none_or(|s| now < s) {
+                link.beat_own(now);
                 match link.pump() {
                     Ok(true) => {
                         self.ring(&mut link);
@@ -99,6 +114,11 @@ impl Shared {
                 drop(link);
                 for _ in 0..32 {
                     std::hint::spin_loop();
+                }
+                spins += 1;
+                if spins.is_multiple_of(256) {
+                    // Let a starved keeper or peer thread run (many pollers, few CPUs).
+                    std::thread::yield_now();
                 }
                 link = self.lock();
             } else {
@@ -190,6 +210,7 @@ impl Endpoint {
             own_id,
             cfg,
             stop: AtomicBool::new(false),
+            keeper_parked: AtomicBool::new(false),
         });
         {
             let mut link = shared.lock();
@@ -320,7 +341,7 @@ impl Drop for Endpoint {
     }
 }
 
-fn reset_error(l: &Link) -> io::Error {
+pub(crate) fn reset_error(l: &Link) -> io::Error {
     let why = l
         .stats
         .last_error
@@ -374,6 +395,17 @@ fn keeper(sh: Arc<Shared>) {
                 Ok(false) => {}
                 Err(f) => sh.fault(&mut link, f),
             }
+        }
+        if link.parked.is_some() {
+            // A frame waits in the ring for an in-place reader, which pumps on release
+            // and wakes us (keeper_parked) if the ring ran dry.
+            sh.keeper_parked.store(true, StdOrdering::SeqCst);
+            link.disarm_wakeup();
+            sh.ring(&mut link);
+            drop(link);
+            sh.doorbell.wait(Some(crate::zerocopy::PARK_MAX / 2));
+            sh.keeper_parked.store(false, StdOrdering::SeqCst);
+            continue;
         }
         // Doorbell-less links poll, backing off while idle.
         poll = if changed {
@@ -463,14 +495,14 @@ impl Drop for Listener {
 /// left, or corrupted the ring) every operation fails with `ConnectionReset`. Dropping
 /// the session closes it.
 pub struct Session {
-    shared: Arc<Shared>,
-    id: u64,
-    gen: u64,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) id: u64,
+    pub(crate) gen: u64,
     port: u32,
-    message: bool,
-    read_timeout: Option<Duration>,
-    write_timeout: Option<Duration>,
-    nonblocking: bool,
+    pub(crate) message: bool,
+    pub(crate) read_timeout: Option<Duration>,
+    pub(crate) write_timeout: Option<Duration>,
+    pub(crate) nonblocking: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -561,7 +593,7 @@ impl Session {
         Ok(())
     }
 
-    fn deadline(t: Option<Duration>) -> Option<Instant> {
+    pub(crate) fn deadline(t: Option<Duration>) -> Option<Instant> {
         t.map(|t| Instant::now() + t)
     }
 

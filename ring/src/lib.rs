@@ -17,6 +17,7 @@ mod link;
 pub mod region;
 mod ring;
 mod sync;
+pub mod zerocopy;
 
 pub use config::{Config, WaitMode};
 pub use doorbell::Doorbell;

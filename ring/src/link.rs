@@ -42,25 +42,27 @@ pub(crate) enum State {
 pub(crate) struct Sess {
     pub state: State,
     pub message: bool,
-    rx: Vec<u8>,
-    rx_pos: usize,
-    msgs: VecDeque<usize>,
-    partial: usize,
+    pub(crate) rx: Vec<u8>,
+    pub(crate) rx_pos: usize,
+    pub(crate) msgs: VecDeque<usize>,
+    pub(crate) partial: usize,
     /// The peer will send no more (Shutdown or Close seen).
     pub rx_eof: bool,
     /// We shut our read side: arriving data is dropped (but credited).
     pub rd_shut: bool,
-    buf_alloc: u32,
-    received: u64,
-    fwd_cnt: u64,
-    fwd_sent: u64,
+    pub(crate) buf_alloc: u32,
+    pub(crate) received: u64,
+    pub(crate) fwd_cnt: u64,
+    pub(crate) fwd_sent: u64,
     peer_buf_alloc: u32,
     peer_fwd_cnt: u64,
-    tx_cnt: u64,
+    pub(crate) tx_cnt: u64,
     /// The peer closed: writes fail with BrokenPipe.
     pub peer_closed: bool,
     /// We sent Shutdown.
     pub wr_shut: bool,
+    /// The reader takes frames in place (crate::zerocopy): pump parks them in the ring.
+    pub(crate) in_place: bool,
 }
 
 impl Sess {
@@ -83,10 +85,11 @@ impl Sess {
             tx_cnt: 0,
             peer_closed: false,
             wr_shut: false,
+            in_place: false,
         }
     }
 
-    fn buffered(&self) -> usize {
+    pub(crate) fn buffered(&self) -> usize {
         self.rx.len() - self.rx_pos
     }
 
@@ -149,7 +152,7 @@ pub(crate) struct Fault(pub String);
 
 pub(crate) struct Link {
     pub role: Role,
-    region: SharedRegion,
+    pub(crate) region: SharedRegion,
     pub geom: Geometry,
     pub max_payload: usize,
     cfg: Config,
@@ -172,8 +175,10 @@ pub(crate) struct Link {
     last_beat: Instant,
     peer_beat: u64,
     peer_beat_at: Instant,
-    tx: Producer,
-    rx: Consumer,
+    pub(crate) tx: Producer,
+    pub(crate) rx: Consumer,
+    /// A Data frame left in the ring for an in-place reader (crate::zerocopy).
+    pub(crate) parked: Option<crate::zerocopy::Parked>,
     pub sessions: HashMap<u64, Sess>,
     pub listeners: HashMap<u32, Listen>,
     next_seq: u64,
@@ -184,7 +189,7 @@ pub(crate) struct Link {
     /// Set once the endpoint is dropped.
     pub closed: bool,
     /// Ring the peer once the lock is released.
-    ring_peer: bool,
+    pub(crate) ring_peer: bool,
 }
 
 const MAX_PENDING_CONTROL: usize = 1 << 16;
@@ -237,6 +242,7 @@ impl Link {
             stats: Stats::default(),
             closed: false,
             ring_peer: false,
+            parked: None,
         }
     }
 
@@ -298,6 +304,7 @@ impl Link {
             l.backlog.clear();
         }
         self.pending.clear();
+        self.parked = None;
         self.gen += 1;
         self.up = false;
     }
@@ -391,13 +398,19 @@ impl Link {
         };
     }
 
-    /// Bumps our heartbeat when due and checks the peer's; `Err` once the peer is gone.
-    pub fn beat(&mut self, now: Instant, peer_present: Option<bool>) -> Result<(), Fault> {
+    /// Bumps our heartbeat when due. Spinning waiters call it too: with many of them the
+    /// keeper can go without the CPU or the lock for longer than the peer's timeout.
+    pub fn beat_own(&mut self, now: Instant) {
         if now.duration_since(self.last_beat) >= self.cfg.heartbeat {
             self.heartbeat = self.heartbeat.wrapping_add(1);
             self.store_own(side::HEARTBEAT, self.heartbeat, Ordering::Relaxed);
             self.last_beat = now;
         }
+    }
+
+    /// Bumps our heartbeat when due and checks the peer's; `Err` once the peer is gone.
+    pub fn beat(&mut self, now: Instant, peer_present: Option<bool>) -> Result<(), Fault> {
+        self.beat_own(now);
         if !self.up {
             return Ok(());
         }
@@ -424,7 +437,7 @@ impl Link {
     }
 
     /// A bad index is a restart if the peer's epoch moved, corruption otherwise.
-    fn index_fault(&mut self, bad: BadIndex) -> Fault {
+    pub(crate) fn index_fault(&mut self, bad: BadIndex) -> Fault {
         let peer_epoch = self.load_peer(side::EPOCH, Ordering::Acquire);
         if peer_epoch != self.peer_acked {
             // check_peer will see the new epoch and reset; not the peer's fault.
@@ -468,6 +481,12 @@ impl Link {
             }
         }
         let quarter = self.geom.capacity / 4;
+        let mut may_park = match self.parked_state() {
+            crate::zerocopy::ParkState::Lent => return Ok(false),
+            crate::zerocopy::ParkState::Waiting => return Ok(false),
+            crate::zerocopy::ParkState::Expired => false,
+            crate::zerocopy::ParkState::None => true,
+        };
         loop {
             let rec = match self.rx.next(self.max_payload) {
                 Ok(Some(rec)) => rec,
@@ -481,6 +500,9 @@ impl Link {
                 }
                 Err(e) => return Err(self.corrupt(e)),
             };
+            if std::mem::replace(&mut may_park, true) && self.park(&rec) {
+                break;
+            }
             self.dispatch(&rec.header, rec.payload_at)?;
             self.rx.consume(&rec.header);
             if self.rx.unreleased() >= quarter && self.rx.release() {
