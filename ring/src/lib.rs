@@ -8,6 +8,8 @@
 //! give [`Session`]s, which are `std::io::Read + Write` and behave like sockets.
 #![deny(missing_docs)]
 
+#[doc(hidden)]
+pub mod bench_api;
 mod config;
 pub mod doorbell;
 mod endpoint;
