@@ -63,6 +63,13 @@ pub struct BenchArgs {
     /// Seconds of the idle-cost figure (default 10, or 2 with --quick).
     #[arg(long)]
     pub idle_seconds: Option<f64>,
+    /// Only the ivring figures whose "NAME SIZE" contains this (e.g. "stream 64", for
+    /// profiling); baselines are always measured.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Skip the baselines (for profiling ivring alone): no ratios.
+    #[arg(long, hide = true)]
+    pub no_baselines: bool,
 }
 
 /// Parses a wait mode name (for the `bench` and `peer` subcommands).
@@ -363,6 +370,7 @@ fn cacheline_rtt(secs: f64) -> Vec<u64> {
     let (pi, po) = (ping.clone(), pong.clone());
     let t = std::thread::spawn(move || {
         let mut seen = 0;
+        let mut spins = 0u32;
         loop {
             let v = pi.0.load(Ordering::Acquire);
             if v == u64::MAX {
@@ -370,9 +378,15 @@ fn cacheline_rtt(secs: f64) -> Vec<u64> {
             }
             if v != seen {
                 seen = v;
+                spins = 0;
                 po.0.store(v, Ordering::Release);
             } else {
                 std::hint::spin_loop();
+                spins += 1;
+                if spins.is_multiple_of(128) {
+                    // As ivring's pollers do: let a thread sharing this CPU run.
+                    std::thread::yield_now();
+                }
             }
         }
     });
@@ -387,10 +401,9 @@ fn cacheline_rtt(secs: f64) -> Vec<u64> {
         while pong.0.load(Ordering::Acquire) != i {
             std::hint::spin_loop();
             spins += 1;
-            if spins > 1 << 16 {
+            if spins.is_multiple_of(128) {
                 // Two spinners on two shared vCPUs: let the other run if we share one.
                 std::thread::yield_now();
-                spins = 0;
             }
         }
         v.push(s.elapsed().as_nanos() as u64);
@@ -628,6 +641,28 @@ impl Drop for Peer {
     }
 }
 
+/// The link comes up before the peer's services listen: wait for the last one started.
+fn wait_services(ep: &Endpoint) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        match ep.connect(services::PORT_ZC_SINK) {
+            Ok(mut s) => {
+                s.shutdown(Shutdown::Write)?;
+                let mut reply = [0u8; 8];
+                s.read_exact(&mut reply)?;
+                return Ok(());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                if t0.elapsed() > Duration::from_secs(10) {
+                    bail!("the peer's services did not start within 10 s");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 fn start_loopback(mode: WaitMode, mem: u64) -> Result<Peer> {
     let base = std::env::temp_dir();
     let dir = (0..100)
@@ -670,6 +705,7 @@ fn start_loopback(mode: WaitMode, mem: u64) -> Result<Peer> {
     if !peer.link.wait_up(Duration::from_secs(10)) {
         bail!("the guest-role process did not attach within 10 s");
     }
+    wait_services(&peer.link)?;
     Ok(peer)
 }
 
@@ -694,6 +730,7 @@ fn start_served(sock: &Path, mode: WaitMode, mem: u64) -> Result<Peer> {
     if !link.wait_up(Duration::from_secs(300)) {
         bail!("no guest attached within 300 s");
     }
+    wait_services(&link)?;
     Ok(Peer {
         link,
         child: None,
@@ -720,9 +757,12 @@ fn measure_block(
     mode: WaitMode,
     secs: f64,
     base: &Baselines,
+    only: Option<&str>,
     log: &dyn Fn(&str),
 ) -> Result<Vec<Row>> {
     let m = mode_name(mode);
+    let skip =
+        |name: &str, size: usize| only.is_some_and(|o| !format!("{name} {size}").contains(o));
     let mut rows = Vec::new();
     let frame = ep.max_frame();
     for (name, message, zc) in [
@@ -733,6 +773,9 @@ fn measure_block(
         for &size in &SIZES {
             if message && size > 256 << 10 {
                 // Larger than the default receive buffer (Config::buf_size): refused.
+                continue;
+            }
+            if skip(name, size) {
                 continue;
             }
             log(&format!("[{m}] {name} {} B", size));
@@ -774,6 +817,9 @@ fn measure_block(
     }
     for &size in &RTT_SIZES {
         for (name, message) in [("ivring/rtt/stream", false), ("ivring/rtt/message", true)] {
+            if skip(name, size) {
+                continue;
+            }
             log(&format!("[{m}] {name} {size} B round trips"));
             let v = ivring_rtt(ep, size, secs, message)?;
             let mut r = rtt_row(name, m, size, &v);
@@ -806,6 +852,9 @@ fn measure_block(
         .find(|r| r.name == "ivring/stream" && r.size == 4096)
         .and_then(|r| r.bytes_per_s);
     for &n in &SESSIONS {
+        if skip(&format!("ivring/sessions/{n}"), 4096) {
+            continue;
+        }
         log(&format!("[{m}] {n} concurrent sessions, 4 KiB writes"));
         let (bps, fair) = ivring_sessions(ep, n, 4096, secs.max(0.2))?;
         let mut r = Row {
@@ -974,15 +1023,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     modes.dedup();
     for (i, &mode) in modes.iter().enumerate() {
         let m = mode_name(mode);
-        let base = measure_baselines(m, secs, &log)?;
+        let base = if args.no_baselines {
+            Baselines { rows: Vec::new() }
+        } else {
+            measure_baselines(m, secs, &log)?
+        };
         let peer = match &args.serve {
             None => start_loopback(mode, mem)?,
             Some(sock) => start_served(sock, mode, mem)?,
         };
-        let mut block = measure_block(&peer.link, mode, secs, &base, &log)?;
+        let mut block = measure_block(&peer.link, mode, secs, &base, args.only.as_deref(), &log)?;
         rows.extend(base.rows);
         rows.append(&mut block);
-        if i + 1 == modes.len() {
+        if i + 1 == modes.len() && args.only.is_none() {
             rows.push(measure_idle(&peer, m, idle_secs, &log)?);
         }
         if args.serve.is_some() {

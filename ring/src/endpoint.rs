@@ -12,7 +12,7 @@ use crate::link::{Fault, Link, Listen, State, Stats};
 use crate::region::SharedRegion;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering as StdOrdering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as StdOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,12 +20,31 @@ use std::time::{Duration, Instant};
 pub(crate) struct Shared {
     link: Mutex<Link>,
     pub(crate) cv: Condvar,
+    /// Where `accept` sleeps: woken only when a backlog has something (or on faults), not
+    /// by every byte of traffic.
+    accept_cv: Condvar,
+    /// Threads asleep on `cv` / `accept_cv` (changed under the lock): no waiter, no notify.
+    sleepers: AtomicUsize,
+    accept_sleepers: AtomicUsize,
+    /// Waiters spinning on the ring right now: they pump it themselves, so the keeper
+    /// need not ask the peer to ring (each ring is a syscall on the writer's side).
+    spinners: AtomicUsize,
     pub(crate) doorbell: Arc<dyn Doorbell>,
     own_id: u16,
     cfg: Config,
     stop: AtomicBool,
-    /// The keeper sleeps unarmed while a frame is parked for an in-place reader.
-    pub(crate) keeper_parked: AtomicBool,
+    /// The keeper sleeps without asking the peer to ring (spinners, or a frame parked for
+    /// an in-place reader): whoever stops spinning or releases the frame wakes it.
+    pub(crate) keeper_unarmed: AtomicBool,
+}
+
+/// Counts a spinning waiter while it lives.
+struct Spinning<'a>(&'a AtomicUsize);
+
+impl Drop for Spinning<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, StdOrdering::SeqCst);
+    }
 }
 
 impl Shared {
@@ -48,6 +67,26 @@ impl Shared {
             link.local_reset(f.0, Some(self.own_id));
         }
         self.cv.notify_all();
+        self.accept_cv.notify_all();
+    }
+
+    /// Wakes the sleepers that progress may concern. Called with the lock held.
+    pub(crate) fn notify(&self, link: &Link) {
+        if self.sleepers.load(StdOrdering::Relaxed) > 0 {
+            self.cv.notify_all();
+        }
+        if self.accept_sleepers.load(StdOrdering::Relaxed) > 0
+            && (!link.up || link.listeners.values().any(|l| !l.backlog.is_empty()))
+        {
+            self.accept_cv.notify_all();
+        }
+    }
+
+    /// Wakes a keeper that sleeps unarmed, so that it asks the peer to ring again.
+    pub(crate) fn wake_unarmed_keeper(&self) {
+        if self.keeper_unarmed.swap(false, StdOrdering::SeqCst) {
+            self.doorbell.interrupt();
+        }
     }
 
     /// Runs `attempt` until it returns a value, waiting between tries as the config says.
@@ -66,16 +105,28 @@ impl Shared {
         &self,
         deadline: Option<Instant>,
         nonblocking: bool,
+        attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
+    ) -> io::Result<(MutexGuard<'_, Link>, T)> {
+        self.wait_locked_on(false, deadline, nonblocking, attempt)
+    }
+
+    /// The wait loop; `accept` waits never poll for ever and sleep on `accept_cv`.
+    fn wait_locked_on<T>(
+        &self,
+        accept: bool,
+        deadline: Option<Instant>,
+        nonblocking: bool,
         mut attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
     ) -> io::Result<(MutexGuard<'_, Link>, T)> {
         let start = Instant::now();
         let spin_until = match self.cfg.wait {
-            WaitMode::Poll => None,
+            WaitMode::Poll if !accept => None,
             WaitMode::Block => Some(start),
-            WaitMode::Adaptive => Some(start + self.cfg.spin),
+            WaitMode::Adaptive | WaitMode::Poll => Some(start + self.cfg.spin),
         };
         let mut link = self.lock();
         let mut spins = 0u32;
+        let mut spinning: Option<Spinning<'_>> = None;
         loop {
             let r = attempt(&mut link);
             self.ring(&mut link);
@@ -98,11 +149,15 @@ impl Shared {
                 ));
             }
             if spin_until.is_none_or(|s| now < s) {
+                if spinning.is_none() {
+                    self.spinners.fetch_add(1, StdOrdering::SeqCst);
+                    spinning = Some(Spinning(&self.spinners));
+                }
                 link.beat_own(now);
                 match link.pump() {
                     Ok(true) => {
                         self.ring(&mut link);
-                        self.cv.notify_all();
+                        self.notify(&link);
                         continue;
                     }
                     Ok(false) => {}
@@ -116,21 +171,30 @@ impl Shared {
                     std::hint::spin_loop();
                 }
                 spins += 1;
-                if spins.is_multiple_of(256) {
+                if spins.is_multiple_of(4) {
                     // Let a starved keeper or peer thread run (many pollers, few CPUs).
                     std::thread::yield_now();
                 }
                 link = self.lock();
             } else {
+                // Nobody pumps the ring while we sleep but the keeper: it must be armed.
+                drop(spinning.take());
+                self.wake_unarmed_keeper();
                 let mut limit = Duration::from_millis(100);
                 if let Some(d) = deadline {
                     limit = limit.min(d.saturating_duration_since(now));
                 }
-                link = self
-                    .cv
+                let (cv, n) = if accept {
+                    (&self.accept_cv, &self.accept_sleepers)
+                } else {
+                    (&self.cv, &self.sleepers)
+                };
+                n.fetch_add(1, StdOrdering::Relaxed);
+                link = cv
                     .wait_timeout(link, limit)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
+                n.fetch_sub(1, StdOrdering::Relaxed);
             }
         }
     }
@@ -210,7 +274,11 @@ impl Endpoint {
             own_id,
             cfg,
             stop: AtomicBool::new(false),
-            keeper_parked: AtomicBool::new(false),
+            accept_cv: Condvar::new(),
+            sleepers: AtomicUsize::new(0),
+            accept_sleepers: AtomicUsize::new(0),
+            spinners: AtomicUsize::new(0),
+            keeper_unarmed: AtomicBool::new(false),
         });
         {
             let mut link = shared.lock();
@@ -338,6 +406,7 @@ impl Drop for Endpoint {
         link.detach();
         self.shared.ring(&mut link);
         self.shared.cv.notify_all();
+        self.shared.accept_cv.notify_all();
     }
 }
 
@@ -377,7 +446,18 @@ fn keeper(sh: Arc<Shared>) {
             sh.fault(&mut link, f);
         }
         if changed {
-            sh.cv.notify_all();
+            sh.notify(&link);
+        }
+        if link.parked.is_some() || sh.spinners.load(StdOrdering::SeqCst) > 0 {
+            // A waiter spins on the ring (or a frame waits for an in-place reader, which
+            // pumps on release): no need for the peer to ring us. Whoever stops spinning
+            // or releases the frame wakes us to arm again; the timeout bounds the rest.
+            sh.keeper_unarmed.store(true, StdOrdering::SeqCst);
+            sh.ring(&mut link);
+            drop(link);
+            sh.doorbell.wait(Some(crate::zerocopy::PARK_MAX / 2));
+            sh.keeper_unarmed.store(false, StdOrdering::SeqCst);
+            continue;
         }
         // Arm, then re-check (the lost-wakeup rule): sleep only if nothing came in since.
         let mut sleep = true;
@@ -395,17 +475,6 @@ fn keeper(sh: Arc<Shared>) {
                 Ok(false) => {}
                 Err(f) => sh.fault(&mut link, f),
             }
-        }
-        if link.parked.is_some() {
-            // A frame waits in the ring for an in-place reader, which pumps on release
-            // and wakes us (keeper_parked) if the ring ran dry.
-            sh.keeper_parked.store(true, StdOrdering::SeqCst);
-            link.disarm_wakeup();
-            sh.ring(&mut link);
-            drop(link);
-            sh.doorbell.wait(Some(crate::zerocopy::PARK_MAX / 2));
-            sh.keeper_parked.store(false, StdOrdering::SeqCst);
-            continue;
         }
         // Doorbell-less links poll, backing off while idle.
         poll = if changed {
@@ -458,7 +527,7 @@ impl Listener {
     fn accept_inner(&self, deadline: Option<Instant>) -> io::Result<Session> {
         let port = self.port;
         let sh = &self.shared;
-        sh.wait_for(deadline, self.nonblocking, |l| {
+        sh.wait_locked_on(true, deadline, self.nonblocking, |l| {
             let gen = l.gen;
             let Some(id) = l
                 .listeners
@@ -473,6 +542,7 @@ impl Listener {
             let message = s.message;
             Ok(Some(Session::new(sh.clone(), id, gen, port, message)))
         })
+        .map(|(_, s)| s)
     }
 }
 

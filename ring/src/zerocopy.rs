@@ -37,7 +37,6 @@ use crate::frame::{self, Header, Kind, FLAG_EOR, HEADER_LEN};
 use crate::link::{Link, State};
 use crate::ring::Record;
 use std::io;
-use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
@@ -466,15 +465,13 @@ impl Drop for ReadView<'_> {
         }
         // Keep the receive side moving: the keeper slept while the frame was parked.
         match link.pump() {
-            Ok(true) => sh.cv.notify_all(),
+            Ok(true) => sh.notify(&link),
             Ok(false) => {}
             Err(f) => sh.fault(&mut link, f),
         }
         sh.ring(&mut link);
-        let wake_keeper = link.parked.is_none() && sh.keeper_parked.swap(false, Ordering::SeqCst);
-        drop(link);
-        if wake_keeper {
-            sh.doorbell.interrupt();
+        if link.parked.is_none() {
+            sh.wake_unarmed_keeper();
         }
     }
 }
