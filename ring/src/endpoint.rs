@@ -118,12 +118,8 @@ impl Shared {
         nonblocking: bool,
         mut attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
     ) -> io::Result<(MutexGuard<'_, Link>, T)> {
-        let start = Instant::now();
-        let spin_until = match self.cfg.wait {
-            WaitMode::Poll if !accept => None,
-            WaitMode::Block => Some(start),
-            WaitMode::Adaptive | WaitMode::Poll => Some(start + self.cfg.spin),
-        };
+        // Set at the first miss: reading the clock costs as much as a write.
+        let mut spin_until: Option<Option<Instant>> = None;
         let mut link = self.lock();
         let mut spins = 0u32;
         let mut spinning: Option<Spinning<'_>> = None;
@@ -148,6 +144,11 @@ impl Shared {
                     "ivring: endpoint closed",
                 ));
             }
+            let spin_until = *spin_until.get_or_insert(match self.cfg.wait {
+                WaitMode::Poll if !accept => None,
+                WaitMode::Block => Some(now),
+                WaitMode::Adaptive | WaitMode::Poll => Some(now + self.cfg.spin),
+            });
             if spin_until.is_none_or(|s| now < s) {
                 if spinning.is_none() {
                     self.spinners.fetch_add(1, StdOrdering::SeqCst);

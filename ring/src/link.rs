@@ -787,18 +787,25 @@ impl Link {
 
     /// The state check shared by every session operation.
     pub fn session(&mut self, id: u64) -> io::Result<&mut Sess> {
-        let s = self.sessions.get_mut(&id).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotConnected, "ivring: session is closed")
-        })?;
-        match &s.state {
-            State::Reset(why) => Err(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                format!("ivring: {why}"),
-            )),
-            _ => Ok(s),
-        }
+        session_in(&mut self.sessions, id)
     }
+}
 
+/// [`Link::session`] on the map alone, so that the ring can be borrowed beside it.
+fn session_in(sessions: &mut HashMap<u64, Sess>, id: u64) -> io::Result<&mut Sess> {
+    let s = sessions
+        .get_mut(&id)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "ivring: session is closed"))?;
+    match &s.state {
+        State::Reset(why) => Err(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("ivring: {why}"),
+        )),
+        _ => Ok(s),
+    }
+}
+
+impl Link {
     /// Writes up to one frame of stream data (or one fragment of a message whose credit
     /// has been checked). `Ok(None)`: no credit or no ring space; wait.
     pub fn write_frame(
@@ -810,7 +817,7 @@ impl Link {
     ) -> io::Result<Option<usize>> {
         let max = self.max_payload;
         let pending = self.has_pending();
-        let s = self.session(id)?;
+        let s = session_in(&mut self.sessions, id)?;
         if s.peer_closed || s.wr_shut {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
@@ -841,9 +848,7 @@ impl Link {
                 return Err(self.fault_to_io(f));
             }
         }
-        if let Some(s) = self.sessions.get_mut(&id) {
-            s.tx_cnt += n as u64;
-        }
+        s.tx_cnt += n as u64;
         Ok(Some(n))
     }
 
