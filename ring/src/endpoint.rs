@@ -29,6 +29,8 @@ pub(crate) struct Shared {
     /// Waiters spinning on the ring right now: they pump it themselves, so the keeper
     /// need not ask the peer to ring (each ring is a syscall on the writer's side).
     spinners: AtomicUsize,
+    /// Most adaptive waiters that spin at once (the CPUs this process may use).
+    max_spinners: usize,
     pub(crate) doorbell: Arc<dyn Doorbell>,
     own_id: u16,
     cfg: Config,
@@ -149,12 +151,20 @@ impl Shared {
                 WaitMode::Block => Some(now),
                 WaitMode::Adaptive | WaitMode::Poll => Some(now + self.cfg.spin),
             });
-            if spin_until.is_none_or(|s| now < s) {
+            // A few spinners keep the ring moving; more only fight over the lock and the
+            // CPUs (many sessions): the rest sleep until progress wakes them.
+            let crowded = spinning.is_none()
+                && self.cfg.wait == WaitMode::Adaptive
+                && self.spinners.load(StdOrdering::Relaxed) >= self.max_spinners;
+            if !crowded && spin_until.is_none_or(|s| now < s) {
                 if spinning.is_none() {
                     self.spinners.fetch_add(1, StdOrdering::SeqCst);
                     spinning = Some(Spinning(&self.spinners));
                 }
                 link.beat_own(now);
+                if link.rx_moved() {
+                    continue;
+                }
                 match link.pump() {
                     Ok(true) => {
                         self.ring(&mut link);
@@ -279,6 +289,7 @@ impl Endpoint {
             sleepers: AtomicUsize::new(0),
             accept_sleepers: AtomicUsize::new(0),
             spinners: AtomicUsize::new(0),
+            max_spinners: std::thread::available_parallelism().map_or(2, |n| n.get()),
             keeper_unarmed: AtomicBool::new(false),
         });
         {
@@ -778,6 +789,9 @@ impl io::Read for Session {
             .wait_for(Self::deadline(self.read_timeout), self.nonblocking, |l| {
                 if l.gen != gen {
                     return Err(reset_error(l));
+                }
+                if let Some(n) = l.read_direct(id, buf)? {
+                    return Ok(Some(n));
                 }
                 l.read(id, buf)
             })

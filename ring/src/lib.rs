@@ -13,6 +13,7 @@ pub mod bench_api;
 mod config;
 pub mod doorbell;
 mod endpoint;
+mod fastpath;
 pub mod frame;
 pub mod layout;
 mod link;
