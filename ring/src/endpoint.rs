@@ -74,12 +74,25 @@ impl Shared {
 
     /// Wakes the sleepers that progress may concern. Called with the lock held.
     pub(crate) fn notify(&self, link: &Link) {
-        if self.sleepers.load(StdOrdering::Relaxed) > 0 {
+        self.notify_unlocked(self.to_notify(link));
+    }
+
+    /// Which condvars progress concerns (decided under the lock).
+    fn to_notify(&self, link: &Link) -> (bool, bool) {
+        (
+            self.sleepers.load(StdOrdering::Relaxed) > 0,
+            self.accept_sleepers.load(StdOrdering::Relaxed) > 0
+                && (!link.up || link.listeners.values().any(|l| !l.backlog.is_empty())),
+        )
+    }
+
+    /// Notifies what `to_notify` said, after the lock is released so that the woken
+    /// threads do not block on it at once.
+    fn notify_unlocked(&self, (cv, accept): (bool, bool)) {
+        if cv {
             self.cv.notify_all();
         }
-        if self.accept_sleepers.load(StdOrdering::Relaxed) > 0
-            && (!link.up || link.listeners.values().any(|l| !l.backlog.is_empty()))
-        {
+        if accept {
             self.accept_cv.notify_all();
         }
     }
@@ -457,9 +470,11 @@ fn keeper(sh: Arc<Shared>) {
         if let Err(f) = link.flush() {
             sh.fault(&mut link, f);
         }
-        if changed {
-            sh.notify(&link);
-        }
+        let wake = if changed {
+            sh.to_notify(&link)
+        } else {
+            (false, false)
+        };
         if link.parked.is_some() || sh.spinners.load(StdOrdering::SeqCst) > 0 {
             // A waiter spins on the ring (or a frame waits for an in-place reader, which
             // pumps on release): no need for the peer to ring us. Whoever stops spinning
@@ -467,6 +482,7 @@ fn keeper(sh: Arc<Shared>) {
             sh.keeper_unarmed.store(true, StdOrdering::SeqCst);
             sh.ring(&mut link);
             drop(link);
+            sh.notify_unlocked(wake);
             sh.doorbell.wait(Some(crate::zerocopy::PARK_MAX / 2));
             sh.keeper_unarmed.store(false, StdOrdering::SeqCst);
             continue;
@@ -501,6 +517,7 @@ fn keeper(sh: Arc<Shared>) {
         };
         sh.ring(&mut link);
         drop(link);
+        sh.notify_unlocked(wake);
         if sleep {
             sh.doorbell.wait(Some(timeout));
         }
