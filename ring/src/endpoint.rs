@@ -470,6 +470,7 @@ fn keeper(sh: Arc<Shared>) {
         if let Err(f) = link.flush() {
             sh.fault(&mut link, f);
         }
+        changed |= link.space_ready();
         let wake = if changed {
             sh.to_notify(&link)
         } else {
