@@ -26,6 +26,9 @@ pub(crate) struct Shared {
     /// Threads asleep on `cv` / `accept_cv` (changed under the lock): no waiter, no notify.
     sleepers: AtomicUsize,
     accept_sleepers: AtomicUsize,
+    /// Where callers of a session sleep, by session id modulo 64, so that traffic on one
+    /// session wakes only the few that share its stripe (not all of them).
+    stripes: Box<[Stripe]>,
     /// Waiters spinning on the ring right now: they pump it themselves, so the keeper
     /// need not ask the peer to ring (each ring is a syscall on the writer's side).
     spinners: AtomicUsize,
@@ -38,6 +41,32 @@ pub(crate) struct Shared {
     /// The keeper sleeps without asking the peer to ring (spinners, or a frame parked for
     /// an in-place reader): whoever stops spinning or releases the frame wakes it.
     pub(crate) keeper_unarmed: AtomicBool,
+}
+
+/// Which sleepers to wake.
+#[derive(Clone, Copy, Default)]
+struct Wake {
+    link: bool,
+    accept: bool,
+    stripes: u64,
+}
+
+/// Where some sessions' callers sleep.
+#[derive(Default)]
+struct Stripe {
+    cv: Condvar,
+    sleepers: AtomicUsize,
+}
+
+/// What a waiting caller waits for, so that it is woken for that.
+#[derive(Clone, Copy)]
+enum WaitOn {
+    /// Link state (up, an open answered): woken by any progress.
+    Link,
+    /// An accepted session.
+    Accept,
+    /// Progress of one session (data, credit, EOF, ring space).
+    Session(u64),
 }
 
 /// Counts a spinning waiter while it lives.
@@ -68,32 +97,55 @@ impl Shared {
         if !f.0.is_empty() {
             link.local_reset(f.0, Some(self.own_id));
         }
+        self.notify_all();
+    }
+
+    /// Wakes every sleeper.
+    fn notify_all(&self) {
         self.cv.notify_all();
         self.accept_cv.notify_all();
+        for s in self.stripes.iter() {
+            s.cv.notify_all();
+        }
     }
 
     /// Wakes the sleepers that progress may concern. Called with the lock held.
-    pub(crate) fn notify(&self, link: &Link) {
-        self.notify_unlocked(self.to_notify(link));
+    pub(crate) fn notify(&self, link: &mut Link) {
+        let w = self.to_notify(link);
+        self.notify_unlocked(w);
     }
 
-    /// Which condvars progress concerns (decided under the lock).
-    fn to_notify(&self, link: &Link) -> (bool, bool) {
-        (
-            self.sleepers.load(StdOrdering::Relaxed) > 0,
-            self.accept_sleepers.load(StdOrdering::Relaxed) > 0
+    /// Which sleepers progress concerns (decided under the lock): the link waiters, the
+    /// accept waiters, and the session stripes the frames since the last call touched.
+    fn to_notify(&self, link: &mut Link) -> Wake {
+        let touched = std::mem::take(&mut link.touched);
+        Wake {
+            link: self.sleepers.load(StdOrdering::Relaxed) > 0,
+            accept: self.accept_sleepers.load(StdOrdering::Relaxed) > 0
                 && (!link.up || link.listeners.values().any(|l| !l.backlog.is_empty())),
-        )
+            // Progress that names no session (a pad, a state change) concerns them all.
+            stripes: if touched == 0 { !0 } else { touched },
+        }
     }
 
     /// Notifies what `to_notify` said, after the lock is released so that the woken
     /// threads do not block on it at once.
-    fn notify_unlocked(&self, (cv, accept): (bool, bool)) {
-        if cv {
+    fn notify_unlocked(&self, w: Wake) {
+        if w.link {
             self.cv.notify_all();
         }
-        if accept {
+        if w.accept {
             self.accept_cv.notify_all();
+        }
+        let mut bits = w.stripes;
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if let Some(s) = self.stripes.get(i) {
+                if s.sleepers.load(StdOrdering::Relaxed) > 0 {
+                    s.cv.notify_all();
+                }
+            }
         }
     }
 
@@ -102,6 +154,29 @@ impl Shared {
         if self.keeper_unarmed.swap(false, StdOrdering::SeqCst) {
             self.doorbell.interrupt();
         }
+    }
+
+    /// As `wait_for`, for a caller of session `id`.
+    fn wait_session<T>(
+        &self,
+        id: u64,
+        deadline: Option<Instant>,
+        nonblocking: bool,
+        attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
+    ) -> io::Result<T> {
+        self.wait_locked_on(WaitOn::Session(id), deadline, nonblocking, attempt)
+            .map(|(_, v)| v)
+    }
+
+    /// As `wait_locked`, for a caller of session `id`.
+    pub(crate) fn wait_session_locked<T>(
+        &self,
+        id: u64,
+        deadline: Option<Instant>,
+        nonblocking: bool,
+        attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
+    ) -> io::Result<(MutexGuard<'_, Link>, T)> {
+        self.wait_locked_on(WaitOn::Session(id), deadline, nonblocking, attempt)
     }
 
     /// Runs `attempt` until it returns a value, waiting between tries as the config says.
@@ -122,13 +197,13 @@ impl Shared {
         nonblocking: bool,
         attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
     ) -> io::Result<(MutexGuard<'_, Link>, T)> {
-        self.wait_locked_on(false, deadline, nonblocking, attempt)
+        self.wait_locked_on(WaitOn::Link, deadline, nonblocking, attempt)
     }
 
     /// The wait loop; `accept` waits never poll for ever and sleep on `accept_cv`.
     fn wait_locked_on<T>(
         &self,
-        accept: bool,
+        on: WaitOn,
         deadline: Option<Instant>,
         nonblocking: bool,
         mut attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
@@ -160,7 +235,7 @@ impl Shared {
                 ));
             }
             let spin_until = *spin_until.get_or_insert(match self.cfg.wait {
-                WaitMode::Poll if !accept => None,
+                WaitMode::Poll if !matches!(on, WaitOn::Accept) => None,
                 WaitMode::Block => Some(now),
                 WaitMode::Adaptive | WaitMode::Poll => Some(now + self.cfg.spin),
             });
@@ -181,7 +256,7 @@ impl Shared {
                 match link.pump() {
                     Ok(true) => {
                         self.ring(&mut link);
-                        self.notify(&link);
+                        self.notify(&mut link);
                         continue;
                     }
                     Ok(false) => {}
@@ -208,10 +283,13 @@ impl Shared {
                 if let Some(d) = deadline {
                     limit = limit.min(d.saturating_duration_since(now));
                 }
-                let (cv, n) = if accept {
-                    (&self.accept_cv, &self.accept_sleepers)
-                } else {
-                    (&self.cv, &self.sleepers)
+                let (cv, n) = match on {
+                    WaitOn::Accept => (&self.accept_cv, &self.accept_sleepers),
+                    WaitOn::Link => (&self.cv, &self.sleepers),
+                    WaitOn::Session(id) => {
+                        let s = &self.stripes[(id % self.stripes.len() as u64) as usize];
+                        (&s.cv, &s.sleepers)
+                    }
                 };
                 n.fetch_add(1, StdOrdering::Relaxed);
                 link = cv
@@ -301,6 +379,7 @@ impl Endpoint {
             accept_cv: Condvar::new(),
             sleepers: AtomicUsize::new(0),
             accept_sleepers: AtomicUsize::new(0),
+            stripes: (0..64).map(|_| Stripe::default()).collect(),
             spinners: AtomicUsize::new(0),
             max_spinners: std::thread::available_parallelism().map_or(2, |n| n.get()),
             keeper_unarmed: AtomicBool::new(false),
@@ -430,8 +509,7 @@ impl Drop for Endpoint {
         let mut link = self.shared.lock();
         link.detach();
         self.shared.ring(&mut link);
-        self.shared.cv.notify_all();
-        self.shared.accept_cv.notify_all();
+        self.shared.notify_all();
     }
 }
 
@@ -467,14 +545,18 @@ fn keeper(sh: Arc<Shared>) {
                 changed = true;
             }
         }
+        let had_pending = link.has_pending();
         if let Err(f) = link.flush() {
             sh.fault(&mut link, f);
         }
-        changed |= link.space_ready();
+        if link.space_ready() || (had_pending && !link.has_pending()) {
+            changed = true;
+            link.touched = !0;
+        }
         let wake = if changed {
-            sh.to_notify(&link)
+            sh.to_notify(&mut link)
         } else {
-            (false, false)
+            Wake::default()
         };
         if link.parked.is_some() || sh.spinners.load(StdOrdering::SeqCst) > 0 {
             // A waiter spins on the ring (or a frame waits for an in-place reader, which
@@ -557,7 +639,7 @@ impl Listener {
     fn accept_inner(&self, deadline: Option<Instant>) -> io::Result<Session> {
         let port = self.port;
         let sh = &self.shared;
-        sh.wait_locked_on(true, deadline, self.nonblocking, |l| {
+        sh.wait_locked_on(WaitOn::Accept, deadline, self.nonblocking, |l| {
             let gen = l.gen;
             let Some(id) = l
                 .listeners
@@ -700,8 +782,11 @@ impl Session {
     fn write_stream(&mut self, buf: &[u8]) -> io::Result<usize> {
         let id = self.id;
         let gen = self.gen;
-        self.shared
-            .wait_for(Self::deadline(self.write_timeout), self.nonblocking, |l| {
+        self.shared.wait_session(
+            id,
+            Self::deadline(self.write_timeout),
+            self.nonblocking,
+            |l| {
                 if l.gen != gen {
                     return Err(reset_error(l));
                 }
@@ -712,7 +797,8 @@ impl Session {
                     }
                     WriteStep::Wait => Ok(None),
                 }
-            })
+            },
+        )
     }
 
     fn write_message(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -721,7 +807,7 @@ impl Session {
         let sh = self.shared.clone();
         let deadline = Self::deadline(self.write_timeout);
         // The whole message's credit first, so the peer can always take all of it.
-        sh.wait_for(deadline, self.nonblocking, |l| {
+        sh.wait_session(id, deadline, self.nonblocking, |l| {
             if l.gen != gen {
                 return Err(reset_error(l));
             }
@@ -747,7 +833,7 @@ impl Session {
         let mut off = 0;
         loop {
             // Later fragments may not be abandoned half way: wait without a deadline.
-            let n = sh.wait_for(None, false, |l| {
+            let n = sh.wait_session(id, None, false, |l| {
                 if l.gen != gen {
                     return Err(reset_error(l));
                 }
@@ -803,8 +889,11 @@ impl io::Read for Session {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let id = self.id;
         let gen = self.gen;
-        self.shared
-            .wait_for(Self::deadline(self.read_timeout), self.nonblocking, |l| {
+        self.shared.wait_session(
+            id,
+            Self::deadline(self.read_timeout),
+            self.nonblocking,
+            |l| {
                 if l.gen != gen {
                     return Err(reset_error(l));
                 }
@@ -812,7 +901,8 @@ impl io::Read for Session {
                     return Ok(Some(n));
                 }
                 l.read(id, buf)
-            })
+            },
+        )
     }
 }
 

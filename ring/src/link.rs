@@ -190,6 +190,9 @@ pub(crate) struct Link {
     pub closed: bool,
     /// Ring the peer once the lock is released.
     pub(crate) ring_peer: bool,
+    /// Sessions (by id modulo 64) that frames concerned since the endpoint last woke
+    /// their callers; all bits after a reset.
+    pub(crate) touched: u64,
 }
 
 const MAX_PENDING_CONTROL: usize = 1 << 16;
@@ -243,6 +246,7 @@ impl Link {
             closed: false,
             ring_peer: false,
             parked: None,
+            touched: 0,
         }
     }
 
@@ -305,6 +309,7 @@ impl Link {
         }
         self.pending.clear();
         self.parked = None;
+        self.touched = !0;
         self.gen += 1;
         self.up = false;
     }
@@ -517,6 +522,7 @@ impl Link {
     }
 
     fn dispatch(&mut self, h: &Header, payload_at: usize) -> Result<(), Fault> {
+        self.touched |= 1 << (h.session % 64);
         let peer_bit = self.role.id_bit() ^ 1;
         match h.kind {
             Kind::Pad => unreachable!("consumed by Consumer::next"),

@@ -113,6 +113,7 @@ impl Link {
             && h.len <= s.buf_alloc
             && (!s.message || h.flags & FLAG_EOR != 0);
         if ok {
+            self.touched |= 1 << (h.session % 64);
             self.parked = Some(Parked {
                 id: h.session,
                 header: *h,
@@ -252,7 +253,7 @@ impl Session {
         let (id, gen) = (self.id, self.gen);
         let deadline = Session::deadline(self.write_timeout);
         let sh: &Shared = &self.shared;
-        let (link, at) = sh.wait_locked(deadline, self.nonblocking, |l| {
+        let (link, at) = sh.wait_session_locked(id, deadline, self.nonblocking, |l| {
             if l.gen != gen {
                 return Err(reset_error(l));
             }
@@ -274,7 +275,7 @@ impl Session {
         let (id, gen) = (self.id, self.gen);
         let deadline = Session::deadline(self.read_timeout);
         let sh: &Shared = &self.shared;
-        let (link, taken) = sh.wait_locked(deadline, self.nonblocking, |l| {
+        let (link, taken) = sh.wait_session_locked(id, deadline, self.nonblocking, |l| {
             if l.gen != gen {
                 return Err(reset_error(l));
             }
@@ -465,7 +466,7 @@ impl Drop for ReadView<'_> {
         }
         // Keep the receive side moving: the keeper slept while the frame was parked.
         match link.pump() {
-            Ok(true) => sh.notify(&link),
+            Ok(true) => sh.notify(&mut link),
             Ok(false) => {}
             Err(f) => sh.fault(&mut link, f),
         }
