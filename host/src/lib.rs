@@ -25,6 +25,7 @@
 #![deny(missing_docs)]
 
 pub mod attach;
+pub mod bench;
 pub mod bridge;
 pub mod checks;
 pub mod client;

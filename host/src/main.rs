@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ivring::{Config, Role};
 use ivring_host::attach::{Attach, HostLink};
-use ivring_host::{checks, demo, services, Server};
+use ivring_host::{bench, checks, demo, services, Server};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -66,6 +66,9 @@ enum Cmd {
         /// Open a session to the other side's port 9 and greet it.
         #[arg(long)]
         hello: bool,
+        /// How blocked readers and writers wait: poll, block or adaptive.
+        #[arg(long, value_parser = bench::parse_wait, default_value = "adaptive")]
+        wait: ivring::WaitMode,
     },
     /// Offer a UNIX socket for the guest agent's clients (as QEMU's `-chardev
     /// socket,server=on` does) and carry each client over one ivring session to the guest
@@ -116,6 +119,9 @@ enum Cmd {
         #[command(flatten)]
         args: checks::CheckArgs,
     },
+    /// Throughput and latency against baselines measured in the same run (loopback pair,
+    /// or a guest with --serve).
+    Bench(bench::BenchArgs),
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -178,8 +184,13 @@ fn run(cli: Cli) -> Result<()> {
             plain,
             role,
             hello,
+            wait,
         } => {
-            let link = HostLink::open(role.into(), &attach(join, plain)?, Config::default())?;
+            let cfg = Config {
+                wait,
+                ..Config::default()
+            };
+            let link = HostLink::open(role.into(), &attach(join, plain)?, cfg)?;
             services::spawn_all(&link)?;
             if hello {
                 let mut s = link
@@ -230,6 +241,7 @@ fn run(cli: Cli) -> Result<()> {
             let link = HostLink::open(role.into(), &attach(join, plain)?, args.config())?;
             checks::run(&link, Some(&link.region()), role.into(), &args)
         }
+        Cmd::Bench(args) => bench::run(&args),
     }
 }
 

@@ -16,6 +16,8 @@ pub const PORT_CHECK: u32 = 2;
 pub const PORT_SOURCE: u32 = 3;
 /// Reads until EOF, then answers with the byte count only (8 bytes LE): no hashing cost.
 pub const PORT_SINK: u32 = 4;
+/// As [`PORT_SINK`], reading each frame in place (zero-copy) without touching its bytes.
+pub const PORT_ZC_SINK: u32 = 5;
 
 /// A checksum of a byte stream that does not depend on how the stream was split.
 #[derive(Clone, Debug)]
@@ -99,6 +101,7 @@ pub fn spawn_all(ep: &Endpoint) -> io::Result<()> {
     spawn(ep.listen(PORT_CHECK)?, |s| sink(s, true))?;
     spawn(ep.listen(PORT_SOURCE)?, source)?;
     spawn(ep.listen(PORT_SINK)?, |s| sink(s, false))?;
+    spawn(ep.listen(PORT_ZC_SINK)?, zc_sink)?;
     Ok(())
 }
 
@@ -149,6 +152,14 @@ fn sink(mut s: Session, hash: bool) -> io::Result<()> {
     reply[..8].copy_from_slice(&count.to_le_bytes());
     reply[8..].copy_from_slice(&h.finish().to_le_bytes());
     s.write_all(if hash { &reply } else { &reply[..8] })
+}
+
+fn zc_sink(mut s: Session) -> io::Result<()> {
+    let mut count = 0u64;
+    while let Some(view) = s.recv_in_place()? {
+        count += view.len() as u64;
+    }
+    s.write_all(&count.to_le_bytes())
 }
 
 fn source(mut s: Session) -> io::Result<()> {

@@ -12,28 +12,80 @@ use crate::link::{Fault, Link, Listen, State, Stats};
 use crate::region::SharedRegion;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering as StdOrdering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as StdOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-struct Shared {
+pub(crate) struct Shared {
     link: Mutex<Link>,
-    cv: Condvar,
-    doorbell: Arc<dyn Doorbell>,
+    pub(crate) cv: Condvar,
+    /// Where `accept` sleeps: woken only when a backlog has something (or on faults), not
+    /// by every byte of traffic.
+    accept_cv: Condvar,
+    /// Threads asleep on `cv` / `accept_cv` (changed under the lock): no waiter, no notify.
+    sleepers: AtomicUsize,
+    accept_sleepers: AtomicUsize,
+    /// Where callers of a session sleep, by session id modulo 64, so that traffic on one
+    /// session wakes only the few that share its stripe (not all of them).
+    stripes: Box<[Stripe]>,
+    /// Waiters spinning on the ring right now: they pump it themselves, so the keeper
+    /// need not ask the peer to ring (each ring is a syscall on the writer's side).
+    spinners: AtomicUsize,
+    /// Most adaptive waiters that spin at once (the CPUs this process may use).
+    max_spinners: usize,
+    pub(crate) doorbell: Arc<dyn Doorbell>,
     own_id: u16,
     cfg: Config,
     stop: AtomicBool,
+    /// The keeper sleeps without asking the peer to ring (spinners, or a frame parked for
+    /// an in-place reader): whoever stops spinning or releases the frame wakes it.
+    pub(crate) keeper_unarmed: AtomicBool,
+}
+
+/// Which sleepers to wake.
+#[derive(Clone, Copy, Default)]
+struct Wake {
+    link: bool,
+    accept: bool,
+    stripes: u64,
+}
+
+/// Where some sessions' callers sleep.
+#[derive(Default)]
+struct Stripe {
+    cv: Condvar,
+    sleepers: AtomicUsize,
+}
+
+/// What a waiting caller waits for, so that it is woken for that.
+#[derive(Clone, Copy)]
+enum WaitOn {
+    /// Link state (up, an open answered): woken by any progress.
+    Link,
+    /// An accepted session.
+    Accept,
+    /// Progress of one session (data, credit, EOF, ring space).
+    Session(u64),
+}
+
+/// Counts a spinning waiter while it lives.
+struct Spinning<'a>(&'a AtomicUsize);
+
+impl Drop for Spinning<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, StdOrdering::SeqCst);
+    }
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Link> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Link> {
         self.link.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Rings the peer if the link asked for it. Called with the lock held: ringing is one
     /// eventfd write or one MMIO store, and it keeps the order of ring and state simple.
-    fn ring(&self, link: &mut Link) {
+    pub(crate) fn ring(&self, link: &mut Link) {
         if let Some(peer) = link.take_ring() {
             self.doorbell.ring(peer);
         }
@@ -41,11 +93,90 @@ impl Shared {
 
     /// A link fault: reset every session and start a new epoch (empty message: the peer
     /// restarted and `check_peer` handles it).
-    fn fault(&self, link: &mut Link, f: Fault) {
+    pub(crate) fn fault(&self, link: &mut Link, f: Fault) {
         if !f.0.is_empty() {
             link.local_reset(f.0, Some(self.own_id));
         }
+        self.notify_all();
+    }
+
+    /// Wakes every sleeper.
+    fn notify_all(&self) {
         self.cv.notify_all();
+        self.accept_cv.notify_all();
+        for s in self.stripes.iter() {
+            s.cv.notify_all();
+        }
+    }
+
+    /// Wakes the sleepers that progress may concern. Called with the lock held.
+    pub(crate) fn notify(&self, link: &mut Link) {
+        let w = self.to_notify(link);
+        self.notify_unlocked(w);
+    }
+
+    /// Which sleepers progress concerns (decided under the lock): the link waiters, the
+    /// accept waiters, and the session stripes the frames since the last call touched.
+    fn to_notify(&self, link: &mut Link) -> Wake {
+        let touched = std::mem::take(&mut link.touched);
+        Wake {
+            link: self.sleepers.load(StdOrdering::Relaxed) > 0,
+            accept: self.accept_sleepers.load(StdOrdering::Relaxed) > 0
+                && (!link.up || link.listeners.values().any(|l| !l.backlog.is_empty())),
+            // Progress that names no session (a pad, a state change) concerns them all.
+            stripes: if touched == 0 { !0 } else { touched },
+        }
+    }
+
+    /// Notifies what `to_notify` said, after the lock is released so that the woken
+    /// threads do not block on it at once.
+    fn notify_unlocked(&self, w: Wake) {
+        if w.link {
+            self.cv.notify_all();
+        }
+        if w.accept {
+            self.accept_cv.notify_all();
+        }
+        let mut bits = w.stripes;
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if let Some(s) = self.stripes.get(i) {
+                if s.sleepers.load(StdOrdering::Relaxed) > 0 {
+                    s.cv.notify_all();
+                }
+            }
+        }
+    }
+
+    /// Wakes a keeper that sleeps unarmed, so that it asks the peer to ring again.
+    pub(crate) fn wake_unarmed_keeper(&self) {
+        if self.keeper_unarmed.swap(false, StdOrdering::SeqCst) {
+            self.doorbell.interrupt();
+        }
+    }
+
+    /// As `wait_for`, for a caller of session `id`.
+    fn wait_session<T>(
+        &self,
+        id: u64,
+        deadline: Option<Instant>,
+        nonblocking: bool,
+        attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
+    ) -> io::Result<T> {
+        self.wait_locked_on(WaitOn::Session(id), deadline, nonblocking, attempt)
+            .map(|(_, v)| v)
+    }
+
+    /// As `wait_locked`, for a caller of session `id`.
+    pub(crate) fn wait_session_locked<T>(
+        &self,
+        id: u64,
+        deadline: Option<Instant>,
+        nonblocking: bool,
+        attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
+    ) -> io::Result<(MutexGuard<'_, Link>, T)> {
+        self.wait_locked_on(WaitOn::Session(id), deadline, nonblocking, attempt)
     }
 
     /// Runs `attempt` until it returns a value, waiting between tries as the config says.
@@ -53,20 +184,40 @@ impl Shared {
         &self,
         deadline: Option<Instant>,
         nonblocking: bool,
-        mut attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
+        attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
     ) -> io::Result<T> {
-        let start = Instant::now();
-        let spin_until = match self.cfg.wait {
-            WaitMode::Poll => None,
-            WaitMode::Block => Some(start),
-            WaitMode::Adaptive => Some(start + self.cfg.spin),
-        };
+        self.wait_locked(deadline, nonblocking, attempt)
+            .map(|(_, v)| v)
+    }
+
+    /// As `wait_for`, keeping the lock held when `attempt` succeeds.
+    pub(crate) fn wait_locked<T>(
+        &self,
+        deadline: Option<Instant>,
+        nonblocking: bool,
+        attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
+    ) -> io::Result<(MutexGuard<'_, Link>, T)> {
+        self.wait_locked_on(WaitOn::Link, deadline, nonblocking, attempt)
+    }
+
+    /// The wait loop; `accept` waits never poll for ever and sleep on `accept_cv`.
+    fn wait_locked_on<T>(
+        &self,
+        on: WaitOn,
+        deadline: Option<Instant>,
+        nonblocking: bool,
+        mut attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
+    ) -> io::Result<(MutexGuard<'_, Link>, T)> {
+        // Set at the first miss: reading the clock costs as much as a write.
+        let mut spin_until: Option<Option<Instant>> = None;
         let mut link = self.lock();
+        let mut spins = 0u32;
+        let mut spinning: Option<Spinning<'_>> = None;
         loop {
             let r = attempt(&mut link);
             self.ring(&mut link);
             match r {
-                Ok(Some(v)) => return Ok(v),
+                Ok(Some(v)) => return Ok((link, v)),
                 Ok(None) => {}
                 Err(e) => return Err(e),
             }
@@ -83,11 +234,29 @@ impl Shared {
                     "ivring: endpoint closed",
                 ));
             }
-            if spin_until.is_none_or(|s| now < s) {
+            let spin_until = *spin_until.get_or_insert(match self.cfg.wait {
+                WaitMode::Poll if !matches!(on, WaitOn::Accept) => None,
+                WaitMode::Block => Some(now),
+                WaitMode::Adaptive | WaitMode::Poll => Some(now + self.cfg.spin),
+            });
+            // A few spinners keep the ring moving; more only fight over the lock and the
+            // CPUs (many sessions): the rest sleep until progress wakes them.
+            let crowded = spinning.is_none()
+                && self.cfg.wait == WaitMode::Adaptive
+                && self.spinners.load(StdOrdering::Relaxed) >= self.max_spinners;
+            if !crowded && spin_until.is_none_or(|s| now < s) {
+                if spinning.is_none() {
+                    self.spinners.fetch_add(1, StdOrdering::SeqCst);
+                    spinning = Some(Spinning(&self.spinners));
+                }
+                link.beat_own(now);
+                if link.rx_moved() {
+                    continue;
+                }
                 match link.pump() {
                     Ok(true) => {
                         self.ring(&mut link);
-                        self.cv.notify_all();
+                        self.notify(&mut link);
                         continue;
                     }
                     Ok(false) => {}
@@ -100,19 +269,34 @@ impl Shared {
                 for _ in 0..32 {
                     std::hint::spin_loop();
                 }
+                spins += 1;
+                if spins.is_multiple_of(4) {
+                    // Let a starved keeper or peer thread run (many pollers, few CPUs).
+                    std::thread::yield_now();
+                }
                 link = self.lock();
             } else {
+                // Nobody pumps the ring while we sleep but the keeper: it must be armed.
+                drop(spinning.take());
+                self.wake_unarmed_keeper();
                 let mut limit = Duration::from_millis(100);
                 if let Some(d) = deadline {
                     limit = limit.min(d.saturating_duration_since(now));
                 }
-                link.waiters += 1;
-                link = self
-                    .cv
+                let (cv, n) = match on {
+                    WaitOn::Accept => (&self.accept_cv, &self.accept_sleepers),
+                    WaitOn::Link => (&self.cv, &self.sleepers),
+                    WaitOn::Session(id) => {
+                        let s = &self.stripes[(id % self.stripes.len() as u64) as usize];
+                        (&s.cv, &s.sleepers)
+                    }
+                };
+                n.fetch_add(1, StdOrdering::Relaxed);
+                link = cv
                     .wait_timeout(link, limit)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
-                link.waiters -= 1;
+                n.fetch_sub(1, StdOrdering::Relaxed);
             }
         }
     }
@@ -192,6 +376,13 @@ impl Endpoint {
             own_id,
             cfg,
             stop: AtomicBool::new(false),
+            accept_cv: Condvar::new(),
+            sleepers: AtomicUsize::new(0),
+            accept_sleepers: AtomicUsize::new(0),
+            stripes: (0..64).map(|_| Stripe::default()).collect(),
+            spinners: AtomicUsize::new(0),
+            max_spinners: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            keeper_unarmed: AtomicBool::new(false),
         });
         {
             let mut link = shared.lock();
@@ -318,11 +509,11 @@ impl Drop for Endpoint {
         let mut link = self.shared.lock();
         link.detach();
         self.shared.ring(&mut link);
-        self.shared.cv.notify_all();
+        self.shared.notify_all();
     }
 }
 
-fn reset_error(l: &Link) -> io::Error {
+pub(crate) fn reset_error(l: &Link) -> io::Error {
     let why = l
         .stats
         .last_error
@@ -357,13 +548,30 @@ fn keeper(sh: Arc<Shared>) {
                 changed = true;
             }
         }
+        let had_pending = link.has_pending();
         if let Err(f) = link.flush() {
             sh.fault(&mut link, f);
         }
-        // A doorbell may also mean "the space you posted is free", which changes nothing
-        // the keeper can see: wake every sleeper to re-check whenever there are any.
-        if changed || link.waiters > 0 {
-            sh.cv.notify_all();
+        if link.space_ready() || (had_pending && !link.has_pending()) {
+            changed = true;
+            link.touched = !0;
+        }
+        let wake = if changed {
+            sh.to_notify(&mut link)
+        } else {
+            Wake::default()
+        };
+        if link.parked.is_some() || sh.spinners.load(StdOrdering::SeqCst) > 0 {
+            // A waiter spins on the ring (or a frame waits for an in-place reader, which
+            // pumps on release): no need for the peer to ring us. Whoever stops spinning
+            // or releases the frame wakes us to arm again; the timeout bounds the rest.
+            sh.keeper_unarmed.store(true, StdOrdering::SeqCst);
+            sh.ring(&mut link);
+            drop(link);
+            sh.notify_unlocked(wake);
+            sh.doorbell.wait(Some(crate::zerocopy::PARK_MAX / 2));
+            sh.keeper_unarmed.store(false, StdOrdering::SeqCst);
+            continue;
         }
         // Arm, then re-check (the lost-wakeup rule): sleep only if nothing came in since.
         let mut sleep = true;
@@ -395,6 +603,7 @@ fn keeper(sh: Arc<Shared>) {
         };
         sh.ring(&mut link);
         drop(link);
+        sh.notify_unlocked(wake);
         // Doorbells are hints: a peer ringing with nothing to read must not make us spin.
         // After a run of early wakeups that found nothing, pause before listening again
         // (rings coalesce, so none is lost; new data is at most 1 ms late meanwhile).
@@ -448,7 +657,7 @@ impl Listener {
     fn accept_inner(&self, deadline: Option<Instant>) -> io::Result<Session> {
         let port = self.port;
         let sh = &self.shared;
-        sh.wait_for(deadline, self.nonblocking, |l| {
+        sh.wait_locked_on(WaitOn::Accept, deadline, self.nonblocking, |l| {
             let gen = l.gen;
             let Some(id) = l
                 .listeners
@@ -463,6 +672,7 @@ impl Listener {
             let message = s.message;
             Ok(Some(Session::new(sh.clone(), id, gen, port, message)))
         })
+        .map(|(_, s)| s)
     }
 }
 
@@ -486,14 +696,14 @@ impl Drop for Listener {
 /// of a session the peer had already shut down or closed: those still return what it sent,
 /// then EOF (a peer may close and exit at once). Dropping the session closes it.
 pub struct Session {
-    shared: Arc<Shared>,
-    id: u64,
-    gen: u64,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) id: u64,
+    pub(crate) gen: u64,
     port: u32,
-    message: bool,
-    read_timeout: Option<Duration>,
-    write_timeout: Option<Duration>,
-    nonblocking: bool,
+    pub(crate) message: bool,
+    pub(crate) read_timeout: Option<Duration>,
+    pub(crate) write_timeout: Option<Duration>,
+    pub(crate) nonblocking: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -595,15 +805,18 @@ impl Session {
         Ok(())
     }
 
-    fn deadline(t: Option<Duration>) -> Option<Instant> {
+    pub(crate) fn deadline(t: Option<Duration>) -> Option<Instant> {
         t.map(|t| Instant::now() + t)
     }
 
     fn write_stream(&mut self, buf: &[u8]) -> io::Result<usize> {
         let id = self.id;
         let gen = self.gen;
-        self.shared
-            .wait_for(Self::deadline(self.write_timeout), self.nonblocking, |l| {
+        self.shared.wait_session(
+            id,
+            Self::deadline(self.write_timeout),
+            self.nonblocking,
+            |l| {
                 if l.gen != gen {
                     return Err(reset_error(l));
                 }
@@ -614,7 +827,8 @@ impl Session {
                     }
                     WriteStep::Wait => Ok(None),
                 }
-            })
+            },
+        )
     }
 
     fn write_message(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -623,7 +837,7 @@ impl Session {
         let sh = self.shared.clone();
         let deadline = Self::deadline(self.write_timeout);
         // The whole message's credit first, so the peer can always take all of it.
-        sh.wait_for(deadline, self.nonblocking, |l| {
+        sh.wait_session(id, deadline, self.nonblocking, |l| {
             if l.gen != gen {
                 return Err(reset_error(l));
             }
@@ -651,7 +865,7 @@ impl Session {
             // A message may not be abandoned half way, yet a peer that granted credit
             // and then stopped reading must not hold us past the deadline: at the
             // deadline with part of the message sent, the session is reset.
-            let r = sh.wait_for(deadline, false, |l| {
+            let r = sh.wait_session(id, deadline, false, |l| {
                 if l.gen != gen {
                     return Err(reset_error(l));
                 }
@@ -719,8 +933,11 @@ impl io::Read for Session {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let id = self.id;
         let gen = self.gen;
-        self.shared
-            .wait_for(Self::deadline(self.read_timeout), self.nonblocking, |l| {
+        self.shared.wait_session(
+            id,
+            Self::deadline(self.read_timeout),
+            self.nonblocking,
+            |l| {
                 if l.gen != gen {
                     // Data and EOF the peer sent before the link reset are still read.
                     return match l.read_ended(gen, id, buf) {
@@ -728,8 +945,12 @@ impl io::Read for Session {
                         None => Err(reset_error(l)),
                     };
                 }
+                if let Some(n) = l.read_direct(id, buf)? {
+                    return Ok(Some(n));
+                }
                 l.read(id, buf)
-            })
+            },
+        )
     }
 }
 

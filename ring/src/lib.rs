@@ -8,9 +8,12 @@
 //! give [`Session`]s, which are `std::io::Read + Write` and behave like sockets.
 #![deny(missing_docs)]
 
+#[doc(hidden)]
+pub mod bench_api;
 mod config;
 pub mod doorbell;
 mod endpoint;
+mod fastpath;
 pub mod frame;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -20,6 +23,7 @@ mod link;
 pub mod region;
 mod ring;
 mod sync;
+pub mod zerocopy;
 
 pub use config::{Config, WaitMode};
 pub use doorbell::Doorbell;

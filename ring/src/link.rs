@@ -42,27 +42,29 @@ pub(crate) enum State {
 pub(crate) struct Sess {
     pub state: State,
     pub message: bool,
-    rx: Vec<u8>,
-    rx_pos: usize,
-    msgs: VecDeque<usize>,
-    partial: usize,
+    pub(crate) rx: Vec<u8>,
+    pub(crate) rx_pos: usize,
+    pub(crate) msgs: VecDeque<usize>,
+    pub(crate) partial: usize,
     /// The peer will send no more (Shutdown or Close seen).
     pub rx_eof: bool,
     /// We shut our read side: arriving data is dropped (but credited).
     pub rd_shut: bool,
-    buf_alloc: u32,
-    received: u64,
-    fwd_cnt: u64,
-    fwd_sent: u64,
+    pub(crate) buf_alloc: u32,
+    pub(crate) received: u64,
+    pub(crate) fwd_cnt: u64,
+    pub(crate) fwd_sent: u64,
     peer_buf_alloc: u32,
     peer_fwd_cnt: u64,
-    tx_cnt: u64,
+    pub(crate) tx_cnt: u64,
     /// The peer closed: writes fail with BrokenPipe.
     pub peer_closed: bool,
     /// We sent Shutdown.
     pub wr_shut: bool,
     /// Called whenever the session may have become readable or writable (pollable fds).
     pub notify: Option<Notifier>,
+    /// The reader takes frames in place (crate::zerocopy): pump parks them in the ring.
+    pub(crate) in_place: bool,
 }
 
 /// A readiness callback: must be cheap and must not call back into the endpoint.
@@ -89,10 +91,11 @@ impl Sess {
             peer_closed: false,
             wr_shut: false,
             notify: None,
+            in_place: false,
         }
     }
 
-    fn buffered(&self) -> usize {
+    pub(crate) fn buffered(&self) -> usize {
         self.rx.len() - self.rx_pos
     }
 
@@ -155,7 +158,7 @@ pub(crate) struct Fault(pub String);
 
 pub(crate) struct Link {
     pub role: Role,
-    region: SharedRegion,
+    pub(crate) region: SharedRegion,
     pub geom: Geometry,
     pub max_payload: usize,
     cfg: Config,
@@ -178,8 +181,10 @@ pub(crate) struct Link {
     last_beat: Instant,
     peer_beat: u64,
     peer_beat_at: Instant,
-    tx: Producer,
-    rx: Consumer,
+    pub(crate) tx: Producer,
+    pub(crate) rx: Consumer,
+    /// A Data frame left in the ring for an in-place reader (crate::zerocopy).
+    pub(crate) parked: Option<crate::zerocopy::Parked>,
     pub sessions: HashMap<u64, Sess>,
     /// Sessions the peer had finished (Shutdown or Close) when the link reset, by
     /// (generation, id): their data is still read, then EOF. Dropping the Session removes it.
@@ -193,9 +198,10 @@ pub(crate) struct Link {
     /// Set once the endpoint is dropped.
     pub closed: bool,
     /// Ring the peer once the lock is released.
-    ring_peer: bool,
-    /// Threads asleep on the endpoint's condition variable.
-    pub waiters: usize,
+    pub(crate) ring_peer: bool,
+    /// Sessions (by id modulo 64) that frames concerned since the endpoint last woke
+    /// their callers; all bits after a reset.
+    pub(crate) touched: u64,
 }
 
 const MAX_PENDING_CONTROL: usize = 1 << 16;
@@ -249,7 +255,8 @@ impl Link {
             stats: Stats::default(),
             closed: false,
             ring_peer: false,
-            waiters: 0,
+            parked: None,
+            touched: 0,
         }
     }
 
@@ -328,6 +335,8 @@ impl Link {
             l.backlog.clear();
         }
         self.pending.clear();
+        self.parked = None;
+        self.touched = !0;
         self.gen += 1;
         self.up = false;
     }
@@ -426,13 +435,19 @@ impl Link {
         };
     }
 
-    /// Bumps our heartbeat when due and checks the peer's; `Err` once the peer is gone.
-    pub fn beat(&mut self, now: Instant, peer_present: Option<bool>) -> Result<(), Fault> {
+    /// Bumps our heartbeat when due. Spinning waiters call it too: with many of them the
+    /// keeper can go without the CPU or the lock for longer than the peer's timeout.
+    pub fn beat_own(&mut self, now: Instant) {
         if now.duration_since(self.last_beat) >= self.cfg.heartbeat {
             self.heartbeat = self.heartbeat.wrapping_add(1);
             self.store_own(side::HEARTBEAT, self.heartbeat, Ordering::Relaxed);
             self.last_beat = now;
         }
+    }
+
+    /// Bumps our heartbeat when due and checks the peer's; `Err` once the peer is gone.
+    pub fn beat(&mut self, now: Instant, peer_present: Option<bool>) -> Result<(), Fault> {
+        self.beat_own(now);
         if !self.up {
             return Ok(());
         }
@@ -459,7 +474,7 @@ impl Link {
     }
 
     /// A bad index is a restart if the peer's epoch moved, corruption otherwise.
-    fn index_fault(&mut self, bad: BadIndex) -> Fault {
+    pub(crate) fn index_fault(&mut self, bad: BadIndex) -> Fault {
         let peer_epoch = self.load_peer(side::EPOCH, Ordering::Acquire);
         if peer_epoch != self.peer_acked {
             // check_peer will see the new epoch and reset; not the peer's fault.
@@ -506,6 +521,12 @@ impl Link {
         // A peer that publishes as fast as we read must not keep us here (holding the
         // link's lock) for ever: after a ring's worth, stop and let the caller come back.
         let mut budget = self.geom.capacity;
+        let mut may_park = match self.parked_state() {
+            crate::zerocopy::ParkState::Lent => return Ok(false),
+            crate::zerocopy::ParkState::Waiting => return Ok(false),
+            crate::zerocopy::ParkState::Expired => false,
+            crate::zerocopy::ParkState::None => true,
+        };
         loop {
             let rec = match self.rx.next(self.max_payload) {
                 Ok(Some(rec)) => rec,
@@ -520,6 +541,9 @@ impl Link {
                 }
                 Err(e) => return Err(self.corrupt(e)),
             };
+            if std::mem::replace(&mut may_park, true) && self.park(&rec) {
+                break;
+            }
             self.dispatch(&rec.header, rec.payload_at)?;
             self.rx.consume(&rec.header);
             budget = budget.saturating_sub(frame::record_len(rec.header.len as usize) as u64);
@@ -535,6 +559,7 @@ impl Link {
     }
 
     fn dispatch(&mut self, h: &Header, payload_at: usize) -> Result<(), Fault> {
+        self.touched |= 1 << (h.session % 64);
         self.dispatch_frame(h, payload_at)?;
         if let Some(n) = self
             .sessions
@@ -836,18 +861,25 @@ impl Link {
 
     /// The state check shared by every session operation.
     pub fn session(&mut self, id: u64) -> io::Result<&mut Sess> {
-        let s = self.sessions.get_mut(&id).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotConnected, "ivring: session is closed")
-        })?;
-        match &s.state {
-            State::Reset(why) => Err(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                format!("ivring: {why}"),
-            )),
-            _ => Ok(s),
-        }
+        session_in(&mut self.sessions, id)
     }
+}
 
+/// [`Link::session`] on the map alone, so that the ring can be borrowed beside it.
+fn session_in(sessions: &mut HashMap<u64, Sess>, id: u64) -> io::Result<&mut Sess> {
+    let s = sessions
+        .get_mut(&id)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "ivring: session is closed"))?;
+    match &s.state {
+        State::Reset(why) => Err(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("ivring: {why}"),
+        )),
+        _ => Ok(s),
+    }
+}
+
+impl Link {
     /// Writes up to one frame of stream data (or one fragment of a message whose credit
     /// has been checked). `Ok(None)`: no credit or no ring space; wait.
     pub fn write_frame(
@@ -859,7 +891,7 @@ impl Link {
     ) -> io::Result<Option<usize>> {
         let max = self.max_payload;
         let pending = self.has_pending();
-        let s = self.session(id)?;
+        let s = session_in(&mut self.sessions, id)?;
         if s.peer_closed || s.wr_shut {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
@@ -890,9 +922,7 @@ impl Link {
                 return Err(self.fault_to_io(f));
             }
         }
-        if let Some(s) = self.sessions.get_mut(&id) {
-            s.tx_cnt += n as u64;
-        }
+        s.tx_cnt += n as u64;
         Ok(Some(n))
     }
 

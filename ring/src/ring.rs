@@ -216,6 +216,26 @@ impl Producer {
         Ok(false)
     }
 
+    /// Whether a posted space request is now met (the reader rang us for it): withdraws
+    /// it, so that the caller wakes the writers waiting for space.
+    pub(crate) fn space_ready(&mut self) -> bool {
+        let want = self
+            .region
+            .load_u64(self.own_block + side::TX_NEED_SPACE, Ordering::Relaxed);
+        if want == 0 {
+            return false;
+        }
+        // SYNC POINT tail (as in Producer::free).
+        let tail = self
+            .region
+            .load_u64(self.peer_block + side::RX_TAIL, Ordering::Acquire);
+        if tail < want || tail > self.head {
+            return false;
+        }
+        self.disarm_space();
+        true
+    }
+
     /// Withdraws a posted space request.
     pub(crate) fn disarm_space(&self) {
         self.region

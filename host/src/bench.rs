@@ -1,0 +1,1216 @@
+//! `ivring-host bench`: throughput and latency of ivring beside baselines measured in the
+//! same run on the same CPUs (a UNIX socket pair, an eventfd ping-pong, a cache-line
+//! ping-pong, memcpy), with every ivring figure given as a ratio to its baseline.
+//!
+//! With nothing configured it runs the loopback pair: an embedded ivshmem server on a
+//! temporary socket and a second process of this binary in the guest role (one per wait
+//! mode, since the mode is a per-endpoint setting). With `--serve SOCK` it serves there
+//! and measures against the guest that joins (`ivring-guest serve`).
+//!
+//! The machine's speed drifts, so the baselines are measured again right before each
+//! wait mode's block of ivring figures, and ratios use that block's baselines.
+
+use crate::attach::{Attach, HostLink};
+use crate::demo::pct;
+use crate::services;
+use anyhow::{bail, Context, Result};
+use ivring::{Config, Endpoint, Role, SessionOptions, WaitMode};
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+/// Message sizes of the throughput figures.
+pub const SIZES: [usize; 5] = [64, 256, 4096, 64 << 10, 1 << 20];
+/// Message sizes of the round-trip figures.
+pub const RTT_SIZES: [usize; 2] = [64, 64 << 10];
+/// Concurrent session counts.
+pub const SESSIONS: [usize; 3] = [1, 16, 256];
+
+/// Options of `ivring-host bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Serve the ivshmem protocol on this socket and measure against the guest that joins
+    /// (which runs `ivring-guest serve`). Without it: the loopback pair on this machine.
+    #[arg(long)]
+    pub serve: Option<PathBuf>,
+    /// Short figures, the whole run under 30 s.
+    #[arg(long)]
+    pub quick: bool,
+    /// One JSON object per line on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write an SVG of throughput against message size (ivring and the UNIX socket).
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// Seconds per figure (default 1, or 0.1 with --quick).
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    /// Wait modes to measure, comma-separated (poll, block, adaptive).
+    #[arg(long, value_delimiter = ',', value_parser = parse_wait, default_value = "poll,block,adaptive")]
+    pub modes: Vec<WaitMode>,
+    /// The two CPUs to pin everything to, baselines included (default: the first two this
+    /// process may use). `none` pins nothing.
+    #[arg(long, default_value = "auto")]
+    pub cpus: String,
+    /// Shared memory size in MiB.
+    #[arg(long, default_value_t = 16)]
+    pub mem_mib: u64,
+    /// Seconds of the idle-cost figure (default 10, or 2 with --quick).
+    #[arg(long)]
+    pub idle_seconds: Option<f64>,
+    /// Only the ivring figures whose "NAME SIZE" contains this (e.g. "stream 64", for
+    /// profiling); baselines are always measured.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Skip the baselines (for profiling ivring alone): no ratios.
+    #[arg(long, hide = true)]
+    pub no_baselines: bool,
+}
+
+/// Parses a wait mode name (for the `bench` and `peer` subcommands).
+pub fn parse_wait(s: &str) -> Result<WaitMode, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "poll" => Ok(WaitMode::Poll),
+        "block" | "doorbell" => Ok(WaitMode::Block),
+        "adaptive" => Ok(WaitMode::Adaptive),
+        other => Err(format!(
+            "unknown wait mode {other:?}: poll, block or adaptive"
+        )),
+    }
+}
+
+fn mode_name(m: WaitMode) -> &'static str {
+    match m {
+        WaitMode::Poll => "poll",
+        WaitMode::Block => "block",
+        WaitMode::Adaptive => "adaptive",
+    }
+}
+
+/// One figure.
+#[derive(Clone, Debug, Default)]
+pub struct Row {
+    /// `ivring/stream`, `baseline/uds`, ...
+    pub name: String,
+    /// Wait mode (`-` for baselines).
+    pub mode: String,
+    /// The wait-mode block the figure was measured in.
+    pub block: String,
+    /// Message size in bytes.
+    pub size: usize,
+    /// Concurrent sessions.
+    pub sessions: usize,
+    /// Messages per second.
+    pub msgs_per_s: Option<f64>,
+    /// Bytes per second.
+    pub bytes_per_s: Option<f64>,
+    /// Round trip percentiles, nanoseconds.
+    pub rtt: Option<[f64; 3]>,
+    /// Ratio to the matching baseline, and its name. Throughput: ivring / baseline
+    /// (higher is better); round trip: ivring p50 / baseline p50 (lower is better).
+    pub ratio: Option<(f64, String)>,
+    /// Other figures (name, value).
+    pub extra: Vec<(String, f64)>,
+}
+
+fn out_row(r: &Row) -> String {
+    fn num(v: Option<f64>) -> String {
+        match v {
+            Some(x) if x.is_finite() => format!("{x:.1}"),
+            _ => "null".into(),
+        }
+    }
+    let mut s = format!(
+        "{{\"name\":\"{}\",\"mode\":\"{}\",\"block\":\"{}\",\"size\":{},\"sessions\":{},\"msgs_per_s\":{},\"bytes_per_s\":{},\"rtt_p50_ns\":{},\"rtt_p99_ns\":{},\"rtt_p999_ns\":{}",
+        r.name,
+        r.mode,
+        r.block,
+        r.size,
+        r.sessions,
+        num(r.msgs_per_s),
+        num(r.bytes_per_s),
+        num(r.rtt.map(|x| x[0])),
+        num(r.rtt.map(|x| x[1])),
+        num(r.rtt.map(|x| x[2])),
+    );
+    match &r.ratio {
+        Some((v, b)) => s += &format!(",\"ratio\":{v:.3},\"ratio_to\":\"{b}\""),
+        None => s += ",\"ratio\":null,\"ratio_to\":null",
+    }
+    for (k, v) in &r.extra {
+        s += &format!(",\"{k}\":{v:.4}");
+    }
+    s + "}"
+}
+
+fn human_rate(v: f64) -> String {
+    if v >= 1e9 {
+        format!("{:.2}G", v / 1e9)
+    } else if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+fn human_size(n: usize) -> String {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{}M", n >> 20)
+    } else if n >= 1024 && n.is_multiple_of(1024) {
+        format!("{}K", n >> 10)
+    } else {
+        format!("{n}")
+    }
+}
+
+fn us(ns: f64) -> String {
+    format!("{:.1}", ns / 1e3)
+}
+
+fn table_line(r: &Row) -> String {
+    let rtt = r.rtt.map_or_else(
+        || format!("{:>8} {:>8} {:>8}", "-", "-", "-"),
+        |x| format!("{:>8} {:>8} {:>8}", us(x[0]), us(x[1]), us(x[2])),
+    );
+    let ratio = r
+        .ratio
+        .as_ref()
+        .map_or_else(String::new, |(v, b)| format!("{v:>7.2}x {b}"));
+    let extra: String = r
+        .extra
+        .iter()
+        .map(|(k, v)| format!(" {k}={v:.3}"))
+        .collect();
+    format!(
+        "{:<22} {:<8} {:>5} {:>4} {:>9} {:>10} {} {}{}",
+        r.name,
+        r.mode,
+        human_size(r.size),
+        r.sessions,
+        r.msgs_per_s.map_or("-".into(), human_rate),
+        r.bytes_per_s
+            .map_or("-".into(), |b| format!("{:.1}", b / 1e6)),
+        rtt,
+        ratio,
+        extra
+    )
+}
+
+// ---------------------------------------------------------------- CPU pinning and CPU time
+
+/// Pins this thread (and so every thread and process started after) to two CPUs.
+fn pin(spec: &str) -> Result<Option<Vec<usize>>> {
+    use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
+    if spec == "none" {
+        return Ok(None);
+    }
+    let cpus: Vec<usize> = if spec == "auto" {
+        let set = sched_getaffinity(None).context("sched_getaffinity")?;
+        (0..CpuSet::MAX_CPU)
+            .filter(|&c| set.is_set(c))
+            .take(2)
+            .collect()
+    } else {
+        spec.split(',')
+            .map(|c| c.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .context("--cpus: give CPU numbers, e.g. 0,1, or none")?
+    };
+    let mut set = CpuSet::new();
+    for &c in &cpus {
+        set.set(c);
+    }
+    sched_setaffinity(None, &set).context("sched_setaffinity")?;
+    Ok(Some(cpus))
+}
+
+/// utime + stime of a process in clock ticks (USER_HZ, 100 on Linux).
+fn proc_ticks(pid: &str) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &s[s.rfind(')').context("malformed stat")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime is field 14, stime 15.
+    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
+}
+
+/// CPU time of every thread of a process in nanoseconds (from schedstat: finer than ticks).
+fn proc_sched_ns(pid: &str) -> u64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+// ------------------------------------------------------------------------------ baselines
+
+fn memcpy_rate(size: usize, secs: f64) -> f64 {
+    let src = vec![0x5au8; size];
+    let mut dst = vec![0u8; size];
+    let mut bytes = 0u64;
+    let t0 = Instant::now();
+    let batch = (1 << 20) / size + 1;
+    while t0.elapsed().as_secs_f64() < secs {
+        for _ in 0..batch {
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&mut dst);
+        }
+        bytes += (batch * size) as u64;
+    }
+    bytes as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// Streams `size`-byte writes through a UNIX stream socket pair to a reader thread.
+fn uds_tput(size: usize, secs: f64) -> Result<(f64, f64)> {
+    let (mut a, mut b) = UnixStream::pair()?;
+    let reader = std::thread::spawn(move || -> u64 {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            match b.read(&mut buf) {
+                Ok(0) | Err(_) => return n,
+                Ok(k) => n += k as u64,
+            }
+        }
+    });
+    let buf = vec![0x5au8; size];
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    let batch = ((256 << 10) / size).max(1);
+    while t0.elapsed().as_secs_f64() < secs {
+        for _ in 0..batch {
+            a.write_all(&buf)?;
+        }
+        sent += (batch * size) as u64;
+    }
+    drop(a);
+    let got = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))?;
+    let el = t0.elapsed().as_secs_f64();
+    if got != sent {
+        bail!("uds reader got {got} of {sent}");
+    }
+    Ok((sent as f64 / size as f64 / el, sent as f64 / el))
+}
+
+fn uds_rtt(size: usize, secs: f64) -> Result<Vec<u64>> {
+    let (mut a, mut b) = UnixStream::pair()?;
+    let echo = std::thread::spawn(move || {
+        let mut buf = vec![0u8; size];
+        while b.read_exact(&mut buf).is_ok() {
+            if b.write_all(&buf).is_err() {
+                return;
+            }
+        }
+    });
+    let out = vec![7u8; size];
+    let mut back = vec![0u8; size];
+    let mut v = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed().as_secs_f64() < secs {
+        let t = Instant::now();
+        a.write_all(&out)?;
+        a.read_exact(&mut back)?;
+        v.push(t.elapsed().as_nanos() as u64);
+    }
+    drop(a);
+    let _ = echo.join();
+    v.sort_unstable();
+    Ok(v)
+}
+
+fn eventfd_rtt(secs: f64) -> Result<Vec<u64>> {
+    use rustix::event::{eventfd, EventfdFlags};
+    let ping = Arc::new(eventfd(0, EventfdFlags::empty())?);
+    let pong = Arc::new(eventfd(0, EventfdFlags::empty())?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (pi, po, st) = (ping.clone(), pong.clone(), stop.clone());
+    let t = std::thread::spawn(move || {
+        let mut b = [0u8; 8];
+        loop {
+            if rustix::io::read(&*pi, &mut b).is_err() || st.load(Ordering::Relaxed) {
+                return;
+            }
+            let _ = rustix::io::write(&*po, &1u64.to_ne_bytes());
+        }
+    });
+    let mut b = [0u8; 8];
+    let mut v = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed().as_secs_f64() < secs {
+        let s = Instant::now();
+        rustix::io::write(&*ping, &1u64.to_ne_bytes())?;
+        rustix::io::read(&*pong, &mut b)?;
+        v.push(s.elapsed().as_nanos() as u64);
+    }
+    stop.store(true, Ordering::Relaxed);
+    rustix::io::write(&*ping, &1u64.to_ne_bytes())?;
+    let _ = t.join();
+    v.sort_unstable();
+    Ok(v)
+}
+
+#[repr(align(128))]
+struct Line(AtomicU64);
+
+fn cacheline_rtt(secs: f64) -> Vec<u64> {
+    let ping = Arc::new(Line(AtomicU64::new(0)));
+    let pong = Arc::new(Line(AtomicU64::new(0)));
+    let (pi, po) = (ping.clone(), pong.clone());
+    let t = std::thread::spawn(move || {
+        let mut seen = 0;
+        let mut spins = 0u32;
+        loop {
+            let v = pi.0.load(Ordering::Acquire);
+            if v == u64::MAX {
+                return;
+            }
+            if v != seen {
+                seen = v;
+                spins = 0;
+                po.0.store(v, Ordering::Release);
+            } else {
+                std::hint::spin_loop();
+                spins += 1;
+                if spins.is_multiple_of(128) {
+                    // As ivring's pollers do: let a thread sharing this CPU run.
+                    std::thread::yield_now();
+                }
+            }
+        }
+    });
+    let mut v = Vec::new();
+    let t0 = Instant::now();
+    let mut i = 0u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        i += 1;
+        let s = Instant::now();
+        ping.0.store(i, Ordering::Release);
+        let mut spins = 0u32;
+        while pong.0.load(Ordering::Acquire) != i {
+            std::hint::spin_loop();
+            spins += 1;
+            if spins.is_multiple_of(128) {
+                // Two spinners on two shared vCPUs: let the other run if we share one.
+                std::thread::yield_now();
+            }
+        }
+        v.push(s.elapsed().as_nanos() as u64);
+    }
+    ping.0.store(u64::MAX, Ordering::Release);
+    let _ = t.join();
+    v.sort_unstable();
+    v
+}
+
+fn rtt_row(name: &str, mode: &str, size: usize, v: &[u64]) -> Row {
+    let p = [
+        pct(v, 50.0) as f64,
+        pct(v, 99.0) as f64,
+        pct(v, 99.9) as f64,
+    ];
+    Row {
+        name: name.into(),
+        mode: mode.into(),
+        size,
+        sessions: 1,
+        msgs_per_s: Some(1e9 / p[0].max(1.0)),
+        rtt: Some(p),
+        extra: vec![("samples".into(), v.len() as f64)],
+        ..Row::default()
+    }
+}
+
+/// The baselines of one block.
+struct Baselines {
+    rows: Vec<Row>,
+}
+
+impl Baselines {
+    fn find(&self, name: &str, size: usize, rtt: bool) -> Option<&Row> {
+        self.rows
+            .iter()
+            .find(|r| r.name == name && r.size == size && r.rtt.is_some() == rtt)
+    }
+}
+
+fn measure_baselines(block: &str, secs: f64, log: &dyn Fn(&str)) -> Result<Baselines> {
+    let mut rows = Vec::new();
+    log(&format!(
+        "[{block}] baselines: memcpy, UNIX socket, eventfd, cache line"
+    ));
+    for &size in &SIZES {
+        let b = memcpy_rate(size, secs / 2.0);
+        rows.push(Row {
+            name: "baseline/memcpy".into(),
+            mode: "-".into(),
+            size,
+            sessions: 1,
+            msgs_per_s: Some(b / size as f64),
+            bytes_per_s: Some(b),
+            ..Row::default()
+        });
+        let (m, b) = uds_tput(size, secs)?;
+        rows.push(Row {
+            name: "baseline/uds".into(),
+            mode: "-".into(),
+            size,
+            sessions: 1,
+            msgs_per_s: Some(m),
+            bytes_per_s: Some(b),
+            ..Row::default()
+        });
+    }
+    for &size in &RTT_SIZES {
+        rows.push(rtt_row("baseline/uds", "-", size, &uds_rtt(size, secs)?));
+    }
+    rows.push(rtt_row("baseline/eventfd", "-", 8, &eventfd_rtt(secs)?));
+    rows.push(rtt_row("baseline/cacheline", "-", 8, &cacheline_rtt(secs)));
+    for r in &mut rows {
+        r.block = block.into();
+    }
+    Ok(Baselines { rows })
+}
+
+// ------------------------------------------------------------------------- ivring figures
+
+/// Streams `size`-byte writes (or messages) to a sink service for `secs`; (msgs/s, bytes/s)
+/// up to the sink's confirmation that it read everything.
+fn ivring_tput(
+    ep: &Endpoint,
+    size: usize,
+    secs: f64,
+    message: bool,
+    zc: bool,
+) -> Result<(f64, f64)> {
+    let port = if zc {
+        services::PORT_ZC_SINK
+    } else {
+        services::PORT_SINK
+    };
+    let mut s = ep.connect_with(port, SessionOptions { message })?;
+    let buf = vec![0x5au8; size];
+    let frame = ep.max_frame();
+    let batch = ((256 << 10) / size).max(1);
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        for _ in 0..batch {
+            if zc {
+                let mut off = 0;
+                while off < size {
+                    let n = (size - off).min(frame);
+                    let mut slot = s.reserve(n)?;
+                    slot.write_at(0, &buf[off..off + n]);
+                    slot.commit();
+                    off += n;
+                }
+            } else {
+                s.write_all(&buf)?;
+            }
+        }
+        sent += (batch * size) as u64;
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut reply = [0u8; 8];
+    s.read_exact(&mut reply)?;
+    let el = t0.elapsed().as_secs_f64();
+    let got = u64::from_le_bytes(reply);
+    if got != sent {
+        bail!("sink counted {got} bytes, {sent} sent");
+    }
+    Ok((sent as f64 / size as f64 / el, sent as f64 / el))
+}
+
+fn ivring_rtt(ep: &Endpoint, size: usize, secs: f64, message: bool) -> Result<Vec<u64>> {
+    let mut s = ep.connect_with(services::PORT_ECHO, SessionOptions { message })?;
+    let out = vec![7u8; size];
+    let mut back = vec![0u8; size];
+    let mut v = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed().as_secs_f64() < secs {
+        let t = Instant::now();
+        s.write_all(&out)?;
+        if message {
+            let n = s.read(&mut back)?;
+            if n != size {
+                bail!("echo returned a message of {n} bytes, not {size}");
+            }
+        } else {
+            s.read_exact(&mut back)?;
+        }
+        v.push(t.elapsed().as_nanos() as u64);
+    }
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// `n` sessions streaming `size`-byte writes at once: (aggregate bytes/s, slowest/fastest).
+fn ivring_sessions(ep: &Endpoint, n: usize, size: usize, secs: f64) -> Result<(f64, f64)> {
+    let mut sess = Vec::with_capacity(n);
+    for _ in 0..n {
+        // The peer's listener backlog (Config::backlog) can fill while its accept thread
+        // waits for a CPU: back off and retry a refused open.
+        let mut tries = 0;
+        let s = loop {
+            match ep.connect(services::PORT_SINK) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 500 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                other => break other?,
+            }
+        };
+        sess.push(s);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let go = Arc::new(Barrier::new(n + 1));
+    let mut threads = Vec::with_capacity(n);
+    for mut s in sess {
+        let (stop, go) = (stop.clone(), go.clone());
+        threads.push(std::thread::Builder::new().stack_size(256 << 10).spawn(
+            move || -> std::io::Result<(u64, Instant)> {
+                let buf = vec![0x5au8; size];
+                let mut sent = 0u64;
+                go.wait();
+                while !stop.load(Ordering::Relaxed) {
+                    s.write_all(&buf)?;
+                    sent += size as u64;
+                }
+                s.shutdown(Shutdown::Write)?;
+                let mut reply = [0u8; 8];
+                s.read_exact(&mut reply)?;
+                let done = Instant::now();
+                if u64::from_le_bytes(reply) != sent {
+                    return Err(std::io::Error::other("sink count differs"));
+                }
+                Ok((sent, done))
+            },
+        )?);
+    }
+    go.wait();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    stop.store(true, Ordering::Relaxed);
+    let mut per = Vec::with_capacity(n);
+    let mut last = t0;
+    for t in threads {
+        let (bytes, done) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("session thread panicked"))??;
+        per.push(bytes);
+        last = last.max(done);
+    }
+    let total: u64 = per.iter().sum();
+    let min = *per.iter().min().unwrap_or(&0) as f64;
+    let max = *per.iter().max().unwrap_or(&1) as f64;
+    Ok((
+        total as f64 / last.duration_since(t0).as_secs_f64(),
+        min / max.max(1.0),
+    ))
+}
+
+// ---------------------------------------------------------------------------- the peer
+
+struct Peer {
+    link: HostLink,
+    child: Option<Child>,
+    dir: Option<PathBuf>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// The link comes up before the peer's services listen: wait for the last one started.
+fn wait_services(ep: &Endpoint) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        match ep.connect(services::PORT_ZC_SINK) {
+            Ok(mut s) => {
+                s.shutdown(Shutdown::Write)?;
+                let mut reply = [0u8; 8];
+                s.read_exact(&mut reply)?;
+                return Ok(());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                if t0.elapsed() > Duration::from_secs(10) {
+                    bail!("the peer's services did not start within 10 s");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn start_loopback(mode: WaitMode, mem: u64) -> Result<Peer> {
+    let base = std::env::temp_dir();
+    let dir = (0..100)
+        .map(|i| base.join(format!("ivring-bench-{}-{i}", std::process::id())))
+        .find(|p| std::fs::create_dir(p).is_ok())
+        .context("create a temporary directory")?;
+    let sock = dir.join("ivshmem.sock");
+    let cfg = Config {
+        wait: mode,
+        ..Config::default()
+    };
+    let link = HostLink::open(
+        Role::Host,
+        &Attach::Serve {
+            socket: sock.clone(),
+            size: mem,
+            vectors: 1,
+        },
+        cfg,
+    )?;
+    let exe = std::env::current_exe().context("find own executable")?;
+    let child = Command::new(exe)
+        .args([
+            "peer",
+            "--role",
+            "guest",
+            "--wait",
+            mode_name(mode),
+            "--join",
+        ])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("start the guest-role process")?;
+    let peer = Peer {
+        link,
+        child: Some(child),
+        dir: Some(dir),
+    };
+    if !peer.link.wait_up(Duration::from_secs(10)) {
+        bail!("the guest-role process did not attach within 10 s");
+    }
+    wait_services(&peer.link)?;
+    Ok(peer)
+}
+
+fn start_served(sock: &Path, mode: WaitMode, mem: u64) -> Result<Peer> {
+    let cfg = Config {
+        wait: mode,
+        ..Config::default()
+    };
+    let link = HostLink::open(
+        Role::Host,
+        &Attach::Serve {
+            socket: sock.to_path_buf(),
+            size: mem,
+            vectors: 1,
+        },
+        cfg,
+    )?;
+    eprintln!(
+        "bench: serving on {}; start the guest (QEMU ivshmem-doorbell on this socket, then `ivring-guest serve`)",
+        sock.display()
+    );
+    if !link.wait_up(Duration::from_secs(300)) {
+        bail!("no guest attached within 300 s");
+    }
+    wait_services(&link)?;
+    Ok(Peer {
+        link,
+        child: None,
+        dir: None,
+    })
+}
+
+// ------------------------------------------------------------------------------ the run
+
+fn ratio_tput(r: &mut Row, base: Option<&Row>, name: &str) {
+    if let (Some(b), Some(v)) = (base.and_then(|b| b.bytes_per_s), r.bytes_per_s) {
+        r.ratio = Some((v / b, name.into()));
+    }
+}
+
+fn ratio_rtt(r: &mut Row, base: Option<&Row>, name: &str) {
+    if let (Some(b), Some(v)) = (base.and_then(|b| b.rtt), r.rtt) {
+        r.ratio = Some((v[0] / b[0], name.into()));
+    }
+}
+
+fn measure_block(
+    ep: &Endpoint,
+    mode: WaitMode,
+    secs: f64,
+    base: &Baselines,
+    only: Option<&str>,
+    log: &dyn Fn(&str),
+) -> Result<Vec<Row>> {
+    let m = mode_name(mode);
+    let skip =
+        |name: &str, size: usize| only.is_some_and(|o| !format!("{name} {size}").contains(o));
+    let mut rows = Vec::new();
+    let frame = ep.max_frame();
+    for (name, message, zc) in [
+        ("ivring/stream", false, false),
+        ("ivring/message", true, false),
+        ("ivring/zerocopy", false, true),
+    ] {
+        for &size in &SIZES {
+            if message && size > 256 << 10 {
+                // Larger than the default receive buffer (Config::buf_size): refused.
+                continue;
+            }
+            if skip(name, size) {
+                continue;
+            }
+            log(&format!("[{m}] {name} {} B", size));
+            let (mps, bps) = ivring_tput(ep, size, secs, message, zc)?;
+            let mut r = Row {
+                name: name.into(),
+                mode: m.into(),
+                size,
+                sessions: 1,
+                msgs_per_s: Some(mps),
+                bytes_per_s: Some(bps),
+                ..Row::default()
+            };
+            ratio_tput(&mut r, base.find("baseline/uds", size, false), "uds");
+            if let Some(mc) = base
+                .find("baseline/memcpy", size, false)
+                .and_then(|b| b.bytes_per_s)
+            {
+                r.extra.push(("vs_memcpy".into(), bps / mc));
+            }
+            if zc {
+                r.extra
+                    .push(("frames_per_msg".into(), size.div_ceil(frame) as f64));
+            }
+            rows.push(r);
+        }
+    }
+    // Zero-copy against the copying path of the same block.
+    let copy: Vec<(usize, f64)> = rows
+        .iter()
+        .filter(|r| r.name == "ivring/stream")
+        .map(|r| (r.size, r.bytes_per_s.unwrap_or(0.0)))
+        .collect();
+    for r in rows.iter_mut().filter(|r| r.name == "ivring/zerocopy") {
+        if let Some((_, c)) = copy.iter().find(|(s, _)| *s == r.size) {
+            r.extra
+                .push(("vs_copy".into(), r.bytes_per_s.unwrap_or(0.0) / c.max(1.0)));
+        }
+    }
+    for &size in &RTT_SIZES {
+        for (name, message) in [("ivring/rtt/stream", false), ("ivring/rtt/message", true)] {
+            if skip(name, size) {
+                continue;
+            }
+            log(&format!("[{m}] {name} {size} B round trips"));
+            let v = ivring_rtt(ep, size, secs, message)?;
+            let mut r = rtt_row(name, m, size, &v);
+            if size == 64 {
+                match mode {
+                    WaitMode::Poll => ratio_rtt(
+                        &mut r,
+                        base.find("baseline/cacheline", 8, true),
+                        "cacheline",
+                    ),
+                    WaitMode::Block => {
+                        ratio_rtt(&mut r, base.find("baseline/eventfd", 8, true), "eventfd")
+                    }
+                    WaitMode::Adaptive => {
+                        ratio_rtt(&mut r, base.find("baseline/uds", size, true), "uds")
+                    }
+                }
+                if let Some(u) = base.find("baseline/uds", size, true).and_then(|b| b.rtt) {
+                    r.extra
+                        .push(("vs_uds".into(), r.rtt.unwrap_or([0.0; 3])[0] / u[0]));
+                }
+            } else {
+                ratio_rtt(&mut r, base.find("baseline/uds", size, true), "uds");
+            }
+            rows.push(r);
+        }
+    }
+    let one = rows
+        .iter()
+        .find(|r| r.name == "ivring/stream" && r.size == 4096)
+        .and_then(|r| r.bytes_per_s);
+    for &n in &SESSIONS {
+        if skip(&format!("ivring/sessions/{n}"), 4096) {
+            continue;
+        }
+        log(&format!("[{m}] {n} concurrent sessions, 4 KiB writes"));
+        let (bps, fair) = ivring_sessions(ep, n, 4096, secs.max(0.2))?;
+        let mut r = Row {
+            name: "ivring/sessions".into(),
+            mode: m.into(),
+            size: 4096,
+            sessions: n,
+            msgs_per_s: Some(bps / 4096.0),
+            bytes_per_s: Some(bps),
+            ..Row::default()
+        };
+        ratio_tput(&mut r, base.find("baseline/uds", 4096, false), "uds");
+        r.extra.push(("slowest_fastest".into(), fair));
+        if let Some(o) = one {
+            r.extra.push(("vs_one_session".into(), bps / o));
+        }
+        rows.push(r);
+    }
+    for r in &mut rows {
+        r.block = m.into();
+    }
+    Ok(rows)
+}
+
+fn measure_idle(peer: &Peer, block: &str, secs: f64, log: &dyn Fn(&str)) -> Result<Row> {
+    const SESSIONS_OPEN: usize = 16;
+    log(&format!(
+        "[{block}] idle link with {SESSIONS_OPEN} open sessions for {secs:.0} s"
+    ));
+    let mut open = Vec::new();
+    for _ in 0..SESSIONS_OPEN {
+        open.push(peer.link.connect(services::PORT_ECHO)?);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let child = peer.child.as_ref().map(|c| c.id().to_string());
+    let pids: Vec<String> = std::iter::once("self".to_string()).chain(child).collect();
+    let ticks0: u64 = pids.iter().map(|p| proc_ticks(p).unwrap_or(0)).sum();
+    let ns0: u64 = pids.iter().map(|p| proc_sched_ns(p)).sum();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let el = t0.elapsed().as_secs_f64();
+    let ticks1: u64 = pids.iter().map(|p| proc_ticks(p).unwrap_or(0)).sum();
+    let ns1: u64 = pids.iter().map(|p| proc_sched_ns(p)).sum();
+    drop(open);
+    let pct_ticks = (ticks1 - ticks0) as f64 / 100.0 / el * 100.0;
+    let pct_ns = (ns1 - ns0) as f64 / 1e9 / el * 100.0;
+    Ok(Row {
+        name: "ivring/idle".into(),
+        mode: block.into(),
+        block: block.into(),
+        sessions: SESSIONS_OPEN,
+        extra: vec![
+            ("cpu_pct_of_core".into(), pct_ticks),
+            ("cpu_pct_schedstat".into(), pct_ns),
+            ("seconds".into(), el),
+            ("processes".into(), pids.len() as f64),
+        ],
+        ..Row::default()
+    })
+}
+
+/// A target of issue 5 and whether it was met.
+struct Target {
+    what: String,
+    value: f64,
+    limit: f64,
+    at_least: bool,
+}
+
+fn targets(rows: &[Row]) -> Vec<Target> {
+    let find = |name: &str, mode: &str, size: usize, sessions: usize| {
+        rows.iter()
+            .find(|r| r.name == name && r.mode == mode && r.size == size && r.sessions == sessions)
+    };
+    let mut t = Vec::new();
+    let mut push = |what: &str, v: Option<f64>, limit: f64, at_least: bool| {
+        if let Some(value) = v {
+            t.push(Target {
+                what: what.into(),
+                value,
+                limit,
+                at_least,
+            });
+        }
+    };
+    let ratio = |r: Option<&Row>| r.and_then(|r| r.ratio.as_ref().map(|x| x.0));
+    let extra = |r: Option<&Row>, k: &str| {
+        r.and_then(|r| r.extra.iter().find(|(n, _)| n == k).map(|x| x.1))
+    };
+    push(
+        "64 B stream, 1 session, poll: msgs/s vs UNIX socket",
+        ratio(find("ivring/stream", "poll", 64, 1)),
+        35.0,
+        true,
+    );
+    for m in ["poll", "block", "adaptive"] {
+        push(
+            &format!("64 KiB stream, {m}: bytes/s vs UNIX socket"),
+            ratio(find("ivring/stream", m, 65536, 1)),
+            4.0,
+            true,
+        );
+        push(
+            &format!("64 KiB zero-copy vs copying, {m}"),
+            extra(find("ivring/zerocopy", m, 65536, 1), "vs_copy"),
+            2.0,
+            true,
+        );
+    }
+    push(
+        "64 B round trip, poll: p50 vs cache-line ping-pong",
+        ratio(find("ivring/rtt/stream", "poll", 64, 1)),
+        2.5,
+        false,
+    );
+    push(
+        "64 B round trip, block: p50 vs eventfd ping-pong",
+        ratio(find("ivring/rtt/stream", "block", 64, 1)),
+        1.2,
+        false,
+    );
+    for m in ["adaptive", "block", "poll"] {
+        push(
+            &format!("256 sessions at 4 KiB, {m}: aggregate vs one session"),
+            extra(find("ivring/sessions", m, 4096, 256), "vs_one_session"),
+            0.7,
+            true,
+        );
+        push(
+            &format!("256 sessions at 4 KiB, {m}: slowest/fastest"),
+            extra(find("ivring/sessions", m, 4096, 256), "slowest_fastest"),
+            0.5,
+            true,
+        );
+    }
+    if let Some(r) = rows.iter().find(|r| r.name == "ivring/idle") {
+        push(
+            &format!(
+                "idle link, open sessions: % of one core ({:.0} s)",
+                extra(Some(r), "seconds").unwrap_or(0.0)
+            ),
+            extra(Some(r), "cpu_pct_of_core"),
+            1.0,
+            false,
+        );
+    }
+    t
+}
+
+/// Runs the bench.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let started = Instant::now();
+    let secs = args.seconds.unwrap_or(if args.quick { 0.1 } else { 1.0 });
+    let idle_secs = args
+        .idle_seconds
+        .unwrap_or(if args.quick { 2.0 } else { 10.0 });
+    let mem = args.mem_mib << 20;
+    let log = |s: &str| eprintln!("bench {:>5.1}s {s}", started.elapsed().as_secs_f64());
+    let cpus = pin(&args.cpus)?;
+    log(&match &cpus {
+        Some(c) => format!("pinned to CPUs {c:?} (baselines and both ivring processes)"),
+        None => "not pinned".into(),
+    });
+    let mut rows = Vec::new();
+    let mut modes = args.modes.clone();
+    modes.dedup();
+    for (i, &mode) in modes.iter().enumerate() {
+        let m = mode_name(mode);
+        let base = if args.no_baselines {
+            Baselines { rows: Vec::new() }
+        } else {
+            measure_baselines(m, secs, &log)?
+        };
+        let peer = match &args.serve {
+            None => start_loopback(mode, mem)?,
+            Some(sock) => start_served(sock, mode, mem)?,
+        };
+        let mut block = measure_block(&peer.link, mode, secs, &base, args.only.as_deref(), &log)?;
+        rows.extend(base.rows);
+        rows.append(&mut block);
+        if i + 1 == modes.len() && args.only.is_none() {
+            rows.push(measure_idle(&peer, m, idle_secs, &log)?);
+        }
+        if args.serve.is_some() {
+            // A guest can only join the server once; one block is all we get.
+            break;
+        }
+    }
+    log("done");
+
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        for r in &rows {
+            writeln!(out, "{}", out_row(r))?;
+        }
+    } else {
+        writeln!(
+            out,
+            "ivring bench ({}; {} CPUs: {}; {:.2} s per figure)",
+            if args.serve.is_some() {
+                "host <-> guest"
+            } else {
+                "loopback: two processes, memfd + eventfds"
+            },
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpus.as_ref()
+                .map_or("not pinned".into(), |c| format!("pinned to {c:?}")),
+            secs
+        )?;
+        writeln!(
+            out,
+            "{:<22} {:<8} {:>5} {:>4} {:>9} {:>10} {:>8} {:>8} {:>8} ratio",
+            "name", "mode", "size", "sess", "msgs/s", "MB/s", "p50 us", "p99 us", "p99.9"
+        )?;
+        let mut last_block = String::new();
+        for r in &rows {
+            if r.block != last_block {
+                writeln!(out, "-- block: {} --", r.block)?;
+                last_block = r.block.clone();
+            }
+            writeln!(out, "{}", table_line(r))?;
+        }
+        writeln!(out, "targets (issue 5):")?;
+        for t in targets(&rows) {
+            let met = if t.at_least {
+                t.value >= t.limit
+            } else {
+                t.value <= t.limit
+            };
+            writeln!(
+                out,
+                "  {:<4} {:<58} {:>8.2} (target {} {})",
+                if met { "MET" } else { "MISS" },
+                t.what,
+                t.value,
+                if t.at_least { ">=" } else { "<=" },
+                t.limit
+            )?;
+        }
+    }
+    if let Some(p) = &args.plot {
+        std::fs::write(p, plot_svg(&rows)).with_context(|| format!("write {}", p.display()))?;
+        log(&format!("plot written to {}", p.display()));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------- plot
+
+type Series<'a> = (String, &'a str, Vec<(usize, f64)>);
+
+/// Throughput (MB/s, log scale) against message size (log scale): ivring stream per mode,
+/// ivring zero-copy (adaptive) and the UNIX socket.
+pub fn plot_svg(rows: &[Row]) -> String {
+    let (w, h) = (760.0, 460.0);
+    let (l, r, t, b) = (70.0, 170.0, 30.0, 50.0);
+    let series: Vec<Series> = {
+        let mut v = Vec::new();
+        let pick = |name: &str, mode: Option<&str>, block: Option<&str>| -> Vec<(usize, f64)> {
+            rows.iter()
+                .filter(|x| {
+                    x.name == name
+                        && x.sessions == 1
+                        && x.rtt.is_none()
+                        && mode.is_none_or(|m| x.mode == m)
+                        && block.is_none_or(|bl| x.block == bl)
+                })
+                .filter_map(|x| Some((x.size, x.bytes_per_s? / 1e6)))
+                .collect()
+        };
+        let colors = ["#d62728", "#1f77b4", "#2ca02c"];
+        for (i, m) in ["poll", "block", "adaptive"].iter().enumerate() {
+            let s = pick("ivring/stream", Some(m), None);
+            if !s.is_empty() {
+                v.push((format!("ivring {m}"), colors[i], s));
+            }
+        }
+        let zc = pick("ivring/zerocopy", Some("adaptive"), None);
+        if !zc.is_empty() {
+            v.push(("ivring zero-copy".into(), "#9467bd", zc));
+        }
+        // One UNIX socket series: the first block's.
+        let first = rows.first().map(|x| x.block.clone()).unwrap_or_default();
+        v.push((
+            "UNIX socket".into(),
+            "#333333",
+            pick("baseline/uds", None, Some(&first)),
+        ));
+        v
+    };
+    let all: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .collect();
+    let ymin = all.iter().cloned().fold(f64::INFINITY, f64::min).max(0.1);
+    let ymax = all.iter().cloned().fold(0.0, f64::max).max(ymin * 10.0);
+    let (ly0, ly1) = (ymin.log10().floor(), ymax.log10().ceil());
+    let (lx0, lx1) = ((64f64).log2(), ((1 << 20) as f64).log2());
+    let px = |size: usize| l + ((size as f64).log2() - lx0) / (lx1 - lx0) * (w - l - r);
+    let py = |v: f64| h - b - (v.max(ymin).log10() - ly0) / (ly1 - ly0) * (h - t - b);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">Throughput against message size (one session, log-log)</text>\n",
+        (w - r + l) / 2.0
+    );
+    let mut e = ly0;
+    while e <= ly1 {
+        let y = py(10f64.powf(e));
+        s += &format!(
+            "<line x1=\"{l}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n",
+            w - r,
+            l - 6.0,
+            y + 4.0,
+            human_rate(10f64.powf(e) * 1e6).replace('G', " G").replace('M', " M").replace('k', " k") + "B/s"
+        );
+        e += 1.0;
+    }
+    for &size in &SIZES {
+        let x = px(size);
+        s += &format!(
+            "<line x1=\"{x:.1}\" y1=\"{t}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{} B</text>\n",
+            h - b,
+            h - b + 18.0,
+            human_size(size)
+        );
+    }
+    s += &format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">message size</text>\n",
+        (w - r + l) / 2.0,
+        h - 10.0
+    );
+    for (i, (label, color, pts)) in series.iter().enumerate() {
+        let mut pts = pts.clone();
+        pts.sort_by_key(|p| p.0);
+        let path: Vec<String> = pts
+            .iter()
+            .map(|&(sz, v)| format!("{:.1},{:.1}", px(sz), py(v)))
+            .collect();
+        s += &format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n",
+            path.join(" ")
+        );
+        for &(sz, v) in &pts {
+            s += &format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>\n",
+                px(sz),
+                py(v)
+            );
+        }
+        let ly = t + 20.0 + i as f64 * 20.0;
+        s += &format!(
+            "<line x1=\"{:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{:.1}\" y=\"{:.1}\">{label}</text>\n",
+            w - r + 10.0,
+            w - r + 30.0,
+            w - r + 35.0,
+            ly + 4.0
+        );
+    }
+    s + "</svg>\n"
+}

@@ -1,0 +1,577 @@
+//! Zero-copy sends and receives: fill a frame in place in the ring, read one in place.
+//!
+//! # Writing
+//! [`Session::reserve`] waits for credit and ring space for one frame of `len` bytes and
+//! returns a [`WriteSlot`]. The slot is filled through bounds-checked copies
+//! ([`WriteSlot::write_at`], [`WriteSlot::fill_with`]): no `&mut [u8]` into shared memory
+//! is ever handed out, since the peer can read (and a hostile one write) those bytes at
+//! any time. [`WriteSlot::commit`] publishes the frame; dropping the slot abandons it
+//! (nothing is sent, no credit is used). The link's lock is held while the slot lives:
+//! fill it and commit promptly, without blocking on anything else.
+//!
+//! Bytes of the slot that are not written are sent as whatever the ring held there
+//! (earlier frames of this link): write every byte you commit.
+//!
+//! # Reading
+//! [`Session::recv_in_place`] returns a [`ReadView`] of the next frame of the session,
+//! left where the peer wrote it. Dropping the view releases the frame (the ring space
+//! goes back to the writer and the bytes count as consumed for credit). While a view is
+//! held the link's receive side waits behind it: other sessions on the link receive
+//! nothing new until it is dropped. A frame parked for an in-place reader that does not
+//! come for it within [`PARK_MAX`] is copied out as usual.
+//!
+//! What a reader may assume about a view, whatever the peer does:
+//! - its length is fixed: it was read once from the header, checked against the frame
+//!   limit, the session's receive buffer and the published part of the ring;
+//! - every access is bounds-checked against that length and stays inside the ring;
+//! - nothing else: the bytes can change between two reads of the view (a hostile peer
+//!   may keep writing them). Copy once ([`ReadView::read_at`], [`ReadView::copy_to`],
+//!   [`ReadView::for_each_chunk`]) and validate the copy, never a second read.
+//!
+//! In message mode a view is one whole message when it fit one frame
+//! ([`crate::Endpoint::max_frame`]); longer messages come as an owned copy. Data that
+//! arrived before the session turned to in-place reads also comes as an owned copy.
+
+use crate::endpoint::{reset_error, Session, Shared};
+use crate::frame::{self, Header, Kind, FLAG_EOR, HEADER_LEN};
+use crate::link::{Link, State};
+use crate::ring::Record;
+use std::io;
+use std::sync::MutexGuard;
+use std::time::{Duration, Instant};
+
+/// How long a frame stays parked in the ring for an in-place reader that is not there to
+/// take it before it is copied out as usual (so a slow reader cannot stall the link).
+pub const PARK_MAX: Duration = Duration::from_millis(2);
+
+/// A Data frame left in the ring for an in-place reader.
+pub(crate) struct Parked {
+    id: u64,
+    header: Header,
+    at: usize,
+    since: Instant,
+    gen: u64,
+    lent: bool,
+}
+
+/// What `pump` must do about a parked frame.
+pub(crate) enum ParkState {
+    /// Nothing parked.
+    None,
+    /// Parked, its reader has not taken it yet: wait.
+    Waiting,
+    /// Parked and lent to a view: wait for its release.
+    Lent,
+    /// Parked too long (or its session went away): copy it out as usual.
+    Expired,
+}
+
+enum Taken {
+    Ring { at: usize, len: usize, eor: bool },
+    Owned(Vec<u8>),
+    Eof,
+}
+
+impl Link {
+    pub(crate) fn parked_state(&mut self) -> ParkState {
+        let Some(p) = &self.parked else {
+            return ParkState::None;
+        };
+        if p.gen == self.gen && p.lent {
+            return ParkState::Lent;
+        }
+        let wanted = self
+            .sessions
+            .get(&p.id)
+            .is_some_and(|s| s.in_place && s.state == State::Open);
+        if p.gen == self.gen && wanted && p.since.elapsed() < PARK_MAX {
+            ParkState::Waiting
+        } else {
+            self.parked = None;
+            ParkState::Expired
+        }
+    }
+
+    /// Leaves `rec` in the ring for an in-place reader if its session has one and nothing
+    /// of the session is buffered before it. Returns whether it was parked.
+    pub(crate) fn park(&mut self, rec: &Record) -> bool {
+        let h = &rec.header;
+        if h.kind != Kind::Data || h.len == 0 {
+            return false;
+        }
+        let Some(s) = self.sessions.get(&h.session) else {
+            return false;
+        };
+        let ok = s.in_place
+            && s.state == State::Open
+            && !s.rx_eof
+            && !s.rd_shut
+            && s.buffered() == 0
+            && s.msgs.is_empty()
+            && s.partial == 0
+            && s.received == s.fwd_cnt
+            && h.len <= s.buf_alloc
+            && (!s.message || h.flags & FLAG_EOR != 0);
+        if ok {
+            self.touched |= 1 << (h.session % 64);
+            self.parked = Some(Parked {
+                id: h.session,
+                header: *h,
+                at: rec.payload_at,
+                since: Instant::now(),
+                gen: self.gen,
+                lent: false,
+            });
+        }
+        ok
+    }
+
+    fn zc_take(&mut self, id: u64) -> io::Result<Option<Taken>> {
+        let s = self.session(id)?;
+        s.in_place = true;
+        if s.rd_shut {
+            return Ok(Some(Taken::Eof));
+        }
+        if s.buffered() > 0 || !s.msgs.is_empty() {
+            let n = match s.msgs.front() {
+                Some(&m) if s.message => m,
+                _ => s.buffered(),
+            };
+            let mut v = vec![0u8; n];
+            let got = self.read(id, &mut v)?.unwrap_or(0);
+            v.truncate(got);
+            return Ok(Some(Taken::Owned(v)));
+        }
+        let gen = self.gen;
+        if let Some(p) = self.parked.as_mut() {
+            if p.id == id && p.gen == gen {
+                if p.lent {
+                    return Err(io::Error::other(
+                        "ivring: the previous in-place view was leaked, not dropped",
+                    ));
+                }
+                p.lent = true;
+                return Ok(Some(Taken::Ring {
+                    at: p.at,
+                    len: p.header.len as usize,
+                    eor: p.header.flags & FLAG_EOR != 0,
+                }));
+            }
+        }
+        let s = self.session(id)?;
+        if s.rx_eof {
+            return Ok(Some(Taken::Eof));
+        }
+        Ok(None)
+    }
+
+    /// Consumes the frame lent to a view of session `id`, credits it, hands the ring space
+    /// back. A link reset since the view was made leaves nothing to release.
+    fn zc_release(&mut self, id: u64, gen: u64) -> io::Result<()> {
+        if gen != self.gen {
+            return Ok(());
+        }
+        let Some(p) = self
+            .parked
+            .take_if(|p| p.id == id && p.lent && p.gen == gen)
+        else {
+            return Ok(());
+        };
+        self.rx.consume(&p.header);
+        if self.rx.release() {
+            self.ring_peer = true;
+        }
+        let len = p.header.len as u64;
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return Ok(());
+        };
+        s.received += len;
+        s.fwd_cnt += len;
+        // As in Link::read: grant credit once a quarter of the buffer is consumed.
+        let due = s.fwd_cnt - s.fwd_sent >= (s.buf_alloc / 4).max(1) as u64;
+        if due && s.state == State::Open && !s.rx_eof {
+            s.fwd_sent = s.fwd_cnt;
+            let c = frame::CreditArgs {
+                fwd_cnt: s.fwd_cnt,
+                buf_alloc: s.buf_alloc,
+            };
+            self.send_ctrl(Kind::Credit, id, Some(c.encode()))
+                .map_err(|f| self.fault_to_io(f))?;
+        }
+        Ok(())
+    }
+
+    /// Finds ring space for one Data frame of `len` bytes within the session's credit:
+    /// the region offset of its payload, or `None` to wait.
+    fn zc_reserve(&mut self, id: u64, len: usize) -> io::Result<Option<usize>> {
+        let max = self.max_payload;
+        let s = self.session(id)?;
+        if s.peer_closed || s.wr_shut {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "ivring: session closed for writing",
+            ));
+        }
+        if len == 0 || len > max || len > s.peer_buf_alloc() as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "ivring: a slot holds 1 to {} bytes (one frame within the peer's buffer), not {len}",
+                    max.min(s.peer_buf_alloc() as usize)
+                ),
+            ));
+        }
+        if s.credit() < len as u64 {
+            return Ok(None);
+        }
+        if self.has_pending() && !self.flush().map_err(|f| self.fault_to_io(f))? {
+            return Ok(None);
+        }
+        let rec = frame::record_len(len);
+        loop {
+            match self.tx.reserve(rec) {
+                Ok(Some(at)) => return Ok(Some(at + HEADER_LEN)),
+                Ok(None) => match self.arm_space(len) {
+                    Ok(true) => continue,
+                    Ok(false) => return Ok(None),
+                    Err(f) => return Err(self.fault_to_io(f)),
+                },
+                Err(bad) => {
+                    let f = self.index_fault(bad);
+                    return Err(self.fault_to_io(f));
+                }
+            }
+        }
+    }
+}
+
+impl Session {
+    /// Reserves ring space for one frame of `len` bytes (1 to [`crate::Endpoint::max_frame`],
+    /// within the peer's receive buffer), waiting for credit and space as `write` does.
+    /// In message mode the committed frame is one whole message.
+    pub fn reserve(&mut self, len: usize) -> io::Result<WriteSlot<'_>> {
+        let (id, gen) = (self.id, self.gen);
+        let deadline = Session::deadline(self.write_timeout);
+        let sh: &Shared = &self.shared;
+        let (link, at) = sh.wait_session_locked(id, deadline, self.nonblocking, |l| {
+            if l.gen != gen {
+                return Err(reset_error(l));
+            }
+            l.zc_reserve(id, len)
+        })?;
+        Ok(WriteSlot {
+            link,
+            shared: sh,
+            id,
+            at,
+            len,
+            eor: self.message,
+        })
+    }
+
+    /// The next frame of the session, in place in the ring (see the module docs for what
+    /// may be assumed of it). `Ok(None)` at EOF. Waits as `read` does.
+    pub fn recv_in_place(&mut self) -> io::Result<Option<ReadView<'_>>> {
+        let (id, gen) = (self.id, self.gen);
+        let deadline = Session::deadline(self.read_timeout);
+        let sh: &Shared = &self.shared;
+        let (link, taken) = sh.wait_session_locked(id, deadline, self.nonblocking, |l| {
+            if l.gen != gen {
+                return Err(reset_error(l));
+            }
+            l.zc_take(id)
+        })?;
+        let region = link.region.clone();
+        drop(link);
+        let src = match taken {
+            Taken::Eof => return Ok(None),
+            Taken::Owned(v) => Src::Owned(v),
+            Taken::Ring { at, len, eor } => Src::Ring {
+                region,
+                at,
+                len,
+                eor,
+            },
+        };
+        Ok(Some(ReadView {
+            shared: sh,
+            id,
+            gen,
+            src,
+        }))
+    }
+}
+
+/// Ring space for one frame, filled in place and then committed (see the module docs).
+pub struct WriteSlot<'a> {
+    link: MutexGuard<'a, Link>,
+    shared: &'a Shared,
+    id: u64,
+    /// Region offset of the payload.
+    at: usize,
+    len: usize,
+    eor: bool,
+}
+
+impl WriteSlot<'_> {
+    /// Bytes in the slot.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the slot holds no bytes (never: slots hold at least one).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies `data` into the slot at `off`. Panics if it runs past the slot.
+    #[inline]
+    pub fn write_at(&mut self, off: usize, data: &[u8]) {
+        assert!(
+            off <= self.len && data.len() <= self.len - off,
+            "write of {}+{} past a slot of {}",
+            off,
+            data.len(),
+            self.len
+        );
+        self.link.region.write(self.at + off, data);
+    }
+
+    /// Fills the whole slot chunk by chunk: `f(offset, chunk)` fills a private buffer of up
+    /// to 512 bytes that is then copied into the ring.
+    pub fn fill_with(&mut self, mut f: impl FnMut(usize, &mut [u8])) {
+        let mut buf = [0u8; 512];
+        let mut off = 0;
+        while off < self.len {
+            let n = (self.len - off).min(buf.len());
+            f(off, &mut buf[..n]);
+            self.link.region.write(self.at + off, &buf[..n]);
+            off += n;
+        }
+    }
+
+    /// Sends the frame: all `len` bytes of the slot.
+    pub fn commit(mut self) {
+        let h = Header {
+            kind: Kind::Data,
+            flags: if self.eor { FLAG_EOR } else { 0 },
+            len: self.len as u32,
+            session: self.id,
+        };
+        let link = &mut *self.link;
+        link.region.write(self.at - HEADER_LEN, &h.encode());
+        link.tx.commit(frame::record_len(self.len));
+        if let Some(s) = link.sessions.get_mut(&self.id) {
+            s.tx_cnt += self.len as u64;
+        }
+        link.publish();
+        self.shared.ring(link);
+    }
+}
+
+enum Src {
+    Ring {
+        region: crate::SharedRegion,
+        at: usize,
+        len: usize,
+        eor: bool,
+    },
+    Owned(Vec<u8>),
+}
+
+/// A received frame, borrowed in place (or, for data that was already copied out, owned).
+/// Dropping it releases the frame. See the module docs for what may be assumed of it.
+pub struct ReadView<'a> {
+    shared: &'a Shared,
+    id: u64,
+    gen: u64,
+    src: Src,
+}
+
+impl ReadView<'_> {
+    /// Bytes in the view, fixed for its life.
+    pub fn len(&self) -> usize {
+        match &self.src {
+            Src::Ring { len, .. } => *len,
+            Src::Owned(v) => v.len(),
+        }
+    }
+
+    /// Whether the view holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the view is the frame itself in the ring (not an owned copy).
+    pub fn is_in_place(&self) -> bool {
+        matches!(self.src, Src::Ring { .. })
+    }
+
+    /// Whether the frame ends a message (always true for an owned message).
+    pub fn end_of_record(&self) -> bool {
+        match &self.src {
+            Src::Ring { eor, .. } => *eor,
+            Src::Owned(_) => true,
+        }
+    }
+
+    /// Copies `buf.len()` bytes at `off` out of the view. Panics if it runs past the view.
+    #[inline]
+    pub fn read_at(&self, off: usize, buf: &mut [u8]) {
+        let len = self.len();
+        assert!(
+            off <= len && buf.len() <= len - off,
+            "read of {}+{} past a view of {}",
+            off,
+            buf.len(),
+            len
+        );
+        match &self.src {
+            Src::Ring { region, at, .. } => region.read(at + off, buf),
+            Src::Owned(v) => buf.copy_from_slice(&v[off..off + buf.len()]),
+        }
+    }
+
+    /// Appends the whole view to `out`.
+    pub fn copy_to(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.resize(start + self.len(), 0);
+        self.read_at(0, &mut out[start..]);
+    }
+
+    /// Calls `f(offset, chunk)` over the view in private chunks of up to 512 bytes, each
+    /// copied out of the ring once.
+    pub fn for_each_chunk(&self, mut f: impl FnMut(usize, &[u8])) {
+        let mut buf = [0u8; 512];
+        let mut off = 0;
+        while off < self.len() {
+            let n = (self.len() - off).min(buf.len());
+            self.read_at(off, &mut buf[..n]);
+            f(off, &buf[..n]);
+            off += n;
+        }
+    }
+}
+
+impl Drop for ReadView<'_> {
+    fn drop(&mut self) {
+        if !self.is_in_place() {
+            return;
+        }
+        let sh = self.shared;
+        let mut link = sh.lock();
+        if let Err(e) = link.zc_release(self.id, self.gen) {
+            // The session or link is broken; the next call on the session reports it.
+            let _ = e;
+        }
+        // Keep the receive side moving: the keeper slept while the frame was parked.
+        match link.pump() {
+            Ok(true) => sh.notify(&mut link),
+            Ok(false) => {}
+            Err(f) => sh.fault(&mut link, f),
+        }
+        sh.ring(&mut link);
+        if link.parked.is_none() {
+            sh.wake_unarmed_keeper();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{doorbell::local, Config, Endpoint, SessionOptions, SharedRegion};
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    fn pair(cfg: Config) -> (Endpoint, Endpoint) {
+        let region = SharedRegion::heap(1 << 20);
+        let (a, b) = local::pair();
+        let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
+        let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+        (host, guest)
+    }
+
+    #[test]
+    fn slots_and_views_round_trip() {
+        let (host, guest) = pair(Config::default());
+        let l = guest.listen(7).unwrap();
+        let mut s = host.connect(7).unwrap();
+        let mut g = l.accept().unwrap();
+        let total = 3 << 20; // several times the credit: credit must come back
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut in_place = 0;
+            while let Some(v) = g.recv_in_place().unwrap() {
+                in_place += v.is_in_place() as usize;
+                v.for_each_chunk(|off, c| {
+                    assert_eq!(off % 512, 0);
+                    got.extend_from_slice(c)
+                });
+            }
+            (got, in_place)
+        });
+        let mut sent = Vec::new();
+        let mut i = 0u8;
+        while sent.len() < total {
+            let n = 1 + (i as usize * 997) % 60000;
+            let mut slot = s.reserve(n).unwrap();
+            assert_eq!(slot.len(), n);
+            slot.fill_with(|off, c| {
+                for (k, b) in c.iter_mut().enumerate() {
+                    *b = ((off + k) as u8).wrapping_add(i);
+                }
+            });
+            slot.commit();
+            sent.extend((0..n).map(|k| (k as u8).wrapping_add(i)));
+            i = i.wrapping_add(1);
+        }
+        // An abandoned slot sends nothing.
+        drop(s.reserve(100).unwrap());
+        s.write_all(b"tail").unwrap();
+        sent.extend_from_slice(b"tail");
+        drop(s);
+        let (got, in_place) = reader.join().unwrap();
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent);
+        assert!(in_place > 0);
+    }
+
+    #[test]
+    fn message_views_and_limits() {
+        let (host, guest) = pair(Config::default());
+        let l = guest.listen(8).unwrap();
+        let mut s = host
+            .connect_with(8, SessionOptions { message: true })
+            .unwrap();
+        let mut g = l.accept().unwrap();
+        let max = host.max_frame();
+        assert!(s.reserve(0).is_err());
+        assert!(s.reserve(max + 1).is_err());
+        let mut slot = s.reserve(5).unwrap();
+        slot.write_at(0, b"hello");
+        slot.commit();
+        s.write_all(b"second").unwrap();
+        let v = g.recv_in_place().unwrap().unwrap();
+        assert!(v.end_of_record());
+        let mut b = [0u8; 5];
+        v.read_at(0, &mut b);
+        assert_eq!(&b, b"hello");
+        drop(v);
+        let mut out = [0u8; 16];
+        let n = g.read(&mut out).unwrap();
+        assert_eq!(&out[..n], b"second");
+        drop(s);
+        assert!(g.recv_in_place().unwrap().is_none());
+    }
+
+    #[test]
+    #[should_panic(expected = "past a slot")]
+    fn slot_writes_are_bounds_checked() {
+        let (host, guest) = pair(Config::default());
+        let l = guest.listen(9).unwrap();
+        let mut s = host.connect(9).unwrap();
+        let _g = l.accept().unwrap();
+        let mut slot = s.reserve(8).unwrap();
+        slot.write_at(4, &[0; 5]);
+    }
+}
