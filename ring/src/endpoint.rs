@@ -83,7 +83,7 @@ impl Shared {
                     "ivring: endpoint closed",
                 ));
             }
-            if spin_until.is_none_or(|s| now < s) {
+            if spin_until.map_or(true, |s| now < s) {
                 match link.pump() {
                     Ok(true) => {
                         self.ring(&mut link);
@@ -355,9 +355,10 @@ fn keeper(sh: Arc<Shared>) {
         if let Err(f) = link.flush() {
             sh.fault(&mut link, f);
         }
-        if changed {
-            sh.cv.notify_all();
-        }
+        // Notify even when nothing arrived: the doorbell may have been the reader freeing
+        // ring space that a blocked writer posted for (Consumer::release), which changes
+        // nothing the keeper sees but is exactly what that writer waits for.
+        sh.cv.notify_all();
         // Arm, then re-check (the lost-wakeup rule): sleep only if nothing came in since.
         let mut sleep = true;
         match link.arm_wakeup() {

@@ -42,6 +42,8 @@ pub(crate) enum State {
 pub(crate) struct Sess {
     pub state: State,
     pub message: bool,
+    /// The port the session was opened on (kept for diagnostics).
+    #[allow(dead_code)]
     pub port: u32,
     rx: Vec<u8>,
     rx_pos: usize,
@@ -356,6 +358,8 @@ impl Link {
             self.up = false;
             self.tx.reset();
             self.rx.reset();
+            // Session ids are unique within an epoch only: a restarted peer counts from 1.
+            self.highest_peer_seq = 0;
             self.peer_acked = peer_epoch;
             // SYNC POINT ack: Release pairs with the peer's Acquire load of our ACK below:
             // our indices are zero before the peer sees the acknowledgement.
@@ -743,7 +747,11 @@ impl Link {
         // Grant more credit once a quarter of the buffer has been consumed. That is enough
         // to never stall the peer: if it is out of credit, everything it sent since our
         // last grant (a whole buffer) is consumed by the time our buffer is empty.
-        let due = s.fwd_cnt - s.fwd_sent >= (s.buf_alloc / 4).max(1) as u64;
+        let mut due = s.fwd_cnt - s.fwd_sent >= (s.buf_alloc / 4).max(1) as u64;
+        // A message writer waits for credit for its whole message (up to our whole
+        // buffer), so once we hold nothing, report everything consumed: otherwise up to a
+        // quarter of the buffer stays uncredited and a large message never goes.
+        due |= s.message && s.buffered() == 0 && s.fwd_cnt != s.fwd_sent;
         if due && s.state == State::Open && !s.rx_eof {
             s.fwd_sent = s.fwd_cnt;
             let c = CreditArgs {
