@@ -14,6 +14,8 @@ mod endpoint;
 pub mod frame;
 pub mod layout;
 mod link;
+#[cfg(all(test, loom))]
+mod loom_tests;
 pub mod region;
 mod ring;
 mod sync;
