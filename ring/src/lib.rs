@@ -20,6 +20,8 @@ pub mod frame;
 pub mod fuzzing;
 pub mod layout;
 mod link;
+#[cfg(all(test, loom))]
+mod loom_tests;
 pub mod region;
 mod ring;
 mod sync;

@@ -401,6 +401,8 @@ impl Link {
             self.up = false;
             self.tx.reset();
             self.rx.reset();
+            // Session ids are unique within an epoch only: a restarted peer counts from 1.
+            self.highest_peer_seq = 0;
             self.peer_acked = peer_epoch;
             // A new incarnation of the peer numbers its sessions afresh.
             self.highest_peer_seq = 0;
@@ -836,7 +838,11 @@ impl Link {
         // Grant more credit once a quarter of the buffer has been consumed. That is enough
         // to never stall the peer: if it is out of credit, everything it sent since our
         // last grant (a whole buffer) is consumed by the time our buffer is empty.
-        let due = s.fwd_cnt - s.fwd_sent >= (s.buf_alloc / 4).max(1) as u64;
+        let mut due = s.fwd_cnt - s.fwd_sent >= (s.buf_alloc / 4).max(1) as u64;
+        // A message writer waits for credit for its whole message (up to our whole
+        // buffer), so once we hold nothing, report everything consumed: otherwise up to a
+        // quarter of the buffer stays uncredited and a large message never goes.
+        due |= s.message && s.buffered() == 0 && s.fwd_cnt != s.fwd_sent;
         if due && s.state == State::Open && !s.rx_eof {
             s.fwd_sent = s.fwd_cnt;
             let c = CreditArgs {

@@ -1,0 +1,671 @@
+//! Socket semantics of [`ivring::Session`] on heap memory, with an in-process doorbell
+//! pair: one host and one guest [`Endpoint`] in the same process, threads for concurrency.
+//!
+//! Timeouts are generous (the machine running these is slow and shared); nothing asserts
+//! on speed, only on outcomes and on upper bounds far above the expected time.
+
+use ivring::doorbell::local::{self, LocalDoorbell};
+use ivring::layout::{GUEST_BLOCK, MAGIC, PEER_ID_VALID};
+use ivring::{Config, Endpoint, LayoutError, Session, SessionOptions, SharedRegion};
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Long enough that only a real hang trips it.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+struct Pair {
+    region: SharedRegion,
+    host: Endpoint,
+    guest: Endpoint,
+    host_bell: Arc<LocalDoorbell>,
+    guest_bell: Arc<LocalDoorbell>,
+}
+
+/// Every pair gets a long heartbeat timeout unless a test is about heartbeats: on a
+/// loaded two-core machine a keeper can be descheduled for longer than the default second.
+fn pair_with(size: usize, mut cfg: Config) -> Pair {
+    cfg.peer_timeout = cfg.peer_timeout.max(Duration::from_secs(60));
+    let region = SharedRegion::heap(size);
+    let (a, b) = local::pair();
+    let (host_bell, guest_bell) = (Arc::new(a), Arc::new(b));
+    let host = Endpoint::host(region.clone(), host_bell.clone(), cfg.clone())
+        .unwrap_or_else(|e| panic!("host: {e}"));
+    let guest = Endpoint::guest(region.clone(), guest_bell.clone(), cfg)
+        .unwrap_or_else(|e| panic!("guest: {e}"));
+    assert!(host.wait_up(PATIENCE), "link never came up");
+    assert!(guest.wait_up(PATIENCE), "link never came up");
+    Pair {
+        region,
+        host,
+        guest,
+        host_bell,
+        guest_bell,
+    }
+}
+
+fn pair() -> Pair {
+    pair_with(1 << 20, Config::default())
+}
+
+/// Connects host -> guest on `port` (listening first), returning (host end, guest end).
+fn connect(p: &Pair, port: u32, opts: SessionOptions) -> (Session, Session) {
+    let l = p.guest.listen(port).unwrap();
+    let mut h = p.host.connect_with(port, opts).unwrap();
+    let mut g = l.accept_timeout(PATIENCE).unwrap();
+    for s in [&mut h, &mut g] {
+        s.set_read_timeout(Some(PATIENCE));
+        s.set_write_timeout(Some(PATIENCE));
+    }
+    (h, g)
+}
+
+/// A byte pattern that differs per stream `tag` and per position.
+fn pattern(tag: u64, pos: u64) -> u8 {
+    let x = (pos ^ tag.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0x2545_f491_4f6c_dd1d);
+    (x >> 56) as u8
+}
+
+fn fill(tag: u64, start: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = pattern(tag, start + i as u64);
+    }
+}
+
+fn bytes(tag: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0; len];
+    fill(tag, 0, &mut v);
+    v
+}
+
+/// Fletcher-style rolling checksum that notices reordering, not only wrong bytes.
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+struct Sum(u64, u64);
+
+impl Sum {
+    fn add(&mut self, buf: &[u8]) {
+        for &b in buf {
+            self.0 = (self.0 + b as u64) % 0xffff_fffb;
+            self.1 = (self.1 + self.0) % 0xffff_fffb;
+        }
+    }
+}
+
+fn read_exact_timeout(s: &mut Session, len: usize) -> Vec<u8> {
+    s.set_read_timeout(Some(PATIENCE));
+    let mut v = vec![0; len];
+    s.read_exact(&mut v).unwrap();
+    v
+}
+
+#[track_caller]
+fn expect_err<T>(r: std::io::Result<T>, kind: ErrorKind) {
+    match r {
+        Err(e) if e.kind() == kind => {}
+        Err(e) => panic!("expected {kind:?}, got {:?}: {e}", e.kind()),
+        Ok(_) => panic!("expected {kind:?}, got Ok"),
+    }
+}
+
+#[test]
+fn stream_both_ways_with_checksums() {
+    let p = pair();
+    let (mut h, mut g) = connect(&p, 1, SessionOptions::default());
+    const N: usize = 3 << 20;
+    let writer = thread::spawn(move || {
+        let data = bytes(1, N);
+        let mut sum = Sum::default();
+        sum.add(&data);
+        // Odd write sizes so frames do not line up with anything.
+        for chunk in data.chunks(12_345) {
+            h.write_all(chunk).unwrap();
+        }
+        let back = read_exact_timeout(&mut h, N);
+        assert_eq!(back, bytes(2, N), "guest-to-host bytes differ");
+        sum
+    });
+    let got = read_exact_timeout(&mut g, N);
+    let mut sum = Sum::default();
+    sum.add(&got);
+    assert!(got == bytes(1, N), "host-to-guest bytes differ");
+    g.write_all(&bytes(2, N)).unwrap();
+    assert_eq!(writer.join().unwrap(), sum);
+}
+
+#[test]
+fn messages_keep_boundaries_and_truncate() {
+    let cfg = Config {
+        buf_size: 64 << 10,
+        ..Config::default()
+    };
+    let p = pair_with(1 << 20, cfg);
+    let (mut h, mut g) = connect(&p, 2, SessionOptions { message: true });
+    assert!(h.is_message() && g.is_message());
+    let max = p.host.max_frame();
+    // Sizes around the frame limit, so some messages are carried in several frames.
+    let sizes = [1, 7, 16, 100, max - 1, max, max + 1, 64 << 10, 3];
+    // More than the receive buffer in all: the writer waits for the reader's credit.
+    let writer = thread::spawn(move || {
+        for (i, &n) in sizes.iter().enumerate() {
+            assert_eq!(h.write(&bytes(i as u64, n)).unwrap(), n);
+        }
+        h
+    });
+    for (i, &n) in sizes.iter().enumerate() {
+        let mut buf = vec![0u8; 70 << 10];
+        let got = g.read(&mut buf).unwrap();
+        assert_eq!(got, n, "message {i} came back with another length");
+        assert!(buf[..n] == bytes(i as u64, n)[..], "message {i} differs");
+    }
+    let mut h = writer.join().unwrap();
+    // A short buffer truncates the message and the rest of it is gone (SOCK_SEQPACKET).
+    h.write_all(&bytes(10, 1000)).unwrap();
+    h.write_all(&bytes(11, 50)).unwrap();
+    let mut small = [0u8; 10];
+    assert_eq!(g.read(&mut small).unwrap(), 10);
+    assert_eq!(small[..], bytes(10, 10)[..]);
+    let mut buf = [0u8; 100];
+    assert_eq!(g.read(&mut buf).unwrap(), 50, "truncated tail leaked");
+    assert_eq!(buf[..50], bytes(11, 50)[..]);
+    // The other way, too.
+    g.write_all(&bytes(12, 5000)).unwrap();
+    let mut buf = vec![0u8; 8000];
+    assert_eq!(h.read(&mut buf).unwrap(), 5000);
+    assert_eq!(buf[..5000], bytes(12, 5000)[..]);
+    // Larger than the peer's receive buffer: refused, and the session still works.
+    expect_err(h.write(&vec![0u8; (64 << 10) + 1]), ErrorKind::InvalidInput);
+    h.write_all(b"after").unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(g.read(&mut buf).unwrap(), 5);
+    assert_eq!(&buf[..5], b"after");
+}
+
+#[test]
+fn eof_after_shutdown_write_and_other_way_still_works() {
+    let p = pair();
+    let (mut h, mut g) = connect(&p, 3, SessionOptions::default());
+    h.write_all(&bytes(3, 100_000)).unwrap();
+    h.shutdown(Shutdown::Write).unwrap();
+    expect_err(h.write(b"x"), ErrorKind::BrokenPipe);
+    let mut got = Vec::new();
+    g.set_read_timeout(Some(PATIENCE));
+    g.read_to_end(&mut got).unwrap();
+    assert!(got == bytes(3, 100_000));
+    let mut buf = [0u8; 8];
+    assert_eq!(g.read(&mut buf).unwrap(), 0, "EOF is not sticky");
+    // The guest can still write, and the host still read.
+    // Less than the receive buffer (256 KiB), as nobody reads while it is written.
+    g.write_all(&bytes(4, 200_000)).unwrap();
+    assert!(read_exact_timeout(&mut h, 200_000) == bytes(4, 200_000));
+    drop(g);
+    let mut rest = Vec::new();
+    h.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+}
+
+#[test]
+fn eof_then_broken_pipe_after_peer_close() {
+    let p = pair();
+    let (mut h, mut g) = connect(&p, 4, SessionOptions::default());
+    g.write_all(&bytes(5, 200_000)).unwrap();
+    drop(g);
+    let mut got = Vec::new();
+    h.set_read_timeout(Some(PATIENCE));
+    h.read_to_end(&mut got).unwrap();
+    assert!(got == bytes(5, 200_000));
+    let mut buf = [0u8; 8];
+    assert_eq!(h.read(&mut buf).unwrap(), 0);
+    expect_err(h.write(b"anyone?"), ErrorKind::BrokenPipe);
+    drop(h);
+    let deadline = Instant::now() + PATIENCE;
+    while p.host.session_count() + p.guest.session_count() != 0 {
+        assert!(Instant::now() < deadline, "sessions leaked");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn refused_and_addr_in_use() {
+    let p = pair();
+    expect_err(p.host.connect(99), ErrorKind::ConnectionRefused);
+    expect_err(p.guest.connect(99), ErrorKind::ConnectionRefused);
+    let l = p.guest.listen(5).unwrap();
+    expect_err(p.guest.listen(5), ErrorKind::AddrInUse);
+    // The same port on the other side is another address.
+    let _l2 = p.host.listen(5).unwrap();
+    drop(l);
+    let _l3 = p.guest.listen(5).unwrap();
+    // A dropped listener refuses again.
+    drop(_l2);
+    expect_err(p.guest.connect(5), ErrorKind::ConnectionRefused);
+}
+
+#[test]
+fn read_timeout_and_nonblocking() {
+    let p = pair();
+    let (mut h, mut g) = connect(&p, 6, SessionOptions::default());
+    g.set_read_timeout(Some(Duration::from_millis(200)));
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    expect_err(g.read(&mut buf), ErrorKind::TimedOut);
+    assert!(t.elapsed() >= Duration::from_millis(200));
+    g.set_nonblocking(true);
+    expect_err(g.read(&mut buf), ErrorKind::WouldBlock);
+    let l = p.host.listen(6).unwrap();
+    let mut l = l;
+    l.set_nonblocking(true);
+    expect_err(l.accept(), ErrorKind::WouldBlock);
+    expect_err(
+        l.accept_timeout(Duration::from_millis(100)),
+        ErrorKind::WouldBlock,
+    );
+    // Data that arrives is then readable without blocking.
+    h.write_all(b"ping").unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let n = loop {
+        match g.read(&mut buf) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "data never arrived");
+                thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(&buf[..n], b"ping");
+}
+
+#[test]
+fn thousand_sessions_in_turn() {
+    let p = pair();
+    let l = p.guest.listen(7).unwrap();
+    for i in 0..1000u64 {
+        let mut h = p.host.connect(7).unwrap();
+        let mut g = l.accept_timeout(PATIENCE).unwrap();
+        let len = 1 + (i as usize * 37) % 3000;
+        h.write_all(&bytes(i, len)).unwrap();
+        assert!(
+            read_exact_timeout(&mut g, len) == bytes(i, len),
+            "session {i}"
+        );
+        g.write_all(&bytes(i + 5000, 17)).unwrap();
+        assert!(read_exact_timeout(&mut h, 17) == bytes(i + 5000, 17));
+        if i % 2 == 0 {
+            drop(h);
+            drop(g);
+        } else {
+            drop(g);
+            drop(h);
+        }
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while p.host.session_count() + p.guest.session_count() != 0 {
+        assert!(Instant::now() < deadline, "sessions leaked");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn hundred_sessions_at_once() {
+    let p = pair();
+    let lg = p.guest.listen(8).unwrap();
+    let lh = p.host.listen(9).unwrap();
+    let mut pairs = Vec::new();
+    for i in 0..100u64 {
+        // Half opened by each side.
+        if i % 2 == 0 {
+            let h = p.host.connect(8).unwrap();
+            pairs.push((h, lg.accept_timeout(PATIENCE).unwrap()));
+        } else {
+            let g = p.guest.connect(9).unwrap();
+            pairs.push((lh.accept_timeout(PATIENCE).unwrap(), g));
+        }
+    }
+    assert_eq!(p.host.session_count(), 100);
+    let (hs, gs): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
+    const LEN: usize = 20_000;
+    let host_side = thread::spawn(move || {
+        let mut hs = hs;
+        for (i, h) in hs.iter_mut().enumerate() {
+            h.write_all(&bytes(i as u64, LEN)).unwrap();
+        }
+        for (i, h) in hs.iter_mut().enumerate().rev() {
+            assert!(
+                read_exact_timeout(h, LEN) == bytes(1000 + i as u64, LEN),
+                "g->h {i}"
+            );
+        }
+    });
+    let mut gs = gs;
+    for (i, g) in gs.iter_mut().enumerate() {
+        g.write_all(&bytes(1000 + i as u64, LEN)).unwrap();
+    }
+    for (i, g) in gs.iter_mut().enumerate().rev() {
+        assert!(
+            read_exact_timeout(g, LEN) == bytes(i as u64, LEN),
+            "h->g {i}"
+        );
+    }
+    host_side.join().unwrap();
+}
+
+#[test]
+fn large_transfer_wraps_small_ring() {
+    // 64 KiB region: about 30 KiB per ring, so 64 MiB wraps it some 2000 times.
+    let p = pair_with(64 << 10, Config::default());
+    let (mut h, mut g) = connect(&p, 10, SessionOptions::default());
+    const TOTAL: u64 = 64 << 20;
+    let writer = thread::spawn(move || {
+        let mut sum = Sum::default();
+        let mut buf = vec![0u8; 20_000];
+        let mut pos = 0u64;
+        let mut step = 0usize;
+        while pos < TOTAL {
+            // Varying sizes (not multiples of 16) so records end everywhere and padding
+            // records are needed at the ring's end.
+            let n = (1 + (step * 7919) % buf.len()).min((TOTAL - pos) as usize);
+            fill(10, pos, &mut buf[..n]);
+            sum.add(&buf[..n]);
+            h.write_all(&buf[..n]).unwrap();
+            pos += n as u64;
+            step += 1;
+        }
+        h.shutdown(Shutdown::Write).unwrap();
+        (sum, h)
+    });
+    g.set_read_timeout(Some(PATIENCE));
+    let mut sum = Sum::default();
+    let mut buf = vec![0u8; 9_999];
+    let mut pos = 0u64;
+    let mut expect = vec![0u8; buf.len()];
+    loop {
+        let n = g.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        fill(10, pos, &mut expect[..n]);
+        assert!(buf[..n] == expect[..n], "bytes differ near offset {pos}");
+        sum.add(&buf[..n]);
+        pos += n as u64;
+    }
+    let (wsum, _h) = writer.join().unwrap();
+    assert_eq!(pos, TOTAL);
+    assert_eq!(sum, wsum);
+    assert_eq!(p.host.stats().corruptions + p.guest.stats().corruptions, 0);
+}
+
+#[test]
+fn stalled_reader_does_not_stall_others() {
+    let cfg = Config {
+        buf_size: 128 << 10,
+        ..Config::default()
+    };
+    // Small ring: session A's unread bytes are far more than the ring holds.
+    let p = pair_with(64 << 10, cfg);
+    let l = p.guest.listen(11).unwrap();
+    let mut a = p.host.connect(11).unwrap();
+    let mut a_reader = l.accept_timeout(PATIENCE).unwrap();
+    let (mut b, mut b_reader) = (
+        p.host.connect(11).unwrap(),
+        l.accept_timeout(PATIENCE).unwrap(),
+    );
+    // Fill A until its credit runs out; nobody reads it.
+    a.set_nonblocking(true);
+    let mut a_sent = 0usize;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let chunk = bytes(20, a_sent + 4096);
+        match a.write(&chunk[a_sent..]) {
+            Ok(n) => a_sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if a_sent >= 128 << 10 {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "A never got its credit");
+                thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("A: {:?} {e}", e.kind()),
+        }
+    }
+    assert_eq!(a_sent, 128 << 10, "A sent past its credit");
+    // Session B moves 16 MiB meanwhile.
+    const B: usize = 16 << 20;
+    let writer = thread::spawn(move || {
+        let data = bytes(21, B);
+        for c in data.chunks(50_000) {
+            b.write_all(c).unwrap();
+        }
+        b
+    });
+    let got = read_exact_timeout(&mut b_reader, B);
+    assert!(got == bytes(21, B), "B's bytes differ");
+    let _b = writer.join().unwrap();
+    // A's bytes were kept all along.
+    assert!(read_exact_timeout(&mut a_reader, a_sent) == bytes(20, a_sent));
+}
+
+#[test]
+fn peer_restart_resets_old_sessions_and_leaks_nothing() {
+    let p = pair();
+    let Pair {
+        region,
+        host,
+        guest,
+        guest_bell,
+        ..
+    } = p;
+    let lg = guest.listen(12).unwrap();
+    let lh = host.listen(13).unwrap();
+    let mut h = host.connect(12).unwrap();
+    let mut g = lg.accept_timeout(PATIENCE).unwrap();
+    h.set_write_timeout(Some(PATIENCE));
+    // Another old session, opened by the guest, idle.
+    let g2 = guest.connect(13).unwrap();
+    let mut h2 = lh.accept_timeout(PATIENCE).unwrap();
+    // Host writes pattern 0x01... continuously; the guest reads some, then restarts.
+    let (tx, rx) = mpsc::channel();
+    let writer = thread::spawn(move || {
+        let mut pos = 0u64;
+        let mut buf = vec![0u8; 10_000];
+        loop {
+            fill(100, pos, &mut buf);
+            match h.write(&buf) {
+                Ok(n) => pos += n as u64,
+                Err(e) => return (e.kind(), h),
+            }
+        }
+    });
+    let reader = thread::spawn(move || {
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 10_000];
+        g.set_read_timeout(Some(PATIENCE));
+        loop {
+            match g.read(&mut buf) {
+                Ok(0) => return ErrorKind::UnexpectedEof,
+                Ok(n) => {
+                    got += n;
+                    if got >= 1 << 20 {
+                        let _ = tx.send(());
+                    }
+                }
+                Err(e) => return e.kind(),
+            }
+        }
+    });
+    rx.recv_timeout(PATIENCE).expect("no data flowed");
+    drop(lg);
+    drop(guest);
+    drop(g2);
+    let cfg = Config {
+        peer_timeout: Duration::from_secs(60),
+        ..Config::default()
+    };
+    let guest =
+        Endpoint::guest(region.clone(), guest_bell.clone(), cfg).unwrap_or_else(|e| panic!("{e}"));
+    let (kind, mut h) = writer.join().unwrap();
+    assert_eq!(kind, ErrorKind::ConnectionReset, "old writer");
+    let rk = reader.join().unwrap();
+    assert!(
+        matches!(rk, ErrorKind::ConnectionReset | ErrorKind::NotConnected),
+        "old reader got {rk:?}"
+    );
+    let mut buf = [0u8; 4];
+    expect_err(h.read(&mut buf), ErrorKind::ConnectionReset);
+    expect_err(h.write(b"x"), ErrorKind::ConnectionReset);
+    expect_err(h2.read(&mut buf), ErrorKind::ConnectionReset);
+    expect_err(h2.shutdown(Shutdown::Write), ErrorKind::ConnectionReset);
+    assert!(host.stats().link_resets >= 1);
+
+    // New sessions both ways on the same region: only their own bytes arrive.
+    assert!(guest.wait_up(PATIENCE));
+    let lg = guest.listen(12).unwrap();
+    let mut nh = host.connect(12).unwrap();
+    let mut ng = lg.accept_timeout(PATIENCE).unwrap();
+    nh.write_all(&bytes(200, 200_000)).unwrap();
+    assert!(read_exact_timeout(&mut ng, 200_000) == bytes(200, 200_000));
+    ng.set_nonblocking(true);
+    expect_err(ng.read(&mut buf), ErrorKind::WouldBlock);
+    let mut g3 = guest
+        .connect(13)
+        .expect("the restarted guest can open a session to the host");
+    let mut h3 = lh.accept_timeout(PATIENCE).unwrap();
+    g3.write_all(&bytes(300, 100_000)).unwrap();
+    assert!(read_exact_timeout(&mut h3, 100_000) == bytes(300, 100_000));
+    h3.set_nonblocking(true);
+    expect_err(h3.read(&mut buf), ErrorKind::WouldBlock);
+}
+
+#[test]
+fn peer_gone_resets_promptly() {
+    // Only the ivshmem server's word may end this link, not the heartbeat.
+    let cfg = Config {
+        peer_timeout: Duration::from_secs(3600),
+        ..Config::default()
+    };
+    let p = pair_with(1 << 20, cfg);
+    let (mut h, _g) = connect(&p, 14, SessionOptions::default());
+    let reader = thread::spawn(move || {
+        h.set_read_timeout(Some(PATIENCE));
+        let mut buf = [0u8; 16];
+        let t = Instant::now();
+        (h.read(&mut buf).map_err(|e| e.kind()), t.elapsed())
+    });
+    thread::sleep(Duration::from_millis(100));
+    p.guest_bell.set_present(false);
+    let (r, took) = reader.join().unwrap();
+    assert_eq!(r, Err(ErrorKind::ConnectionReset));
+    // "Promptly": well inside the (huge) heartbeat timeout; generous for a loaded machine.
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert!(p.host.stats().link_resets >= 1);
+    let _ = &p.host_bell;
+}
+
+/// Side-block word offsets (layout.rs `side`, PROTOCOL.md §1).
+const EPOCH: usize = 0;
+const PEER_ID: usize = 8;
+const HEARTBEAT: usize = 16;
+const ACK: usize = 24;
+
+/// A "guest" side block written by hand: attached with epoch 5, acknowledging the host's
+/// first epoch (1 on a fresh region), then never touched again (or beaten by hand).
+fn fake_guest(region: &SharedRegion) {
+    let w = |off, v| region.store_u64(GUEST_BLOCK + off, v, Ordering::SeqCst);
+    w(PEER_ID, PEER_ID_VALID | 1);
+    w(HEARTBEAT, 1);
+    w(ACK, 1);
+    w(EPOCH, 5);
+}
+
+#[test]
+fn frozen_peer_is_declared_gone_after_peer_timeout() {
+    let region = SharedRegion::heap(1 << 20);
+    fake_guest(&region);
+    let (a, _b) = local::pair();
+    let cfg = Config {
+        heartbeat: Duration::from_millis(50),
+        peer_timeout: Duration::from_millis(500),
+        ..Config::default()
+    };
+    let start = Instant::now();
+    let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
+    assert!(host.is_up(), "the fake guest did not look attached");
+    while host.is_up() {
+        assert!(
+            start.elapsed() < cfg.peer_timeout + Duration::from_secs(20),
+            "a frozen peer was never declared gone"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    let took = start.elapsed();
+    assert!(took >= cfg.peer_timeout, "declared gone early: {took:?}");
+    let st = host.stats();
+    assert!(st.link_resets >= 1);
+    assert!(
+        st.last_error.as_deref().unwrap_or("").contains("heartbeat"),
+        "{st:?}"
+    );
+}
+
+#[test]
+fn beating_peer_is_not_declared_gone() {
+    let region = SharedRegion::heap(1 << 20);
+    fake_guest(&region);
+    let (a, _b) = local::pair();
+    let cfg = Config {
+        heartbeat: Duration::from_millis(50),
+        peer_timeout: Duration::from_secs(2),
+        ..Config::default()
+    };
+    let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
+    assert!(host.is_up());
+    // A slow peer: beats well inside the timeout, for several timeouts.
+    let start = Instant::now();
+    let mut beat = 1;
+    while start.elapsed() < Duration::from_secs(6) {
+        thread::sleep(Duration::from_millis(200));
+        beat += 1;
+        region.store_u64(GUEST_BLOCK + HEARTBEAT, beat, Ordering::SeqCst);
+        assert!(host.is_up(), "a live peer was declared gone");
+    }
+    assert_eq!(host.stats().link_resets, 0);
+}
+
+#[test]
+fn layout_errors() {
+    let err = |r: Result<Endpoint, LayoutError>| match r {
+        Ok(_) => panic!("expected a layout error"),
+        Err(e) => e,
+    };
+    let bell = || -> Arc<LocalDoorbell> { Arc::new(local::pair().0) };
+    for size in [4096usize, 32 << 10, 96 << 10, (64 << 10) + 8] {
+        let r = SharedRegion::heap(size);
+        assert_eq!(
+            err(Endpoint::host(r.clone(), bell(), Config::default())),
+            LayoutError::BadSize(size as u64)
+        );
+        assert_eq!(
+            err(Endpoint::guest(r, bell(), Config::default())),
+            LayoutError::BadSize(size as u64)
+        );
+    }
+    let r = SharedRegion::heap(64 << 10);
+    r.store_u64(0, 0xdead_beef, Ordering::SeqCst);
+    assert_eq!(
+        err(Endpoint::guest(r, bell(), Config::default())),
+        LayoutError::BadMagic(0xdead_beef)
+    );
+    let r = SharedRegion::heap(64 << 10);
+    r.store_u64(8, 2 | 4096 << 32, Ordering::SeqCst);
+    r.store_u64(0, MAGIC, Ordering::SeqCst);
+    assert_eq!(
+        err(Endpoint::guest(r, bell(), Config::default())),
+        LayoutError::BadVersion(2)
+    );
+    // A zeroed region is fine for a guest: it waits for the host.
+    let g = Endpoint::guest(SharedRegion::heap(64 << 10), bell(), Config::default());
+    assert!(g.is_ok());
+    assert!(!g.unwrap().is_up());
+}
