@@ -242,7 +242,7 @@ case_ivring_guest_reboot() {
     wait_helper ivg-host 150 ivg2 || rc=$?
     kill_vm ivg2
     for boot in ivg1 ivg2; do
-        if grep -aq 'ivring-guest: serving ports 1-4; .*interrupts: MSI-X through VFIO' "$(vm_serial $boot)"; then
+        if grep -aq 'ivring-guest: serving ports 1-4 and 6; .*interrupts: MSI-X through VFIO' "$(vm_serial $boot)"; then
             e2e_pass "$boot/serving-with-interrupts"
         else
             e2e_fail "$boot/serving-with-interrupts" "$(grep -a 'ivring-guest' "$(vm_serial $boot)" | tail -3)"

@@ -34,7 +34,8 @@ enum Cmd {
         #[arg(long)]
         no_vfio: bool,
     },
-    /// Run the echo, check, source and sink services (ports 1-4) until killed.
+    /// Run the echo, check, source, sink and zero-copy sink services (ports 1-4 and 6)
+    /// until killed.
     Serve(AttachArgs),
     /// Test the link against the host's services; prints `PASS name` / `FAIL name: why`.
     Check {
@@ -204,7 +205,7 @@ fn probe(device: Option<String>, no_vfio: bool) -> Result<()> {
 
 fn serve(a: &AttachArgs) -> Result<()> {
     let link = GuestLink::open(a, Config::default())?;
-    eprintln!("ivring-guest: serving ports 1-4; {}", link.why());
+    eprintln!("ivring-guest: serving ports 1-4 and 6; {}", link.why());
     services::spawn_all(link.endpoint()).context("start the services")?;
     loop {
         std::thread::sleep(Duration::from_secs(3600));

@@ -17,7 +17,8 @@ pub const PORT_SOURCE: u32 = 3;
 /// Reads until EOF, then answers with the byte count only (8 bytes LE): no hashing cost.
 pub const PORT_SINK: u32 = 4;
 /// As [`PORT_SINK`], reading each frame in place (zero-copy) without touching its bytes.
-pub const PORT_ZC_SINK: u32 = 5;
+/// (Port 5 is the guest agent's: `bridge::PORT_QGA`.)
+pub const PORT_ZC_SINK: u32 = 6;
 
 /// A checksum of a byte stream that does not depend on how the stream was split.
 #[derive(Clone, Debug)]
