@@ -94,6 +94,10 @@ struct Pair {
     broken: [bool; 2],
     /// Either side restarted since this session opened.
     reset: bool,
+    /// The peer had shut down or closed before it restarted: if the close arrived before
+    /// the restart, this side keeps reading the data sent before it, then EOF (as a
+    /// socket does after a FIN); if not, reads fail with ConnectionReset. Either is right.
+    maybe_ended: [bool; 2],
 }
 
 impl Pair {
@@ -203,6 +207,7 @@ impl World {
                     saw_close: [false; 2],
                     broken: [false; 2],
                     reset: false,
+                    maybe_ended: [false; 2],
                 });
             }
             Op::Write { pair, side, len } => {
@@ -248,7 +253,33 @@ impl World {
                 let peer = 1 - side;
                 let s = p.ends[side].as_mut().expect("end");
                 let mut buf = vec![0u8; len];
-                if p.reset {
+                if p.reset && p.maybe_ended[side] {
+                    match s.read(&mut buf) {
+                        Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                            p.maybe_ended[side] = false;
+                        }
+                        Err(e) => prop_assert!(false, "read of an ended session: {e}"),
+                        Ok(0) => prop_assert!(p.inbound[side].is_empty(), "EOF before the data"),
+                        Ok(n) => {
+                            // Whatever comes is the start of what the peer sent.
+                            let mut expect = Vec::new();
+                            for f in &p.inbound[side] {
+                                expect.extend_from_slice(f);
+                            }
+                            prop_assert!(n <= expect.len() && buf[..n] == expect[..n]);
+                            let mut k = n;
+                            while k > 0 {
+                                let f = p.inbound[side].front_mut().expect("checked");
+                                let t = if p.message { f.len() } else { k.min(f.len()) };
+                                f.drain(..t.min(f.len()));
+                                k -= t.min(k);
+                                if f.is_empty() {
+                                    p.inbound[side].pop_front();
+                                }
+                            }
+                        }
+                    }
+                } else if p.reset {
                     prop_assert_eq!(kind(&s.read(&mut buf)), Some(ErrorKind::ConnectionReset));
                 } else if let Some(front) = p.inbound[side].front_mut() {
                     let n = s
@@ -323,6 +354,13 @@ impl World {
                 self.eps[side] = Some(e);
                 self.listen0(side);
                 for p in &mut self.pairs {
+                    // Either end (the survivor's, or the restarted side's old one) whose peer
+                    // had finished sending may be kept as ended.
+                    for end in 0..2 {
+                        if !p.reset && (p.dropped[1 - end] || p.wr_shut[1 - end]) {
+                            p.maybe_ended[end] = true;
+                        }
+                    }
                     p.reset = true;
                 }
             }
