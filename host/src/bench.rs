@@ -1154,7 +1154,7 @@ pub fn plot_svg(rows: &[Row]) -> String {
     let (ly0, ly1) = (ymin.log10().floor(), ymax.log10().ceil());
     let (lx0, lx1) = ((64f64).log2(), ((1 << 20) as f64).log2());
     let px = |size: usize| l + ((size as f64).log2() - lx0) / (lx1 - lx0) * (w - l - r);
-    let py = |v: f64| h - b - (v.max(ymin).log10() - ly0) / (ly1 - ly0) * (h - t - b);
+    let py = |v: f64| h - b - (v.max(10f64.powf(ly0)).log10() - ly0) / (ly1 - ly0) * (h - t - b);
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">Throughput against message size (one session, log-log)</text>\n",
         (w - r + l) / 2.0
