@@ -483,6 +483,38 @@ fn measure_baselines(block: &str, secs: f64, log: &dyn Fn(&str)) -> Result<Basel
     Ok(Baselines { rows })
 }
 
+// ------------------------------------------------------------------- interleaved pairs
+
+/// Slices per paired figure: the ivring figure and its baseline alternate in slices so
+/// that the machine's drift (2-3x within minutes here) hits both alike.
+const SLICES: usize = 4;
+
+/// Runs each of `fs` for `secs` in all, as `SLICES` alternating slices (f0, f1, .., f0,
+/// f1, ..); returns each one's slice results.
+fn interleave<R>(secs: f64, fs: &mut [&mut dyn FnMut(f64) -> Result<R>]) -> Result<Vec<Vec<R>>> {
+    let mut out: Vec<Vec<R>> = fs.iter().map(|_| Vec::new()).collect();
+    for _ in 0..SLICES {
+        for (i, f) in fs.iter_mut().enumerate() {
+            out[i].push(f(secs / SLICES as f64)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Sums throughput slices of (bytes, seconds): (msgs/s, bytes/s).
+fn tput_of(slices: &[(f64, f64)], size: usize) -> (f64, f64) {
+    let bytes: f64 = slices.iter().map(|s| s.0).sum();
+    let secs: f64 = slices.iter().map(|s| s.1).sum::<f64>().max(1e-9);
+    (bytes / size as f64 / secs, bytes / secs)
+}
+
+/// Merges round-trip slices into one sorted set.
+fn rtt_of(slices: Vec<Vec<u64>>) -> Vec<u64> {
+    let mut v: Vec<u64> = slices.into_iter().flatten().collect();
+    v.sort_unstable();
+    v
+}
+
 // ------------------------------------------------------------------------- ivring figures
 
 /// Streams `size`-byte writes (or messages) to a sink service for `secs`; (msgs/s, bytes/s)
@@ -746,12 +778,6 @@ fn ratio_tput(r: &mut Row, base: Option<&Row>, name: &str) {
     }
 }
 
-fn ratio_rtt(r: &mut Row, base: Option<&Row>, name: &str) {
-    if let (Some(b), Some(v)) = (base.and_then(|b| b.rtt), r.rtt) {
-        r.ratio = Some((v[0] / b[0], name.into()));
-    }
-}
-
 fn measure_block(
     ep: &Endpoint,
     mode: WaitMode,
@@ -778,8 +804,21 @@ fn measure_block(
             if skip(name, size) {
                 continue;
             }
-            log(&format!("[{m}] {name} {} B", size));
-            let (mps, bps) = ivring_tput(ep, size, secs, message, zc)?;
+            log(&format!(
+                "[{m}] {name} {} B (interleaved with the UNIX socket)",
+                size
+            ));
+            let mut ivr = |t: f64| {
+                let (_, b) = ivring_tput(ep, size, t, message, zc)?;
+                Ok((b * t, t))
+            };
+            let mut uds = |t: f64| {
+                let (_, b) = uds_tput(size, t)?;
+                Ok((b * t, t))
+            };
+            let res = interleave(secs, &mut [&mut ivr, &mut uds])?;
+            let (mps, bps) = tput_of(&res[0], size);
+            let (_, ubps) = tput_of(&res[1], size);
             let mut r = Row {
                 name: name.into(),
                 mode: m.into(),
@@ -789,7 +828,8 @@ fn measure_block(
                 bytes_per_s: Some(bps),
                 ..Row::default()
             };
-            ratio_tput(&mut r, base.find("baseline/uds", size, false), "uds");
+            r.ratio = Some((bps / ubps.max(1.0), "uds".into()));
+            r.extra.push(("uds_bytes_per_s".into(), ubps));
             if let Some(mc) = base
                 .find("baseline/memcpy", size, false)
                 .and_then(|b| b.bytes_per_s)
@@ -820,37 +860,43 @@ fn measure_block(
             if skip(name, size) {
                 continue;
             }
-            log(&format!("[{m}] {name} {size} B round trips"));
-            let v = ivring_rtt(ep, size, secs, message)?;
+            // The floor that matches the mode: polling against the cache-line ping-pong,
+            // the doorbell against the eventfd ping-pong; and always the UNIX socket.
+            let floor = match mode {
+                WaitMode::Poll if size == 64 => Some("cacheline"),
+                WaitMode::Block if size == 64 => Some("eventfd"),
+                _ => None,
+            };
+            log(&format!(
+                "[{m}] {name} {size} B round trips (interleaved with uds{})",
+                floor.map_or(String::new(), |f| format!(" and {f}"))
+            ));
+            let mut ivr = |t: f64| ivring_rtt(ep, size, t, message);
+            let mut uds = |t: f64| uds_rtt(size, t);
+            let mut fl = |t: f64| match floor {
+                Some("cacheline") => Ok(cacheline_rtt(t)),
+                Some(_) => eventfd_rtt(t),
+                None => Ok(Vec::new()),
+            };
+            let mut res = interleave(secs, &mut [&mut ivr, &mut uds, &mut fl])?;
+            let f = rtt_of(res.pop().unwrap_or_default());
+            let u = rtt_of(res.pop().unwrap_or_default());
+            let v = rtt_of(res.pop().unwrap_or_default());
             let mut r = rtt_row(name, m, size, &v);
-            if size == 64 {
-                match mode {
-                    WaitMode::Poll => ratio_rtt(
-                        &mut r,
-                        base.find("baseline/cacheline", 8, true),
-                        "cacheline",
-                    ),
-                    WaitMode::Block => {
-                        ratio_rtt(&mut r, base.find("baseline/eventfd", 8, true), "eventfd")
-                    }
-                    WaitMode::Adaptive => {
-                        ratio_rtt(&mut r, base.find("baseline/uds", size, true), "uds")
-                    }
+            let p50 = |x: &[u64]| pct(x, 50.0) as f64;
+            r.extra.push(("uds_p50_ns".into(), p50(&u)));
+            r.extra.push(("vs_uds".into(), p50(&v) / p50(&u).max(1.0)));
+            match floor {
+                Some(fname) => {
+                    r.extra.push((format!("{fname}_p50_ns"), p50(&f)));
+                    r.ratio = Some((p50(&v) / p50(&f).max(1.0), fname.into()));
                 }
-                if let Some(u) = base.find("baseline/uds", size, true).and_then(|b| b.rtt) {
-                    r.extra
-                        .push(("vs_uds".into(), r.rtt.unwrap_or([0.0; 3])[0] / u[0]));
-                }
-            } else {
-                ratio_rtt(&mut r, base.find("baseline/uds", size, true), "uds");
+                None => r.ratio = Some((p50(&v) / p50(&u).max(1.0), "uds".into())),
             }
             rows.push(r);
         }
     }
-    let one = rows
-        .iter()
-        .find(|r| r.name == "ivring/stream" && r.size == 4096)
-        .and_then(|r| r.bytes_per_s);
+    let mut one = None;
     for &n in &SESSIONS {
         if skip(&format!("ivring/sessions/{n}"), 4096) {
             continue;
@@ -868,6 +914,10 @@ fn measure_block(
         };
         ratio_tput(&mut r, base.find("baseline/uds", 4096, false), "uds");
         r.extra.push(("slowest_fastest".into(), fair));
+        // Against one session measured the same way (threads, sink, window) just before.
+        if n == 1 {
+            one = Some(bps);
+        }
         if let Some(o) = one {
             r.extra.push(("vs_one_session".into(), bps / o));
         }
