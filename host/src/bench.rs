@@ -186,7 +186,13 @@ fn table_line(r: &Row) -> String {
     let extra: String = r
         .extra
         .iter()
-        .map(|(k, v)| format!(" {k}={v:.3}"))
+        .map(|(k, v)| {
+            if v.abs() >= 1000.0 {
+                format!(" {k}={}", human_rate(*v))
+            } else {
+                format!(" {k}={v:.3}")
+            }
+        })
         .collect();
     format!(
         "{:<22} {:<8} {:>5} {:>4} {:>9} {:>10} {} {}{}",
