@@ -822,7 +822,15 @@ fn measure_block(
                 let (_, b) = uds_tput(size, t)?;
                 Ok((b * t, t))
             };
-            let res = match interleave(secs, &mut [&mut ivr, &mut uds]) {
+            // Zero-copy also alternates with the copying path, for its own ratio.
+            let mut copy = |t: f64| {
+                if !zc {
+                    return Ok((0.0, 0.0));
+                }
+                let (_, b) = ivring_tput(ep, size, t, false, false)?;
+                Ok((b * t, t))
+            };
+            let res = match interleave(secs, &mut [&mut ivr, &mut uds, &mut copy]) {
                 Err(e)
                     if zc
                         && e.downcast_ref::<std::io::Error>()
@@ -853,22 +861,13 @@ fn measure_block(
                 r.extra.push(("vs_memcpy".into(), bps / mc));
             }
             if zc {
+                let (_, cbps) = tput_of(&res[2], size);
+                r.extra.push(("copy_bytes_per_s".into(), cbps));
+                r.extra.push(("vs_copy".into(), bps / cbps.max(1.0)));
                 r.extra
                     .push(("frames_per_msg".into(), size.div_ceil(frame) as f64));
             }
             rows.push(r);
-        }
-    }
-    // Zero-copy against the copying path of the same block.
-    let copy: Vec<(usize, f64)> = rows
-        .iter()
-        .filter(|r| r.name == "ivring/stream")
-        .map(|r| (r.size, r.bytes_per_s.unwrap_or(0.0)))
-        .collect();
-    for r in rows.iter_mut().filter(|r| r.name == "ivring/zerocopy") {
-        if let Some((_, c)) = copy.iter().find(|(s, _)| *s == r.size) {
-            r.extra
-                .push(("vs_copy".into(), r.bytes_per_s.unwrap_or(0.0) / c.max(1.0)));
         }
     }
     for &size in &RTT_SIZES {
