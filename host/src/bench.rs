@@ -186,7 +186,13 @@ fn table_line(r: &Row) -> String {
     let extra: String = r
         .extra
         .iter()
-        .map(|(k, v)| format!(" {k}={v:.3}"))
+        .map(|(k, v)| {
+            if v.abs() >= 1000.0 {
+                format!(" {k}={}", human_rate(*v))
+            } else {
+                format!(" {k}={v:.3}")
+            }
+        })
         .collect();
     format!(
         "{:<22} {:<8} {:>5} {:>4} {:>9} {:>10} {} {}{}",
@@ -483,6 +489,38 @@ fn measure_baselines(block: &str, secs: f64, log: &dyn Fn(&str)) -> Result<Basel
     Ok(Baselines { rows })
 }
 
+// ------------------------------------------------------------------- interleaved pairs
+
+/// Slices per paired figure: the ivring figure and its baseline alternate in slices so
+/// that the machine's drift (2-3x within minutes here) hits both alike.
+const SLICES: usize = 4;
+
+/// Runs each of `fs` for `secs` in all, as `SLICES` alternating slices (f0, f1, .., f0,
+/// f1, ..); returns each one's slice results.
+fn interleave<R>(secs: f64, fs: &mut [&mut dyn FnMut(f64) -> Result<R>]) -> Result<Vec<Vec<R>>> {
+    let mut out: Vec<Vec<R>> = fs.iter().map(|_| Vec::new()).collect();
+    for _ in 0..SLICES {
+        for (i, f) in fs.iter_mut().enumerate() {
+            out[i].push(f(secs / SLICES as f64)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Sums throughput slices of (bytes, seconds): (msgs/s, bytes/s).
+fn tput_of(slices: &[(f64, f64)], size: usize) -> (f64, f64) {
+    let bytes: f64 = slices.iter().map(|s| s.0).sum();
+    let secs: f64 = slices.iter().map(|s| s.1).sum::<f64>().max(1e-9);
+    (bytes / size as f64 / secs, bytes / secs)
+}
+
+/// Merges round-trip slices into one sorted set.
+fn rtt_of(slices: Vec<Vec<u64>>) -> Vec<u64> {
+    let mut v: Vec<u64> = slices.into_iter().flatten().collect();
+    v.sort_unstable();
+    v
+}
+
 // ------------------------------------------------------------------------- ivring figures
 
 /// Streams `size`-byte writes (or messages) to a sink service for `secs`; (msgs/s, bytes/s)
@@ -641,11 +679,11 @@ impl Drop for Peer {
     }
 }
 
-/// The link comes up before the peer's services listen: wait for the last one started.
+/// The link comes up before the peer's services listen: wait for them (the sink).
 fn wait_services(ep: &Endpoint) -> Result<()> {
     let t0 = Instant::now();
     loop {
-        match ep.connect(services::PORT_ZC_SINK) {
+        match ep.connect(services::PORT_SINK) {
             Ok(mut s) => {
                 s.shutdown(Shutdown::Write)?;
                 let mut reply = [0u8; 8];
@@ -746,12 +784,6 @@ fn ratio_tput(r: &mut Row, base: Option<&Row>, name: &str) {
     }
 }
 
-fn ratio_rtt(r: &mut Row, base: Option<&Row>, name: &str) {
-    if let (Some(b), Some(v)) = (base.and_then(|b| b.rtt), r.rtt) {
-        r.ratio = Some((v[0] / b[0], name.into()));
-    }
-}
-
 fn measure_block(
     ep: &Endpoint,
     mode: WaitMode,
@@ -778,8 +810,39 @@ fn measure_block(
             if skip(name, size) {
                 continue;
             }
-            log(&format!("[{m}] {name} {} B", size));
-            let (mps, bps) = ivring_tput(ep, size, secs, message, zc)?;
+            log(&format!(
+                "[{m}] {name} {} B (interleaved with the UNIX socket)",
+                size
+            ));
+            let mut ivr = |t: f64| {
+                let (_, b) = ivring_tput(ep, size, t, message, zc)?;
+                Ok((b * t, t))
+            };
+            let mut uds = |t: f64| {
+                let (_, b) = uds_tput(size, t)?;
+                Ok((b * t, t))
+            };
+            // Zero-copy also alternates with the copying path, for its own ratio.
+            let mut copy = |t: f64| {
+                if !zc {
+                    return Ok((0.0, 0.0));
+                }
+                let (_, b) = ivring_tput(ep, size, t, false, false)?;
+                Ok((b * t, t))
+            };
+            let res = match interleave(secs, &mut [&mut ivr, &mut uds, &mut copy]) {
+                Err(e)
+                    if zc
+                        && e.downcast_ref::<std::io::Error>()
+                            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused) =>
+                {
+                    log("the peer has no zero-copy sink (port 5): zero-copy figures skipped");
+                    break;
+                }
+                r => r?,
+            };
+            let (mps, bps) = tput_of(&res[0], size);
+            let (_, ubps) = tput_of(&res[1], size);
             let mut r = Row {
                 name: name.into(),
                 mode: m.into(),
@@ -789,7 +852,8 @@ fn measure_block(
                 bytes_per_s: Some(bps),
                 ..Row::default()
             };
-            ratio_tput(&mut r, base.find("baseline/uds", size, false), "uds");
+            r.ratio = Some((bps / ubps.max(1.0), "uds".into()));
+            r.extra.push(("uds_bytes_per_s".into(), ubps));
             if let Some(mc) = base
                 .find("baseline/memcpy", size, false)
                 .and_then(|b| b.bytes_per_s)
@@ -797,22 +861,13 @@ fn measure_block(
                 r.extra.push(("vs_memcpy".into(), bps / mc));
             }
             if zc {
+                let (_, cbps) = tput_of(&res[2], size);
+                r.extra.push(("copy_bytes_per_s".into(), cbps));
+                r.extra.push(("vs_copy".into(), bps / cbps.max(1.0)));
                 r.extra
                     .push(("frames_per_msg".into(), size.div_ceil(frame) as f64));
             }
             rows.push(r);
-        }
-    }
-    // Zero-copy against the copying path of the same block.
-    let copy: Vec<(usize, f64)> = rows
-        .iter()
-        .filter(|r| r.name == "ivring/stream")
-        .map(|r| (r.size, r.bytes_per_s.unwrap_or(0.0)))
-        .collect();
-    for r in rows.iter_mut().filter(|r| r.name == "ivring/zerocopy") {
-        if let Some((_, c)) = copy.iter().find(|(s, _)| *s == r.size) {
-            r.extra
-                .push(("vs_copy".into(), r.bytes_per_s.unwrap_or(0.0) / c.max(1.0)));
         }
     }
     for &size in &RTT_SIZES {
@@ -820,37 +875,43 @@ fn measure_block(
             if skip(name, size) {
                 continue;
             }
-            log(&format!("[{m}] {name} {size} B round trips"));
-            let v = ivring_rtt(ep, size, secs, message)?;
+            // The floor that matches the mode: polling against the cache-line ping-pong,
+            // the doorbell against the eventfd ping-pong; and always the UNIX socket.
+            let floor = match mode {
+                WaitMode::Poll if size == 64 => Some("cacheline"),
+                WaitMode::Block if size == 64 => Some("eventfd"),
+                _ => None,
+            };
+            log(&format!(
+                "[{m}] {name} {size} B round trips (interleaved with uds{})",
+                floor.map_or(String::new(), |f| format!(" and {f}"))
+            ));
+            let mut ivr = |t: f64| ivring_rtt(ep, size, t, message);
+            let mut uds = |t: f64| uds_rtt(size, t);
+            let mut fl = |t: f64| match floor {
+                Some("cacheline") => Ok(cacheline_rtt(t)),
+                Some(_) => eventfd_rtt(t),
+                None => Ok(Vec::new()),
+            };
+            let mut res = interleave(secs, &mut [&mut ivr, &mut uds, &mut fl])?;
+            let f = rtt_of(res.pop().unwrap_or_default());
+            let u = rtt_of(res.pop().unwrap_or_default());
+            let v = rtt_of(res.pop().unwrap_or_default());
             let mut r = rtt_row(name, m, size, &v);
-            if size == 64 {
-                match mode {
-                    WaitMode::Poll => ratio_rtt(
-                        &mut r,
-                        base.find("baseline/cacheline", 8, true),
-                        "cacheline",
-                    ),
-                    WaitMode::Block => {
-                        ratio_rtt(&mut r, base.find("baseline/eventfd", 8, true), "eventfd")
-                    }
-                    WaitMode::Adaptive => {
-                        ratio_rtt(&mut r, base.find("baseline/uds", size, true), "uds")
-                    }
+            let p50 = |x: &[u64]| pct(x, 50.0) as f64;
+            r.extra.push(("uds_p50_ns".into(), p50(&u)));
+            r.extra.push(("vs_uds".into(), p50(&v) / p50(&u).max(1.0)));
+            match floor {
+                Some(fname) => {
+                    r.extra.push((format!("{fname}_p50_ns"), p50(&f)));
+                    r.ratio = Some((p50(&v) / p50(&f).max(1.0), fname.into()));
                 }
-                if let Some(u) = base.find("baseline/uds", size, true).and_then(|b| b.rtt) {
-                    r.extra
-                        .push(("vs_uds".into(), r.rtt.unwrap_or([0.0; 3])[0] / u[0]));
-                }
-            } else {
-                ratio_rtt(&mut r, base.find("baseline/uds", size, true), "uds");
+                None => r.ratio = Some((p50(&v) / p50(&u).max(1.0), "uds".into())),
             }
             rows.push(r);
         }
     }
-    let one = rows
-        .iter()
-        .find(|r| r.name == "ivring/stream" && r.size == 4096)
-        .and_then(|r| r.bytes_per_s);
+    let mut one = None;
     for &n in &SESSIONS {
         if skip(&format!("ivring/sessions/{n}"), 4096) {
             continue;
@@ -868,6 +929,10 @@ fn measure_block(
         };
         ratio_tput(&mut r, base.find("baseline/uds", 4096, false), "uds");
         r.extra.push(("slowest_fastest".into(), fair));
+        // Against one session measured the same way (threads, sink, window) just before.
+        if n == 1 {
+            one = Some(bps);
+        }
         if let Some(o) = one {
             r.extra.push(("vs_one_session".into(), bps / o));
         }
@@ -1154,7 +1219,7 @@ pub fn plot_svg(rows: &[Row]) -> String {
     let (ly0, ly1) = (ymin.log10().floor(), ymax.log10().ceil());
     let (lx0, lx1) = ((64f64).log2(), ((1 << 20) as f64).log2());
     let px = |size: usize| l + ((size as f64).log2() - lx0) / (lx1 - lx0) * (w - l - r);
-    let py = |v: f64| h - b - (v.max(ymin).log10() - ly0) / (ly1 - ly0) * (h - t - b);
+    let py = |v: f64| h - b - (v.max(10f64.powf(ly0)).log10() - ly0) / (ly1 - ly0) * (h - t - b);
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">Throughput against message size (one session, log-log)</text>\n",
         (w - r + l) / 2.0

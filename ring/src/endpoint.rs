@@ -34,6 +34,10 @@ pub(crate) struct Shared {
     spinners: AtomicUsize,
     /// Most adaptive waiters that spin at once (the CPUs this process may use).
     max_spinners: usize,
+    /// The region and the offset of the peer's head index: spinners watch it without the
+    /// lock and take the lock when it moves (or every few microseconds for the rest).
+    region: SharedRegion,
+    peer_head: usize,
     pub(crate) doorbell: Arc<dyn Doorbell>,
     own_id: u16,
     cfg: Config,
@@ -266,12 +270,29 @@ impl Shared {
                     }
                 }
                 drop(link);
-                for _ in 0..32 {
-                    std::hint::spin_loop();
+                // Watch the peer's head without the lock (a plain load of a line the
+                // writer owns), back to the lock when it moves or after a while.
+                let seen = self
+                    .region
+                    .load_u64(self.peer_head, crate::sync::Ordering::Relaxed);
+                let mut moved = false;
+                for _ in 0..4 {
+                    for _ in 0..16 {
+                        std::hint::spin_loop();
+                    }
+                    if self
+                        .region
+                        .load_u64(self.peer_head, crate::sync::Ordering::Relaxed)
+                        != seen
+                    {
+                        moved = true;
+                        break;
+                    }
                 }
                 spins += 1;
-                if spins.is_multiple_of(4) {
-                    // Let a starved keeper or peer thread run (many pollers, few CPUs).
+                if !moved && spins.is_multiple_of(2) {
+                    // Let a starved keeper or peer thread run (more runnable threads than
+                    // CPUs: the peer we wait for may be waiting for this one).
                     std::thread::yield_now();
                 }
                 link = self.lock();
@@ -366,7 +387,8 @@ impl Endpoint {
             Geometry::read_header(&region)?;
         }
         let own_id = doorbell.own_id();
-        let mut link = Link::new(role, region, geom, cfg.clone());
+        let peer_head = role.peer_block() + crate::layout::side::TX_HEAD;
+        let mut link = Link::new(role, region.clone(), geom, cfg.clone());
         link.attach(Some(own_id));
         link.check_peer(Instant::now());
         let shared = Arc::new(Shared {
@@ -382,6 +404,8 @@ impl Endpoint {
             stripes: (0..64).map(|_| Stripe::default()).collect(),
             spinners: AtomicUsize::new(0),
             max_spinners: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            region,
+            peer_head,
             keeper_unarmed: AtomicBool::new(false),
         });
         {

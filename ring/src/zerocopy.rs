@@ -471,9 +471,8 @@ impl Drop for ReadView<'_> {
             Err(f) => sh.fault(&mut link, f),
         }
         sh.ring(&mut link);
-        if link.parked.is_none() {
-            sh.wake_unarmed_keeper();
-        }
+        // The keeper slept unarmed while the frame was parked: it wakes by itself within
+        // PARK_MAX / 2, and any caller about to sleep wakes it at once (wait_locked).
     }
 }
 
