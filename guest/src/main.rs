@@ -87,6 +87,15 @@ enum GuestLink {
 
 impl GuestLink {
     fn open(a: &AttachArgs, cfg: Config) -> Result<GuestLink> {
+        GuestLink::open_with(a, cfg, |_| Ok(()))
+    }
+
+    /// Opens, runs `prepare` (start listeners) before attaching, then attaches.
+    fn open_with(
+        a: &AttachArgs,
+        cfg: Config,
+        prepare: impl FnOnce(&Endpoint) -> std::io::Result<()>,
+    ) -> Result<GuestLink> {
         let attach = match (&a.join, &a.plain) {
             (Some(sock), _) => Attach::Join(sock.clone()),
             (None, Some(file)) => Attach::Plain {
@@ -95,11 +104,18 @@ impl GuestLink {
             },
             (None, None) => {
                 let dev = open_device(a.device.clone(), a.no_vfio)?;
-                let ep = Endpoint::guest(dev.region(), dev.doorbell(), cfg)?;
+                let ep = Endpoint::unattached(Role::Guest, dev.region(), dev.doorbell(), cfg)?;
+                prepare(&ep)?;
+                ep.attach();
                 return Ok(GuestLink::Device { ep, dev });
             }
         };
-        Ok(GuestLink::Host(HostLink::open(Role::Guest, &attach, cfg)?))
+        Ok(GuestLink::Host(HostLink::open_with(
+            Role::Guest,
+            &attach,
+            cfg,
+            prepare,
+        )?))
     }
 
     fn endpoint(&self) -> &Endpoint {
@@ -204,9 +220,9 @@ fn probe(device: Option<String>, no_vfio: bool) -> Result<()> {
 }
 
 fn serve(a: &AttachArgs) -> Result<()> {
-    let link = GuestLink::open(a, Config::default())?;
+    let link = GuestLink::open_with(a, Config::default(), services::spawn_all)
+        .context("start the services")?;
     eprintln!("ivring-guest: serving ports 1-4 and 6; {}", link.why());
-    services::spawn_all(link.endpoint()).context("start the services")?;
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }

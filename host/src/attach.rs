@@ -48,6 +48,17 @@ pub struct HostLink {
 impl HostLink {
     /// Attaches in `role`.
     pub fn open(role: Role, attach: &Attach, cfg: Config) -> Result<HostLink, HostError> {
+        HostLink::open_with(role, attach, cfg, |_| Ok(()))
+    }
+
+    /// Attaches in `role` after `prepare` has run on the not yet attached endpoint: the
+    /// place to start listeners, so that no connect arriving at once is refused.
+    pub fn open_with(
+        role: Role,
+        attach: &Attach,
+        cfg: Config,
+        prepare: impl FnOnce(&Endpoint) -> std::io::Result<()>,
+    ) -> Result<HostLink, HostError> {
         let (server, client, region, doorbell): (_, _, _, Arc<dyn ivring::Doorbell>) = match attach
         {
             Attach::Join(path) => {
@@ -74,7 +85,12 @@ impl HostLink {
             }
         };
         let endpoint =
-            Endpoint::new(role, region.clone(), doorbell, cfg).map_err(HostError::Layout)?;
+            Endpoint::unattached(role, region.clone(), doorbell, cfg).map_err(HostError::Layout)?;
+        prepare(&endpoint).map_err(|e| HostError::Io {
+            what: "prepare the endpoint".into(),
+            source: e,
+        })?;
+        endpoint.attach();
         Ok(HostLink {
             endpoint,
             region,

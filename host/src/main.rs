@@ -190,8 +190,11 @@ fn run(cli: Cli) -> Result<()> {
                 wait,
                 ..Config::default()
             };
-            let link = HostLink::open(role.into(), &attach(join, plain)?, cfg)?;
-            services::spawn_all(&link)?;
+            // Listen before attaching, so that no connect the other side makes the moment
+            // it sees us is refused.
+            let link = HostLink::open_with(role.into(), &attach(join, plain)?, cfg, |ep| {
+                services::spawn_all(ep)
+            })?;
             if hello {
                 let mut s = link
                     .connect(demo::PORT_HELLO)

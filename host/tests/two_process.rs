@@ -503,3 +503,26 @@ fn plain_file_two_processes() {
     drop(me);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A peer listens before it attaches (`HostLink::open_with`): a connect made the moment
+/// the link is up is never refused.
+#[test]
+fn connect_at_once_after_up_is_not_refused() {
+    let t = Setup::new("atonce", 1 << 20);
+    let me = t.join(Role::Host);
+    for _ in 0..10 {
+        let mut peer = Peer::start(&t.sock, "guest");
+        up(&me);
+        let mut s = me.connect(PORT_ECHO).expect("refused at once after up");
+        s.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        drop(s);
+        peer.kill();
+        // Wait for the reset so the next round's `up` is the new peer's.
+        let t0 = Instant::now();
+        while me.is_up() && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}

@@ -345,7 +345,8 @@ impl Shared {
 /// ```
 pub struct Endpoint {
     shared: Arc<Shared>,
-    keeper: Option<JoinHandle<()>>,
+    /// The keeper thread, once attached.
+    keeper: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// Options for one session.
@@ -382,15 +383,27 @@ impl Endpoint {
         doorbell: Arc<dyn Doorbell>,
         cfg: Config,
     ) -> Result<Endpoint, LayoutError> {
+        let ep = Endpoint::unattached(role, region, doorbell, cfg)?;
+        ep.attach();
+        Ok(ep)
+    }
+
+    /// An endpoint that has not attached yet: the peer cannot see it, so listeners made
+    /// now are in place before any connect can arrive (as a server listens before it
+    /// announces itself). Call [`Endpoint::attach`] next.
+    pub fn unattached(
+        role: Role,
+        region: SharedRegion,
+        doorbell: Arc<dyn Doorbell>,
+        cfg: Config,
+    ) -> Result<Endpoint, LayoutError> {
         let geom = Geometry::for_size(region.len())?;
         if role == Role::Guest {
             Geometry::read_header(&region)?;
         }
         let own_id = doorbell.own_id();
         let peer_head = role.peer_block() + crate::layout::side::TX_HEAD;
-        let mut link = Link::new(role, region.clone(), geom, cfg.clone());
-        link.attach(Some(own_id));
-        link.check_peer(Instant::now());
+        let link = Link::new(role, region.clone(), geom, cfg.clone());
         let shared = Arc::new(Shared {
             link: Mutex::new(link),
             cv: Condvar::new(),
@@ -408,19 +421,30 @@ impl Endpoint {
             peer_head,
             keeper_unarmed: AtomicBool::new(false),
         });
-        {
-            let mut link = shared.lock();
-            shared.ring(&mut link);
+        Ok(Endpoint {
+            shared,
+            keeper: Mutex::new(None),
+        })
+    }
+
+    /// Attaches (PROTOCOL.md §3) and starts following the peer. Does nothing if attached.
+    pub fn attach(&self) {
+        let mut keeper_slot = self.keeper.lock().unwrap_or_else(|e| e.into_inner());
+        if keeper_slot.is_some() {
+            return;
         }
-        let keeper_shared = shared.clone();
+        {
+            let mut link = self.shared.lock();
+            link.attach(Some(self.shared.own_id));
+            link.check_peer(Instant::now());
+            self.shared.ring(&mut link);
+        }
+        let keeper_shared = self.shared.clone();
         let keeper = std::thread::Builder::new()
             .name("ivring-keeper".into())
             .spawn(move || keeper(keeper_shared))
             .expect("spawn ivring keeper thread");
-        Ok(Endpoint {
-            shared,
-            keeper: Some(keeper),
-        })
+        *keeper_slot = Some(keeper);
     }
 
     /// Whether both sides are attached and have acknowledged each other.
@@ -527,9 +551,15 @@ impl Drop for Endpoint {
     fn drop(&mut self) {
         self.shared.stop.store(true, StdOrdering::SeqCst);
         self.shared.doorbell.interrupt();
-        if let Some(k) = self.keeper.take() {
-            let _ = k.join();
-        }
+        let keeper = self
+            .keeper
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(k) = keeper else {
+            return; // never attached: nothing to tell the peer
+        };
+        let _ = k.join();
         let mut link = self.shared.lock();
         link.detach();
         self.shared.ring(&mut link);
