@@ -56,5 +56,6 @@ if [ "$vm" = 1 ]; then
 fi
 
 [ "$failed" = 0 ] || echo "failed suites: ${failures[*]}"
+echo "all suites took $SECONDS s"
 echo "suites: $passed passed, $failed failed"
 [ "$failed" = 0 ]
