@@ -606,6 +606,15 @@ impl Link {
                 if s.rd_shut {
                     // Dropped unread, but credited so the peer is not stalled.
                     s.fwd_cnt += len as u64;
+                    if s.fwd_cnt - s.fwd_sent >= (s.buf_alloc / 4).max(1) as u64 {
+                        s.fwd_sent = s.fwd_cnt;
+                        let c = CreditArgs {
+                            fwd_cnt: s.fwd_cnt,
+                            buf_alloc: s.buf_alloc,
+                        };
+                        let id = h.session;
+                        self.send_ctrl(Kind::Credit, id, Some(c.encode()))?;
+                    }
                 } else {
                     let start = s.rx.len();
                     s.rx.resize(start + len, 0);

@@ -669,3 +669,30 @@ fn layout_errors() {
     assert!(g.is_ok());
     assert!(!g.unwrap().is_up());
 }
+
+/// After `shutdown(Read)` arriving data is dropped, and still credited: the writer never
+/// stalls (PROTOCOL.md §7).
+#[test]
+fn shutdown_read_keeps_crediting_the_writer() {
+    let cfg = Config {
+        buf_size: 8 << 10,
+        ..Config::default()
+    };
+    let p = pair_with(1 << 20, cfg);
+    let (mut h, mut g) = connect(&p, 11, SessionOptions::default());
+    g.shutdown(std::net::Shutdown::Read).unwrap();
+    // Sixteen times the receive buffer: impossible without credit coming back.
+    let chunk = vec![9u8; 4096];
+    for _ in 0..32 {
+        h.write_all(&chunk).unwrap();
+    }
+    let mut b = [0u8; 8];
+    assert_eq!(
+        g.read(&mut b).unwrap(),
+        0,
+        "reads after shutdown(Read) see EOF"
+    );
+    // The other direction still works.
+    g.write_all(b"still here").unwrap();
+    assert_eq!(read_exact_timeout(&mut h, 10), b"still here");
+}
