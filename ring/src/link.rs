@@ -477,6 +477,7 @@ impl Link {
 
     /// A bad index is a restart if the peer's epoch moved, corruption otherwise.
     pub(crate) fn index_fault(&mut self, bad: BadIndex) -> Fault {
+        // SYNC POINT epoch: Acquire pairs with the peer's Release store in attach.
         let peer_epoch = self.load_peer(side::EPOCH, Ordering::Acquire);
         if peer_epoch != self.peer_acked {
             // check_peer will see the new epoch and reset; not the peer's fault.

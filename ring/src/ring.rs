@@ -80,6 +80,8 @@ impl Producer {
         let own = self.own_block;
         self.region
             .store_u64(own + side::TX_NEED_SPACE, 0, Ordering::Relaxed);
+        // Published to the peer by the Release store of our EPOCH or ACK that follows a
+        // reset (SYNC POINT epoch / ack in link.rs); Release here too, for good measure.
         self.region
             .store_u64(own + side::TX_HEAD, 0, Ordering::Release);
     }
@@ -280,6 +282,7 @@ impl Consumer {
         let own = self.own_block;
         self.region
             .store_u64(own + side::RX_NEED_WAKEUP, 0, Ordering::Relaxed);
+        // As in Producer::reset: the EPOCH or ACK store after the reset publishes it.
         self.region
             .store_u64(own + side::RX_TAIL, 0, Ordering::Release);
     }
