@@ -44,6 +44,8 @@ if [ "$vm" = 1 ]; then
   fi
 fi
 suite "cargo test" cargo test --workspace --release
+suite "fuzz findings replayed" cargo test -p ivring --release --features fuzzing \
+  --test fuzz_regressions
 suite "loom models" env RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 \
   cargo test -p ivring --release --lib --target-dir target/loom loom
 if [ "$vm" = 1 ]; then

@@ -98,15 +98,19 @@ impl Producer {
         let tail = self
             .region
             .load_u64(self.peer_block + side::RX_TAIL, Ordering::Acquire);
-        let used = self.head.wrapping_sub(tail);
-        if used > self.cap || !used.is_multiple_of(RECORD_ALIGN) {
+        // Indices never wrap in practice (2^64 bytes), so a tail beyond our head is
+        // corruption even where the wrapping difference would look small.
+        if tail > self.head
+            || self.head - tail > self.cap
+            || !(self.head - tail).is_multiple_of(RECORD_ALIGN)
+        {
             return Err(BadIndex {
                 peer_index: tail,
                 own_index: self.head,
             });
         }
         self.cached_tail = tail;
-        Ok(self.cap - used)
+        Ok(self.cap - (self.head - tail))
     }
 
     /// Finds room for a record of `rec` bytes, padding to the ring's end when it would not
@@ -295,15 +299,18 @@ impl Consumer {
         let head = self
             .region
             .load_u64(self.peer_block + side::TX_HEAD, Ordering::Acquire);
-        let used = head.wrapping_sub(self.tail);
-        if used > self.cap || !used.is_multiple_of(RECORD_ALIGN) {
+        // As in Producer::free: a head behind our tail is corruption, never a wrap.
+        if head < self.tail
+            || head - self.tail > self.cap
+            || !(head - self.tail).is_multiple_of(RECORD_ALIGN)
+        {
             return Err(BadIndex {
                 peer_index: head,
                 own_index: self.tail,
             });
         }
         self.cached_head = head;
-        Ok(used)
+        Ok(head - self.tail)
     }
 
     /// Whether the cached head says there is more to read (no shared read).
