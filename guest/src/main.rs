@@ -154,7 +154,7 @@ fn open_device(device: Option<String>, no_vfio: bool) -> Result<GuestDevice> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = ivring_host::error::parse_args("ivring-guest");
     let r = match cli.cmd {
         Cmd::Probe { device, no_vfio } => probe(device, no_vfio),
         Cmd::Serve(a) => serve(&a),

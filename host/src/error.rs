@@ -150,3 +150,25 @@ pub fn one_line(e: &anyhow::Error) -> String {
     }
     line
 }
+
+/// Parses a binary's arguments; on bad arguments prints one line (the problem, then where
+/// to look) and exits with status 2. `--help` and `--version` print as usual.
+pub fn parse_args<P: clap::Parser>(bin: &str) -> P {
+    match P::try_parse() {
+        Ok(p) => p,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.to_string();
+            let problem: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            let problem = problem.join(" ");
+            let problem = problem.trim_start_matches("error: ");
+            eprintln!("{bin}: error: {problem} (see {bin} --help)");
+            std::process::exit(2);
+        }
+    }
+}

@@ -151,7 +151,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = ivring_host::error::parse_args("ivring-host");
     if let Err(e) = run(cli) {
         eprintln!("ivring-host: error: {}", ivring_host::error::one_line(&e));
         std::process::exit(1);

@@ -368,13 +368,14 @@ fn bad_input_gives_one_line_errors() {
         "12345",
     ]));
     assert!(err.contains("power of two"), "{err}");
-    // Argument errors come from clap: the first line names the problem and the fix.
+    // Argument errors: one line too, exit status 2.
     let (code, err) = run_bin(&["serve", "--socket", s2.to_str().unwrap(), "--size", "4Q"]);
     assert_eq!(code, 2);
-    assert!(
-        err.lines().next().unwrap().contains("use K, M or G"),
-        "{err}"
-    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("use K, M or G"), "{err}");
+    let (code, err) = run_bin(&["serve"]);
+    assert_eq!((code, err.trim_end().lines().count()), (2, 1), "{err}");
+    assert!(err.contains("--socket"), "{err}");
     // A plain file too small, and one with someone else's data in it.
     let small = dir.join("small");
     std::fs::write(&small, vec![0u8; 4096]).unwrap();
