@@ -7,7 +7,7 @@
 //! control frame, a bad header, a frame past the credit) is left for `pump`, which
 //! handles it exactly as before, so ordering and error handling do not change.
 
-use crate::frame::{CreditArgs, Kind};
+use crate::frame::Kind;
 use crate::link::{Link, State};
 use std::io;
 
@@ -65,18 +65,7 @@ impl Link {
         if self.rx.release() {
             self.ring_peer = true;
         }
-        // As in Link::read: grant credit once a quarter of the buffer is consumed.
-        let s = self.session(id)?;
-        let due = s.fwd_cnt - s.fwd_sent >= (s.buf_alloc / 4).max(1) as u64;
-        if due {
-            s.fwd_sent = s.fwd_cnt;
-            let c = CreditArgs {
-                fwd_cnt: s.fwd_cnt,
-                buf_alloc: s.buf_alloc,
-            };
-            self.send_ctrl(Kind::Credit, id, Some(c.encode()))
-                .map_err(|f| self.fault_to_io(f))?;
-        }
+        self.grant_credit(id).map_err(|f| self.fault_to_io(f))?;
         Ok(Some(n))
     }
 }

@@ -607,15 +607,7 @@ impl Link {
                 if s.rd_shut {
                     // Dropped unread, but credited so the peer is not stalled.
                     s.fwd_cnt += len as u64;
-                    if s.fwd_cnt - s.fwd_sent >= (s.buf_alloc / 4).max(1) as u64 {
-                        s.fwd_sent = s.fwd_cnt;
-                        let c = CreditArgs {
-                            fwd_cnt: s.fwd_cnt,
-                            buf_alloc: s.buf_alloc,
-                        };
-                        let id = h.session;
-                        self.send_ctrl(Kind::Credit, id, Some(c.encode()))?;
-                    }
+                    self.grant_credit(h.session)?;
                 } else {
                     let start = s.rx.len();
                     s.rx.resize(start + len, 0);
@@ -845,6 +837,15 @@ impl Link {
         }
         let (n, consumed) = s.take(buf);
         s.fwd_cnt += consumed as u64;
+        self.grant_credit(id).map_err(|f| self.fault_to_io(f))?;
+        Ok(Some(n))
+    }
+
+    /// Sends the peer a Credit for session `id` when one is due (PROTOCOL.md §7).
+    pub(crate) fn grant_credit(&mut self, id: u64) -> Result<(), Fault> {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return Ok(());
+        };
         // Grant more credit once a quarter of the buffer has been consumed. That is enough
         // to never stall the peer: if it is out of credit, everything it sent since our
         // last grant (a whole buffer) is consumed by the time our buffer is empty.
@@ -853,16 +854,15 @@ impl Link {
         // buffer), so once we hold nothing, report everything consumed: otherwise up to a
         // quarter of the buffer stays uncredited and a large message never goes.
         due |= s.message && s.buffered() == 0 && s.fwd_cnt != s.fwd_sent;
-        if due && s.state == State::Open && !s.rx_eof {
-            s.fwd_sent = s.fwd_cnt;
-            let c = CreditArgs {
-                fwd_cnt: s.fwd_cnt,
-                buf_alloc: s.buf_alloc,
-            };
-            self.send_ctrl(Kind::Credit, id, Some(c.encode()))
-                .map_err(|f| self.fault_to_io(f))?;
+        if !due || s.state != State::Open || s.rx_eof {
+            return Ok(());
         }
-        Ok(Some(n))
+        s.fwd_sent = s.fwd_cnt;
+        let c = CreditArgs {
+            fwd_cnt: s.fwd_cnt,
+            buf_alloc: s.buf_alloc,
+        };
+        self.send_ctrl(Kind::Credit, id, Some(c.encode()))
     }
 
     /// Reads from a session in [`Link::ended`]: its remaining data, then `Some(0)`.
