@@ -4,17 +4,17 @@
 //! Short in `cargo test`; for a long run: `IVRING_SOAK_SECS=3600 cargo test --release -p
 //! ivring-host --test soak -- --nocapture`.
 
-use ivring::{Config, Endpoint, Role, Session, SessionOptions};
+use ivring::{Config, Endpoint, Role};
 use ivring_host::attach::{Attach, HostLink};
 use ivring_host::services::{pattern, StreamHash, PORT_CHECK, PORT_ECHO, PORT_SOURCE};
 use ivring_host::Server;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::Shutdown;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ivring-host");
+mod common;
+use common::{connect, Peer};
 
 struct Rng(u64);
 impl Rng {
@@ -26,21 +26,6 @@ impl Rng {
     }
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
-    }
-}
-
-fn connect(ep: &Endpoint, port: u32, message: bool) -> Session {
-    let t0 = Instant::now();
-    loop {
-        match ep.connect_with(port, SessionOptions { message }) {
-            Err(e)
-                if e.kind() == ErrorKind::ConnectionRefused
-                    && t0.elapsed() < Duration::from_secs(10) =>
-            {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            r => return r.unwrap(),
-        }
     }
 }
 
@@ -162,14 +147,7 @@ fn soak() {
     let sock = dir.join("ivshmem.sock");
     let _server = Server::bind(&sock, 4 << 20, 1).unwrap().spawn();
     let host = HostLink::open(Role::Host, &Attach::Join(sock.clone()), Config::default()).unwrap();
-    let child = ChildGuard(
-        Command::new(BIN)
-            .args(["peer", "--role", "guest", "--join"])
-            .arg(&sock)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let child = Peer::start(&sock, "guest");
     assert!(host.wait_up(Duration::from_secs(20)));
     let me = std::process::id().to_string();
     let peer = child.0.id().to_string();
@@ -224,14 +202,4 @@ fn soak() {
     assert_eq!(host.stats().corruptions, 0);
     drop(child);
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Kills the peer process even when the test fails.
-struct ChildGuard(std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

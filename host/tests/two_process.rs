@@ -8,36 +8,12 @@ use ivring_host::services::{pattern, StreamHash, PORT_CHECK, PORT_ECHO, PORT_SOU
 use ivring_host::{Server, ServerHandle};
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ivring-host");
-
-struct Peer(Child);
-
-impl Peer {
-    fn start(sock: &Path, role: &str) -> Peer {
-        Peer(
-            Command::new(BIN)
-                .args(["peer", "--role", role, "--join"])
-                .arg(sock)
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("start peer process"),
-        )
-    }
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+mod common;
+use common::{Peer, BIN};
 
 struct Setup {
     dir: PathBuf,
@@ -69,20 +45,9 @@ impl Drop for Setup {
     }
 }
 
-/// Connects, retrying while the peer process has attached but not yet started listening.
+/// A stream session to the other process's `port`.
 fn connect(ep: &Endpoint, port: u32) -> Session {
-    let t0 = Instant::now();
-    loop {
-        match ep.connect(port) {
-            Err(e)
-                if e.kind() == ErrorKind::ConnectionRefused
-                    && t0.elapsed() < Duration::from_secs(10) =>
-            {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            r => return r.unwrap(),
-        }
-    }
+    common::connect(ep, port, false)
 }
 
 fn up(ep: &Endpoint) {
