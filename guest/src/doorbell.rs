@@ -116,8 +116,12 @@ impl GuestDoorbell {
                 _ => break,
             }
         }
+        // Drain only what is readable: a read of an empty eventfd is a wasted syscall on
+        // the path of every blocked round trip.
+        let ready: Vec<bool> = pfds.iter().map(|p| !p.revents().is_empty()).collect();
         drop(pfds);
-        for fd in fds.iter().copied().chain(std::iter::once(&self.interrupt)) {
+        let all = fds.iter().copied().chain(std::iter::once(&self.interrupt));
+        for (fd, _) in all.zip(ready).filter(|(_, r)| *r) {
             drain(fd);
         }
     }

@@ -378,9 +378,22 @@ impl Doorbell for ClientDoorbell {
     fn wait(&self, timeout: Option<Duration>) {
         // A poll error (EINTR is retried inside) leaves us returning early, which the
         // contract allows.
-        let _ = sys::poll_readable(&[self.own0.as_fd(), self.intr.as_fd()], timeout);
-        self.own0.drain();
-        self.intr.drain();
+        // Drain only what is readable: a read of an empty eventfd is a wasted syscall on
+        // the path of every blocked round trip.
+        match sys::poll_readable(&[self.own0.as_fd(), self.intr.as_fd()], timeout) {
+            Ok(ready) => {
+                if ready.first() == Some(&true) {
+                    self.own0.drain();
+                }
+                if ready.get(1) == Some(&true) {
+                    self.intr.drain();
+                }
+            }
+            Err(_) => {
+                self.own0.drain();
+                self.intr.drain();
+            }
+        }
     }
 
     fn interrupt(&self) {

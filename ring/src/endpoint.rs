@@ -2,8 +2,14 @@
 //!
 //! One mutex guards the link. A keeper thread per endpoint follows the peer (epoch,
 //! heartbeat), reads the ring and sleeps on the doorbell when there is nothing to do;
-//! blocked readers and writers spin briefly reading the ring themselves, then sleep on a
-//! condition variable that the keeper (or any thread that made progress) signals.
+//! blocked readers and writers spin briefly reading the ring themselves, then sleep.
+//!
+//! One thread at a time waits on the doorbell (the "bell"): a blocked caller takes it
+//! when it is free, so that the peer's ring wakes the thread that wants the data (one
+//! wakeup, not two: doorbell to keeper, keeper to caller), and the keeper sits out
+//! meanwhile. Other blocked callers sleep on condition variables that whoever reads the
+//! ring signals. A caller that finds the keeper on the bell marks that it wants it, and
+//! the keeper leaves it free after its next wakeup.
 
 use crate::config::{Config, WaitMode};
 use crate::doorbell::Doorbell;
@@ -12,9 +18,9 @@ use crate::link::{Fault, Link, Listen, State, Stats};
 use crate::region::SharedRegion;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as StdOrdering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering as StdOrdering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 pub(crate) struct Shared {
@@ -45,7 +51,32 @@ pub(crate) struct Shared {
     /// The keeper sleeps without asking the peer to ring (spinners, or a frame parked for
     /// an in-place reader): whoever stops spinning or releases the frame wakes it.
     pub(crate) keeper_unarmed: AtomicBool,
+    /// Who waits on the doorbell: `BELL_FREE`, `BELL_KEEPER` or `BELL_CALLER`. Changed
+    /// under the lock, so that two threads never wait on (and drain) it at once: a ring
+    /// drained by one would be lost to the other.
+    bell: AtomicU8,
+    /// Callers sleeping on a condvar because the keeper had the bell, by stripe (bit 0
+    /// also stands for link and accept waiters): the keeper leaves the bell to them.
+    bell_wanted: AtomicU64,
+    /// The keeper sits out while a caller has the bell (parked, not on the doorbell).
+    keeper_benched: AtomicBool,
+    keeper_thread: OnceLock<Thread>,
+    /// Times a caller took the bell: a keeper that sat out and sees callers using the
+    /// bell keeps out of their way (they recall it when they need it).
+    caller_leads: AtomicU64,
+    /// Some session has a notify callback: its reader waits outside the endpoint, so the
+    /// keeper must be back on the bell whenever no caller is.
+    notifiers: AtomicBool,
+    /// Whether a blocked caller may wait on the doorbell itself (the doorbell wakes).
+    direct_wait: bool,
 }
+
+const BELL_FREE: u8 = 0;
+const BELL_KEEPER: u8 = 1;
+const BELL_CALLER: u8 = 2;
+/// How long the keeper sits out at most after leaving the bell to a caller that wanted
+/// it: if no caller took it by then, the keeper takes it back.
+const HANDOFF_MAX: Duration = Duration::from_millis(1);
 
 /// Which sleepers to wake.
 #[derive(Clone, Copy, Default)]
@@ -71,6 +102,16 @@ enum WaitOn {
     Accept,
     /// Progress of one session (data, credit, EOF, ring space).
     Session(u64),
+}
+
+/// What [`Shared::lead`] did.
+enum Led {
+    /// Nothing: the bell is not free (or cannot wake us); sleep on the condvar.
+    No,
+    /// Read the ring, or found data or a fault while arming: try again.
+    Progress,
+    /// Waited on the doorbell; `early` when it returned before half the time.
+    Waited { early: bool },
 }
 
 /// Counts a spinning waiter while it lives.
@@ -153,6 +194,92 @@ impl Shared {
         }
     }
 
+    /// Wakes a benched keeper if callers asleep on condvars need someone to read the ring
+    /// (called with the lock held, by a caller that just gave the bell up). What else
+    /// needs the keeper (accepts, notify callbacks, frames waiting for space) can wait for
+    /// its short nap: waking it on every give-up would cost a thread switch each time.
+    fn recall_keeper(&self) {
+        if !self.keeper_benched.load(StdOrdering::SeqCst) {
+            return;
+        }
+        let needed = self.sleepers.load(StdOrdering::Relaxed) > 0
+            || self
+                .stripes
+                .iter()
+                .any(|s| s.sleepers.load(StdOrdering::Relaxed) > 0);
+        if needed {
+            self.unpark_keeper();
+        }
+    }
+
+    fn unpark_keeper(&self) {
+        if let Some(t) = self.keeper_thread.get() {
+            t.unpark();
+        }
+    }
+
+    /// Waits on the doorbell in the keeper's place, with the lock held on entry and on
+    /// return. `flooded`: the last waits ended early with nothing for us (a peer ringing
+    /// for nothing), so pause first, as the keeper does.
+    fn lead<'a>(
+        &'a self,
+        mut link: MutexGuard<'a, Link>,
+        limit: Duration,
+        flooded: bool,
+    ) -> (MutexGuard<'a, Link>, Led) {
+        // A frame parked for an in-place reader stays in the ring until it is released:
+        // the ring would look readable for ever. Its release wakes the condvar sleepers.
+        if !self.direct_wait
+            || self.bell.load(StdOrdering::Relaxed) != BELL_FREE
+            || !link.up
+            || link.parked.is_some()
+        {
+            return (link, Led::No);
+        }
+        // Whatever is in the ring goes to its sessions first (ours included); then arm
+        // and re-check (the lost-wakeup rule) as the keeper does.
+        match link.pump() {
+            Ok(true) => {
+                self.ring(&mut link);
+                self.notify(&mut link);
+                return (link, Led::Progress);
+            }
+            Ok(false) => {}
+            Err(f) => {
+                self.fault(&mut link, f);
+                return (link, Led::Progress);
+            }
+        }
+        let armed = match link.arm_wakeup() {
+            Ok(false) if link.has_pending() => link.arm_pending_space(),
+            r => r,
+        };
+        match armed {
+            Ok(false) => {}
+            Ok(true) => return (link, Led::Progress),
+            Err(f) => {
+                self.fault(&mut link, f);
+                return (link, Led::Progress);
+            }
+        }
+        self.bell.store(BELL_CALLER, StdOrdering::SeqCst);
+        self.caller_leads.fetch_add(1, StdOrdering::Relaxed);
+        self.ring(&mut link);
+        drop(link);
+        if flooded {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let t = Instant::now();
+        self.doorbell.wait(Some(limit));
+        let early = t.elapsed() < limit / 2;
+        let mut link = self.lock();
+        self.bell.store(BELL_FREE, StdOrdering::SeqCst);
+        // Awake: the peer need not ring while we read (the keeper does the same).
+        link.disarm_wakeup();
+        self.recall_keeper();
+        (link, Led::Waited { early })
+    }
+
     /// Wakes a keeper that sleeps unarmed, so that it asks the peer to ring again.
     pub(crate) fn wake_unarmed_keeper(&self) {
         if self.keeper_unarmed.swap(false, StdOrdering::SeqCst) {
@@ -217,6 +344,8 @@ impl Shared {
         let mut link = self.lock();
         let mut spins = 0u32;
         let mut spinning: Option<Spinning<'_>> = None;
+        // Wakeups on the doorbell in a row that brought us nothing (a ringing flood).
+        let mut early_wakes = 0u32;
         loop {
             let r = attempt(&mut link);
             self.ring(&mut link);
@@ -304,12 +433,35 @@ impl Shared {
                 if let Some(d) = deadline {
                     limit = limit.min(d.saturating_duration_since(now));
                 }
+                // A thread waiting in accept does not take the bell: it would be woken
+                // by every ring for the sessions' traffic and pass it on to them.
+                let mut led = Led::No;
+                if !matches!(on, WaitOn::Accept) {
+                    (link, led) = self.lead(link, limit, early_wakes > 64);
+                }
+                match led {
+                    Led::No => {}
+                    Led::Progress => {
+                        early_wakes = 0;
+                        continue;
+                    }
+                    Led::Waited { early } => {
+                        early_wakes = if early { early_wakes + 1 } else { 0 };
+                        continue;
+                    }
+                }
+                let stripe = match on {
+                    WaitOn::Session(id) => (id % self.stripes.len() as u64) as usize,
+                    WaitOn::Link | WaitOn::Accept => 0,
+                };
+                if self.direct_wait && self.bell.load(StdOrdering::Relaxed) == BELL_KEEPER {
+                    self.bell_wanted.fetch_or(1 << stripe, StdOrdering::Relaxed);
+                }
                 let (cv, n) = match on {
                     WaitOn::Accept => (&self.accept_cv, &self.accept_sleepers),
                     WaitOn::Link => (&self.cv, &self.sleepers),
-                    WaitOn::Session(id) => {
-                        let s = &self.stripes[(id % self.stripes.len() as u64) as usize];
-                        (&s.cv, &s.sleepers)
+                    WaitOn::Session(_) => {
+                        (&self.stripes[stripe].cv, &self.stripes[stripe].sleepers)
                     }
                 };
                 n.fetch_add(1, StdOrdering::Relaxed);
@@ -402,6 +554,7 @@ impl Endpoint {
             Geometry::read_header(&region)?;
         }
         let own_id = doorbell.own_id();
+        let direct_wait = doorbell.can_wait();
         let peer_head = role.peer_block() + crate::layout::side::TX_HEAD;
         let link = Link::new(role, region.clone(), geom, cfg.clone());
         let shared = Arc::new(Shared {
@@ -420,6 +573,13 @@ impl Endpoint {
             region,
             peer_head,
             keeper_unarmed: AtomicBool::new(false),
+            bell: AtomicU8::new(BELL_FREE),
+            bell_wanted: AtomicU64::new(0),
+            keeper_benched: AtomicBool::new(false),
+            keeper_thread: OnceLock::new(),
+            caller_leads: AtomicU64::new(0),
+            notifiers: AtomicBool::new(false),
+            direct_wait,
         });
         Ok(Endpoint {
             shared,
@@ -551,6 +711,7 @@ impl Drop for Endpoint {
     fn drop(&mut self) {
         self.shared.stop.store(true, StdOrdering::SeqCst);
         self.shared.doorbell.interrupt();
+        self.shared.unpark_keeper();
         let keeper = self
             .keeper
             .get_mut()
@@ -585,10 +746,20 @@ fn keeper(sh: Arc<Shared>) {
     // Early wakeups in a row that found nothing to do (a doorbell flood).
     let mut early_idle = 0u32;
     let mut woke_early = false;
+    let _ = sh.keeper_thread.set(std::thread::current());
+    // Whether the last wait was sitting out, and the callers' leads counted then.
+    let mut benched = false;
+    let mut last_leads = 0u64;
     while !sh.stop.load(StdOrdering::SeqCst) {
         let now = Instant::now();
         let mut link = sh.lock();
-        link.disarm_wakeup();
+        if sh.bell.load(StdOrdering::Relaxed) == BELL_KEEPER {
+            sh.bell.store(BELL_FREE, StdOrdering::SeqCst);
+        }
+        // A caller waiting on the doorbell has armed it: leave its flag alone.
+        if sh.bell.load(StdOrdering::Relaxed) != BELL_CALLER {
+            link.disarm_wakeup();
+        }
         let mut changed = link.check_peer(now);
         let present = link.peer_id.and_then(|id| sh.doorbell.peer_present(id));
         if let Err(f) = link.beat(now, present) {
@@ -610,16 +781,61 @@ fn keeper(sh: Arc<Shared>) {
             changed = true;
             link.touched = !0;
         }
-        let wake = if changed {
+        let mut wake = if changed {
             sh.to_notify(&mut link)
         } else {
             Wake::default()
         };
+        // Sit out while a caller waits on the doorbell (it reads the ring for everyone
+        // and recalls us when it leaves with others still waiting), or for a moment to
+        // leave the bell to callers that found us on it.
+        let wanted = if sh.direct_wait {
+            sh.bell_wanted.swap(0, StdOrdering::Relaxed)
+        } else {
+            0
+        };
+        let leads = sh.caller_leads.load(StdOrdering::Relaxed);
+        let callers_lead = std::mem::replace(&mut last_leads, leads) != leads;
+        let bench = if sh.bell.load(StdOrdering::Relaxed) == BELL_CALLER
+            || (callers_lead && benched && !changed)
+        {
+            // Between two of the callers' waits nobody is on the bell: what does not
+            // recall us is not left for longer than a short nap.
+            let others = sh.accept_sleepers.load(StdOrdering::Relaxed) > 0
+                || sh.notifiers.load(StdOrdering::Relaxed)
+                || link.has_pending()
+                || link.parked.is_some();
+            Some(if others {
+                HANDOFF_MAX
+            } else {
+                sh.cfg.heartbeat
+            })
+        } else if wanted != 0 {
+            // Wake them so that one takes the bell now rather than after its timeout.
+            wake.stripes |= wanted;
+            wake.link |= wanted & 1 != 0 && sh.sleepers.load(StdOrdering::Relaxed) > 0;
+            wake.accept |= wanted & 1 != 0 && sh.accept_sleepers.load(StdOrdering::Relaxed) > 0;
+            Some(HANDOFF_MAX)
+        } else {
+            None
+        };
+        if let Some(t) = bench {
+            sh.keeper_benched.store(true, StdOrdering::SeqCst);
+            sh.ring(&mut link);
+            drop(link);
+            sh.notify_unlocked(wake);
+            std::thread::park_timeout(t);
+            sh.keeper_benched.store(false, StdOrdering::SeqCst);
+            benched = true;
+            continue;
+        }
+        benched = false;
         if link.parked.is_some() || sh.spinners.load(StdOrdering::SeqCst) > 0 {
             // A waiter spins on the ring (or a frame waits for an in-place reader, which
             // pumps on release): no need for the peer to ring us. Whoever stops spinning
             // or releases the frame wakes us to arm again; the timeout bounds the rest.
             sh.keeper_unarmed.store(true, StdOrdering::SeqCst);
+            sh.bell.store(BELL_KEEPER, StdOrdering::SeqCst);
             sh.ring(&mut link);
             drop(link);
             sh.notify_unlocked(wake);
@@ -655,6 +871,9 @@ fn keeper(sh: Arc<Shared>) {
         } else {
             poll.min(sh.cfg.heartbeat)
         };
+        if sleep {
+            sh.bell.store(BELL_KEEPER, StdOrdering::SeqCst);
+        }
         sh.ring(&mut link);
         drop(link);
         sh.notify_unlocked(wake);
@@ -827,6 +1046,9 @@ impl Session {
         let mut link = self.shared.lock();
         self.check(&link)?;
         link.session(self.id)?.notify = Some(notify);
+        // Its reader sleeps outside the endpoint: the keeper must follow the ring for it.
+        self.shared.notifiers.store(true, StdOrdering::Relaxed);
+        self.shared.unpark_keeper();
         Ok(())
     }
 
