@@ -374,8 +374,9 @@ impl Shared {
             });
             // A few spinners keep the ring moving; more only fight over the lock and the
             // CPUs (many sessions): the rest sleep until progress wakes them.
+            // (Polling too: more spinners than CPUs starve the threads they wait for.)
             let crowded = spinning.is_none()
-                && self.cfg.wait == WaitMode::Adaptive
+                && self.cfg.wait != WaitMode::Block
                 && self.spinners.load(StdOrdering::Relaxed) >= self.max_spinners;
             if !crowded && spin_until.is_none_or(|s| now < s) {
                 if spinning.is_none() {
@@ -799,13 +800,15 @@ fn keeper(sh: Arc<Shared>) {
         let bench = if sh.bell.load(StdOrdering::Relaxed) == BELL_CALLER
             || (callers_lead && benched && !changed)
         {
-            // Between two of the callers' waits nobody is on the bell: what does not
-            // recall us is not left for longer than a short nap.
+            // Between two of the callers' waits nobody is on the bell, and what does not
+            // recall us (accepts, notify callbacks, frames waiting for space) must not
+            // wait long: while callers come and go, nap briefly; while one caller keeps
+            // the bell (an idle link), sleep as long as the heartbeat allows.
             let others = sh.accept_sleepers.load(StdOrdering::Relaxed) > 0
                 || sh.notifiers.load(StdOrdering::Relaxed)
                 || link.has_pending()
                 || link.parked.is_some();
-            Some(if others {
+            Some(if others && callers_lead {
                 HANDOFF_MAX
             } else {
                 sh.cfg.heartbeat
