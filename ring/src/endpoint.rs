@@ -226,14 +226,15 @@ impl Shared {
         mut link: MutexGuard<'a, Link>,
         limit: Duration,
         flooded: bool,
+        leading: &mut bool,
     ) -> (MutexGuard<'a, Link>, Led) {
         // A frame parked for an in-place reader stays in the ring until it is released:
         // the ring would look readable for ever. Its release wakes the condvar sleepers.
-        if !self.direct_wait
-            || self.bell.load(StdOrdering::Relaxed) != BELL_FREE
-            || !link.up
-            || link.parked.is_some()
-        {
+        if !self.direct_wait || !link.up || link.parked.is_some() {
+            self.resign(leading);
+            return (link, Led::No);
+        }
+        if !*leading && self.bell.load(StdOrdering::Relaxed) != BELL_FREE {
             return (link, Led::No);
         }
         // Whatever is in the ring goes to its sessions first (ours included); then arm
@@ -262,8 +263,11 @@ impl Shared {
                 return (link, Led::Progress);
             }
         }
-        self.bell.store(BELL_CALLER, StdOrdering::SeqCst);
-        self.caller_leads.fetch_add(1, StdOrdering::Relaxed);
+        if !*leading {
+            *leading = true;
+            self.bell.store(BELL_CALLER, StdOrdering::SeqCst);
+            self.caller_leads.fetch_add(1, StdOrdering::Relaxed);
+        }
         self.ring(&mut link);
         drop(link);
         if flooded {
@@ -273,11 +277,20 @@ impl Shared {
         self.doorbell.wait(Some(limit));
         let early = t.elapsed() < limit / 2;
         let mut link = self.lock();
-        self.bell.store(BELL_FREE, StdOrdering::SeqCst);
-        // Awake: the peer need not ring while we read (the keeper does the same).
+        // Awake: the peer need not ring while we read (the keeper does the same). We keep
+        // the bell until we return (or sleep on a condvar): woken for other sessions'
+        // data, we wait again without a hand-off.
         link.disarm_wakeup();
-        self.recall_keeper();
         (link, Led::Waited { early })
+    }
+
+    /// Gives the bell up (with the lock held) if we have it, recalling the keeper if
+    /// callers asleep on condvars need someone on it.
+    fn resign(&self, leading: &mut bool) {
+        if std::mem::take(leading) {
+            self.bell.store(BELL_FREE, StdOrdering::SeqCst);
+            self.recall_keeper();
+        }
     }
 
     /// Wakes a keeper that sleeps unarmed, so that it asks the peer to ring again.
@@ -346,23 +359,25 @@ impl Shared {
         let mut spinning: Option<Spinning<'_>> = None;
         // Wakeups on the doorbell in a row that brought us nothing (a ringing flood).
         let mut early_wakes = 0u32;
-        loop {
+        // Whether we have the bell (we give it up, under the lock, before returning).
+        let mut leading = false;
+        let r = loop {
             let r = attempt(&mut link);
             self.ring(&mut link);
             match r {
-                Ok(Some(v)) => return Ok((link, v)),
+                Ok(Some(v)) => break Ok((link, v)),
                 Ok(None) => {}
-                Err(e) => return Err(e),
+                Err(e) => break Err(e),
             }
             if nonblocking {
-                return Err(io::ErrorKind::WouldBlock.into());
+                break Err(io::ErrorKind::WouldBlock.into());
             }
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "ivring: timed out"));
+                break Err(io::Error::new(io::ErrorKind::TimedOut, "ivring: timed out"));
             }
             if link.closed {
-                return Err(io::Error::new(
+                break Err(io::Error::new(
                     io::ErrorKind::NotConnected,
                     "ivring: endpoint closed",
                 ));
@@ -379,6 +394,7 @@ impl Shared {
                 && self.cfg.wait != WaitMode::Block
                 && self.spinners.load(StdOrdering::Relaxed) >= self.max_spinners;
             if !crowded && spin_until.is_none_or(|s| now < s) {
+                self.resign(&mut leading);
                 if spinning.is_none() {
                     self.spinners.fetch_add(1, StdOrdering::SeqCst);
                     spinning = Some(Spinning(&self.spinners));
@@ -438,7 +454,7 @@ impl Shared {
                 // by every ring for the sessions' traffic and pass it on to them.
                 let mut led = Led::No;
                 if !matches!(on, WaitOn::Accept) {
-                    (link, led) = self.lead(link, limit, early_wakes > 64);
+                    (link, led) = self.lead(link, limit, early_wakes > 64, &mut leading);
                 }
                 match led {
                     Led::No => {}
@@ -465,6 +481,7 @@ impl Shared {
                         (&self.stripes[stripe].cv, &self.stripes[stripe].sleepers)
                     }
                 };
+                self.resign(&mut leading);
                 n.fetch_add(1, StdOrdering::Relaxed);
                 link = cv
                     .wait_timeout(link, limit)
@@ -472,7 +489,9 @@ impl Shared {
                     .0;
                 n.fetch_sub(1, StdOrdering::Relaxed);
             }
-        }
+        };
+        self.resign(&mut leading);
+        r
     }
 }
 
