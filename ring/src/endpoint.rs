@@ -281,6 +281,19 @@ impl Shared {
         // the bell until we return (or sleep on a condvar): woken for other sessions'
         // data, we wait again without a hand-off.
         link.disarm_wakeup();
+        // The keeper's other duties on a ring: writers asleep waiting for the space the
+        // peer just freed, and control frames queued for it.
+        let had_pending = link.has_pending();
+        if had_pending {
+            if let Err(f) = link.flush() {
+                self.fault(&mut link, f);
+            }
+        }
+        if link.space_ready() || (had_pending && !link.has_pending()) {
+            link.touched = !0;
+            self.ring(&mut link);
+            self.notify(&mut link);
+        }
         (link, Led::Waited { early })
     }
 

@@ -1007,6 +1007,64 @@ fn doorbell_flood_does_not_spin_the_keeper() {
     );
 }
 
+/// Rings with no data must not make a reader that waits on the doorbell itself spin
+/// either (a blocked caller takes the doorbell while the keeper sits out).
+#[test]
+fn doorbell_flood_does_not_spin_a_blocked_reader() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (victim, mut h) = setup(Role::Host);
+    h.follow();
+    let victim = Arc::new(victim);
+    let opener = {
+        let victim = victim.clone();
+        thread::spawn(move || victim.connect(7))
+    };
+    accept_victim_open(&mut h, 8 << 10);
+    let mut s = opener
+        .join()
+        .unwrap()
+        .expect("the victim's connect was accepted");
+    s.set_read_timeout(Some(Duration::from_secs(1)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = thread::spawn(move || {
+        let me = "/proc/thread-self/stat";
+        let c0 = cpu_ticks(me);
+        let t0 = Instant::now();
+        let r = s.read(&mut [0u8; 64]);
+        let cpu = (cpu_ticks(me) - c0) as f64 / 100.0;
+        (r.map_err(|e| e.kind()), cpu / t0.elapsed().as_secs_f64())
+    });
+    let flooder = {
+        let (stop, bell, id) = (stop.clone(), h.bell.clone(), h.victim_id);
+        thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                bell.ring(id);
+                n += 1;
+            }
+            n
+        })
+    };
+    while !reader.is_finished() {
+        h.follow();
+        thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let rings = flooder.join().unwrap();
+    let (r, share) = reader.join().unwrap();
+    eprintln!(
+        "doorbell flood: {rings} rings; blocked reader used {:.1}% of a core",
+        share * 100.0
+    );
+    assert_eq!(r.unwrap_err(), ErrorKind::TimedOut, "no data was sent");
+    assert!(victim.is_up());
+    assert!(
+        share < 0.5,
+        "the reader used {:.0}% of a core",
+        share * 100.0
+    );
+}
+
 /// Accepts the victim's first Open on the hostile link with `buf_alloc` of credit.
 fn accept_victim_open(h: &mut Hostile, buf_alloc: u32) -> u64 {
     let t0 = Instant::now();
