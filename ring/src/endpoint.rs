@@ -772,7 +772,10 @@ pub(crate) fn reset_error(l: &Link) -> io::Error {
 
 /// The keeper: follows the peer, reads the ring, and sleeps on the doorbell when idle.
 fn keeper(sh: Arc<Shared>) {
-    let can_wait = sh.doorbell.can_wait();
+    // A polling endpoint's keeper polls too (backing off to 1 ms apart) rather than
+    // asking the peer to ring: each ring is a syscall on the writer's path, and readers
+    // that poll need none.
+    let can_wait = sh.doorbell.can_wait() && sh.cfg.wait != WaitMode::Poll;
     const POLL_MIN: Duration = Duration::from_micros(20);
     const POLL_MAX: Duration = Duration::from_millis(1);
     let mut poll = POLL_MIN;
@@ -880,7 +883,11 @@ fn keeper(sh: Arc<Shared>) {
         }
         // Arm, then re-check (the lost-wakeup rule): sleep only if nothing came in since.
         let mut sleep = true;
-        match link.arm_wakeup() {
+        match if can_wait {
+            link.arm_wakeup()
+        } else {
+            Ok(false)
+        } {
             Ok(true) => sleep = false,
             Ok(false) => {}
             Err(f) => {
@@ -888,7 +895,7 @@ fn keeper(sh: Arc<Shared>) {
                 sleep = false;
             }
         }
-        if link.has_pending() {
+        if can_wait && link.has_pending() {
             match link.arm_pending_space() {
                 Ok(true) => sleep = false,
                 Ok(false) => {}
