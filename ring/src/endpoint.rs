@@ -587,7 +587,9 @@ impl Endpoint {
             Geometry::read_header(&region)?;
         }
         let own_id = doorbell.own_id();
-        let direct_wait = doorbell.can_wait();
+        // A polling endpoint never asks the peer to ring (PROTOCOL.md §5): nobody may
+        // wait on its doorbell.
+        let direct_wait = doorbell.can_wait() && cfg.wait != WaitMode::Poll;
         let peer_head = role.peer_block() + crate::layout::side::TX_HEAD;
         let link = Link::new(role, region.clone(), geom, cfg.clone());
         let shared = Arc::new(Shared {
@@ -817,11 +819,18 @@ fn keeper(sh: Arc<Shared>) {
             changed = true;
             link.touched = !0;
         }
+
         let mut wake = if changed {
             sh.to_notify(&mut link)
         } else {
             Wake::default()
         };
+        if link.polls() {
+            // Writers asleep for ring space (more pollers than CPUs) posted nothing the
+            // peer could ring for: let them look again each time round.
+            wake.stripes = !0;
+            wake.link |= sh.sleepers.load(StdOrdering::Relaxed) > 0;
+        }
         // Sit out while a caller waits on the doorbell (it reads the ring for everyone
         // and recalls us when it leaves with others still waiting), or for a moment to
         // leave the bell to callers that found us on it.

@@ -55,6 +55,10 @@ pub mod side {
     pub const HEARTBEAT: usize = 16;
     /// The other side's epoch that the owner has reset its indices for (PROTOCOL.md §3).
     pub const ACK: usize = 24;
+    /// 1 if the owner polls: it never sets `RX_NEED_WAKEUP` or `TX_NEED_SPACE`, so the
+    /// other side may publish and release without the wakeup fences and never rings it.
+    /// Read once per epoch; any other value means "may sleep".
+    pub const POLLS: usize = 32;
     /// Line 1: write index of the ring the owner writes (free-running byte count).
     pub const TX_HEAD: usize = LINE;
     /// Line 2: read index of the ring the owner reads (free-running byte count).

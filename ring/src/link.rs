@@ -4,7 +4,7 @@
 //! Everything read from shared memory is read once, checked, and used from the local
 //! copy (PROTOCOL.md §6).
 
-use crate::config::Config;
+use crate::config::{Config, WaitMode};
 use crate::frame::{self, CreditArgs, Header, Kind, OpenArgs, FLAG_EOR};
 use crate::layout::{side, Geometry, Role, PEER_ID_VALID};
 use crate::region::SharedRegion;
@@ -282,6 +282,7 @@ impl Link {
         self.rx.reset();
         self.up = false;
         self.store_own(side::ACK, 0, Ordering::Relaxed);
+        self.store_own(side::POLLS, u64::from(self.polls()), Ordering::Relaxed);
         self.peer_acked = 0;
         self.store_own(
             side::PEER_ID,
@@ -419,6 +420,10 @@ impl Link {
             if peer_ack == self.epoch {
                 self.up = true;
                 self.read_peer_id();
+                // Written before the peer's EPOCH (Release), read after our Acquire of it.
+                let polls = self.load_peer(side::POLLS, Ordering::Relaxed) == 1;
+                self.tx.peer_polls = polls;
+                self.rx.peer_polls = polls;
                 self.peer_seen_present = false;
                 self.peer_beat = self.load_peer(side::HEARTBEAT, Ordering::Relaxed);
                 self.peer_beat_at = now;
@@ -784,15 +789,27 @@ impl Link {
             return Ok(true);
         };
         let rec = frame::record_len(h.len as usize);
-        self.tx.arm_space(rec).map_err(|bad| self.index_fault(bad))
+        let post = !self.polls();
+        self.tx
+            .arm_space(rec, post)
+            .map_err(|bad| self.index_fault(bad))
     }
 
-    /// Arms the need-wakeup flag; `Ok(true)` if data is already there.
+    /// Arms the need-wakeup flag (not when we poll: we promised never to) and re-checks
+    /// the peer's head: `Ok(true)` if data is already there.
     pub fn arm_wakeup(&mut self) -> Result<bool, Fault> {
         if !self.up {
             return Ok(false);
         }
-        self.rx.arm_wakeup().map_err(|bad| self.index_fault(bad))
+        let post = !self.polls();
+        self.rx
+            .arm_wakeup(post)
+            .map_err(|bad| self.index_fault(bad))
+    }
+
+    /// Whether this side polls (`WaitMode::Poll`), as it tells the peer in `side::POLLS`.
+    pub(crate) fn polls(&self) -> bool {
+        self.cfg.wait == WaitMode::Poll
     }
 
     pub fn disarm_wakeup(&mut self) {
@@ -952,7 +969,10 @@ impl Link {
     /// Posts the ring space a frame of `len` payload bytes needs; `Ok(true)` if it is there.
     pub fn arm_space(&mut self, len: usize) -> Result<bool, Fault> {
         let rec = frame::record_len(len.min(self.max_payload));
-        self.tx.arm_space(rec).map_err(|bad| self.index_fault(bad))
+        let post = !self.polls();
+        self.tx
+            .arm_space(rec, post)
+            .map_err(|bad| self.index_fault(bad))
     }
 
     /// Ends a session from our side: Close to the peer unless it is already gone.

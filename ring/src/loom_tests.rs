@@ -118,7 +118,7 @@ fn loom_no_lost_data_wakeup() {
             p.commit(HEADER_LEN);
             p.publish()
         });
-        let saw_data = c.arm_wakeup().expect("writer index corrupt");
+        let saw_data = c.arm_wakeup(true).expect("writer index corrupt");
         let rings = writer.join().unwrap();
         assert!(
             saw_data || rings,
@@ -145,7 +145,7 @@ fn loom_no_lost_space_wakeup() {
             c.consume(&data_header(1, 16));
             c.release()
         });
-        let has_space = p.arm_space(32).expect("reader index corrupt");
+        let has_space = p.arm_space(32, true).expect("reader index corrupt");
         let rings = reader.join().unwrap();
         assert!(
             has_space || rings,

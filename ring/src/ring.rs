@@ -34,6 +34,9 @@ pub(crate) struct Producer {
     cached_tail: u64,
     /// Head as last stored to shared memory.
     published: u64,
+    /// The reader said it polls (side::POLLS, read once per epoch): publish without the
+    /// wakeup fence.
+    pub(crate) peer_polls: bool,
 }
 
 /// The reading half: owns `RX_TAIL` and `RX_NEED_WAKEUP` in its side block.
@@ -48,6 +51,8 @@ pub(crate) struct Consumer {
     cached_head: u64,
     /// Tail as last stored to shared memory.
     released: u64,
+    /// The writer said it polls: release without the space fence.
+    pub(crate) peer_polls: bool,
 }
 
 impl Producer {
@@ -68,6 +73,7 @@ impl Producer {
             head_off: 0,
             cached_tail: 0,
             published: 0,
+            peer_polls: false,
         }
     }
 
@@ -77,6 +83,7 @@ impl Producer {
         self.head_off = 0;
         self.cached_tail = 0;
         self.published = 0;
+        self.peer_polls = false;
         let own = self.own_block;
         self.region
             .store_u64(own + side::TX_NEED_SPACE, 0, Ordering::Relaxed);
@@ -188,6 +195,11 @@ impl Producer {
         // Consumer::available: every record byte below it is written.
         self.region
             .store_u64(self.own_block + side::TX_HEAD, self.head, Ordering::Release);
+        if self.peer_polls {
+            // The reader never sleeps (PROTOCOL.md §5): no flag to read, no fence to
+            // order it, so the head store need not wait for the data lines to drain.
+            return false;
+        }
         // WAKEUP fence (publisher side): orders the head store before the flag load, so
         // either the reader's re-check sees the new head or we see its flag.
         fence(Ordering::SeqCst);
@@ -198,16 +210,20 @@ impl Producer {
 
     /// Posts the tail position a blocked writer needs, then re-checks: `true` if the space
     /// is already there (the post is withdrawn), `false` if the caller should sleep.
-    pub(crate) fn arm_space(&mut self, rec: usize) -> Result<bool, BadIndex> {
+    /// With `post` false (a polling writer, which promised never to post) it only
+    /// re-checks.
+    pub(crate) fn arm_space(&mut self, rec: usize, post: bool) -> Result<bool, BadIndex> {
         let target = self.space_target(rec);
-        self.region.store_u64(
-            self.own_block + side::TX_NEED_SPACE,
-            target,
-            Ordering::Relaxed,
-        );
-        // SPACE fence (writer side): orders the post before the tail re-read, pairing with
-        // the fence in Consumer::release.
-        fence(Ordering::SeqCst);
+        if post {
+            self.region.store_u64(
+                self.own_block + side::TX_NEED_SPACE,
+                target,
+                Ordering::Relaxed,
+            );
+            // SPACE fence (writer side): orders the post before the tail re-read, pairing
+            // with the fence in Consumer::release.
+            fence(Ordering::SeqCst);
+        }
         self.cached_tail = self.head.saturating_sub(self.cap); // force a re-read
         let to_end = self.cap - self.head_off;
         let need = if to_end < rec as u64 {
@@ -274,6 +290,7 @@ impl Consumer {
             tail_off: 0,
             cached_head: 0,
             released: 0,
+            peer_polls: false,
         }
     }
 
@@ -283,6 +300,7 @@ impl Consumer {
         self.tail_off = 0;
         self.cached_head = 0;
         self.released = 0;
+        self.peer_polls = false;
         let own = self.own_block;
         self.region
             .store_u64(own + side::RX_NEED_WAKEUP, 0, Ordering::Relaxed);
@@ -382,6 +400,10 @@ impl Consumer {
         // Producer::free: we are done reading every byte below it.
         self.region
             .store_u64(self.own_block + side::RX_TAIL, self.tail, Ordering::Release);
+        if self.peer_polls {
+            // The writer never posts a space need (PROTOCOL.md §5).
+            return false;
+        }
         // SPACE fence (reader side): orders the tail store before reading the writer's
         // post, pairing with the fence in Producer::arm_space.
         fence(Ordering::SeqCst);
@@ -393,12 +415,16 @@ impl Consumer {
 
     /// Arms the need-wakeup flag and re-checks the peer's head: `true` if data is already
     /// there (the flag is withdrawn and the caller must not sleep).
-    pub(crate) fn arm_wakeup(&mut self) -> Result<bool, BadIndex> {
-        self.region
-            .store_u64(self.own_block + side::RX_NEED_WAKEUP, 1, Ordering::Relaxed);
-        // WAKEUP fence (sleeper side): orders the flag store before the head re-read,
-        // pairing with the fence in Producer::publish.
-        fence(Ordering::SeqCst);
+    /// With `post` false (a polling reader, which promised never to set the flag) it
+    /// only re-checks.
+    pub(crate) fn arm_wakeup(&mut self, post: bool) -> Result<bool, BadIndex> {
+        if post {
+            self.region
+                .store_u64(self.own_block + side::RX_NEED_WAKEUP, 1, Ordering::Relaxed);
+            // WAKEUP fence (sleeper side): orders the flag store before the head re-read,
+            // pairing with the fence in Producer::publish.
+            fence(Ordering::SeqCst);
+        }
         if self.available()? != 0 {
             self.disarm_wakeup();
             return Ok(true);
