@@ -69,6 +69,12 @@ pub(crate) struct Shared {
     notifiers: AtomicBool,
     /// Whether a blocked caller may wait on the doorbell itself (the doorbell wakes).
     direct_wait: bool,
+    /// Where writers that found the ring full sleep. Space is handed on one writer at a
+    /// time: each space report wakes one, and a writer woken here wakes the next when it
+    /// leaves. Waking them all (256 writers on two CPUs) made three of four wakeups
+    /// useless.
+    space_cv: Condvar,
+    space_sleepers: AtomicUsize,
 }
 
 const BELL_FREE: u8 = 0;
@@ -84,6 +90,9 @@ struct Wake {
     link: bool,
     accept: bool,
     stripes: u64,
+    /// Ring space came back: wake one writer waiting for it (all: `space_all`).
+    space: bool,
+    space_all: bool,
 }
 
 /// Where some sessions' callers sleep.
@@ -148,6 +157,7 @@ impl Shared {
     /// Wakes every sleeper.
     fn notify_all(&self) {
         self.cv.notify_all();
+        self.space_cv.notify_all();
         self.accept_cv.notify_all();
         for s in self.stripes.iter() {
             s.cv.notify_all();
@@ -168,8 +178,11 @@ impl Shared {
             link: self.sleepers.load(StdOrdering::Relaxed) > 0,
             accept: self.accept_sleepers.load(StdOrdering::Relaxed) > 0
                 && (!link.up || link.listeners.values().any(|l| !l.backlog.is_empty())),
-            // Progress that names no session (a pad, a state change) concerns them all.
+            // Progress that names no session (a pad, a state change) concerns them all
+            // (writers waiting for space pass the news on one by one).
             stripes: if touched == 0 { !0 } else { touched },
+            space: touched == 0,
+            space_all: false,
         }
     }
 
@@ -181,6 +194,13 @@ impl Shared {
         }
         if w.accept {
             self.accept_cv.notify_all();
+        }
+        if (w.space || w.space_all) && self.space_sleepers.load(StdOrdering::Relaxed) > 0 {
+            if w.space_all {
+                self.space_cv.notify_all();
+            } else {
+                self.space_cv.notify_one();
+            }
         }
         let mut bits = w.stripes;
         while bits != 0 {
@@ -290,9 +310,10 @@ impl Shared {
             }
         }
         if link.space_ready() || (had_pending && !link.has_pending()) {
-            link.touched = !0;
             self.ring(&mut link);
-            self.notify(&mut link);
+            let mut w = self.to_notify(&mut link);
+            w.space = true;
+            self.notify_unlocked(w);
         }
         (link, Led::Waited { early })
     }
@@ -374,8 +395,11 @@ impl Shared {
         let mut early_wakes = 0u32;
         // Whether we have the bell (we give it up, under the lock, before returning).
         let mut leading = false;
+        // Woken on the space condvar: pass the turn on when leaving.
+        let mut space_turn = false;
         let r = loop {
             let r = attempt(&mut link);
+            let for_space = std::mem::take(&mut link.waiting_space);
             self.ring(&mut link);
             match r {
                 Ok(Some(v)) => break Ok((link, v)),
@@ -491,12 +515,14 @@ impl Shared {
                     self.bell_wanted.fetch_or(1 << stripe, StdOrdering::Relaxed);
                 }
                 let (cv, n) = match on {
+                    _ if for_space => (&self.space_cv, &self.space_sleepers),
                     WaitOn::Accept => (&self.accept_cv, &self.accept_sleepers),
                     WaitOn::Link => (&self.cv, &self.sleepers),
                     WaitOn::Session(_) => {
                         (&self.stripes[stripe].cv, &self.stripes[stripe].sleepers)
                     }
                 };
+                space_turn |= for_space;
                 self.resign(&mut leading);
                 n.fetch_add(1, StdOrdering::Relaxed);
                 link = cv
@@ -507,6 +533,9 @@ impl Shared {
             }
         };
         self.resign(&mut leading);
+        if space_turn && self.space_sleepers.load(StdOrdering::Relaxed) > 0 {
+            self.space_cv.notify_one();
+        }
         r
     }
 }
@@ -618,6 +647,8 @@ impl Endpoint {
             caller_leads: AtomicU64::new(0),
             notifiers: AtomicBool::new(false),
             direct_wait,
+            space_cv: Condvar::new(),
+            space_sleepers: AtomicUsize::new(0),
         });
         Ok(Endpoint {
             shared,
@@ -818,21 +849,18 @@ fn keeper(sh: Arc<Shared>) {
         if let Err(f) = link.flush() {
             sh.fault(&mut link, f);
         }
-        if link.space_ready() || (had_pending && !link.has_pending()) {
-            changed = true;
-            link.touched = !0;
-        }
-
+        let space = link.space_ready() || (had_pending && !link.has_pending());
+        changed |= space;
         let mut wake = if changed {
             sh.to_notify(&mut link)
         } else {
             Wake::default()
         };
+        wake.space |= space;
         if link.polls() {
             // Writers asleep for ring space (more pollers than CPUs) posted nothing the
             // peer could ring for: let them look again each time round.
-            wake.stripes = !0;
-            wake.link |= sh.sleepers.load(StdOrdering::Relaxed) > 0;
+            wake.space_all = true;
         }
         // Sit out while a caller waits on the doorbell (it reads the ring for everyone
         // and recalls us when it leaves with others still waiting), or for a moment to
@@ -1243,7 +1271,7 @@ fn step(l: &mut Link, id: u64, data: &[u8], eor: bool, credit: bool) -> io::Resu
                     if l.has_pending() {
                         match l.flush() {
                             Ok(true) => continue,
-                            Ok(false) => {}
+                            Ok(false) => l.waiting_space = !no_credit,
                             Err(f) => return Err(l.fault_to_io(f)),
                         }
                     }

@@ -202,6 +202,9 @@ pub(crate) struct Link {
     /// Sessions (by id modulo 64) that frames concerned since the endpoint last woke
     /// their callers; all bits after a reset.
     pub(crate) touched: u64,
+    /// Set when a write found the ring full (or control frames queued ahead of it): the
+    /// caller then waits for space with the other such writers, woken one at a time.
+    pub(crate) waiting_space: bool,
 }
 
 const MAX_PENDING_CONTROL: usize = 1 << 16;
@@ -257,6 +260,7 @@ impl Link {
             ring_peer: false,
             parked: None,
             touched: 0,
+            waiting_space: false,
         }
     }
 
@@ -970,9 +974,12 @@ impl Link {
     pub fn arm_space(&mut self, len: usize) -> Result<bool, Fault> {
         let rec = frame::record_len(len.min(self.max_payload));
         let post = !self.polls();
-        self.tx
+        let r = self
+            .tx
             .arm_space(rec, post)
-            .map_err(|bad| self.index_fault(bad))
+            .map_err(|bad| self.index_fault(bad));
+        self.waiting_space |= matches!(r, Ok(false));
+        r
     }
 
     /// Ends a session from our side: Close to the peer unless it is already gone.

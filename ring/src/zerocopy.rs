@@ -225,6 +225,7 @@ impl Link {
             return Ok(None);
         }
         if self.has_pending() && !self.flush().map_err(|f| self.fault_to_io(f))? {
+            self.waiting_space = true;
             return Ok(None);
         }
         let rec = frame::record_len(len);
