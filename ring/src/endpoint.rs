@@ -508,7 +508,7 @@ impl Shared {
                     }
                 }
                 let stripe = match on {
-                    WaitOn::Session(id) => (id % self.stripes.len() as u64) as usize,
+                    WaitOn::Session(id) => crate::link::stripe_of(id) as usize,
                     WaitOn::Link | WaitOn::Accept => 0,
                 };
                 if self.direct_wait && self.bell.load(StdOrdering::Relaxed) == BELL_KEEPER {

@@ -571,7 +571,7 @@ impl Link {
     }
 
     fn dispatch(&mut self, h: &Header, payload_at: usize) -> Result<(), Fault> {
-        self.touched |= 1 << (h.session % 64);
+        self.touched |= 1 << stripe_of(h.session);
         self.dispatch_frame(h, payload_at)?;
         if let Some(n) = self
             .sessions
@@ -1102,4 +1102,11 @@ impl std::hash::Hasher for SessionIdHasher {
         self.h = p ^ (p >> 29) ^ self.key.rotate_left(17);
         self.h = self.h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     }
+}
+
+/// The wait stripe (0..64) of session `id`: callers of the sessions sharing a stripe are
+/// woken together. The low bit of an id only says which side opened it, so it is left
+/// out: one side's sessions spread over all 64 stripes, not 32.
+pub(crate) fn stripe_of(id: u64) -> u32 {
+    ((id >> 1) % 64) as u32
 }
