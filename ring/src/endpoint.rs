@@ -271,6 +271,25 @@ impl Shared {
                 return (link, Led::Progress);
             }
         }
+        // Control frames queued for ring space go out first: arming below only reports
+        // that space is there, and nobody else may be awake to send them.
+        if link.has_pending() {
+            match link.flush() {
+                Ok(true) => {
+                    self.ring(&mut link);
+                    self.notify_unlocked(Wake {
+                        space: true,
+                        ..Wake::default()
+                    });
+                    return (link, Led::Progress);
+                }
+                Ok(false) => {}
+                Err(f) => {
+                    self.fault(&mut link, f);
+                    return (link, Led::Progress);
+                }
+            }
+        }
         let armed = match link.arm_wakeup() {
             Ok(false) if link.has_pending() => link.arm_pending_space(),
             r => r,
@@ -311,9 +330,11 @@ impl Shared {
         }
         if link.space_ready() || (had_pending && !link.has_pending()) {
             self.ring(&mut link);
-            let mut w = self.to_notify(&mut link);
-            w.space = true;
-            self.notify_unlocked(w);
+            // Space concerns only the writers waiting for it (not every stripe).
+            self.notify_unlocked(Wake {
+                space: true,
+                ..Wake::default()
+            });
         }
         (link, Led::Waited { early })
     }
@@ -849,8 +870,8 @@ fn keeper(sh: Arc<Shared>) {
         if let Err(f) = link.flush() {
             sh.fault(&mut link, f);
         }
+        // Space concerns only the writers waiting for it (not every stripe).
         let space = link.space_ready() || (had_pending && !link.has_pending());
-        changed |= space;
         let mut wake = if changed {
             sh.to_notify(&mut link)
         } else {
@@ -943,7 +964,7 @@ fn keeper(sh: Arc<Shared>) {
             }
         }
         // Doorbell-less links poll, backing off while idle.
-        poll = if changed {
+        poll = if changed || space {
             POLL_MIN
         } else {
             (poll * 2).min(POLL_MAX)

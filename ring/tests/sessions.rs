@@ -787,7 +787,15 @@ fn writers_share_a_full_ring() {
         let mut writers = Vec::new();
         let mut readers = Vec::new();
         for i in 0..SESSIONS {
-            let mut h = p.host.connect(41).unwrap();
+            let mut h = p.host.connect(41).unwrap_or_else(|e| {
+                use ivring::layout::{side, HOST_BLOCK};
+                let r = |b: usize, w: usize| p.region.load_u64(b + w, Ordering::SeqCst);
+                panic!(
+                    "{wait:?} connect {i}: {e}; host head {} guest tail {} host need_space {} guest need_wakeup {} | guest head {} host tail {} guest need_space {} host need_wakeup {}",
+                    r(HOST_BLOCK, side::TX_HEAD), r(GUEST_BLOCK, side::RX_TAIL), r(HOST_BLOCK, side::TX_NEED_SPACE), r(GUEST_BLOCK, side::RX_NEED_WAKEUP),
+                    r(GUEST_BLOCK, side::TX_HEAD), r(HOST_BLOCK, side::RX_TAIL), r(GUEST_BLOCK, side::TX_NEED_SPACE), r(HOST_BLOCK, side::RX_NEED_WAKEUP),
+                )
+            });
             let mut g = listener.accept_timeout(PATIENCE).unwrap();
             for s in [&mut h, &mut g] {
                 s.set_read_timeout(Some(PATIENCE));
