@@ -14,7 +14,7 @@
 use crate::config::{Config, WaitMode};
 use crate::doorbell::Doorbell;
 use crate::layout::{Geometry, LayoutError, Role};
-use crate::link::{Fault, Link, Listen, State, Stats};
+use crate::link::{Fault, Link, Listen, State, Stats, Stripes};
 use crate::region::SharedRegion;
 use std::io;
 use std::net::Shutdown;
@@ -35,6 +35,8 @@ pub(crate) struct Shared {
     /// Where callers of a session sleep, by session id modulo 64, so that traffic on one
     /// session wakes only the few that share its stripe (not all of them).
     stripes: Box<[Stripe]>,
+    /// Callers asleep on any stripe (so that nobody scans them all to find out).
+    stripe_sleepers: AtomicUsize,
     /// Waiters spinning on the ring right now: they pump it themselves, so the keeper
     /// need not ask the peer to ring (each ring is a syscall on the writer's side).
     spinners: AtomicUsize,
@@ -89,7 +91,7 @@ const HANDOFF_MAX: Duration = Duration::from_millis(1);
 struct Wake {
     link: bool,
     accept: bool,
-    stripes: u64,
+    stripes: Stripes,
     /// Ring space came back: wake one writer waiting for it (all: `space_all`).
     space: bool,
     space_all: bool,
@@ -180,8 +182,12 @@ impl Shared {
                 && (!link.up || link.listeners.values().any(|l| !l.backlog.is_empty())),
             // Progress that names no session (a pad, a state change) concerns them all
             // (writers waiting for space pass the news on one by one).
-            stripes: if touched == 0 { !0 } else { touched },
-            space: touched == 0,
+            stripes: if touched.is_empty() {
+                Stripes::ALL
+            } else {
+                touched
+            },
+            space: touched.is_empty(),
             space_all: false,
         }
     }
@@ -202,10 +208,10 @@ impl Shared {
                 self.space_cv.notify_one();
             }
         }
-        let mut bits = w.stripes;
-        while bits != 0 {
-            let i = bits.trailing_zeros() as usize;
-            bits &= bits - 1;
+        if self.stripe_sleepers.load(StdOrdering::Relaxed) == 0 {
+            return;
+        }
+        for i in w.stripes.iter() {
             if let Some(s) = self.stripes.get(i) {
                 if s.sleepers.load(StdOrdering::Relaxed) > 0 {
                     s.cv.notify_all();
@@ -223,10 +229,7 @@ impl Shared {
             return;
         }
         let needed = self.sleepers.load(StdOrdering::Relaxed) > 0
-            || self
-                .stripes
-                .iter()
-                .any(|s| s.sleepers.load(StdOrdering::Relaxed) > 0);
+            || self.stripe_sleepers.load(StdOrdering::Relaxed) > 0;
         if needed {
             self.unpark_keeper();
         }
@@ -529,11 +532,12 @@ impl Shared {
                     }
                 }
                 let stripe = match on {
-                    WaitOn::Session(id) => crate::link::stripe_of(id) as usize,
+                    WaitOn::Session(id) => crate::link::stripe_of(id),
                     WaitOn::Link | WaitOn::Accept => 0,
                 };
                 if self.direct_wait && self.bell.load(StdOrdering::Relaxed) == BELL_KEEPER {
-                    self.bell_wanted.fetch_or(1 << stripe, StdOrdering::Relaxed);
+                    self.bell_wanted
+                        .fetch_or(1 << (stripe % 64), StdOrdering::Relaxed);
                 }
                 let (cv, n) = match on {
                     _ if for_space => (&self.space_cv, &self.space_sleepers),
@@ -545,12 +549,19 @@ impl Shared {
                 };
                 space_turn |= for_space;
                 self.resign(&mut leading);
+                let on_stripe = !for_space && matches!(on, WaitOn::Session(_));
                 n.fetch_add(1, StdOrdering::Relaxed);
+                if on_stripe {
+                    self.stripe_sleepers.fetch_add(1, StdOrdering::Relaxed);
+                }
                 link = cv
                     .wait_timeout(link, limit)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
                 n.fetch_sub(1, StdOrdering::Relaxed);
+                if on_stripe {
+                    self.stripe_sleepers.fetch_sub(1, StdOrdering::Relaxed);
+                }
             }
         };
         self.resign(&mut leading);
@@ -655,7 +666,10 @@ impl Endpoint {
             accept_cv: Condvar::new(),
             sleepers: AtomicUsize::new(0),
             accept_sleepers: AtomicUsize::new(0),
-            stripes: (0..64).map(|_| Stripe::default()).collect(),
+            stripes: (0..crate::link::STRIPES)
+                .map(|_| Stripe::default())
+                .collect(),
+            stripe_sleepers: AtomicUsize::new(0),
             spinners: AtomicUsize::new(0),
             max_spinners: std::thread::available_parallelism().map_or(2, |n| n.get()),
             region,
@@ -911,7 +925,12 @@ fn keeper(sh: Arc<Shared>) {
             })
         } else if wanted != 0 {
             // Wake them so that one takes the bell now rather than after its timeout.
-            wake.stripes |= wanted;
+            // Bit b stands for stripes b, b + 64, b + 128, ...
+            for b in (0..64).filter(|b| wanted & 1 << b != 0) {
+                for stripe in (b..crate::link::STRIPES).step_by(64) {
+                    wake.stripes.add(stripe);
+                }
+            }
             wake.link |= wanted & 1 != 0 && sh.sleepers.load(StdOrdering::Relaxed) > 0;
             wake.accept |= wanted & 1 != 0 && sh.accept_sleepers.load(StdOrdering::Relaxed) > 0;
             Some(HANDOFF_MAX)

@@ -201,7 +201,7 @@ pub(crate) struct Link {
     pub(crate) ring_peer: bool,
     /// Sessions (by id modulo 64) that frames concerned since the endpoint last woke
     /// their callers; all bits after a reset.
-    pub(crate) touched: u64,
+    pub(crate) touched: Stripes,
     /// Set when a write found the ring full (or control frames queued ahead of it): the
     /// caller then waits for space with the other such writers, woken one at a time.
     pub(crate) waiting_space: bool,
@@ -259,7 +259,7 @@ impl Link {
             closed: false,
             ring_peer: false,
             parked: None,
-            touched: 0,
+            touched: Stripes::default(),
             waiting_space: false,
         }
     }
@@ -341,7 +341,7 @@ impl Link {
         }
         self.pending.clear();
         self.parked = None;
-        self.touched = !0;
+        self.touched = Stripes::ALL;
         self.gen += 1;
         self.up = false;
     }
@@ -571,7 +571,7 @@ impl Link {
     }
 
     fn dispatch(&mut self, h: &Header, payload_at: usize) -> Result<(), Fault> {
-        self.touched |= 1 << stripe_of(h.session);
+        self.touched.add(stripe_of(h.session));
         self.dispatch_frame(h, payload_at)?;
         if let Some(n) = self
             .sessions
@@ -1104,9 +1104,41 @@ impl std::hash::Hasher for SessionIdHasher {
     }
 }
 
-/// The wait stripe (0..64) of session `id`: callers of the sessions sharing a stripe are
-/// woken together. The low bit of an id only says which side opened it, so it is left
-/// out: one side's sessions spread over all 64 stripes, not 32.
-pub(crate) fn stripe_of(id: u64) -> u32 {
-    ((id >> 1) % 64) as u32
+/// Wait stripes: callers of the sessions sharing a stripe sleep on one condvar and are
+/// woken together. 256 of them: up to 256 sessions of one side each get their own.
+pub(crate) const STRIPES: usize = 256;
+
+/// The wait stripe of session `id`. The low bit of an id only says which side opened it,
+/// so it is left out: one side's sessions spread over all the stripes, not half.
+pub(crate) fn stripe_of(id: u64) -> usize {
+    ((id >> 1) % STRIPES as u64) as usize
+}
+
+/// A set of wait stripes.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Stripes([u64; STRIPES / 64]);
+
+impl Stripes {
+    pub(crate) const ALL: Stripes = Stripes([!0; STRIPES / 64]);
+
+    pub(crate) fn add(&mut self, stripe: usize) {
+        self.0[stripe / 64 % (STRIPES / 64)] |= 1 << (stripe % 64);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+
+    /// The stripes in the set, in order.
+    pub(crate) fn iter(self) -> impl Iterator<Item = usize> {
+        self.0.into_iter().enumerate().flat_map(|(i, mut w)| {
+            std::iter::from_fn(move || {
+                (w != 0).then(|| {
+                    let b = w.trailing_zeros() as usize;
+                    w &= w - 1;
+                    i * 64 + b
+                })
+            })
+        })
+    }
 }

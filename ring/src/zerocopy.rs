@@ -113,7 +113,7 @@ impl Link {
             && h.len <= s.buf_alloc
             && (!s.message || h.flags & FLAG_EOR != 0);
         if ok {
-            self.touched |= 1 << crate::link::stripe_of(h.session);
+            self.touched.add(crate::link::stripe_of(h.session));
             self.parked = Some(Parked {
                 id: h.session,
                 header: *h,
