@@ -323,6 +323,17 @@ impl Shared {
         // the bell until we return (or sleep on a condvar): woken for other sessions'
         // data, we wait again without a hand-off.
         link.disarm_wakeup();
+        // What the keeper would check on this wakeup, since it sits out: the peer's epoch
+        // (a restart), its heartbeat, and what the transport says of it (the ivshmem
+        // server's news that it left interrupts the doorbell we sleep on).
+        let now = Instant::now();
+        let restarted = link.check_peer(now);
+        let present = link.peer_id.and_then(|id| self.doorbell.peer_present(id));
+        if let Err(f) = link.beat(now, present) {
+            self.fault(&mut link, f);
+        } else if restarted {
+            self.notify_all();
+        }
         // The keeper's other duties on a ring: writers asleep waiting for the space the
         // peer just freed, and control frames queued for it.
         let had_pending = link.has_pending();
@@ -535,9 +546,18 @@ impl Shared {
                     WaitOn::Session(id) => crate::link::stripe_of(id),
                     WaitOn::Link | WaitOn::Accept => 0,
                 };
-                if self.direct_wait && self.bell.load(StdOrdering::Relaxed) == BELL_KEEPER {
-                    self.bell_wanted
-                        .fetch_or(1 << (stripe % 64), StdOrdering::Relaxed);
+                match self.bell.load(StdOrdering::Relaxed) {
+                    BELL_KEEPER if self.direct_wait => {
+                        self.bell_wanted
+                            .fetch_or(1 << (stripe % 64), StdOrdering::Relaxed);
+                    }
+                    // Nobody is on the doorbell and the keeper sits out (say the link is
+                    // down, so we may not take it): it must follow the ring for us now,
+                    // not after its nap.
+                    BELL_FREE if self.keeper_benched.load(StdOrdering::SeqCst) => {
+                        self.unpark_keeper();
+                    }
+                    _ => {}
                 }
                 let (cv, n) = match on {
                     _ if for_space => (&self.space_cv, &self.space_sleepers),
