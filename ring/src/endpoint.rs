@@ -323,34 +323,43 @@ impl Shared {
         // the bell until we return (or sleep on a condvar): woken for other sessions'
         // data, we wait again without a hand-off.
         link.disarm_wakeup();
-        // What the keeper would check on this wakeup, since it sits out: the peer's epoch
-        // (a restart), its heartbeat, and what the transport says of it (the ivshmem
-        // server's news that it left interrupts the doorbell we sleep on).
-        let now = Instant::now();
-        let restarted = link.check_peer(now);
-        let present = link.peer_id.and_then(|id| self.doorbell.peer_present(id));
-        if let Err(f) = link.beat(now, present) {
-            self.fault(&mut link, f);
-        } else if restarted {
+        // What the keeper would do on this wakeup, since it sits out.
+        if self.follow_peer(&mut link, Instant::now()) {
             self.notify_all();
         }
-        // The keeper's other duties on a ring: writers asleep waiting for the space the
-        // peer just freed, and control frames queued for it.
-        let had_pending = link.has_pending();
-        if had_pending {
-            if let Err(f) = link.flush() {
-                self.fault(&mut link, f);
-            }
-        }
-        if link.space_ready() || (had_pending && !link.has_pending()) {
+        if self.send_queued(&mut link) {
             self.ring(&mut link);
-            // Space concerns only the writers waiting for it (not every stripe).
             self.notify_unlocked(Wake {
                 space: true,
                 ..Wake::default()
             });
         }
         (link, Led::Waited { early })
+    }
+
+    /// Follows the peer on a wakeup: its epoch (a restart), its heartbeat, and what the
+    /// transport says of it (the ivshmem server's news that it left). Whether the link
+    /// changed (a fault, reported and acted on here, counts).
+    fn follow_peer(&self, link: &mut Link, now: Instant) -> bool {
+        let mut changed = link.check_peer(now);
+        let present = link.peer_id.and_then(|id| self.doorbell.peer_present(id));
+        if let Err(f) = link.beat(now, present) {
+            self.fault(link, f);
+            changed = true;
+        }
+        changed
+    }
+
+    /// Sends control frames queued for ring space; whether space came back for the
+    /// writers waiting for it (which concerns only them, not every stripe).
+    fn send_queued(&self, link: &mut Link) -> bool {
+        let had_pending = link.has_pending();
+        if had_pending {
+            if let Err(f) = link.flush() {
+                self.fault(link, f);
+            }
+        }
+        link.space_ready() || (had_pending && !link.has_pending())
     }
 
     /// Gives the bell up (with the lock held) if we have it, recalling the keeper if
@@ -887,12 +896,7 @@ fn keeper(sh: Arc<Shared>) {
         if sh.bell.load(StdOrdering::Relaxed) != BELL_CALLER {
             link.disarm_wakeup();
         }
-        let mut changed = link.check_peer(now);
-        let present = link.peer_id.and_then(|id| sh.doorbell.peer_present(id));
-        if let Err(f) = link.beat(now, present) {
-            sh.fault(&mut link, f);
-            changed = true;
-        }
+        let mut changed = sh.follow_peer(&mut link, now);
         match link.pump() {
             Ok(p) => changed |= p,
             Err(f) => {
@@ -900,12 +904,7 @@ fn keeper(sh: Arc<Shared>) {
                 changed = true;
             }
         }
-        let had_pending = link.has_pending();
-        if let Err(f) = link.flush() {
-            sh.fault(&mut link, f);
-        }
-        // Space concerns only the writers waiting for it (not every stripe).
-        let space = link.space_ready() || (had_pending && !link.has_pending());
+        let space = sh.send_queued(&mut link);
         let mut wake = if changed {
             sh.to_notify(&mut link)
         } else {
