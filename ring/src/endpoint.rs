@@ -279,6 +279,7 @@ impl Shared {
         if link.has_pending() {
             match link.flush() {
                 Ok(true) => {
+                    link.space_came_back();
                     self.ring(&mut link);
                     self.notify_unlocked(Wake {
                         space: true,
@@ -359,7 +360,11 @@ impl Shared {
                 self.fault(link, f);
             }
         }
-        link.space_ready() || (had_pending && !link.has_pending())
+        let space = link.space_ready() || (had_pending && !link.has_pending());
+        if space {
+            link.space_came_back();
+        }
+        space
     }
 
     /// Gives the bell up (with the lock held) if we have it, recalling the keeper if
@@ -368,6 +373,17 @@ impl Shared {
         if std::mem::take(leading) {
             self.bell.store(BELL_FREE, StdOrdering::SeqCst);
             self.recall_keeper();
+        }
+    }
+
+    /// Counts an event loop that polls its sessions as a spinner (the keeper then stops
+    /// asking the peer to ring), or stops counting it, waking the keeper to ask again.
+    pub(crate) fn set_loop_spinning(&self, spinning: bool) {
+        if spinning {
+            self.spinners.fetch_add(1, StdOrdering::SeqCst);
+        } else {
+            self.spinners.fetch_sub(1, StdOrdering::SeqCst);
+            self.wake_unarmed_keeper();
         }
     }
 
@@ -441,6 +457,7 @@ impl Shared {
         let mut leading = false;
         // Woken on the space condvar: pass the turn on when leaving.
         let mut space_turn = false;
+        let mut pumped_once = false;
         let r = loop {
             let r = attempt(&mut link);
             let for_space = std::mem::take(&mut link.waiting_space);
@@ -451,6 +468,27 @@ impl Shared {
                 Err(e) => break Err(e),
             }
             if nonblocking {
+                // What the peer sent may be what this call waits for (credit, data): an
+                // event loop's calls move the ring themselves rather than wait for the
+                // keeper. Once: after that the answer is WouldBlock.
+                if !pumped_once {
+                    pumped_once = true;
+                    match link.pump() {
+                        Ok(true) => {
+                            self.ring(&mut link);
+                            self.notify(&mut link);
+                            continue;
+                        }
+                        Ok(false) => {}
+                        Err(f) => {
+                            self.fault(&mut link, f);
+                            continue;
+                        }
+                    }
+                }
+                if let (true, WaitOn::Session(id)) = (for_space, on) {
+                    link.notify_on_space(id);
+                }
                 break Err(io::ErrorKind::WouldBlock.into());
             }
             let now = Instant::now();
@@ -764,6 +802,15 @@ impl Endpoint {
         self.shared.lock().sessions.len()
     }
 
+    /// The configuration the endpoint was made with.
+    pub fn config(&self) -> &Config {
+        &self.shared.cfg
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// Largest payload of one frame on this link.
     pub fn max_frame(&self) -> usize {
         self.shared.lock().max_payload
@@ -913,8 +960,10 @@ fn keeper(sh: Arc<Shared>) {
         wake.space |= space;
         if link.polls() {
             // Writers asleep for ring space (more pollers than CPUs) posted nothing the
-            // peer could ring for: let them look again each time round.
+            // peer could ring for: let them look again each time round (and the
+            // non-blocking ones' callbacks run).
             wake.space_all = true;
+            link.space_came_back();
         }
         // Sit out while a caller waits on the doorbell (it reads the ring for everyone
         // and recalls us when it leaves with others still waiting), or for a moment to

@@ -22,6 +22,7 @@ pub mod layout;
 mod link;
 #[cfg(all(test, loom))]
 mod loom_tests;
+mod ready;
 pub mod region;
 mod ring;
 mod sync;
@@ -32,4 +33,5 @@ pub use doorbell::Doorbell;
 pub use endpoint::{Endpoint, Listener, Session, SessionOptions};
 pub use layout::{Geometry, LayoutError, Role};
 pub use link::Stats;
+pub use ready::{IdleWait, Readiness};
 pub use region::SharedRegion;

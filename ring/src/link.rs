@@ -205,6 +205,9 @@ pub(crate) struct Link {
     /// Set when a write found the ring full (or control frames queued ahead of it): the
     /// caller then waits for space with the other such writers, woken one at a time.
     pub(crate) waiting_space: bool,
+    /// Sessions whose non-blocking writes found the ring full: their notify callbacks
+    /// run when space comes back (no frame of theirs may arrive to say so).
+    space_notify: Vec<u64>,
 }
 
 const MAX_PENDING_CONTROL: usize = 1 << 16;
@@ -261,6 +264,7 @@ impl Link {
             parked: None,
             touched: Stripes::default(),
             waiting_space: false,
+            space_notify: Vec::new(),
         }
     }
 
@@ -618,9 +622,7 @@ impl Link {
                     s.fwd_cnt += len as u64;
                     self.grant_credit(h.session)?;
                 } else {
-                    let start = s.rx.len();
-                    s.rx.resize(start + len, 0);
-                    self.rx.read_payload(payload_at, &mut s.rx[start..]);
+                    self.rx.append_payload(payload_at, len, &mut s.rx);
                     if s.message {
                         s.partial += len;
                         if h.flags & FLAG_EOR != 0 {
@@ -980,6 +982,24 @@ impl Link {
             .map_err(|bad| self.index_fault(bad));
         self.waiting_space |= matches!(r, Ok(false));
         r
+    }
+
+    /// Remembers to call session `id`'s notify callback when ring space comes back (its
+    /// non-blocking write found the ring full).
+    pub(crate) fn notify_on_space(&mut self, id: u64) {
+        let watched = self.sessions.get(&id).is_some_and(|s| s.notify.is_some());
+        if watched && !self.space_notify.contains(&id) {
+            self.space_notify.push(id);
+        }
+    }
+
+    /// Ring space came back: runs the callbacks [`Link::notify_on_space`] asked for.
+    pub(crate) fn space_came_back(&mut self) {
+        for id in std::mem::take(&mut self.space_notify) {
+            if let Some(n) = self.sessions.get(&id).and_then(|s| s.notify.as_ref()) {
+                n();
+            }
+        }
     }
 
     /// Ends a session from our side: Close to the peer unless it is already gone.

@@ -145,6 +145,32 @@ impl SharedRegion {
         }
     }
 
+    /// Appends the `len` bytes at `off` to `out` (as [`SharedRegion::read`], without
+    /// zeroing the room first).
+    #[inline]
+    pub fn read_append(&self, off: usize, len: usize, out: &mut Vec<u8>) {
+        #[cfg(not(loom))]
+        {
+            self.check(off, len);
+            out.reserve(len);
+            let start = out.len();
+            // SAFETY: the source range is inside the region (checked); the destination is
+            // the vector's spare capacity, reserved above, private and not overlapping.
+            // Every one of the `len` bytes is written before the length covers them; torn
+            // bytes from a concurrent peer write are validated by the caller as in `read`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.base.add(off), out.as_mut_ptr().add(start), len);
+                out.set_len(start + len);
+            }
+        }
+        #[cfg(loom)]
+        {
+            let start = out.len();
+            out.resize(start + len, 0);
+            self.read(off, &mut out[start..]);
+        }
+    }
+
     /// Copies `buf` into the region at `off`.
     #[inline]
     pub fn write(&self, off: usize, buf: &[u8]) {

@@ -372,6 +372,12 @@ impl Consumer {
         self.region.read(at, buf);
     }
 
+    /// Appends `len` payload bytes at `at` to `out`.
+    #[inline]
+    pub(crate) fn append_payload(&self, at: usize, len: usize, out: &mut Vec<u8>) {
+        self.region.read_append(at, len, out);
+    }
+
     /// Consumes the record [`Consumer::next`] returned (locally; see release).
     #[inline]
     pub(crate) fn consume(&mut self, header: &Header) {

@@ -826,3 +826,149 @@ fn writers_share_a_full_ring() {
         }
     }
 }
+
+/// A non-blocking writer that found the ring full (of another session's frames, so no
+/// frame of its own will come back) is told when the space returns.
+#[test]
+fn nonblocking_writer_is_notified_when_ring_space_returns() {
+    let cfg = Config {
+        wait: WaitMode::Block,
+        buf_size: 1 << 20,
+        ..Config::default()
+    };
+    let p = pair_with(64 << 10, cfg);
+    let (mut hy, mut gy) = connect(&p, 1, SessionOptions::default());
+    let (mut hx, _gx) = connect(&p, 2, SessionOptions::default());
+    // Y's in-place reader holds its first frame: nothing behind it leaves the ring.
+    gy.set_nonblocking(true);
+    expect_err(gy.recv_in_place().map(|_| ()), ErrorKind::WouldBlock);
+    gy.set_nonblocking(false);
+    hy.write_all(b"y").unwrap();
+    let view = gy.recv_in_place().unwrap().expect("a frame");
+    assert!(view.is_in_place(), "the first frame must stay in the ring");
+    hy.set_nonblocking(true);
+    let chunk = vec![7u8; 1024];
+    let mut queued = 0usize;
+    loop {
+        match hy.write(&chunk) {
+            Ok(n) => queued += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => panic!("Y write: {e}"),
+        }
+        assert!(queued < 1 << 20, "the ring never filled");
+    }
+    let ready = ivring::Readiness::new();
+    hx.set_notify(ready.notifier()).unwrap();
+    hx.set_nonblocking(true);
+    ready.take();
+    expect_err(hx.write(&chunk), ErrorKind::WouldBlock);
+    drop(view);
+    assert!(
+        ready.wait(Duration::from_secs(20)),
+        "X was never told that ring space came back"
+    );
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match hx.write(&chunk) {
+            Ok(n) => {
+                assert_eq!(n, chunk.len());
+                break;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "X never got ring space");
+                ready.wait(Duration::from_millis(50));
+            }
+            Err(e) => panic!("X write: {e}"),
+        }
+    }
+    // Y's bytes all arrive.
+    gy.set_nonblocking(false);
+    assert_eq!(read_exact_timeout(&mut gy, queued), vec![7u8; queued]);
+}
+
+/// One thread writes and one thread reads many non-blocking sessions, each loop waiting
+/// on a single `Readiness` when every session would block, on a ring far smaller than
+/// the sessions' credit: every byte arrives in order and no wait goes unanswered.
+#[test]
+fn one_thread_drives_many_nonblocking_sessions() {
+    const SESSIONS: usize = 24;
+    const BYTES: usize = 96 << 10;
+    for wait in [WaitMode::Block, WaitMode::Adaptive, WaitMode::Poll] {
+        let cfg = Config {
+            wait,
+            buf_size: 16 << 10,
+            ..Config::default()
+        };
+        let p = pair_with(64 << 10, cfg);
+        let (mut hs, mut gs): (Vec<Session>, Vec<Session>) = (0..SESSIONS)
+            .map(|i| connect(&p, 100 + i as u32, SessionOptions::default()))
+            .unzip();
+        let (hr, gr) = (ivring::Readiness::new(), ivring::Readiness::new());
+        for s in &mut hs {
+            s.set_notify(hr.notifier()).unwrap();
+            s.set_nonblocking(true);
+        }
+        for s in &mut gs {
+            s.set_notify(gr.notifier()).unwrap();
+            s.set_nonblocking(true);
+        }
+        let writer = thread::spawn(move || {
+            let mut sent = [0usize; SESSIONS];
+            let mut buf = vec![0u8; 3000];
+            while sent.iter().any(|&n| n < BYTES) {
+                hr.take();
+                let mut moved = false;
+                for (i, s) in hs.iter_mut().enumerate() {
+                    while sent[i] < BYTES {
+                        let len = buf.len().min(BYTES - sent[i]);
+                        fill(i as u64, sent[i] as u64, &mut buf[..len]);
+                        match s.write(&buf[..len]) {
+                            Ok(n) => {
+                                sent[i] += n;
+                                moved = true;
+                            }
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                            Err(e) => panic!("{wait:?}: write {i}: {e}"),
+                        }
+                    }
+                    if sent[i] == BYTES {
+                        s.shutdown(Shutdown::Write).unwrap();
+                        sent[i] += 1; // shut once
+                    }
+                }
+                if !moved {
+                    assert!(hr.wait(PATIENCE), "{wait:?}: writer never woken");
+                }
+            }
+            hs
+        });
+        let mut got = vec![0usize; SESSIONS];
+        let mut done = [false; SESSIONS];
+        let mut buf = vec![0u8; 5000];
+        let mut want = vec![0u8; 5000];
+        while done.iter().any(|d| !d) {
+            gr.take();
+            let mut moved = false;
+            for (i, s) in gs.iter_mut().enumerate() {
+                while !done[i] {
+                    match s.read(&mut buf) {
+                        Ok(0) => done[i] = true,
+                        Ok(n) => {
+                            fill(i as u64, got[i] as u64, &mut want[..n]);
+                            assert!(buf[..n] == want[..n], "{wait:?}: session {i} corrupt");
+                            got[i] += n;
+                            moved = true;
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) => panic!("{wait:?}: read {i}: {e}"),
+                    }
+                }
+            }
+            if !moved && done.iter().any(|d| !d) {
+                assert!(gr.wait(PATIENCE), "{wait:?}: reader never woken");
+            }
+        }
+        assert!(got.iter().all(|&n| n == BYTES), "{wait:?}: {got:?}");
+        drop(writer.join().unwrap());
+    }
+}
