@@ -14,7 +14,7 @@ use crate::attach::{Attach, HostLink};
 use crate::demo::pct;
 use crate::services;
 use anyhow::{bail, Context, Result};
-use ivring::{Config, Endpoint, Role, SessionOptions, WaitMode};
+use ivring::{Config, Endpoint, IdleWait, Readiness, Role, Session, SessionOptions, WaitMode};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
@@ -594,23 +594,26 @@ fn ivring_rtt(ep: &Endpoint, size: usize, secs: f64, message: bool) -> Result<Ve
     Ok(v)
 }
 
+/// Opens a session to `port`. The peer's listener backlog (Config::backlog) can fill
+/// while its accept thread waits for a CPU: back off and retry a refused open.
+fn connect_patiently(ep: &Endpoint, port: u32) -> Result<Session> {
+    let mut tries = 0;
+    loop {
+        match ep.connect(port) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 500 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 /// `n` sessions streaming `size`-byte writes at once: (aggregate bytes/s, slowest/fastest).
 fn ivring_sessions(ep: &Endpoint, n: usize, size: usize, secs: f64) -> Result<(f64, f64)> {
     let mut sess = Vec::with_capacity(n);
     for _ in 0..n {
-        // The peer's listener backlog (Config::backlog) can fill while its accept thread
-        // waits for a CPU: back off and retry a refused open.
-        let mut tries = 0;
-        let s = loop {
-            match ep.connect(services::PORT_SINK) {
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 500 => {
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                other => break other?,
-            }
-        };
-        sess.push(s);
+        sess.push(connect_patiently(ep, services::PORT_SINK)?);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let go = Arc::new(Barrier::new(n + 1));
@@ -653,6 +656,90 @@ fn ivring_sessions(ep: &Endpoint, n: usize, size: usize, secs: f64) -> Result<(f
     let total: u64 = per.iter().sum();
     let min = *per.iter().min().unwrap_or(&0) as f64;
     let max = *per.iter().max().unwrap_or(&1) as f64;
+    Ok((
+        total as f64 / last.duration_since(t0).as_secs_f64(),
+        min / max.max(1.0),
+    ))
+}
+
+/// As [`ivring_sessions`], with every session on this one thread (an event loop over
+/// non-blocking sessions) and on one thread of the peer ([`services::PORT_LOOP_SINK`]).
+fn ivring_sessions_loop(ep: &Endpoint, n: usize, size: usize, secs: f64) -> Result<(f64, f64)> {
+    let ready = Readiness::new();
+    let mut sess = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = connect_patiently(ep, services::PORT_LOOP_SINK)?;
+        s.set_nonblocking(true);
+        s.set_notify(ready.notifier())?;
+        sess.push(s);
+    }
+    let mut idle = IdleWait::new(ep);
+    let buf = vec![0x5au8; size];
+    let mut sent = vec![0u64; n];
+    let t0 = Instant::now();
+    // Write round-robin, one write per session and round (a session that found space
+    // first must not take it all), for `secs`.
+    while t0.elapsed().as_secs_f64() < secs {
+        ready.take();
+        let mut moved = false;
+        for (s, sent) in sess.iter_mut().zip(&mut sent) {
+            match s.write(&buf) {
+                Ok(k) => {
+                    *sent += k as u64;
+                    moved = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if moved {
+            idle.progress();
+        } else {
+            idle.idle(&ready, Duration::from_millis(100));
+        }
+    }
+    for s in &sess {
+        s.shutdown(Shutdown::Write)?;
+    }
+    // Collect each sink's count (8 bytes LE) the same way.
+    let mut replies = vec![Vec::with_capacity(8); n];
+    let mut last = t0;
+    while replies.iter().any(|r| r.len() < 8) {
+        ready.take();
+        let mut moved = false;
+        for (s, r) in sess.iter_mut().zip(&mut replies) {
+            let mut b = [0u8; 8];
+            while r.len() < 8 {
+                match s.read(&mut b[..8 - r.len()]) {
+                    Ok(0) => bail!("a sink closed without its count"),
+                    Ok(k) => {
+                        r.extend_from_slice(&b[..k]);
+                        moved = true;
+                        last = Instant::now();
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        if moved {
+            idle.progress();
+        } else {
+            idle.idle(&ready, Duration::from_millis(100));
+        }
+        if t0.elapsed().as_secs_f64() > secs + 60.0 {
+            bail!("the loop sink did not answer within a minute");
+        }
+    }
+    for (r, &sent) in replies.iter().zip(&sent) {
+        let got = u64::from_le_bytes(r[..8].try_into().expect("8 bytes"));
+        if got != sent {
+            bail!("loop sink counted {got} bytes, {sent} sent");
+        }
+    }
+    let total: u64 = sent.iter().sum();
+    let min = *sent.iter().min().unwrap_or(&0) as f64;
+    let max = *sent.iter().max().unwrap_or(&1) as f64;
     Ok((
         total as f64 / last.duration_since(t0).as_secs_f64(),
         min / max.max(1.0),
@@ -911,32 +998,67 @@ fn measure_block(
             rows.push(r);
         }
     }
-    let mut one = None;
-    for &n in &SESSIONS {
+    // Each many-session figure is measured in slices interleaved with one session's (the
+    // same writes, sink and window) and with the other way of serving them, so that the
+    // ratios hold when the machine changes speed from one second to the next.
+    let mut one_slices = Vec::new();
+    let one_at = rows.len();
+    for &n in SESSIONS.iter().filter(|&&n| n > 1) {
         if skip(&format!("ivring/sessions/{n}"), 4096) {
             continue;
         }
-        log(&format!("[{m}] {n} concurrent sessions, 4 KiB writes"));
-        let (bps, fair) = ivring_sessions(ep, n, 4096, secs.max(0.2))?;
+        log(&format!(
+            "[{m}] {n} concurrent sessions, 4 KiB writes: a thread per session, then one \
+             thread each side (interleaved with one session)"
+        ));
+        let out = interleave(secs.max(0.5), &mut [
+            &mut |t| ivring_sessions(ep, 1, 4096, t),
+            &mut |t| ivring_sessions(ep, n, 4096, t),
+            &mut |t| ivring_sessions_loop(ep, n, 4096, t),
+        ])?;
+        let mean = |v: &[(f64, f64)]| {
+            let k = v.len().max(1) as f64;
+            (
+                v.iter().map(|x| x.0).sum::<f64>() / k,
+                v.iter().map(|x| x.1).sum::<f64>() / k,
+            )
+        };
+        let (one, _) = mean(&out[0]);
+        one_slices.extend_from_slice(&out[0]);
+        for (name, slices) in [
+            ("ivring/sessions", &out[1]),
+            ("ivring/sessions-loop", &out[2]),
+        ] {
+            let (bps, fair) = mean(slices);
+            let mut r = Row {
+                name: name.into(),
+                mode: m.into(),
+                size: 4096,
+                sessions: n,
+                msgs_per_s: Some(bps / 4096.0),
+                bytes_per_s: Some(bps),
+                ..Row::default()
+            };
+            ratio_tput(&mut r, base.find("baseline/uds", 4096, false), "uds");
+            r.extra.push(("slowest_fastest".into(), fair));
+            r.extra.push(("vs_one_session".into(), bps / one.max(1.0)));
+            r.extra.push(("one_session_bytes_per_s".into(), one));
+            rows.push(r);
+        }
+    }
+    if !one_slices.is_empty() {
+        let bps = one_slices.iter().map(|x| x.0).sum::<f64>() / one_slices.len() as f64;
         let mut r = Row {
             name: "ivring/sessions".into(),
             mode: m.into(),
             size: 4096,
-            sessions: n,
+            sessions: 1,
             msgs_per_s: Some(bps / 4096.0),
             bytes_per_s: Some(bps),
             ..Row::default()
         };
         ratio_tput(&mut r, base.find("baseline/uds", 4096, false), "uds");
-        r.extra.push(("slowest_fastest".into(), fair));
-        // Against one session measured the same way (threads, sink, window) just before.
-        if n == 1 {
-            one = Some(bps);
-        }
-        if let Some(o) = one {
-            r.extra.push(("vs_one_session".into(), bps / o));
-        }
-        rows.push(r);
+        rows.insert(one_at, r);
     }
     for r in &mut rows {
         r.block = m.into();
@@ -1042,18 +1164,23 @@ fn targets(rows: &[Row]) -> Vec<Target> {
         false,
     );
     for m in ["adaptive", "block", "poll"] {
-        push(
-            &format!("256 sessions at 4 KiB, {m}: aggregate vs one session"),
-            extra(find("ivring/sessions", m, 4096, 256), "vs_one_session"),
-            0.7,
-            true,
-        );
-        push(
-            &format!("256 sessions at 4 KiB, {m}: slowest/fastest"),
-            extra(find("ivring/sessions", m, 4096, 256), "slowest_fastest"),
-            0.5,
-            true,
-        );
+        for (name, how) in [
+            ("ivring/sessions", "a thread per session"),
+            ("ivring/sessions-loop", "one thread each side"),
+        ] {
+            push(
+                &format!("256 sessions at 4 KiB, {m}, {how}: aggregate vs one session"),
+                extra(find(name, m, 4096, 256), "vs_one_session"),
+                0.7,
+                true,
+            );
+            push(
+                &format!("256 sessions at 4 KiB, {m}, {how}: slowest/fastest"),
+                extra(find(name, m, 4096, 256), "slowest_fastest"),
+                0.5,
+                true,
+            );
+        }
     }
     if let Some(r) = rows.iter().find(|r| r.name == "ivring/idle") {
         push(

@@ -3,10 +3,11 @@
 //! The demo, the bench, the tests and the e2e suite run these in the "other" process
 //! (a second host process standing in for the guest, or `ivring-guest` in a VM).
 
-use ivring::{Endpoint, Listener, Session};
+use ivring::{Endpoint, IdleWait, Listener, Readiness, Session};
 use std::io::{self, Read, Write};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread;
+use std::time::Duration;
 
 /// Echoes every byte (or message) back until EOF, then closes.
 pub const PORT_ECHO: u32 = 1;
@@ -19,6 +20,9 @@ pub const PORT_SINK: u32 = 4;
 /// As [`PORT_SINK`], reading each frame in place (zero-copy) without touching its bytes.
 /// (Port 5 is the guest agent's: `bridge::PORT_QGA`.)
 pub const PORT_ZC_SINK: u32 = 6;
+/// As [`PORT_SINK`], with every session on one thread (an event loop over non-blocking
+/// sessions) instead of a thread per session: for many concurrent sessions.
+pub const PORT_LOOP_SINK: u32 = 7;
 
 /// A checksum of a byte stream that does not depend on how the stream was split.
 #[derive(Clone, Debug)]
@@ -103,7 +107,102 @@ pub fn spawn_all(ep: &Endpoint) -> io::Result<()> {
     spawn(ep.listen(PORT_SOURCE)?, source)?;
     spawn(ep.listen(PORT_SINK)?, |s| sink(s, false))?;
     spawn(ep.listen(PORT_ZC_SINK)?, zc_sink)?;
+    spawn_loop_sink(ep)?;
     Ok(())
+}
+
+/// The [`PORT_LOOP_SINK`] service: an accept thread hands each session to one loop thread.
+fn spawn_loop_sink(ep: &Endpoint) -> io::Result<()> {
+    let listener = ep.listen(PORT_LOOP_SINK)?;
+    let ready = Readiness::new();
+    let (tx, rx) = mpsc::channel::<Session>();
+    let idle = IdleWait::new(ep);
+    let loop_ready = ready.clone();
+    thread::Builder::new()
+        .name("ivring-svc-loop".into())
+        .spawn(move || loop_sink(rx, loop_ready, idle))?;
+    thread::Builder::new()
+        .name(format!("ivring-svc-{PORT_LOOP_SINK}"))
+        .spawn(move || loop {
+            match listener.accept() {
+                Ok(mut s) => {
+                    s.set_nonblocking(true);
+                    if s.set_notify(ready.notifier()).is_err() || tx.send(s).is_err() {
+                        continue;
+                    }
+                    ready.fire();
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+                Err(_) => thread::sleep(Duration::from_millis(10)),
+            }
+        })?;
+    Ok(())
+}
+
+/// Reads every session it is handed until EOF, then answers with its byte count (8 bytes
+/// LE), all on this thread.
+fn loop_sink(sessions: mpsc::Receiver<Session>, ready: Arc<Readiness>, mut idle: IdleWait) {
+    struct Sink {
+        s: Session,
+        count: u64,
+        eof: bool,
+        answered: usize,
+    }
+    let mut open: Vec<Sink> = Vec::new();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        ready.take();
+        let mut moved = false;
+        loop {
+            match sessions.try_recv() {
+                Ok(s) => open.push(Sink {
+                    s,
+                    count: 0,
+                    eof: false,
+                    answered: 0,
+                }),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) if open.is_empty() => return,
+                Err(mpsc::TryRecvError::Disconnected) => break,
+            }
+        }
+        // One read per session and round: in the order the writers take turns, the next
+        // frame in the ring is then most often the session's own, read straight out of
+        // the ring (not first copied into the session's buffer).
+        open.retain_mut(|k| {
+            if !k.eof {
+                match k.s.read(&mut buf) {
+                    Ok(0) => k.eof = true,
+                    Ok(n) => {
+                        k.count += n as u64;
+                        moved = true;
+                        return true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                    Err(_) => return false,
+                }
+            }
+            // The answer; what does not fit the credit now goes on a later round.
+            let answer = k.count.to_le_bytes();
+            while k.answered < answer.len() {
+                match k.s.write(&answer[k.answered..]) {
+                    Ok(n) => k.answered += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                    Err(_) => return false,
+                }
+            }
+            moved = true;
+            false
+        });
+        if moved {
+            idle.progress();
+        } else if open.is_empty() {
+            // Nothing to poll (even in Poll mode): sleep until a session is handed over.
+            ready.wait(Duration::from_millis(100));
+        } else {
+            idle.idle(&ready, Duration::from_millis(100));
+        }
+    }
 }
 
 fn spawn(listener: Listener, serve: fn(Session) -> io::Result<()>) -> io::Result<()> {
