@@ -1011,11 +1011,14 @@ fn measure_block(
             "[{m}] {n} concurrent sessions, 4 KiB writes: a thread per session, then one \
              thread each side (interleaved with one session)"
         ));
-        let out = interleave(secs.max(0.5), &mut [
-            &mut |t| ivring_sessions(ep, 1, 4096, t),
-            &mut |t| ivring_sessions(ep, n, 4096, t),
-            &mut |t| ivring_sessions_loop(ep, n, 4096, t),
-        ])?;
+        let out = interleave(
+            secs.max(0.5),
+            &mut [
+                &mut |t| ivring_sessions(ep, 1, 4096, t),
+                &mut |t| ivring_sessions(ep, n, 4096, t),
+                &mut |t| ivring_sessions_loop(ep, n, 4096, t),
+            ],
+        )?;
         let mean = |v: &[(f64, f64)]| {
             let k = v.len().max(1) as f64;
             (

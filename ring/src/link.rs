@@ -63,6 +63,8 @@ pub(crate) struct Sess {
     pub wr_shut: bool,
     /// Called whenever the session may have become readable or writable (pollable fds).
     pub notify: Option<Notifier>,
+    /// Listed in `Link::space_notify` (its non-blocking write found the ring full).
+    pub(crate) space_notify: bool,
     /// The reader takes frames in place (crate::zerocopy): pump parks them in the ring.
     pub(crate) in_place: bool,
 }
@@ -91,6 +93,7 @@ impl Sess {
             peer_closed: false,
             wr_shut: false,
             notify: None,
+            space_notify: false,
             in_place: false,
         }
     }
@@ -987,17 +990,21 @@ impl Link {
     /// Remembers to call session `id`'s notify callback when ring space comes back (its
     /// non-blocking write found the ring full).
     pub(crate) fn notify_on_space(&mut self, id: u64) {
-        let watched = self.sessions.get(&id).is_some_and(|s| s.notify.is_some());
-        if watched && !self.space_notify.contains(&id) {
-            self.space_notify.push(id);
+        if let Some(s) = self.sessions.get_mut(&id) {
+            if s.notify.is_some() && !std::mem::replace(&mut s.space_notify, true) {
+                self.space_notify.push(id);
+            }
         }
     }
 
     /// Ring space came back: runs the callbacks [`Link::notify_on_space`] asked for.
     pub(crate) fn space_came_back(&mut self) {
         for id in std::mem::take(&mut self.space_notify) {
-            if let Some(n) = self.sessions.get(&id).and_then(|s| s.notify.as_ref()) {
-                n();
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.space_notify = false;
+                if let Some(n) = &s.notify {
+                    n();
+                }
             }
         }
     }

@@ -36,6 +36,12 @@ impl Readiness {
 
     /// Sets the flag and wakes the waiter.
     pub fn fire(&self) {
+        // Already set: the waiter's next swap takes it, or the thread that set it after
+        // that swap did the check below. (A SeqCst load is a plain load on x86; the swap
+        // and fence below cost a full barrier for every frame of a busy loop.)
+        if self.fired.load(Ordering::SeqCst) {
+            return;
+        }
         // Dekker pair with `wait`: the flag store is ordered before the `waiting` load,
         // and the waiter's `waiting` store before its swap of the flag, so either the
         // waiter sees the flag or we see the waiter (and notify under its lock).
