@@ -21,8 +21,14 @@ pub struct Config {
     /// A peer whose heartbeat has not moved for this long is declared gone and its
     /// sessions reset. Generous enough for a loaded host or a TCG guest.
     pub peer_timeout: Duration,
-    /// Receive buffer per session (the credit granted to the peer), in bytes.
+    /// Receive buffer per session (the credit granted to the peer) when it opens, in bytes.
     pub buf_size: u32,
+    /// Largest receive buffer a stream session grows to (a message session keeps
+    /// `buf_size`, its largest message). A stream session's buffer doubles while its
+    /// reader runs dry with the peer held back by the buffer's size (the bandwidth-delay
+    /// product of a link whose wakeups are slow); the growth of all sessions of a link
+    /// together stays under four times this.
+    pub max_buf_size: u32,
     /// Most sessions open at once on this link.
     pub max_sessions: usize,
     /// Most opened-but-not-accepted sessions per listener.
@@ -41,6 +47,7 @@ impl Default for Config {
             heartbeat: Duration::from_millis(100),
             peer_timeout: Duration::from_secs(1),
             buf_size: 256 << 10,
+            max_buf_size: 4 << 20,
             max_sessions: 4096,
             backlog: 128,
             connect_timeout: Duration::from_secs(10),

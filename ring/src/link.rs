@@ -65,6 +65,9 @@ pub(crate) struct Sess {
     pub notify: Option<Notifier>,
     /// Listed in `Link::space_notify` (its non-blocking write found the ring full).
     pub(crate) space_notify: bool,
+    /// The peer used (nearly) all the buffer we granted since our last Credit: if our
+    /// reader now runs dry, the buffer's size is what holds the session back.
+    pub(crate) window_used: bool,
     /// The reader takes frames in place (crate::zerocopy): pump parks them in the ring.
     pub(crate) in_place: bool,
 }
@@ -94,12 +97,23 @@ impl Sess {
             wr_shut: false,
             notify: None,
             space_notify: false,
+            window_used: false,
             in_place: false,
         }
     }
 
     pub(crate) fn buffered(&self) -> usize {
         self.rx.len() - self.rx_pos
+    }
+
+    /// Counts `len` bytes received (within credit, checked by the caller).
+    #[inline]
+    pub(crate) fn note_received(&mut self, len: usize) {
+        self.received += len as u64;
+        let granted = self.buf_alloc as u64;
+        if self.received - self.fwd_sent + granted / 8 >= granted {
+            self.window_used = true;
+        }
     }
 
     /// Bytes we may still send before the peer's buffer is full.
@@ -619,7 +633,7 @@ impl Link {
                     self.reset_session(id, "peer queued more messages than its credit");
                     return Ok(());
                 }
-                s.received += len as u64;
+                s.note_received(len);
                 if s.rd_shut {
                     // Dropped unread, but credited so the peer is not stalled.
                     s.fwd_cnt += len as u64;
@@ -859,12 +873,52 @@ impl Link {
             return Ok(Some(0));
         }
         if !s.readable() {
+            self.grow_window(id).map_err(|f| self.fault_to_io(f))?;
             return Ok(None);
         }
         let (n, consumed) = s.take(buf);
         s.fwd_cnt += consumed as u64;
         self.grant_credit(id).map_err(|f| self.fault_to_io(f))?;
         Ok(Some(n))
+    }
+
+    /// Doubles session `id`'s receive buffer (up to `max_buf_size`, within the link's
+    /// growth budget) when its reader ran dry while the peer had used the whole buffer,
+    /// and tells the peer at once (PROTOCOL.md §7).
+    fn grow_window(&mut self, id: u64) -> Result<(), Fault> {
+        let base = self.cfg.buf_size;
+        let max = self.cfg.max_buf_size.max(base);
+        let Some(s) = self.sessions.get(&id) else {
+            return Ok(());
+        };
+        // Message sessions keep theirs: it is also the largest message the peer may send.
+        if s.message || !s.window_used || s.buf_alloc >= max || s.state != State::Open || s.rx_eof {
+            return Ok(());
+        }
+        // Rare (a few times per session), so the budget is summed rather than kept.
+        let budget = 4 * max as u64;
+        let grown: u64 = self
+            .sessions
+            .values()
+            .map(|s| s.buf_alloc.saturating_sub(base) as u64)
+            .sum();
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return Ok(());
+        };
+        s.window_used = false;
+        let room = budget.saturating_sub(grown).min(u32::MAX as u64) as u32;
+        let want = s.buf_alloc.saturating_mul(2).min(max);
+        let new = want.min(s.buf_alloc.saturating_add(room));
+        if new <= s.buf_alloc {
+            return Ok(());
+        }
+        s.buf_alloc = new;
+        s.fwd_sent = s.fwd_cnt;
+        let c = CreditArgs {
+            fwd_cnt: s.fwd_cnt,
+            buf_alloc: new,
+        };
+        self.send_ctrl(Kind::Credit, id, Some(c.encode()))
     }
 
     /// Sends the peer a Credit for session `id` when one is due (PROTOCOL.md §7).
@@ -1167,5 +1221,150 @@ impl Stripes {
                 })
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use crate::{doorbell::local, Config, Endpoint, Session, SharedRegion, WaitMode};
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn pair(cfg: Config) -> (Endpoint, Endpoint) {
+        let region = SharedRegion::heap(4 << 20);
+        let (a, b) = local::pair();
+        let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
+        let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+        assert!(host.wait_up(Duration::from_secs(60)));
+        (host, guest)
+    }
+
+    /// (our buffer for the session, the peer's view of it).
+    fn windows(rx_ep: &Endpoint, rx: &Session, tx_ep: &Endpoint, tx: &Session) -> (u32, u32) {
+        let ours = rx_ep.shared().lock().sessions[&rx.id()].buf_alloc;
+        let theirs = tx_ep.shared().lock().sessions[&tx.id()].peer_buf_alloc;
+        (ours, theirs)
+    }
+
+    /// Streams `total` bytes host -> guest, read as fast as they come.
+    fn stream(host: &Endpoint, guest: &Endpoint, port: u32, total: usize) -> (u32, u32) {
+        let l = guest.listen(port).unwrap();
+        let mut tx = host.connect(port).unwrap();
+        let mut rx = l.accept().unwrap();
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![3u8; 64 << 10];
+            let mut left = total;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                tx.write_all(&chunk[..n]).unwrap();
+                left -= n;
+            }
+            tx
+        });
+        let mut buf = vec![0u8; 64 << 10];
+        let mut got = 0;
+        while got < total {
+            let n = rx.read(&mut buf).unwrap();
+            assert!(n > 0 && buf[..n].iter().all(|&b| b == 3));
+            got += n;
+        }
+        let tx = writer.join().unwrap();
+        // Credit frames are in flight until the writer's side reads them.
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = tx.shutdown(std::net::Shutdown::Both);
+        let w = windows(guest, &rx, host, &tx);
+        drop((tx, rx));
+        w
+    }
+
+    #[test]
+    fn buffer_grows_for_a_reader_that_keeps_up_and_the_peer_learns_it() {
+        let cfg = Config {
+            wait: WaitMode::Block,
+            ..Config::default()
+        };
+        let (host, guest) = pair(cfg.clone());
+        let (ours, theirs) = stream(&host, &guest, 1, 64 << 20);
+        assert!(ours > cfg.buf_size, "buffer never grew: {ours}");
+        assert!(ours <= cfg.max_buf_size, "grew past the limit: {ours}");
+        assert_eq!(theirs, ours, "the peer was not told");
+    }
+
+    #[test]
+    fn buffer_stays_for_a_reader_that_falls_behind() {
+        let cfg = Config {
+            wait: WaitMode::Block,
+            buf_size: 64 << 10,
+            ..Config::default()
+        };
+        let (host, guest) = pair(cfg.clone());
+        let l = guest.listen(2).unwrap();
+        let mut tx = host.connect(2).unwrap();
+        let mut rx = l.accept().unwrap();
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![5u8; 16 << 10];
+            for _ in 0..64 {
+                tx.write_all(&chunk).unwrap();
+            }
+        });
+        let mut buf = vec![0u8; 4096];
+        // The writer is always ahead: the buffer is never empty when the reader comes.
+        std::thread::sleep(Duration::from_millis(50));
+        for _ in 0..64 {
+            rx.read_exact(&mut buf).unwrap();
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        let ours = guest.shared().lock().sessions[&rx.id()].buf_alloc;
+        assert_eq!(ours, cfg.buf_size, "a slow reader's buffer grew");
+        let mut rest = Vec::new();
+        rx.read_to_end(&mut rest).unwrap();
+        writer.join().unwrap();
+        assert_eq!(rest.len() + 64 * 4096, 64 * (16 << 10));
+    }
+
+    #[test]
+    fn growth_of_all_sessions_stays_within_the_link_budget() {
+        let cfg = Config {
+            wait: WaitMode::Block,
+            buf_size: 8 << 10,
+            max_buf_size: 64 << 10,
+            ..Config::default()
+        };
+        let (host, guest) = pair(cfg.clone());
+        let l = guest.listen(3).unwrap();
+        let mut kept = Vec::new();
+        for _ in 0..12 {
+            let mut tx = host.connect(3).unwrap();
+            let mut rx = l.accept().unwrap();
+            let writer = std::thread::spawn(move || {
+                let chunk = vec![9u8; 8 << 10];
+                for _ in 0..256 {
+                    tx.write_all(&chunk).unwrap();
+                }
+                tx
+            });
+            let mut buf = vec![0u8; 64 << 10];
+            let mut got = 0;
+            while got < 256 * (8 << 10) {
+                got += rx.read(&mut buf).unwrap();
+            }
+            kept.push((writer.join().unwrap(), rx));
+        }
+        let link = guest.shared().lock();
+        let grown: u64 = link
+            .sessions
+            .values()
+            .map(|s| (s.buf_alloc - cfg.buf_size) as u64)
+            .sum();
+        assert!(grown > 0, "no session grew");
+        assert!(
+            grown <= 4 * cfg.max_buf_size as u64,
+            "sessions grew by {grown} in all"
+        );
+        assert!(link
+            .sessions
+            .values()
+            .all(|s| s.buf_alloc <= cfg.max_buf_size));
     }
 }
