@@ -52,7 +52,7 @@ impl Link {
             }
             self.rx.read_payload(rec.payload_at, &mut buf[n..n + len]);
             self.rx.consume(&h);
-            s.note_received(len);
+            s.received += len as u64;
             s.fwd_cnt += len as u64;
             n += len;
             if self.rx.unreleased() >= quarter && self.rx.release() {

@@ -65,9 +65,9 @@ pub(crate) struct Sess {
     pub notify: Option<Notifier>,
     /// Listed in `Link::space_notify` (its non-blocking write found the ring full).
     pub(crate) space_notify: bool,
-    /// The peer used (nearly) all the buffer we granted since our last Credit: if our
-    /// reader now runs dry, the buffer's size is what holds the session back.
-    pub(crate) window_used: bool,
+    /// `fwd_cnt` when the reader last ran dry: a reader that consumed (nearly) a whole
+    /// buffer between two dry spells was held back by the buffer's size.
+    pub(crate) fwd_at_dry: u64,
     /// The reader takes frames in place (crate::zerocopy): pump parks them in the ring.
     pub(crate) in_place: bool,
 }
@@ -97,23 +97,13 @@ impl Sess {
             wr_shut: false,
             notify: None,
             space_notify: false,
-            window_used: false,
+            fwd_at_dry: 0,
             in_place: false,
         }
     }
 
     pub(crate) fn buffered(&self) -> usize {
         self.rx.len() - self.rx_pos
-    }
-
-    /// Counts `len` bytes received (within credit, checked by the caller).
-    #[inline]
-    pub(crate) fn note_received(&mut self, len: usize) {
-        self.received += len as u64;
-        let granted = self.buf_alloc as u64;
-        if self.received - self.fwd_sent + granted / 8 >= granted {
-            self.window_used = true;
-        }
     }
 
     /// Bytes we may still send before the peer's buffer is full.
@@ -633,7 +623,7 @@ impl Link {
                     self.reset_session(id, "peer queued more messages than its credit");
                     return Ok(());
                 }
-                s.note_received(len);
+                s.received += len as u64;
                 if s.rd_shut {
                     // Dropped unread, but credited so the peer is not stalled.
                     s.fwd_cnt += len as u64;
@@ -882,17 +872,26 @@ impl Link {
         Ok(Some(n))
     }
 
-    /// Doubles session `id`'s receive buffer (up to `max_buf_size`, within the link's
-    /// growth budget) when its reader ran dry while the peer had used the whole buffer,
-    /// and tells the peer at once (PROTOCOL.md §7).
-    fn grow_window(&mut self, id: u64) -> Result<(), Fault> {
+    /// Called when session `id`'s reader runs dry. Doubles its receive buffer (up to
+    /// `max_buf_size`, within the link's growth budget) when the reader consumed nearly a
+    /// whole buffer since it last ran dry (the peer, not the reader, was held back), and
+    /// tells the peer at once (PROTOCOL.md §7).
+    pub(crate) fn grow_window(&mut self, id: u64) -> Result<(), Fault> {
         let base = self.cfg.buf_size;
         let max = self.cfg.max_buf_size.max(base);
         let Some(s) = self.sessions.get(&id) else {
             return Ok(());
         };
         // Message sessions keep theirs: it is also the largest message the peer may send.
-        if s.message || !s.window_used || s.buf_alloc >= max || s.state != State::Open || s.rx_eof {
+        if s.message || s.buf_alloc >= max || s.state != State::Open || s.rx_eof {
+            return Ok(());
+        }
+        let consumed = s.fwd_cnt - s.fwd_at_dry;
+        let granted = s.buf_alloc as u64;
+        if consumed + granted / 8 < granted {
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.fwd_at_dry = s.fwd_cnt;
+            }
             return Ok(());
         }
         // Rare (a few times per session), so the budget is summed rather than kept.
@@ -905,7 +904,7 @@ impl Link {
         let Some(s) = self.sessions.get_mut(&id) else {
             return Ok(());
         };
-        s.window_used = false;
+        s.fwd_at_dry = s.fwd_cnt;
         let room = budget.saturating_sub(grown).min(u32::MAX as u64) as u32;
         let want = s.buf_alloc.saturating_mul(2).min(max);
         let new = want.min(s.buf_alloc.saturating_add(room));

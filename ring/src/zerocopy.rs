@@ -162,6 +162,7 @@ impl Link {
         if s.rx_eof {
             return Ok(Some(Taken::Eof));
         }
+        self.grow_window(id).map_err(|f| self.fault_to_io(f))?;
         Ok(None)
     }
 
