@@ -24,10 +24,11 @@ pub struct Config {
     /// Receive buffer per session (the credit granted to the peer) when it opens, in bytes.
     pub buf_size: u32,
     /// Largest receive buffer a stream session grows to (a message session keeps
-    /// `buf_size`, its largest message). A stream session's buffer doubles while its
-    /// reader runs dry with the peer held back by the buffer's size (the bandwidth-delay
-    /// product of a link whose wakeups are slow); the growth of all sessions of a link
-    /// together stays under four times this.
+    /// `buf_size`, its largest message). A stream session's buffer doubles when its
+    /// reader sleeps for data and then reads a whole buffer before running dry again (the
+    /// peer was held back by the buffer's size: the bandwidth-delay product of a link
+    /// whose wakeups are slow); the growth of all sessions of a link together stays
+    /// under four times this.
     pub max_buf_size: u32,
     /// Most sessions open at once on this link.
     pub max_sessions: usize,

@@ -586,6 +586,9 @@ impl Shared {
                     }
                     Led::Waited { early } => {
                         early_wakes = if early { early_wakes + 1 } else { 0 };
+                        if let WaitOn::Session(id) = on {
+                            link.slept(id);
+                        }
                         continue;
                     }
                 }
@@ -620,6 +623,9 @@ impl Shared {
                 n.fetch_add(1, StdOrdering::Relaxed);
                 if on_stripe {
                     self.stripe_sleepers.fetch_add(1, StdOrdering::Relaxed);
+                }
+                if let WaitOn::Session(id) = on {
+                    link.slept(id);
                 }
                 link = cv
                     .wait_timeout(link, limit)

@@ -65,9 +65,11 @@ pub(crate) struct Sess {
     pub notify: Option<Notifier>,
     /// Listed in `Link::space_notify` (its non-blocking write found the ring full).
     pub(crate) space_notify: bool,
-    /// `fwd_cnt` when the reader last ran dry: a reader that consumed (nearly) a whole
-    /// buffer between two dry spells was held back by the buffer's size.
+    /// `fwd_cnt` when the reader last ran dry: a reader that slept in one dry spell and
+    /// consumed (nearly) a whole buffer before the next was held back by its size.
     pub(crate) fwd_at_dry: u64,
+    /// A caller of the session slept (not spun) since `fwd_at_dry`.
+    pub(crate) slept: bool,
     /// The reader takes frames in place (crate::zerocopy): pump parks them in the ring.
     pub(crate) in_place: bool,
 }
@@ -98,6 +100,7 @@ impl Sess {
             notify: None,
             space_notify: false,
             fwd_at_dry: 0,
+            slept: false,
             in_place: false,
         }
     }
@@ -886,11 +889,16 @@ impl Link {
         if s.message || s.buf_alloc >= max || s.state != State::Open || s.rx_eof {
             return Ok(());
         }
+        // A reader that never sleeps (it spins, or the peer is always ahead) gains nothing
+        // from a larger buffer, and a buffer larger than the caches loses.
         let consumed = s.fwd_cnt - s.fwd_at_dry;
         let granted = s.buf_alloc as u64;
-        if consumed + granted / 8 < granted {
+        if !s.slept || consumed + granted / 8 < granted {
             if let Some(s) = self.sessions.get_mut(&id) {
-                s.fwd_at_dry = s.fwd_cnt;
+                if s.fwd_cnt != s.fwd_at_dry {
+                    s.fwd_at_dry = s.fwd_cnt;
+                    s.slept = false;
+                }
             }
             return Ok(());
         }
@@ -905,6 +913,7 @@ impl Link {
             return Ok(());
         };
         s.fwd_at_dry = s.fwd_cnt;
+        s.slept = false;
         let room = budget.saturating_sub(grown).min(u32::MAX as u64) as u32;
         let want = s.buf_alloc.saturating_mul(2).min(max);
         let new = want.min(s.buf_alloc.saturating_add(room));
@@ -1038,6 +1047,13 @@ impl Link {
             .map_err(|bad| self.index_fault(bad));
         self.waiting_space |= matches!(r, Ok(false));
         r
+    }
+
+    /// A caller of session `id` is about to sleep, or has slept, waiting for it.
+    pub(crate) fn slept(&mut self, id: u64) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.slept = true;
+        }
     }
 
     /// Remembers to call session `id`'s notify callback when ring space comes back (its
