@@ -262,17 +262,8 @@ impl Shared {
         }
         // Whatever is in the ring goes to its sessions first (ours included); then arm
         // and re-check (the lost-wakeup rule) as the keeper does.
-        match link.pump() {
-            Ok(true) => {
-                self.ring(&mut link);
-                self.notify(&mut link);
-                return (link, Led::Progress);
-            }
-            Ok(false) => {}
-            Err(f) => {
-                self.fault(&mut link, f);
-                return (link, Led::Progress);
-            }
+        if self.pump_and_wake(&mut link) {
+            return (link, Led::Progress);
         }
         // Control frames queued for ring space go out first: arming below only reports
         // that space is there, and nobody else may be awake to send them.
@@ -365,6 +356,23 @@ impl Shared {
             link.space_came_back();
         }
         space
+    }
+
+    /// Reads what the peer sent into the sessions and wakes whom it concerns. Whether the
+    /// caller should try again: something arrived, or a fault changed the link.
+    fn pump_and_wake(&self, link: &mut Link) -> bool {
+        match link.pump() {
+            Ok(true) => {
+                self.ring(link);
+                self.notify(link);
+                true
+            }
+            Ok(false) => false,
+            Err(f) => {
+                self.fault(link, f);
+                true
+            }
+        }
     }
 
     /// Gives the bell up (with the lock held) if we have it, recalling the keeper if
@@ -471,20 +479,8 @@ impl Shared {
                 // What the peer sent may be what this call waits for (credit, data): an
                 // event loop's calls move the ring themselves rather than wait for the
                 // keeper. Once: after that the answer is WouldBlock.
-                if !pumped_once {
-                    pumped_once = true;
-                    match link.pump() {
-                        Ok(true) => {
-                            self.ring(&mut link);
-                            self.notify(&mut link);
-                            continue;
-                        }
-                        Ok(false) => {}
-                        Err(f) => {
-                            self.fault(&mut link, f);
-                            continue;
-                        }
-                    }
+                if !std::mem::replace(&mut pumped_once, true) && self.pump_and_wake(&mut link) {
+                    continue;
                 }
                 if let (true, WaitOn::Session(id)) = (for_space, on) {
                     link.notify_on_space(id);
@@ -519,20 +515,8 @@ impl Shared {
                     spinning = Some(Spinning(&self.spinners));
                 }
                 link.beat_own(now);
-                if link.rx_moved() {
+                if link.rx_moved() || self.pump_and_wake(&mut link) {
                     continue;
-                }
-                match link.pump() {
-                    Ok(true) => {
-                        self.ring(&mut link);
-                        self.notify(&mut link);
-                        continue;
-                    }
-                    Ok(false) => {}
-                    Err(f) => {
-                        self.fault(&mut link, f);
-                        continue;
-                    }
                 }
                 drop(link);
                 // Watch the peer's head without the lock (a plain load of a line the
