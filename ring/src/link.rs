@@ -902,7 +902,7 @@ impl Link {
             }
             return Ok(());
         }
-        // Rare (a few times per session), so the budget is summed rather than kept.
+        // At most once per buffer read by a reader that sleeps: summed, not kept.
         let budget = 4 * max as u64;
         let grown: u64 = self
             .sessions
