@@ -609,6 +609,14 @@ fn connect_patiently(ep: &Endpoint, port: u32) -> Result<Session> {
     }
 }
 
+/// Per-session byte counts over `took`: (aggregate bytes/s, slowest/fastest).
+fn aggregate(per_session: &[u64], took: Duration) -> (f64, f64) {
+    let total: u64 = per_session.iter().sum();
+    let min = *per_session.iter().min().unwrap_or(&0) as f64;
+    let max = *per_session.iter().max().unwrap_or(&1) as f64;
+    (total as f64 / took.as_secs_f64(), min / max.max(1.0))
+}
+
 /// `n` sessions streaming `size`-byte writes at once: (aggregate bytes/s, slowest/fastest).
 fn ivring_sessions(ep: &Endpoint, n: usize, size: usize, secs: f64) -> Result<(f64, f64)> {
     let mut sess = Vec::with_capacity(n);
@@ -653,13 +661,7 @@ fn ivring_sessions(ep: &Endpoint, n: usize, size: usize, secs: f64) -> Result<(f
         per.push(bytes);
         last = last.max(done);
     }
-    let total: u64 = per.iter().sum();
-    let min = *per.iter().min().unwrap_or(&0) as f64;
-    let max = *per.iter().max().unwrap_or(&1) as f64;
-    Ok((
-        total as f64 / last.duration_since(t0).as_secs_f64(),
-        min / max.max(1.0),
-    ))
+    Ok(aggregate(&per, last.duration_since(t0)))
 }
 
 /// As [`ivring_sessions`], with every session on this one thread (an event loop over
@@ -737,13 +739,7 @@ fn ivring_sessions_loop(ep: &Endpoint, n: usize, size: usize, secs: f64) -> Resu
             bail!("loop sink counted {got} bytes, {sent} sent");
         }
     }
-    let total: u64 = sent.iter().sum();
-    let min = *sent.iter().min().unwrap_or(&0) as f64;
-    let max = *sent.iter().max().unwrap_or(&1) as f64;
-    Ok((
-        total as f64 / last.duration_since(t0).as_secs_f64(),
-        min / max.max(1.0),
-    ))
+    Ok(aggregate(&sent, last.duration_since(t0)))
 }
 
 // ---------------------------------------------------------------------------- the peer
