@@ -147,11 +147,11 @@ impl Shared {
         }
     }
 
-    /// A link fault: reset every session and start a new epoch (empty message: the peer
-    /// restarted and `check_peer` handles it).
+    /// A link fault: every session is reset; a new epoch starts unless the peer's
+    /// restart already started one.
     pub(crate) fn fault(&self, link: &mut Link, f: Fault) {
-        if !f.0.is_empty() {
-            link.local_reset(f.0, Some(self.own_id));
+        if f.needs_local_reset() {
+            link.local_reset(&f.to_string());
         }
         self.notify_all();
     }
@@ -672,7 +672,8 @@ impl Endpoint {
     }
 
     /// The guest side: attaches, and waits for the host to lay the region out if it has
-    /// not yet. Fails at once if the region holds something that is not ivring's.
+    /// not yet. A header that is not ivring's is waited on for up to
+    /// [`Config::layout_wait`] (the host repairs one a peer overwrote), then reported.
     pub fn guest(
         region: SharedRegion,
         doorbell: Arc<dyn Doorbell>,
@@ -704,7 +705,7 @@ impl Endpoint {
     ) -> Result<Endpoint, LayoutError> {
         let geom = Geometry::for_size(region.len())?;
         if role == Role::Guest {
-            Geometry::read_header(&region)?;
+            Geometry::await_header(&region, cfg.layout_wait)?;
         }
         let own_id = doorbell.own_id();
         // A polling endpoint never asks the peer to ring (PROTOCOL.md §5): nobody may
