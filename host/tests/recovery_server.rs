@@ -38,13 +38,27 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Once};
 use std::thread;
 use std::time::{Duration, Instant};
 
 mod common;
 use common::BIN;
+
+/// Panics in any thread of this process (the endpoints' keepers included).
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+fn count_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            previous(info);
+        }));
+    });
+}
 
 /// How long a fresh honest peer may take to have a working link.
 const BOUND: Duration = Duration::from_secs(5);
@@ -565,7 +579,7 @@ fn round(
     let t0 = Instant::now();
     let deadline = t0 + BOUND;
     let seed = rng.next();
-    if r % 2 == 0 {
+    if r.is_multiple_of(2) {
         let stderr = w.dir.join(format!("peer-{r}.stderr"));
         let child = Command::new(BIN)
             .args(["peer", "--hello", "--role", role_arg(role), "--join"])
@@ -653,6 +667,7 @@ fn print_figures(title: &str, by: &BTreeMap<String, Vec<Duration>>) {
 }
 
 fn run(victim_role: Role) {
+    count_panics();
     let rounds = rounds();
     let seed = seed();
     eprintln!(
@@ -679,7 +694,11 @@ fn run(victim_role: Role) {
                     .entry(damage_kind(&damage))
                     .or_default()
                     .push(took);
-                let peer = if r % 2 == 0 { "process" } else { "in-process" };
+                let peer = if r.is_multiple_of(2) {
+                    "process"
+                } else {
+                    "in-process"
+                };
                 by_peer
                     .entry(format!("{behaviour:?}, {peer}"))
                     .or_default()
@@ -693,7 +712,11 @@ fn run(victim_role: Role) {
                 let msg = format!(
                     "round {r}: hostile peer {behaviour:?}, {}, fresh peer {}: {e}",
                     what.join(", "),
-                    if r % 2 == 0 { "process" } else { "in-process" }
+                    if r.is_multiple_of(2) {
+                        "process"
+                    } else {
+                        "in-process"
+                    }
                 );
                 eprintln!("FAILED {msg}");
                 failures.push(msg);
@@ -713,6 +736,11 @@ fn run(victim_role: Role) {
     print_figures(
         &format!("victim {victim_role:?}, by hostile behaviour and fresh peer"),
         &by_peer,
+    );
+    assert_eq!(
+        PANICS.load(Ordering::SeqCst),
+        0,
+        "a thread panicked (see above)"
     );
     assert!(
         failures.is_empty(),

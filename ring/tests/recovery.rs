@@ -49,13 +49,27 @@ use ivring::{Config, Endpoint, Listener, Role, Session, SessionOptions, SharedRe
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 /// The tests here measure the process (RSS): run them one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Panics in any thread of the process (the endpoints' keepers included).
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+fn count_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            previous(info);
+        }));
+    });
+}
 
 /// How long a fresh honest peer may take to have a working link.
 const BOUND: Duration = Duration::from_secs(5);
@@ -264,7 +278,10 @@ impl Scenario {
 /// How a victim session on the hostile link ended.
 #[derive(Debug)]
 enum HostileLinkEnd {
-    Reset,
+    /// Never opened (the hostile link was gone already).
+    NotOpened,
+    /// Reset after reading this many bytes.
+    Reset(u64),
     Other(String),
 }
 
@@ -277,6 +294,10 @@ struct World {
     bell: Arc<LocalDoorbell>,
     /// The honest peer of the last round, its listener, and the victim's listener for it.
     honest: Option<(Endpoint, Listener, Listener)>,
+    /// Victim sessions opened on hostile links, and those that then read the hostile
+    /// peer's bytes (all must end with ConnectionReset).
+    hostile_sessions: u64,
+    hostile_sessions_with_data: u64,
 }
 
 impl World {
@@ -295,6 +316,8 @@ impl World {
             victim: Arc::new(victim),
             bell: Arc::new(pb),
             honest: None,
+            hostile_sessions: 0,
+            hostile_sessions_with_data: 0,
         }
     }
 
@@ -673,7 +696,7 @@ fn victim_session_on_hostile_link(victim: Arc<Endpoint>, seed: u64) -> JoinHandl
                 return match e.kind() {
                     ErrorKind::ConnectionRefused
                     | ErrorKind::ConnectionReset
-                    | ErrorKind::TimedOut => HostileLinkEnd::Reset,
+                    | ErrorKind::TimedOut => HostileLinkEnd::NotOpened,
                     _ => HostileLinkEnd::Other(format!("connect: {e}")),
                 }
             }
@@ -687,7 +710,7 @@ fn victim_session_on_hostile_link(victim: Arc<Endpoint>, seed: u64) -> JoinHandl
             if rng.chance(4) {
                 match s.write_all(&[0x55; 64]) {
                     Err(e) if e.kind() == ErrorKind::ConnectionReset => {
-                        return HostileLinkEnd::Reset
+                        return HostileLinkEnd::Reset(pos)
                     }
                     Ok(()) => {}
                     Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::BrokenPipe) => {}
@@ -706,7 +729,9 @@ fn victim_session_on_hostile_link(victim: Arc<Endpoint>, seed: u64) -> JoinHandl
                     }
                     pos += n as u64;
                 }
-                Err(e) if e.kind() == ErrorKind::ConnectionReset => return HostileLinkEnd::Reset,
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                    return HostileLinkEnd::Reset(pos)
+                }
                 Err(e) if e.kind() == ErrorKind::TimedOut => {}
                 Err(e) => return HostileLinkEnd::Other(format!("read: {e}")),
             }
@@ -880,7 +905,11 @@ fn round(
     no_stray_session(&victim_listener, "the victim")?;
     for s in sessions {
         match s.join().expect("victim session on the hostile link") {
-            HostileLinkEnd::Reset => {}
+            HostileLinkEnd::NotOpened => {}
+            HostileLinkEnd::Reset(bytes) => {
+                w.hostile_sessions += 1;
+                w.hostile_sessions_with_data += u64::from(bytes > 0);
+            }
             HostileLinkEnd::Other(e) => {
                 return Err(format!("victim session on the hostile link: {e}"))
             }
@@ -952,6 +981,8 @@ fn print_figures(title: &str, by: &BTreeMap<String, Vec<Duration>>) {
 
 fn run(victim_role: Role) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    count_panics();
+    let panics0 = PANICS.load(Ordering::SeqCst);
     let rounds = rounds();
     let seed = seed();
     eprintln!(
@@ -1000,9 +1031,12 @@ fn run(victim_role: Role) {
             "round {r}: RSS grew from {rss0} to {rss}"
         );
     }
+    let (hostile_sessions, with_data) = (w.hostile_sessions, w.hostile_sessions_with_data);
     drop(w);
     eprintln!(
-        "recovery, victim {victim_role:?}: {rounds} rounds in {:?}, {} failed; RSS {} -> max {} MiB",
+        "recovery, victim {victim_role:?}: {rounds} rounds in {:?}, {} failed; RSS {} -> max {} MiB; \
+         victim sessions on hostile links reset: {hostile_sessions} ({with_data} after reading \
+         the hostile peer's data)",
         start.elapsed(),
         failures.len(),
         rss0 >> 20,
@@ -1012,6 +1046,11 @@ fn run(victim_role: Role) {
     print_figures(
         &format!("victim {victim_role:?}, by scenario"),
         &by_scenario,
+    );
+    assert_eq!(
+        PANICS.load(Ordering::SeqCst),
+        panics0,
+        "a thread panicked (see above)"
     );
     assert!(
         failures.is_empty(),
