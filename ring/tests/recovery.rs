@@ -30,8 +30,10 @@
 //! Asserted besides: every byte read is the pattern its sender wrote; no session or byte
 //! planted by the hostile peer reaches the successor or the victim in the successor's epoch
 //! (every session must open with the current round's nonce); the victim's sessions on the
-//! hostile link only ever read the hostile peer's pattern and end with ConnectionReset;
-//! no panic; the victim's session count and the process's RSS stay bounded.
+//! hostile link only ever read the hostile peer's pattern (unless the damage rewrote that
+//! peer's own ring or head: then what it rewrote is what it sent) and end with
+//! ConnectionReset; no thread of the process panics; the victim's session count and the
+//! process's RSS stay bounded.
 //!
 //! Failing rounds are collected (scenario, target, value, symptom) and reported together;
 //! the victim is rebuilt after one, so that one failure does not hide the others.
@@ -212,6 +214,17 @@ enum Damage {
 }
 
 impl Damage {
+    /// Whether the damage may rewrite bytes that the side owning `block` published in its
+    /// ring, or move its head over records already read (a replay).
+    fn rewrites_ring_of(&self, block: usize) -> bool {
+        let head = block + side::TX_HEAD;
+        match self {
+            Damage::RingGarbage | Damage::PlantedFrames => true,
+            Damage::Word { at, .. } => *at == head,
+            Damage::Words(ws) => ws.iter().any(|(_, at, _)| *at == head),
+        }
+    }
+
     /// The kind the recovery figures are grouped by.
     fn kind(&self) -> String {
         match self {
@@ -280,8 +293,12 @@ impl Scenario {
 enum HostileLinkEnd {
     /// Never opened (the hostile link was gone already).
     NotOpened,
-    /// Reset after reading this many bytes.
-    Reset(u64),
+    /// Reset after reading this many bytes; `rewritten` names the first byte that was not
+    /// the pattern the hostile peer sent in order (it rewrote bytes it had published).
+    Reset {
+        bytes: u64,
+        rewritten: Option<String>,
+    },
     Other(String),
 }
 
@@ -298,6 +315,8 @@ struct World {
     /// peer's bytes (all must end with ConnectionReset).
     hostile_sessions: u64,
     hostile_sessions_with_data: u64,
+    /// Of those, sessions that read bytes the hostile peer rewrote in its ring.
+    hostile_sessions_rewritten: u64,
 }
 
 impl World {
@@ -318,6 +337,7 @@ impl World {
             honest: None,
             hostile_sessions: 0,
             hostile_sessions_with_data: 0,
+            hostile_sessions_rewritten: 0,
         }
     }
 
@@ -706,11 +726,15 @@ fn victim_session_on_hostile_link(victim: Arc<Endpoint>, seed: u64) -> JoinHandl
         let deadline = Instant::now() + 3 * BOUND;
         let mut buf = vec![0u8; 16 << 10];
         let mut pos = 0u64;
+        let mut rewritten = None;
         while Instant::now() < deadline {
             if rng.chance(4) {
                 match s.write_all(&[0x55; 64]) {
                     Err(e) if e.kind() == ErrorKind::ConnectionReset => {
-                        return HostileLinkEnd::Reset(pos)
+                        return HostileLinkEnd::Reset {
+                            bytes: pos,
+                            rewritten,
+                        }
                     }
                     Ok(()) => {}
                     Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::BrokenPipe) => {}
@@ -720,17 +744,23 @@ fn victim_session_on_hostile_link(victim: Arc<Endpoint>, seed: u64) -> JoinHandl
             match s.read(&mut buf) {
                 Ok(0) => return HostileLinkEnd::Other("EOF instead of ConnectionReset".into()),
                 Ok(n) => {
-                    if let Some(i) = (0..n).find(|&i| buf[i] != pattern(s.id(), pos + i as u64)) {
-                        return HostileLinkEnd::Other(format!(
-                            "byte {} of session {} is not what the hostile peer sent",
-                            pos + i as u64,
-                            s.id()
-                        ));
+                    if rewritten.is_none() {
+                        if let Some(i) = (0..n).find(|&i| buf[i] != pattern(s.id(), pos + i as u64))
+                        {
+                            rewritten = Some(format!(
+                                "byte {} of session {} is not the pattern the hostile peer sent",
+                                pos + i as u64,
+                                s.id()
+                            ));
+                        }
                     }
                     pos += n as u64;
                 }
                 Err(e) if e.kind() == ErrorKind::ConnectionReset => {
-                    return HostileLinkEnd::Reset(pos)
+                    return HostileLinkEnd::Reset {
+                        bytes: pos,
+                        rewritten,
+                    }
                 }
                 Err(e) if e.kind() == ErrorKind::TimedOut => {}
                 Err(e) => return HostileLinkEnd::Other(format!("read: {e}")),
@@ -906,9 +936,18 @@ fn round(
     for s in sessions {
         match s.join().expect("victim session on the hostile link") {
             HostileLinkEnd::NotOpened => {}
-            HostileLinkEnd::Reset(bytes) => {
+            HostileLinkEnd::Reset { bytes, rewritten } => {
                 w.hostile_sessions += 1;
                 w.hostile_sessions_with_data += u64::from(bytes > 0);
+                if let Some(e) = rewritten {
+                    // Bytes the peer rewrote in its own ring after publishing them, or a
+                    // head it moved over records already read, are what it sent: only a
+                    // damage that did so may explain them.
+                    if !damage.rewrites_ring_of(block_of(hostile_role)) {
+                        return Err(format!("victim session on the hostile link: {e}"));
+                    }
+                    w.hostile_sessions_rewritten += 1;
+                }
             }
             HostileLinkEnd::Other(e) => {
                 return Err(format!("victim session on the hostile link: {e}"))
@@ -1031,12 +1070,16 @@ fn run(victim_role: Role) {
             "round {r}: RSS grew from {rss0} to {rss}"
         );
     }
-    let (hostile_sessions, with_data) = (w.hostile_sessions, w.hostile_sessions_with_data);
+    let (hostile_sessions, with_data, rewritten) = (
+        w.hostile_sessions,
+        w.hostile_sessions_with_data,
+        w.hostile_sessions_rewritten,
+    );
     drop(w);
     eprintln!(
         "recovery, victim {victim_role:?}: {rounds} rounds in {:?}, {} failed; RSS {} -> max {} MiB; \
          victim sessions on hostile links reset: {hostile_sessions} ({with_data} after reading \
-         the hostile peer's data)",
+         the hostile peer's data, {rewritten} of them bytes it rewrote in its ring)",
         start.elapsed(),
         failures.len(),
         rss0 >> 20,
