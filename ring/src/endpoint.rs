@@ -16,6 +16,7 @@ use crate::doorbell::Doorbell;
 use crate::layout::{Geometry, LayoutError, Role};
 use crate::link::{Fault, Link, Listen, State, Stats, Stripes};
 use crate::region::SharedRegion;
+use crossbeam_utils::CachePadded;
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering as StdOrdering};
@@ -32,9 +33,11 @@ pub(crate) struct Shared {
     /// Threads asleep on `cv` / `accept_cv` (changed under the lock): no waiter, no notify.
     sleepers: AtomicUsize,
     accept_sleepers: AtomicUsize,
-    /// Where callers of a session sleep, by session id modulo 64, so that traffic on one
-    /// session wakes only the few that share its stripe (not all of them).
-    stripes: Box<[Stripe]>,
+    /// Where callers of a session sleep, by session id (`link::stripe_of`), so that
+    /// traffic on one session wakes only the few that share its stripe (not all of them).
+    /// Each on its own cache lines: callers of different sessions count themselves in
+    /// and out of neighbouring stripes at once.
+    stripes: Box<[CachePadded<Stripe>]>,
     /// Callers asleep on any stripe (so that nobody scans them all to find out).
     stripe_sleepers: AtomicUsize,
     /// Waiters spinning on the ring right now: they pump it themselves, so the keeper
@@ -724,7 +727,7 @@ impl Endpoint {
             sleepers: AtomicUsize::new(0),
             accept_sleepers: AtomicUsize::new(0),
             stripes: (0..crate::link::STRIPES)
-                .map(|_| Stripe::default())
+                .map(|_| CachePadded::new(Stripe::default()))
                 .collect(),
             stripe_sleepers: AtomicUsize::new(0),
             spinners: AtomicUsize::new(0),
