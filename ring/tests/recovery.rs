@@ -95,6 +95,8 @@ fn cfg() -> Config {
         max_sessions: 16,
         backlog: 4,
         connect_timeout: BOUND,
+        // A fresh guest that finds the header damaged waits this long for the host.
+        layout_wait: BOUND,
         ..Config::default()
     }
 }
