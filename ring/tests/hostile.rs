@@ -625,6 +625,7 @@ fn hostile_host_against_victim_guest() {
 /// the ring, and the corruption is counted.
 #[test]
 fn corruption_resets_open_sessions() {
+    let _guard = common::watchdog("corruption_resets_open_sessions", Duration::from_secs(60));
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for role in [Role::Host, Role::Guest] {
         let (victim, mut h) = setup(role);
@@ -686,6 +687,10 @@ fn corruption_resets_open_sessions() {
 /// Rings with no data must not make the victim's keeper spin.
 #[test]
 fn doorbell_flood_does_not_spin_the_keeper() {
+    let _guard = common::watchdog(
+        "doorbell_flood_does_not_spin_the_keeper",
+        Duration::from_secs(60),
+    );
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (victim, mut h) = setup(Role::Host);
     h.follow();
@@ -736,6 +741,10 @@ fn doorbell_flood_does_not_spin_the_keeper() {
 /// either (a blocked caller takes the doorbell while the keeper sits out).
 #[test]
 fn doorbell_flood_does_not_spin_a_blocked_reader() {
+    let _guard = common::watchdog(
+        "doorbell_flood_does_not_spin_a_blocked_reader",
+        Duration::from_secs(60),
+    );
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (victim, mut h) = setup(Role::Host);
     h.follow();
@@ -824,6 +833,7 @@ fn accept_victim_open(h: &mut Hostile, buf_alloc: u32) -> u64 {
 /// Empty messages take no credit: a flood of them must hit a limit, not our memory.
 #[test]
 fn empty_message_flood_is_bounded() {
+    let _guard = common::watchdog("empty_message_flood_is_bounded", Duration::from_secs(60));
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (victim, mut h) = setup(Role::Host);
     let victim = Arc::new(victim);
@@ -870,6 +880,10 @@ fn empty_message_flood_is_bounded() {
 /// that has a timeout.
 #[test]
 fn message_write_times_out_when_the_peer_stops_reading() {
+    let _guard = common::watchdog(
+        "message_write_times_out_when_the_peer_stops_reading",
+        Duration::from_secs(60),
+    );
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (victim, mut h) = setup(Role::Guest);
     let victim = Arc::new(victim);

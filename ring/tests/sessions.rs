@@ -4,6 +4,8 @@
 //! Timeouts are generous (the machine running these is slow and shared); nothing asserts
 //! on speed, only on outcomes and on upper bounds far above the expected time.
 
+mod common;
+
 use ivring::doorbell::local::{self, LocalDoorbell};
 use ivring::layout::{GUEST_BLOCK, HOST_BLOCK, MAGIC, PEER_ID_VALID};
 use ivring::{Config, Endpoint, LayoutError, Session, SessionOptions, SharedRegion, WaitMode};
@@ -112,6 +114,7 @@ fn expect_err<T>(r: std::io::Result<T>, kind: ErrorKind) {
 
 #[test]
 fn stream_both_ways_with_checksums() {
+    let _guard = common::watchdog("stream_both_ways_with_checksums", Duration::from_secs(60));
     let p = pair();
     let (mut h, mut g) = connect(&p, 1, SessionOptions::default());
     const N: usize = 3 << 20;
@@ -137,6 +140,10 @@ fn stream_both_ways_with_checksums() {
 
 #[test]
 fn messages_keep_boundaries_and_truncate() {
+    let _guard = common::watchdog(
+        "messages_keep_boundaries_and_truncate",
+        Duration::from_secs(60),
+    );
     let cfg = Config {
         buf_size: 64 << 10,
         ..Config::default()
@@ -185,6 +192,10 @@ fn messages_keep_boundaries_and_truncate() {
 
 #[test]
 fn eof_after_shutdown_write_and_other_way_still_works() {
+    let _guard = common::watchdog(
+        "eof_after_shutdown_write_and_other_way_still_works",
+        Duration::from_secs(60),
+    );
     let p = pair();
     let (mut h, mut g) = connect(&p, 3, SessionOptions::default());
     h.write_all(&bytes(3, 100_000)).unwrap();
@@ -208,6 +219,10 @@ fn eof_after_shutdown_write_and_other_way_still_works() {
 
 #[test]
 fn eof_then_broken_pipe_after_peer_close() {
+    let _guard = common::watchdog(
+        "eof_then_broken_pipe_after_peer_close",
+        Duration::from_secs(60),
+    );
     let p = pair();
     let (mut h, mut g) = connect(&p, 4, SessionOptions::default());
     g.write_all(&bytes(5, 200_000)).unwrap();
@@ -229,6 +244,7 @@ fn eof_then_broken_pipe_after_peer_close() {
 
 #[test]
 fn refused_and_addr_in_use() {
+    let _guard = common::watchdog("refused_and_addr_in_use", Duration::from_secs(60));
     let p = pair();
     expect_err(p.host.connect(99), ErrorKind::ConnectionRefused);
     expect_err(p.guest.connect(99), ErrorKind::ConnectionRefused);
@@ -245,6 +261,7 @@ fn refused_and_addr_in_use() {
 
 #[test]
 fn read_timeout_and_nonblocking() {
+    let _guard = common::watchdog("read_timeout_and_nonblocking", Duration::from_secs(60));
     let p = pair();
     let (mut h, mut g) = connect(&p, 6, SessionOptions::default());
     g.set_read_timeout(Some(Duration::from_millis(200)));
@@ -280,6 +297,7 @@ fn read_timeout_and_nonblocking() {
 
 #[test]
 fn thousand_sessions_in_turn() {
+    let _guard = common::watchdog("thousand_sessions_in_turn", Duration::from_secs(60));
     let p = pair();
     let l = p.guest.listen(7).unwrap();
     for i in 0..1000u64 {
@@ -310,6 +328,7 @@ fn thousand_sessions_in_turn() {
 
 #[test]
 fn hundred_sessions_at_once() {
+    let _guard = common::watchdog("hundred_sessions_at_once", Duration::from_secs(60));
     let p = pair();
     let lg = p.guest.listen(8).unwrap();
     let lh = p.host.listen(9).unwrap();
@@ -354,6 +373,7 @@ fn hundred_sessions_at_once() {
 
 #[test]
 fn large_transfer_wraps_small_ring() {
+    let _guard = common::watchdog("large_transfer_wraps_small_ring", Duration::from_secs(60));
     // 64 KiB region: about 30 KiB per ring, so 64 MiB wraps it some 2000 times.
     let p = pair_with(64 << 10, Config::default());
     let (mut h, mut g) = connect(&p, 10, SessionOptions::default());
@@ -399,6 +419,10 @@ fn large_transfer_wraps_small_ring() {
 
 #[test]
 fn stalled_reader_does_not_stall_others() {
+    let _guard = common::watchdog(
+        "stalled_reader_does_not_stall_others",
+        Duration::from_secs(60),
+    );
     let cfg = Config {
         buf_size: 128 << 10,
         ..Config::default()
@@ -449,6 +473,10 @@ fn stalled_reader_does_not_stall_others() {
 
 #[test]
 fn peer_restart_resets_old_sessions_and_leaks_nothing() {
+    let _guard = common::watchdog(
+        "peer_restart_resets_old_sessions_and_leaks_nothing",
+        Duration::from_secs(60),
+    );
     let p = pair();
     let Pair {
         region,
@@ -540,6 +568,7 @@ fn peer_restart_resets_old_sessions_and_leaks_nothing() {
 
 #[test]
 fn peer_gone_resets_promptly() {
+    let _guard = common::watchdog("peer_gone_resets_promptly", Duration::from_secs(60));
     // Only the ivshmem server's word may end this link, not the heartbeat.
     let cfg = Config {
         peer_timeout: Duration::from_secs(3600),
@@ -586,6 +615,10 @@ fn fake_guest(region: &SharedRegion, host: &Endpoint) {
 
 #[test]
 fn frozen_peer_is_declared_gone_after_peer_timeout() {
+    let _guard = common::watchdog(
+        "frozen_peer_is_declared_gone_after_peer_timeout",
+        Duration::from_secs(60),
+    );
     let region = SharedRegion::heap(1 << 20);
     let (a, _b) = local::pair();
     let cfg = Config {
@@ -615,6 +648,7 @@ fn frozen_peer_is_declared_gone_after_peer_timeout() {
 
 #[test]
 fn beating_peer_is_not_declared_gone() {
+    let _guard = common::watchdog("beating_peer_is_not_declared_gone", Duration::from_secs(60));
     let region = SharedRegion::heap(1 << 20);
     let (a, _b) = local::pair();
     let cfg = Config {
@@ -638,6 +672,7 @@ fn beating_peer_is_not_declared_gone() {
 
 #[test]
 fn layout_errors() {
+    let _guard = common::watchdog("layout_errors", Duration::from_secs(60));
     let err = |r: Result<Endpoint, LayoutError>| match r {
         Ok(_) => panic!("expected a layout error"),
         Err(e) => e,
@@ -684,6 +719,10 @@ fn layout_errors() {
 /// stalls (PROTOCOL.md §7).
 #[test]
 fn shutdown_read_keeps_crediting_the_writer() {
+    let _guard = common::watchdog(
+        "shutdown_read_keeps_crediting_the_writer",
+        Duration::from_secs(60),
+    );
     let cfg = Config {
         buf_size: 8 << 10,
         ..Config::default()
@@ -713,6 +752,10 @@ fn shutdown_read_keeps_crediting_the_writer() {
 /// rest sleep on condvars); any lost hand-off shows as a hang or wrong bytes here.
 #[test]
 fn every_wait_mode_carries_many_sessions() {
+    let _guard = common::watchdog(
+        "every_wait_mode_carries_many_sessions",
+        Duration::from_secs(60),
+    );
     for wait in [WaitMode::Block, WaitMode::Adaptive, WaitMode::Poll] {
         let cfg = Config {
             wait,
@@ -784,6 +827,7 @@ fn every_wait_mode_carries_many_sessions() {
 /// own session, in every wait mode.
 #[test]
 fn writers_share_a_full_ring() {
+    let _guard = common::watchdog("writers_share_a_full_ring", Duration::from_secs(60));
     for wait in [WaitMode::Block, WaitMode::Adaptive, WaitMode::Poll] {
         let cfg = Config {
             wait,
@@ -841,6 +885,10 @@ fn writers_share_a_full_ring() {
 /// frame of its own will come back) is told when the space returns.
 #[test]
 fn nonblocking_writer_is_notified_when_ring_space_returns() {
+    let _guard = common::watchdog(
+        "nonblocking_writer_is_notified_when_ring_space_returns",
+        Duration::from_secs(60),
+    );
     let cfg = Config {
         wait: WaitMode::Block,
         buf_size: 1 << 20,
@@ -901,6 +949,10 @@ fn nonblocking_writer_is_notified_when_ring_space_returns() {
 /// the sessions' credit: every byte arrives in order and no wait goes unanswered.
 #[test]
 fn one_thread_drives_many_nonblocking_sessions() {
+    let _guard = common::watchdog(
+        "one_thread_drives_many_nonblocking_sessions",
+        Duration::from_secs(60),
+    );
     const SESSIONS: usize = 24;
     const BYTES: usize = 96 << 10;
     for wait in [WaitMode::Block, WaitMode::Adaptive, WaitMode::Poll] {
@@ -988,6 +1040,10 @@ fn one_thread_drives_many_nonblocking_sessions() {
 /// meanwhile waits for it (Config::layout_wait) instead of failing, and gets a link.
 #[test]
 fn guest_starting_on_an_overwritten_header_waits_for_the_host_to_repair_it() {
+    let _guard = common::watchdog(
+        "guest_starting_on_an_overwritten_header_waits_for_the_host_to_repair_it",
+        Duration::from_secs(60),
+    );
     for (word, value) in [(0usize, 0xffu64), (0, 0), (8, 7), (32, u64::MAX)] {
         let region = SharedRegion::heap(64 << 10);
         let (a, b) = local::pair();

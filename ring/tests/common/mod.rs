@@ -297,3 +297,22 @@ pub fn write_header(r: &SharedRegion, g: &Geometry) {
     w(48, g.capacity);
     r.store_u64(0, MAGIC, Ordering::Release);
 }
+
+/// Fails the whole test binary if the guard is still alive after `limit`: a test whose
+/// wait never ends (a lost wakeup, a missed EOF) fails in seconds instead of stalling the
+/// run. Drop the guard when the test is done (keep it in a `_guard` binding).
+pub fn watchdog(test: &'static str, limit: std::time::Duration) -> Watchdog {
+    let (done, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            eprintln!("{test}: still running after {limit:?}: a wait that never ends");
+            std::process::abort();
+        }
+    });
+    Watchdog { _done: done }
+}
+
+/// See [`watchdog`].
+pub struct Watchdog {
+    _done: std::sync::mpsc::Sender<()>,
+}
