@@ -104,6 +104,9 @@ impl GuestLink {
             },
             (None, None) => {
                 let dev = open_device(a.device.clone(), a.no_vfio)?;
+                if let Some(notice) = Geometry::header_wait_notice(&dev.region(), cfg.layout_wait) {
+                    eprintln!("ivring-guest: {notice}");
+                }
                 let ep = Endpoint::unattached(Role::Guest, dev.region(), dev.doorbell(), cfg)?;
                 prepare(&ep)?;
                 ep.attach();

@@ -6,7 +6,7 @@ use crate::error::HostError;
 use crate::server::{Server, ServerHandle};
 use crate::shm;
 use ivring::doorbell::Polling;
-use ivring::{Config, Endpoint, Role, SharedRegion};
+use ivring::{Config, Endpoint, Geometry, Role, SharedRegion};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -84,6 +84,11 @@ impl HostLink {
                 (None, None, r, Arc::new(Polling::new()))
             }
         };
+        if role == Role::Guest {
+            if let Some(notice) = Geometry::header_wait_notice(&region, cfg.layout_wait) {
+                eprintln!("ivring: {notice}");
+            }
+        }
         let endpoint =
             Endpoint::unattached(role, region.clone(), doorbell, cfg).map_err(HostError::Layout)?;
         prepare(&endpoint).map_err(|e| HostError::Io {

@@ -40,6 +40,12 @@ pub struct Config {
     pub wait: WaitMode,
     /// How long an adaptive waiter spins before sleeping.
     pub spin: Duration,
+    /// How long a guest endpoint, when it starts, waits for a header that is not
+    /// ivring's to be laid out again: a peer before it may have overwritten it, and the
+    /// host rewrites its words once per heartbeat period (within its `peer_timeout` of
+    /// a peer leaving unannounced). Still wrong after this, the region is reported as not
+    /// ivring's.
+    pub layout_wait: Duration,
 }
 
 impl Default for Config {
@@ -54,6 +60,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             wait: WaitMode::Adaptive,
             spin: Duration::from_micros(50),
+            layout_wait: Duration::from_secs(5),
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::doorbell::Doorbell;
 use crate::layout::{Geometry, LayoutError, Role};
 use crate::link::{Fault, Link, Listen, State, Stats, Stripes};
 use crate::region::SharedRegion;
+use crossbeam_utils::CachePadded;
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering as StdOrdering};
@@ -32,9 +33,11 @@ pub(crate) struct Shared {
     /// Threads asleep on `cv` / `accept_cv` (changed under the lock): no waiter, no notify.
     sleepers: AtomicUsize,
     accept_sleepers: AtomicUsize,
-    /// Where callers of a session sleep, by session id modulo 64, so that traffic on one
-    /// session wakes only the few that share its stripe (not all of them).
-    stripes: Box<[Stripe]>,
+    /// Where callers of a session sleep, by session id (`link::stripe_of`), so that
+    /// traffic on one session wakes only the few that share its stripe (not all of them).
+    /// Each on its own cache lines: callers of different sessions count themselves in
+    /// and out of neighbouring stripes at once.
+    stripes: Box<[CachePadded<Stripe>]>,
     /// Callers asleep on any stripe (so that nobody scans them all to find out).
     stripe_sleepers: AtomicUsize,
     /// Waiters spinning on the ring right now: they pump it themselves, so the keeper
@@ -147,11 +150,11 @@ impl Shared {
         }
     }
 
-    /// A link fault: reset every session and start a new epoch (empty message: the peer
-    /// restarted and `check_peer` handles it).
+    /// A link fault: every session is reset; a new epoch starts unless the peer's
+    /// restart already started one.
     pub(crate) fn fault(&self, link: &mut Link, f: Fault) {
-        if !f.0.is_empty() {
-            link.local_reset(f.0, Some(self.own_id));
+        if f.needs_local_reset() {
+            link.local_reset(&f.to_string());
         }
         self.notify_all();
     }
@@ -672,7 +675,8 @@ impl Endpoint {
     }
 
     /// The guest side: attaches, and waits for the host to lay the region out if it has
-    /// not yet. Fails at once if the region holds something that is not ivring's.
+    /// not yet. A header that is not ivring's is waited on for up to
+    /// [`Config::layout_wait`] (the host repairs one a peer overwrote), then reported.
     pub fn guest(
         region: SharedRegion,
         doorbell: Arc<dyn Doorbell>,
@@ -704,7 +708,7 @@ impl Endpoint {
     ) -> Result<Endpoint, LayoutError> {
         let geom = Geometry::for_size(region.len())?;
         if role == Role::Guest {
-            Geometry::read_header(&region)?;
+            Geometry::await_header(&region, cfg.layout_wait)?;
         }
         let own_id = doorbell.own_id();
         // A polling endpoint never asks the peer to ring (PROTOCOL.md §5): nobody may
@@ -723,7 +727,7 @@ impl Endpoint {
             sleepers: AtomicUsize::new(0),
             accept_sleepers: AtomicUsize::new(0),
             stripes: (0..crate::link::STRIPES)
-                .map(|_| Stripe::default())
+                .map(|_| CachePadded::new(Stripe::default()))
                 .collect(),
             stripe_sleepers: AtomicUsize::new(0),
             spinners: AtomicUsize::new(0),

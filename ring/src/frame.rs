@@ -105,16 +105,49 @@ pub const fn record_len(len: usize) -> usize {
     HEADER_LEN + ((len + 15) & !15)
 }
 
+/// A record header as it lies in the ring (PROTOCOL.md §4), integers little-endian.
+/// Only ever a copy: bytes are copied out of the ring first, then cast.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct WireHeader {
+    kind: u8,
+    flags: u8,
+    reserved: [u8; 2],
+    len: u32,
+    session: u64,
+}
+
+/// The payload of an Open frame as it lies in the ring.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct WireOpen {
+    port: u32,
+    message: u8,
+    reserved: [u8; 3],
+    buf_alloc: u32,
+    reserved2: [u8; 4],
+}
+
+/// The payload of Accept and Credit frames as it lies in the ring.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct WireCredit {
+    fwd_cnt: u64,
+    buf_alloc: u32,
+    reserved: [u8; 4],
+}
+
 impl Header {
     /// Encodes the header.
     #[inline]
     pub fn encode(&self) -> [u8; HEADER_LEN] {
-        let mut b = [0u8; HEADER_LEN];
-        b[0] = self.kind as u8;
-        b[1] = self.flags;
-        b[4..8].copy_from_slice(&self.len.to_le_bytes());
-        b[8..16].copy_from_slice(&self.session.to_le_bytes());
-        b
+        bytemuck::cast(WireHeader {
+            kind: self.kind as u8,
+            flags: self.flags,
+            reserved: [0; 2],
+            len: self.len.to_le(),
+            session: self.session.to_le(),
+        })
     }
 
     /// Decodes and checks a header copied out of the ring.
@@ -129,13 +162,14 @@ impl Header {
         contiguous: usize,
         to_end: usize,
     ) -> Result<Header, FrameError> {
-        let kind = Kind::from_u8(b[0]).ok_or(FrameError::BadKind(b[0]))?;
-        let flags = b[1];
-        if b[2] != 0 || b[3] != 0 {
+        let w: WireHeader = bytemuck::cast(*b);
+        let kind = Kind::from_u8(w.kind).ok_or(FrameError::BadKind(w.kind))?;
+        let flags = w.flags;
+        if w.reserved != [0; 2] {
             return Err(FrameError::Reserved);
         }
-        let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-        let session = u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
+        let len = u32::from_le(w.len);
+        let session = u64::from_le(w.session);
         match kind {
             Kind::Data if flags & !FLAG_EOR != 0 => return Err(FrameError::BadFlags(flags)),
             Kind::Data => {}
@@ -182,21 +216,24 @@ pub struct OpenArgs {
 impl OpenArgs {
     /// Encodes the payload.
     pub fn encode(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
-        b[0..4].copy_from_slice(&self.port.to_le_bytes());
-        b[4] = self.message as u8;
-        b[8..12].copy_from_slice(&self.buf_alloc.to_le_bytes());
-        b
+        bytemuck::cast(WireOpen {
+            port: self.port.to_le(),
+            message: self.message as u8,
+            reserved: [0; 3],
+            buf_alloc: self.buf_alloc.to_le(),
+            reserved2: [0; 4],
+        })
     }
     /// Decodes a payload copied out of the ring; `None` if a reserved byte is set.
     pub fn decode(b: &[u8; 16]) -> Option<OpenArgs> {
-        if b[4] > 1 || b[5..8] != [0; 3] || b[12..16] != [0; 4] {
+        let w: WireOpen = bytemuck::cast(*b);
+        if w.message > 1 || w.reserved != [0; 3] || w.reserved2 != [0; 4] {
             return None;
         }
         Some(OpenArgs {
-            port: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            message: b[4] == 1,
-            buf_alloc: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            port: u32::from_le(w.port),
+            message: w.message == 1,
+            buf_alloc: u32::from_le(w.buf_alloc),
         })
     }
 }
@@ -213,19 +250,21 @@ pub struct CreditArgs {
 impl CreditArgs {
     /// Encodes the payload.
     pub fn encode(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
-        b[0..8].copy_from_slice(&self.fwd_cnt.to_le_bytes());
-        b[8..12].copy_from_slice(&self.buf_alloc.to_le_bytes());
-        b
+        bytemuck::cast(WireCredit {
+            fwd_cnt: self.fwd_cnt.to_le(),
+            buf_alloc: self.buf_alloc.to_le(),
+            reserved: [0; 4],
+        })
     }
     /// Decodes a payload copied out of the ring; `None` if a reserved byte is set.
     pub fn decode(b: &[u8; 16]) -> Option<CreditArgs> {
-        if b[12..16] != [0; 4] {
+        let w: WireCredit = bytemuck::cast(*b);
+        if w.reserved != [0; 4] {
             return None;
         }
         Some(CreditArgs {
-            fwd_cnt: u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
-            buf_alloc: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            fwd_cnt: u64::from_le(w.fwd_cnt),
+            buf_alloc: u32::from_le(w.buf_alloc),
         })
     }
 }

@@ -98,8 +98,8 @@ pub fn fuzz_pump(data: &[u8]) {
     let now = Instant::now();
     let step = |link: &mut Link, r: Result<bool, crate::link::Fault>| {
         if let Err(f) = r {
-            if !f.0.is_empty() {
-                link.local_reset(f.0, Some(0));
+            if f.needs_local_reset() {
+                link.local_reset(&f.to_string());
             }
         }
     };

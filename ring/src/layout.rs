@@ -7,6 +7,7 @@
 
 use crate::region::SharedRegion;
 use crate::sync::Ordering;
+use std::time::{Duration, Instant};
 
 /// `b"ivring\0\0"` read as a little-endian u64: the first word of a laid-out region.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"ivring\0\0");
@@ -237,6 +238,37 @@ impl Geometry {
             return Err(LayoutError::BadHeader("ring offsets"));
         }
         Ok(Some(expect))
+    }
+
+    /// What a program about to wait in [`Geometry::await_header`] should tell its user:
+    /// `None` when the header is laid out right, not laid out yet, or beyond repair (the
+    /// region's size is wrong).
+    pub fn header_wait_notice(region: &SharedRegion, bound: Duration) -> Option<String> {
+        match Geometry::read_header(region) {
+            Ok(_) | Err(LayoutError::BadSize(_)) => None,
+            Err(e) => Some(format!(
+                "{e}; waiting up to {bound:?} for the host program to lay it out again"
+            )),
+        }
+    }
+
+    /// [`Geometry::read_header`], waiting up to `bound` while the header is wrong: a
+    /// peer may have overwritten it, and the host rewrites it once per heartbeat period.
+    /// A region of the wrong size fails at once; a header still wrong after `bound` is
+    /// reported as it was last read.
+    pub fn await_header(
+        region: &SharedRegion,
+        bound: Duration,
+    ) -> Result<Option<Geometry>, LayoutError> {
+        let deadline = Instant::now() + bound;
+        loop {
+            match Geometry::read_header(region) {
+                Err(LayoutError::BadSize(n)) => return Err(LayoutError::BadSize(n)),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                ok => return ok,
+            }
+        }
     }
 }
 

@@ -163,8 +163,35 @@ pub(crate) struct Listen {
     pub backlog: VecDeque<u64>,
 }
 
-/// A link fault that ends every session: corruption or a vanished peer.
-pub(crate) struct Fault(pub String);
+/// Why the link stopped: every session of the epoch ends with `ConnectionReset`.
+#[derive(Debug)]
+pub(crate) enum Fault {
+    /// The peer published a new epoch (it restarted); the link has already followed it
+    /// (sessions reset, indices zeroed, the epoch acknowledged) and waits for the peer.
+    PeerRestarted,
+    /// The peer broke the ring: an index or a record header (counted in
+    /// [`Stats::corruptions`]). Calls for a local reset.
+    Corrupt(String),
+    /// The peer left the ivshmem server or its heartbeat stopped. Calls for a local reset.
+    PeerGone(String),
+}
+
+impl Fault {
+    /// Whether this side must start a new epoch (the peer did not already).
+    pub(crate) fn needs_local_reset(&self) -> bool {
+        !matches!(self, Fault::PeerRestarted)
+    }
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::PeerRestarted => f.write_str("peer restarted"),
+            Fault::Corrupt(what) => write!(f, "peer corrupted the ring: {what}"),
+            Fault::PeerGone(why) => f.write_str(why),
+        }
+    }
+}
 
 pub(crate) struct Link {
     pub role: Role,
@@ -174,8 +201,16 @@ pub(crate) struct Link {
     cfg: Config,
     own: usize,
     peer: usize,
-    /// Our epoch, as published.
+    /// Our epoch: the one copy that counts (the word in the region is only its image,
+    /// which a peer may have overwritten).
     epoch: u64,
+    /// Our ivshmem peer id, as published in `PEER_ID`.
+    own_id: Option<u16>,
+    /// `attach` has run and `detach` has not: our words are in the region.
+    attached: bool,
+    /// The link changed outside `check_peer` (an index check found the peer's new
+    /// epoch and followed it); `check_peer` reports it.
+    followed_restart: bool,
     /// The peer epoch we have reset our indices for and acknowledged.
     peer_acked: u64,
     /// Both sides have acknowledged each other's epoch: traffic may flow.
@@ -249,7 +284,10 @@ impl Link {
             cfg,
             own,
             peer,
-            epoch: 0,
+            epoch: first_epoch(),
+            own_id: None,
+            attached: false,
+            followed_restart: false,
             peer_acked: 0,
             up: false,
             laid_out: role == Role::Host,
@@ -278,10 +316,6 @@ impl Link {
         }
     }
 
-    fn load_own(&self, word: usize) -> u64 {
-        self.region.load_u64(self.own + word, Ordering::Relaxed)
-    }
-
     fn load_peer(&self, word: usize, order: Ordering) -> u64 {
         self.region.load_u64(self.peer + word, order)
     }
@@ -293,25 +327,45 @@ impl Link {
     /// Attaches (or re-attaches after a local reset): zeroes our indices, withdraws our
     /// acknowledgement, then publishes a new epoch (PROTOCOL.md §3).
     pub fn attach(&mut self, own_id: Option<u16>) {
-        if self.role == Role::Host {
-            self.geom.write_header(&self.region);
-        }
+        self.own_id = own_id;
+        self.attached = true;
         self.tx.reset();
         self.rx.reset();
         self.up = false;
-        self.store_own(side::ACK, 0, Ordering::Relaxed);
-        self.store_own(side::POLLS, u64::from(self.polls()), Ordering::Relaxed);
         self.peer_acked = 0;
+        self.epoch = next_epoch(self.epoch);
+        self.restore_own_words();
+        self.ring_peer = true;
+    }
+
+    /// Writes every word this side owns from its local copy (PROTOCOL.md §3): the header
+    /// (host), then the side block, the epoch last. A peer may have written anything
+    /// there, and a side never reads its own words back, so this is how it repairs them:
+    /// at every attach, whenever the peer's epoch moves, and once per heartbeat period.
+    /// Every value is one the peer has already seen or is about to see, so rewriting an
+    /// intact word changes nothing for it.
+    fn restore_own_words(&self) {
+        if !self.attached || self.closed {
+            return;
+        }
+        if self.role == Role::Host {
+            self.geom.write_header(&self.region);
+        }
+        self.tx.restore_words();
+        self.rx.restore_words();
         self.store_own(
             side::PEER_ID,
-            own_id.map_or(0, |id| PEER_ID_VALID | id as u64),
+            self.own_id.map_or(0, |id| PEER_ID_VALID | id as u64),
             Ordering::Relaxed,
         );
-        self.epoch = self.load_own(side::EPOCH).wrapping_add(1).max(1);
+        self.store_own(side::POLLS, u64::from(self.polls()), Ordering::Relaxed);
+        self.store_own(side::HEARTBEAT, self.heartbeat, Ordering::Relaxed);
+        // SYNC POINT ack (as in check_peer): our indices, stored above, are what we
+        // acknowledged with.
+        self.store_own(side::ACK, self.peer_acked, Ordering::Release);
         // SYNC POINT epoch: Release pairs with the Acquire load of the peer's EPOCH in
-        // check_peer: our zeroed indices and cleared ack are visible before the epoch.
+        // check_peer: our zeroed indices, ack and `POLLS` are visible before the epoch.
         self.store_own(side::EPOCH, self.epoch, Ordering::Release);
-        self.ring_peer = true;
     }
 
     /// Leaves the link for good: the peer resets its sessions at once.
@@ -319,11 +373,12 @@ impl Link {
         self.reset_all("endpoint closed");
         self.store_own(side::ACK, 0, Ordering::Relaxed);
         self.store_own(side::PEER_ID, 0, Ordering::Relaxed);
-        self.epoch = self.epoch.wrapping_add(1).max(1);
-        // SYNC POINT epoch (as in attach).
+        self.epoch = next_epoch(self.epoch);
+        // SYNC POINT epoch (as in restore_own_words).
         self.store_own(side::EPOCH, self.epoch, Ordering::Release);
         self.ring_peer = true;
         self.closed = true;
+        self.attached = false;
     }
 
     /// Ends every session with ConnectionReset and forgets every buffered byte.
@@ -361,10 +416,10 @@ impl Link {
     }
 
     /// A local reset: every session ends, and a new epoch makes the peer start over too.
-    pub fn local_reset(&mut self, why: String, own_id: Option<u16>) {
-        self.reset_all(&why);
+    pub fn local_reset(&mut self, why: &str) {
+        self.reset_all(why);
         let acked = self.peer_acked;
-        self.attach(own_id);
+        self.attach(self.own_id);
         // Keep acknowledging the peer's current epoch: a live peer only has to see our
         // new epoch and answer it; a dead one never will.
         self.peer_acked = acked;
@@ -376,22 +431,23 @@ impl Link {
     /// Follows the peer's epoch and acknowledgement; brings the link up or down.
     /// Returns whether anything changed.
     pub fn check_peer(&mut self, now: Instant) -> bool {
+        let mut changed = std::mem::take(&mut self.followed_restart);
         if !self.laid_out {
             match Geometry::read_header(&self.region) {
                 Ok(Some(g)) if g == self.geom => self.laid_out = true,
-                Ok(_) => return false,
+                Ok(_) => return changed,
                 Err(e) => {
                     let msg = e.to_string();
                     if self.stats.last_error.as_deref() != Some(&msg) {
                         self.stats.last_error = Some(msg);
                     }
-                    return false;
+                    return changed;
                 }
             }
         }
-        // SYNC POINT epoch: Acquire pairs with the peer's Release store in attach.
+        // SYNC POINT epoch: Acquire pairs with the peer's Release store in
+        // restore_own_words.
         let peer_epoch = self.load_peer(side::EPOCH, Ordering::Acquire);
-        let mut changed = false;
         if peer_epoch != self.peer_acked {
             if self.role == Role::Guest {
                 // The host may have re-laid the region out; check the header again.
@@ -409,30 +465,20 @@ impl Link {
                     }
                 }
             }
+            let acked = self.peer_acked;
             if self.up || !self.sessions.is_empty() {
                 // First take what the old incarnation published before it moved its epoch:
                 // a peer that closed its sessions and left published those frames first.
-                // A restarted peer's zeroed head is a bad index, which index_fault does not
-                // count as corruption.
+                // A bad index here is the restarted peer's zeroed head: index_fault
+                // follows the epoch it reads then, and that one stands.
                 let _ = self.pump();
-                self.reset_all("peer restarted");
             }
-            self.up = false;
-            self.tx.reset();
-            self.rx.reset();
-            // Session ids are unique within an epoch only: a restarted peer counts from 1.
-            self.highest_peer_seq = 0;
-            self.peer_acked = peer_epoch;
-            // A new incarnation of the peer numbers its sessions afresh.
-            self.highest_peer_seq = 0;
-            // SYNC POINT ack: Release pairs with the peer's Acquire load of our ACK below:
-            // our indices are zero before the peer sees the acknowledgement.
-            self.store_own(side::ACK, peer_epoch, Ordering::Release);
-            self.read_peer_id();
-            self.ring_peer = true;
+            if self.peer_acked == acked {
+                self.follow_epoch(peer_epoch);
+            }
             changed = true;
         }
-        if !self.up && peer_epoch != 0 {
+        if !self.up && peer_epoch != 0 && peer_epoch == self.peer_acked {
             // SYNC POINT ack (the Acquire side).
             let peer_ack = self.load_peer(side::ACK, Ordering::Acquire);
             if peer_ack == self.epoch {
@@ -451,6 +497,29 @@ impl Link {
         changed
     }
 
+    /// The peer published `peer_epoch` (it attached or restarted): ends every session of
+    /// the old epoch, brings both ring halves to empty and acknowledges it (PROTOCOL.md
+    /// §3). Acts on the one value read by the caller: a peer that moves its epoch again
+    /// is followed again, never half-followed.
+    fn follow_epoch(&mut self, peer_epoch: u64) {
+        if self.up || !self.sessions.is_empty() {
+            self.reset_all("peer restarted");
+        }
+        self.up = false;
+        self.tx.reset();
+        self.rx.reset();
+        // Session ids are unique within an epoch only: a new incarnation counts from 1.
+        self.highest_peer_seq = 0;
+        self.peer_acked = peer_epoch;
+        // Our words as we mean them, the acknowledgement among them: a peer that found
+        // them overwritten (and acknowledged a stranger's epoch) sees ours move and
+        // acknowledges again. SYNC POINT ack: the Release store of ACK in it pairs with
+        // the peer's Acquire load of our ACK: our indices are zero before it sees it.
+        self.restore_own_words();
+        self.read_peer_id();
+        self.ring_peer = true;
+    }
+
     fn read_peer_id(&mut self) {
         let w = self.load_peer(side::PEER_ID, Ordering::Relaxed);
         self.peer_id = if w & PEER_ID_VALID != 0 && w >> 33 == 0 {
@@ -462,11 +531,14 @@ impl Link {
 
     /// Bumps our heartbeat when due. Spinning waiters call it too: with many of them the
     /// keeper can go without the CPU or the lock for longer than the peer's timeout.
+    /// The heartbeat goes out with every other word we own: once per period each is
+    /// rewritten from its local copy, so that whatever a peer left there is repaired
+    /// within a period, whether or not anyone attaches.
     pub fn beat_own(&mut self, now: Instant) {
         if now.duration_since(self.last_beat) >= self.cfg.heartbeat {
             self.heartbeat = self.heartbeat.wrapping_add(1);
-            self.store_own(side::HEARTBEAT, self.heartbeat, Ordering::Relaxed);
             self.last_beat = now;
+            self.restore_own_words();
         }
     }
 
@@ -481,7 +553,7 @@ impl Link {
         match peer_present {
             Some(true) => self.peer_seen_present = true,
             Some(false) if self.peer_seen_present => {
-                return Err(Fault("peer left the ivshmem server".into()));
+                return Err(Fault::PeerGone("peer left the ivshmem server".into()));
             }
             _ => {}
         }
@@ -490,7 +562,7 @@ impl Link {
             self.peer_beat = b;
             self.peer_beat_at = now;
         } else if now.duration_since(self.peer_beat_at) > self.cfg.peer_timeout {
-            return Err(Fault(format!(
+            return Err(Fault::PeerGone(format!(
                 "peer heartbeat stopped for {:?}",
                 self.cfg.peer_timeout
             )));
@@ -499,24 +571,30 @@ impl Link {
     }
 
     /// A bad index is a restart if the peer's epoch moved, corruption otherwise.
+    /// The epoch is read once, and the link acts on that one read: following it here,
+    /// rather than leaving it to `check_peer`'s own read, means a peer that moves its
+    /// epoch away and back cannot have a bad index taken for a restart and then the link
+    /// brought back up on the old indices.
     pub(crate) fn index_fault(&mut self, bad: BadIndex) -> Fault {
-        // SYNC POINT epoch: Acquire pairs with the peer's Release store in attach.
+        // SYNC POINT epoch: Acquire pairs with the peer's Release store in
+        // restore_own_words.
         let peer_epoch = self.load_peer(side::EPOCH, Ordering::Acquire);
         if peer_epoch != self.peer_acked {
-            // check_peer will see the new epoch and reset; not the peer's fault.
-            self.up = false;
-            return Fault(String::new());
+            // The restarted peer's zeroed index: not the peer's fault.
+            self.follow_epoch(peer_epoch);
+            self.followed_restart = true;
+            return Fault::PeerRestarted;
         }
         self.stats.corruptions += 1;
-        Fault(format!(
-            "peer corrupted the ring: index {} against ours {}",
+        Fault::Corrupt(format!(
+            "index {} against ours {}",
             bad.peer_index, bad.own_index
         ))
     }
 
     fn corrupt(&mut self, what: impl std::fmt::Display) -> Fault {
         self.stats.corruptions += 1;
-        Fault(format!("peer corrupted the ring: {what}"))
+        Fault::Corrupt(what.to_string())
     }
 
     /// Takes whether the peer should be rung (the caller rings it after the lock).
@@ -856,7 +934,7 @@ impl Link {
     }
 
     pub fn fault_to_io(&mut self, f: Fault) -> io::Error {
-        io::Error::new(io::ErrorKind::ConnectionReset, format!("ivring: {}", f.0))
+        io::Error::new(io::ErrorKind::ConnectionReset, format!("ivring: {f}"))
     }
 
     /// Reads from a session: `Ok(Some(n))` when the read completes, `Ok(None)` to wait.
@@ -1145,6 +1223,21 @@ impl Link {
         }
         r
     }
+}
+
+/// The epoch after `epoch` (never 0, which means "never attached").
+fn next_epoch(epoch: u64) -> u64 {
+    epoch.wrapping_add(1).max(1)
+}
+
+/// Where a link's epochs start: a random value, so that a new incarnation's first epoch
+/// differs from whatever the peer acknowledged of an earlier one without reading our old
+/// `EPOCH` word back from the region (a peer may have written anything there). 48 bits
+/// keep it readable in tools and leave 2^48 restarts before it could wrap.
+fn first_epoch() -> u64 {
+    use std::hash::BuildHasher;
+    let r = std::collections::hash_map::RandomState::new().hash_one(0xe90c_u64);
+    (r & ((1 << 48) - 1)).max(1)
 }
 
 /// Hashes session ids for the session table, which every read and write looks up: a

@@ -34,6 +34,9 @@ pub(crate) struct Producer {
     cached_tail: u64,
     /// Head as last stored to shared memory.
     published: u64,
+    /// Our `TX_NEED_SPACE` as last stored: the word is ours, so it is never read back
+    /// (a peer may have written anything there).
+    space_posted: u64,
     /// The reader said it polls (side::POLLS, read once per epoch): publish without the
     /// wakeup fence.
     pub(crate) peer_polls: bool,
@@ -51,6 +54,8 @@ pub(crate) struct Consumer {
     cached_head: u64,
     /// Tail as last stored to shared memory.
     released: u64,
+    /// Our `RX_NEED_WAKEUP` as last stored (never read back, as `space_posted`).
+    wakeup_armed: bool,
     /// The writer said it polls: release without the space fence.
     pub(crate) peer_polls: bool,
 }
@@ -73,6 +78,7 @@ impl Producer {
             head_off: 0,
             cached_tail: 0,
             published: 0,
+            space_posted: 0,
             peer_polls: false,
         }
     }
@@ -83,14 +89,26 @@ impl Producer {
         self.head_off = 0;
         self.cached_tail = 0;
         self.published = 0;
+        self.space_posted = 0;
         self.peer_polls = false;
+        self.restore_words();
+    }
+
+    /// Stores our words (`TX_HEAD`, `TX_NEED_SPACE`) from their local copies: after a
+    /// reset, and whenever the link re-lays what it owns (a peer may have scribbled on
+    /// them, PROTOCOL.md §3).
+    pub(crate) fn restore_words(&self) {
         let own = self.own_block;
+        self.region.store_u64(
+            own + side::TX_NEED_SPACE,
+            self.space_posted,
+            Ordering::Relaxed,
+        );
+        // SYNC POINT head (as in publish): every record byte below `published` is written.
+        // After a reset the Release store of our EPOCH or ACK that follows (SYNC POINT
+        // epoch / ack in link.rs) publishes it too.
         self.region
-            .store_u64(own + side::TX_NEED_SPACE, 0, Ordering::Relaxed);
-        // Published to the peer by the Release store of our EPOCH or ACK that follows a
-        // reset (SYNC POINT epoch / ack in link.rs); Release here too, for good measure.
-        self.region
-            .store_u64(own + side::TX_HEAD, 0, Ordering::Release);
+            .store_u64(own + side::TX_HEAD, self.published, Ordering::Release);
     }
 
     /// Free bytes, re-reading the peer's tail only when the cached one says too few.
@@ -215,6 +233,7 @@ impl Producer {
     pub(crate) fn arm_space(&mut self, rec: usize, post: bool) -> Result<bool, BadIndex> {
         let target = self.space_target(rec);
         if post {
+            self.space_posted = target;
             self.region.store_u64(
                 self.own_block + side::TX_NEED_SPACE,
                 target,
@@ -241,9 +260,7 @@ impl Producer {
     /// Whether a posted space request is now met (the reader rang us for it): withdraws
     /// it, so that the caller wakes the writers waiting for space.
     pub(crate) fn space_ready(&mut self) -> bool {
-        let want = self
-            .region
-            .load_u64(self.own_block + side::TX_NEED_SPACE, Ordering::Relaxed);
+        let want = self.space_posted;
         if want == 0 {
             return false;
         }
@@ -259,7 +276,8 @@ impl Producer {
     }
 
     /// Withdraws a posted space request.
-    pub(crate) fn disarm_space(&self) {
+    pub(crate) fn disarm_space(&mut self) {
+        self.space_posted = 0;
         self.region
             .store_u64(self.own_block + side::TX_NEED_SPACE, 0, Ordering::Relaxed);
     }
@@ -290,6 +308,7 @@ impl Consumer {
             tail_off: 0,
             cached_head: 0,
             released: 0,
+            wakeup_armed: false,
             peer_polls: false,
         }
     }
@@ -300,13 +319,23 @@ impl Consumer {
         self.tail_off = 0;
         self.cached_head = 0;
         self.released = 0;
+        self.wakeup_armed = false;
         self.peer_polls = false;
+        self.restore_words();
+    }
+
+    /// Stores our words (`RX_TAIL`, `RX_NEED_WAKEUP`) from their local copies (as
+    /// [`Producer::restore_words`]).
+    pub(crate) fn restore_words(&self) {
         let own = self.own_block;
+        self.region.store_u64(
+            own + side::RX_NEED_WAKEUP,
+            u64::from(self.wakeup_armed),
+            Ordering::Relaxed,
+        );
+        // SYNC POINT tail (as in release): we are done with every byte below `released`.
         self.region
-            .store_u64(own + side::RX_NEED_WAKEUP, 0, Ordering::Relaxed);
-        // As in Producer::reset: the EPOCH or ACK store after the reset publishes it.
-        self.region
-            .store_u64(own + side::RX_TAIL, 0, Ordering::Release);
+            .store_u64(own + side::RX_TAIL, self.released, Ordering::Release);
     }
 
     /// Published bytes not yet consumed, re-reading the peer's head once.
@@ -425,6 +454,7 @@ impl Consumer {
     /// only re-checks.
     pub(crate) fn arm_wakeup(&mut self, post: bool) -> Result<bool, BadIndex> {
         if post {
+            self.wakeup_armed = true;
             self.region
                 .store_u64(self.own_block + side::RX_NEED_WAKEUP, 1, Ordering::Relaxed);
             // WAKEUP fence (sleeper side): orders the flag store before the head re-read,
@@ -439,7 +469,8 @@ impl Consumer {
     }
 
     /// Clears the need-wakeup flag (after waking).
-    pub(crate) fn disarm_wakeup(&self) {
+    pub(crate) fn disarm_wakeup(&mut self) {
+        self.wakeup_armed = false;
         self.region
             .store_u64(self.own_block + side::RX_NEED_WAKEUP, 0, Ordering::Relaxed);
     }

@@ -5,7 +5,7 @@
 //! on speed, only on outcomes and on upper bounds far above the expected time.
 
 use ivring::doorbell::local::{self, LocalDoorbell};
-use ivring::layout::{GUEST_BLOCK, MAGIC, PEER_ID_VALID};
+use ivring::layout::{GUEST_BLOCK, HOST_BLOCK, MAGIC, PEER_ID_VALID};
 use ivring::{Config, Endpoint, LayoutError, Session, SessionOptions, SharedRegion, WaitMode};
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
@@ -570,28 +570,32 @@ const HEARTBEAT: usize = 16;
 const ACK: usize = 24;
 
 /// A "guest" side block written by hand: attached with epoch 5, acknowledging the host's
-/// first epoch (1 on a fresh region), then never touched again (or beaten by hand).
-fn fake_guest(region: &SharedRegion) {
+/// current epoch, then never touched again (or beaten by hand). Returns once the host
+/// has the link up.
+fn fake_guest(region: &SharedRegion, host: &Endpoint) {
     let w = |off, v| region.store_u64(GUEST_BLOCK + off, v, Ordering::SeqCst);
     w(PEER_ID, PEER_ID_VALID | 1);
     w(HEARTBEAT, 1);
-    w(ACK, 1);
+    w(ACK, region.load_u64(HOST_BLOCK + EPOCH, Ordering::SeqCst));
     w(EPOCH, 5);
+    assert!(
+        host.wait_up(Duration::from_secs(20)),
+        "the fake guest did not look attached"
+    );
 }
 
 #[test]
 fn frozen_peer_is_declared_gone_after_peer_timeout() {
     let region = SharedRegion::heap(1 << 20);
-    fake_guest(&region);
     let (a, _b) = local::pair();
     let cfg = Config {
         heartbeat: Duration::from_millis(50),
         peer_timeout: Duration::from_millis(500),
         ..Config::default()
     };
-    let start = Instant::now();
     let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
-    assert!(host.is_up(), "the fake guest did not look attached");
+    let start = Instant::now();
+    fake_guest(&region, &host);
     while host.is_up() {
         assert!(
             start.elapsed() < cfg.peer_timeout + Duration::from_secs(20),
@@ -612,7 +616,6 @@ fn frozen_peer_is_declared_gone_after_peer_timeout() {
 #[test]
 fn beating_peer_is_not_declared_gone() {
     let region = SharedRegion::heap(1 << 20);
-    fake_guest(&region);
     let (a, _b) = local::pair();
     let cfg = Config {
         heartbeat: Duration::from_millis(50),
@@ -620,7 +623,7 @@ fn beating_peer_is_not_declared_gone() {
         ..Config::default()
     };
     let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
-    assert!(host.is_up());
+    fake_guest(&region, &host);
     // A slow peer: beats well inside the timeout, for several timeouts.
     let start = Instant::now();
     let mut beat = 1;
@@ -651,17 +654,24 @@ fn layout_errors() {
             LayoutError::BadSize(size as u64)
         );
     }
+    // Nobody repairs these: reported after Config::layout_wait.
+    let short = Config {
+        layout_wait: Duration::from_millis(200),
+        ..Config::default()
+    };
     let r = SharedRegion::heap(64 << 10);
     r.store_u64(0, 0xdead_beef, Ordering::SeqCst);
+    let start = Instant::now();
     assert_eq!(
-        err(Endpoint::guest(r, bell(), Config::default())),
+        err(Endpoint::guest(r, bell(), short.clone())),
         LayoutError::BadMagic(0xdead_beef)
     );
+    assert!(start.elapsed() >= short.layout_wait);
     let r = SharedRegion::heap(64 << 10);
     r.store_u64(8, 2 | 4096 << 32, Ordering::SeqCst);
     r.store_u64(0, MAGIC, Ordering::SeqCst);
     assert_eq!(
-        err(Endpoint::guest(r, bell(), Config::default())),
+        err(Endpoint::guest(r, bell(), short)),
         LayoutError::BadVersion(2)
     );
     // A zeroed region is fine for a guest: it waits for the host.
@@ -970,5 +980,32 @@ fn one_thread_drives_many_nonblocking_sessions() {
         }
         assert!(got.iter().all(|&n| n == BYTES), "{wait:?}: {got:?}");
         drop(writer.join().unwrap());
+    }
+}
+
+/// A header overwritten while no guest is attached (the magic, the version, a ring
+/// offset) is rewritten by the host within a heartbeat period: a guest that starts
+/// meanwhile waits for it (Config::layout_wait) instead of failing, and gets a link.
+#[test]
+fn guest_starting_on_an_overwritten_header_waits_for_the_host_to_repair_it() {
+    for (word, value) in [(0usize, 0xffu64), (0, 0), (8, 7), (32, u64::MAX)] {
+        let region = SharedRegion::heap(64 << 10);
+        let (a, b) = local::pair();
+        let cfg = Config {
+            heartbeat: Duration::from_millis(20),
+            ..Config::default()
+        };
+        let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
+        region.store_u64(word, value, Ordering::SeqCst);
+        let guest = Endpoint::guest(region, Arc::new(b), cfg)
+            .unwrap_or_else(|e| panic!("header word {word} = {value:#x}: {e}"));
+        assert!(guest.wait_up(Duration::from_secs(20)), "word {word}");
+        let l = guest.listen(3).unwrap();
+        let mut s = host.connect(3).unwrap();
+        let mut g = l.accept().unwrap();
+        s.write_all(b"repaired").unwrap();
+        let mut got = [0u8; 8];
+        g.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"repaired");
     }
 }
