@@ -163,6 +163,7 @@ SCRIBBLES=(
 SCRIBBLE_TIMEOUT=30
 serial=$(vm_serial "$name")
 times=()
+ts=$SECONDS
 prev_ok=1
 for sc in "${SCRIBBLES[@]}"; do
     read -r sname soff sval <<< "$sc"
@@ -174,16 +175,16 @@ for sc in "${SCRIBBLES[@]}"; do
         *) e2e_fail "qga/scribble-$sname" "${out#RESULT "$sname" }$([ "$prev_ok" = 1 ] || echo " (after a failed case)")"
            SCRIBBLE_FAILED=1; prev_ok=0 ;;
     esac
-    t=$(sed -n 's/.* reply=\([0-9.-]*\)s.*/\1/p' <<< "$out")
+    t=$(sed -n 's/.* reply=\([^ ]*\).*/\1/p' <<< "$out")
     times+=("$sname=${t:-?}")
 done
-echo "e2e: qga scribble: seconds from the fresh guest bridge's start to the first correct reply ($E2E_ACCEL, mode $MODE; -1 = none): ${times[*]}"
+echo "e2e: qga scribble: from the fresh guest bridge's start to the first correct reply ($E2E_ACCEL, mode $MODE): ${times[*]}; all cases $((SECONDS - ts)) s"
 python3 -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"done\n"); s.recv(1)' "$ctl" &
 wait_for_line "$serial" '^CTL done' 10 "$name" || true
 kill $! 2>/dev/null; wait $! 2>/dev/null || true
 if [ -n "${SCRIBBLE_FAILED:-}" ]; then
     echo "---- guest: scribble cases ----"
-    tr -d '\r' < "$serial" | grep -aE '^INFO (scribble|bridge-)' || true
+    tr -d '\r' < "$serial" | grep -aE '^(INFO (scribble|bridge-)|SCRIBBLE )' || true
     echo "---- host bridge log (tail) ----"
     tail -n 10 "$E2E_TMP/host-bridge.log"
 fi

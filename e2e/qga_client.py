@@ -12,9 +12,9 @@
       before a run. Prints `RESULT NAME ok=.. stale_info=.. stale_other=.. none=.. reps=..`.
   qga_client.py scribble CTL SERIAL SOCK NAME OFFSET VALUE TIMEOUT
       ask the guest (on its control port CTL) to stop its bridge, write the u64 VALUE at
-      OFFSET of the shared memory and start a fresh bridge; from its `SCRIBBLE NAME
-      started` line in the serial log SERIAL, connect clients to SOCK until one is served
-      (up to TIMEOUT s). The first client served must get exactly its own replies to
+      OFFSET of the shared memory and, once it says `SCRIBBLE NAME ready` in the serial
+      log SERIAL, to start a fresh bridge; from then on, connect clients to SOCK until one
+      is served (up to TIMEOUT s). The first client served must get exactly its own replies to
       guest-ping and guest-sync N, and nothing else. Prints `RESULT NAME ok=.. first=..
       clients=.. reply=..s` (reply: from the fresh bridge's start to the first correct
       reply), and `why=...` when not ok; exits 0 when ok.
@@ -221,14 +221,22 @@ def scribble(ctl, serial, path, name, off, val, timeout):
             if time.time() > deadline:
                 raise
             time.sleep(0.1)
-    # Connected until the guest answers: what QEMU reads from a closed socket may be lost.
-    s.sendall(("scribble %s %s %s\n" % (name, off, val)).encode())
-    started = wait_marker(serial, start, ("SCRIBBLE %s " % name).encode(), 30)
-    t0 = time.time()
-    s.close()
-    if started is None or not started.endswith(" started"):
-        print("RESULT %s ok=0 why=%r" % (name, started or "the guest did not answer the scribble command"))
-        return 1
+    # Connected until the case ends: what QEMU reads from a closed socket may be lost.
+    try:
+        s.sendall(("scribble %s %s %s\n" % (name, off, val)).encode())
+        ready = wait_marker(serial, start, ("SCRIBBLE %s " % name).encode(), 30)
+        if ready is None or not ready.endswith(" ready"):
+            print("RESULT %s ok=0 why=%r" % (name, ready or "the guest did not answer the scribble command"))
+            return 1
+        # Timed from here: the guest starts its fresh bridge when it reads this line.
+        t0 = time.time()
+        s.sendall(b"go\n")
+        return fresh_clients(path, name, t0, timeout)
+    finally:
+        s.close()
+
+
+def fresh_clients(path, name, t0, timeout):
     clients = 0
     first = None
     while time.time() < t0 + timeout:
@@ -243,12 +251,12 @@ def scribble(ctl, serial, path, name, off, val, timeout):
             continue
         if first is None:
             first = "served" if why == "" else "wrong"
-        reply = tc + t - t0 if why == "" else -1
+        reply = "%.3fs" % (tc + t - t0) if why == "" else "none"
         ok = why == "" and first == "served"
-        print("RESULT %s ok=%d first=%s clients=%d reply=%.1fs%s" % (
+        print("RESULT %s ok=%d first=%s clients=%d reply=%s%s" % (
             name, ok, first, clients, reply, "" if why == "" else " why=%r" % why))
         return 0 if ok else 1
-    print("RESULT %s ok=0 first=%s clients=%d reply=-1 why='no client served within %ss'" % (
+    print("RESULT %s ok=0 first=%s clients=%d reply=none why='no client served within %ss'" % (
         name, first, clients, timeout))
     return 1
 
