@@ -319,6 +319,38 @@ mod tests {
         }
     }
 
+    /// The bytes of PROTOCOL.md §4, field by field.
+    #[test]
+    fn wire_bytes() {
+        let h = Header {
+            kind: Kind::Data,
+            flags: FLAG_EOR,
+            len: 0x0403_0201,
+            session: 0x0c0b_0a09_0807_0605,
+        };
+        assert_eq!(
+            h.encode(),
+            [4, 1, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+        );
+        let open = OpenArgs {
+            port: 0x0403_0201,
+            message: true,
+            buf_alloc: 0x0807_0605,
+        };
+        assert_eq!(
+            open.encode(),
+            [1, 2, 3, 4, 1, 0, 0, 0, 5, 6, 7, 8, 0, 0, 0, 0]
+        );
+        let credit = CreditArgs {
+            fwd_cnt: 0x0807_0605_0403_0201,
+            buf_alloc: 0x0c0b_0a09,
+        };
+        assert_eq!(
+            credit.encode(),
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 0, 0, 0, 0]
+        );
+    }
+
     #[test]
     fn rejects() {
         let data = |len| {
