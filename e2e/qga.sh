@@ -12,7 +12,12 @@
 # (b) guest-info + disconnect before the reply, each also with the reconnect at once,
 # REPS times each, over both transports. Asserts: ivring never hands a client anything
 # but its own reply; virtio-serial does (the stale reply arrives) in (b), and in (a).
+# Then a guest that scribbled one word of the shared memory and left, once per word in
+# SCRIBBLES: the guest stops its bridge, writes the word, starts a fresh bridge, and the
+# next client through the host bridge must get exactly its own guest-ping and guest-sync
+# replies within 30 s; the time from the fresh bridge's start to that first reply is printed.
 # Env: GUEST_BIN, HOST_BIN (default: built here; the guest one static), QGA_REPS (50),
+# QGA_SCRIBBLES (the names of the scribble cases to run; default all),
 # and lib.sh's (E2E_BUILD, E2E_ACCEL, E2E_KEEP, ...). Last line: `N passed, M failed`.
 set -euo pipefail
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -30,7 +35,7 @@ while [ $# -gt 0 ]; do
         --guest-bin) GUEST_BIN=$2; shift 2 ;;
         --host-bin) HOST_BIN=$2; shift 2 ;;
         --reps) REPS=$2; shift 2 ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -57,6 +62,7 @@ SIZE=4M
 name=qga-$$
 br=$E2E_TMP/qga-ivring.sock      # what clients of the agent over ivring connect to
 vs=$E2E_TMP/qga-vserial.sock     # the virtio-serial chardev (QEMU is the server)
+ctl=$E2E_TMP/qga-ctl.sock        # commands to the guest's /init (virtio-serial port e2e.ctl)
 initrd=$E2E_TMP/qga.cpio.gz
 client() { python3 "$E2E_DIR/qga_client.py" "$@"; }
 
@@ -87,6 +93,8 @@ mode=$(stat -c %a "$br" 2>/dev/null || echo none)
 build_initramfs "$initrd" "$GUEST_BIN" "$E2E_DIR/cases/qga.init"
 vmmode=$MODE; [ "$MODE" = join ] && vmmode=doorbell
 boot_vm "$name" "$vmmode" "$initrd" --size "$SIZE" "${vmargs[@]}" --vserial "$vs" \
+    --qemu -chardev --qemu "socket,path=$ctl,server=on,wait=off,id=ctl0" \
+    --qemu -device --qemu virtserialport,chardev=ctl0,name=e2e.ctl \
     -- e2e.mode="$vmmode" >/dev/null
 
 # The checks over ivring (the first one waits for the guest to boot).
@@ -139,6 +147,46 @@ if [ "$MODE" != doorbell ]; then
     esac
     if client check "$br" 60 > "$E2E_TMP/check-restart.log" 2>&1; then e2e_pass qga/ivring-after-host-bridge-restart
     else e2e_fail qga/ivring-after-host-bridge-restart "$(tr '\n' ';' < "$E2E_TMP/check-restart.log")"; fi
+fi
+
+# A guest that wrote one word of the shared memory and left (PROTOCOL.md §1: header at 0,
+# host side block at 512, guest side block at 1024): the host re-lays what it owns, and
+# the next guest bridge is served cleanly. NAME OFFSET VALUE (u64).
+SCRIBBLES=(
+    "header-magic-garbage 0 0xff"
+    "header-magic-zero 0 0"
+    "host-epoch 512 0x400001"
+    "host-ack 536 0x400001"
+    "host-tx-head 640 0x1000"
+    "guest-epoch 1024 0xffffffffffffffff"
+)
+SCRIBBLE_TIMEOUT=30
+serial=$(vm_serial "$name")
+times=()
+ts=$SECONDS
+prev_ok=1
+for sc in "${SCRIBBLES[@]}"; do
+    read -r sname soff sval <<< "$sc"
+    case " ${QGA_SCRIBBLES:-$sname} " in *" $sname "*) ;; *) continue ;; esac
+    out=$(client scribble "$ctl" "$serial" "$br" "$sname" "$soff" "$sval" "$SCRIBBLE_TIMEOUT" 2>&1 | tail -n 1 || true)
+    echo "  $out"
+    case $out in
+        "RESULT $sname ok=1 "*) e2e_pass "qga/scribble-$sname"; prev_ok=1 ;;
+        *) e2e_fail "qga/scribble-$sname" "${out#RESULT "$sname" }$([ "$prev_ok" = 1 ] || echo " (after a failed case)")"
+           SCRIBBLE_FAILED=1; prev_ok=0 ;;
+    esac
+    t=$(sed -n 's/.* reply=\([^ ]*\).*/\1/p' <<< "$out")
+    times+=("$sname=${t:-?}")
+done
+echo "e2e: qga scribble: from the fresh guest bridge's start to the first correct reply ($E2E_ACCEL, mode $MODE): ${times[*]}; all cases $((SECONDS - ts)) s"
+python3 -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"done\n"); s.recv(1)' "$ctl" &
+wait_for_line "$serial" '^CTL done' 10 "$name" || true
+kill $! 2>/dev/null; wait $! 2>/dev/null || true
+if [ -n "${SCRIBBLE_FAILED:-}" ]; then
+    echo "---- guest: scribble cases ----"
+    tr -d '\r' < "$serial" | grep -aE '^(INFO (scribble|bridge-)|SCRIBBLE )' || true
+    echo "---- host bridge log (tail) ----"
+    tail -n 10 "$E2E_TMP/host-bridge.log"
 fi
 
 # Still answering after all that, and nothing in the guest died.

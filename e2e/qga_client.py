@@ -10,6 +10,14 @@
       and reads its first reply. FAST 1: reconnect at once. --resync: first bring the
       agent to a clean state (0xFF + guest-sync-delimited), as a careful client would
       before a run. Prints `RESULT NAME ok=.. stale_info=.. stale_other=.. none=.. reps=..`.
+  qga_client.py scribble CTL SERIAL SOCK NAME OFFSET VALUE TIMEOUT
+      ask the guest (on its control port CTL) to stop its bridge, write the u64 VALUE at
+      OFFSET of the shared memory and, once it says `SCRIBBLE NAME ready` in the serial
+      log SERIAL, to start a fresh bridge; from then on, connect clients to SOCK until one
+      is served (up to TIMEOUT s). The first client served must get exactly its own replies to
+      guest-ping and guest-sync N, and nothing else. Prints `RESULT NAME ok=.. first=..
+      clients=.. reply=..s` (reply: from the fresh bridge's start to the first correct
+      reply), and `why=...` when not ok; exits 0 when ok.
 
 The clients never read what they abandon: on a virtio-serial port that is how the
 previous client's reply reaches the next one.
@@ -156,11 +164,110 @@ def scenario(path, name, kind, fast, reps, do_resync):
     return 0
 
 
+def wait_marker(serial, start, marker, timeout):
+    """The first line of SERIAL after byte START that contains MARKER, or None."""
+    end = time.time() + timeout
+    while time.time() < end:
+        with open(serial, "rb") as f:
+            f.seek(start)
+            for line in f.read().split(b"\n"):
+                if marker in line:
+                    return line.strip().decode("utf-8", "replace")
+        time.sleep(0.01)
+    return None
+
+
+def served_cleanly(c):
+    """guest-ping, then guest-sync N on a fresh client: (None, seconds to the ping reply)
+    when nothing was served (EOF or no byte at all), (why, t) when something wrong was
+    served, ("", t) when both replies were exactly right and nothing else came."""
+    t0 = time.time()
+    c.send(b'{"execute":"guest-ping"}\n')
+    line = c.line()
+    t = time.time() - t0
+    if line is None and not c.buf:
+        return None, t
+    if line is None or b"\xff" in line or parse(line) != {"return": {}}:
+        return "guest-ping got %r" % (line if line is not None else c.buf)[:120], t
+    n = random.randint(1, (1 << 31) - 1)
+    c.send(sync_cmd(n))
+    line = c.line()
+    if line is None or b"\xff" in line or parse(line) != {"return": n}:
+        return "guest-sync %d got %r" % (n, (line if line is not None else c.buf)[:120]), t
+    c.s.shutdown(socket.SHUT_WR)
+    extra = c.buf
+    while True:
+        rest = c.line(2.0)
+        if rest is None:
+            break
+        extra += rest + b"\n"
+    extra += c.buf
+    if extra:
+        return "more after the replies: %r" % extra[:120], t
+    return "", t
+
+
+def scribble(ctl, serial, path, name, off, val, timeout):
+    with open(serial, "rb") as f:
+        start = f.seek(0, 2)
+    deadline = time.time() + 10
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(ctl)
+            break
+        except OSError:
+            s.close()
+            if time.time() > deadline:
+                raise
+            time.sleep(0.1)
+    # Connected until the case ends: what QEMU reads from a closed socket may be lost.
+    try:
+        s.sendall(("scribble %s %s %s\n" % (name, off, val)).encode())
+        ready = wait_marker(serial, start, ("SCRIBBLE %s " % name).encode(), 30)
+        if ready is None or not ready.endswith(" ready"):
+            print("RESULT %s ok=0 why=%r" % (name, ready or "the guest did not answer the scribble command"))
+            return 1
+        # Timed from here: the guest starts its fresh bridge when it reads this line.
+        t0 = time.time()
+        s.sendall(b"go\n")
+        return fresh_clients(path, name, t0, timeout)
+    finally:
+        s.close()
+
+
+def fresh_clients(path, name, t0, timeout):
+    clients = 0
+    first = None
+    while time.time() < t0 + timeout:
+        clients += 1
+        c = Client(path)
+        tc = time.time()
+        why, t = served_cleanly(c)
+        c.close()
+        if why is None:
+            first = "EOF" if first is None else first
+            time.sleep(0.2)
+            continue
+        if first is None:
+            first = "served" if why == "" else "wrong"
+        reply = "%.3fs" % (tc + t - t0) if why == "" else "none"
+        ok = why == "" and first == "served"
+        print("RESULT %s ok=%d first=%s clients=%d reply=%s%s" % (
+            name, ok, first, clients, reply, "" if why == "" else " why=%r" % why))
+        return 0 if ok else 1
+    print("RESULT %s ok=0 first=%s clients=%d reply=none why='no client served within %ss'" % (
+        name, first, clients, timeout))
+    return 1
+
+
 def main(argv):
     if len(argv) >= 3 and argv[0] == "check":
         return check(argv[1], float(argv[2]))
     if len(argv) >= 6 and argv[0] == "scenario":
         return scenario(argv[1], argv[2], argv[3], argv[4] == "1", int(argv[5]), "--resync" in argv)
+    if len(argv) >= 8 and argv[0] == "scribble":
+        return scribble(*argv[1:7], float(argv[7]))
     print(__doc__)
     return 2
 

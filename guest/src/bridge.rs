@@ -8,6 +8,10 @@
 //! The host client thus starts on a clean stream: no half request of a previous client is
 //! glued to its first request, and no reply to a request it never sent reaches it.
 //!
+//! The bridge needs the agent to allow `guest-sync-delimited` (and nothing else). An agent
+//! that refuses it, or a missing agent socket, ends the session at once (the host client
+//! reads EOF) with a one-line error in the bridge's log that says what to fix.
+//!
 //! Closing the session closes the agent connection, and the agent closing its connection
 //! closes the session. The agent connection is always closed gracefully (shut down for
 //! writing, then read until the agent's EOF): qemu-ga 10.0 in `unix-listen` mode exits
@@ -70,6 +74,13 @@ pub fn run(endpoint: &Endpoint, opts: &GuestBridgeOptions) -> Result<()> {
         opts.port,
         opts.qga.display()
     );
+    if !opts.qga.exists() {
+        eprintln!(
+            "ivring-guest bridge: warning: agent at {}: {}",
+            opts.qga.display(),
+            missing_socket(&opts.qga)
+        );
+    }
     let mut current: Option<(Arc<AtomicBool>, JoinHandle<()>)> = None;
     let mut n = 0u64;
     loop {
@@ -181,20 +192,50 @@ pub fn find_sync_reply(buf: &[u8], id: u64) -> Option<usize> {
     None
 }
 
-/// Connects to the agent (retrying while it is not there yet) and scrubs its state.
-/// Returns the connection and whatever the agent sent after the sync reply.
+/// What to say about an agent socket that does not exist.
+fn missing_socket(path: &Path) -> String {
+    format!(
+        "no such socket (start qemu-ga with `-m unix-listen -p {}`, or point --connect at the agent's socket)",
+        path.display()
+    )
+}
+
+/// The agent's refusal of `guest-sync-delimited`, if `line` is one: qemu-ga answers a
+/// blocked or not allowed command with `{"error": {"class": "CommandNotFound", "desc":
+/// "Command guest-sync-delimited has been disabled: ..."}}` (older agents: `GenericError`).
+pub fn sync_refusal(line: &[u8]) -> Option<String> {
+    let line = String::from_utf8_lossy(line);
+    let l = line.trim_matches(|c: char| c.is_whitespace() || c == '\u{FFFD}');
+    if !l.starts_with("{\"error\"") || !l.contains("guest-sync-delimited") {
+        return None;
+    }
+    let desc = l
+        .split_once("\"desc\"")
+        .and_then(|(_, r)| r.split('"').nth(1))
+        .unwrap_or(l);
+    Some(desc.to_owned())
+}
+
+/// Connects to the agent and scrubs its state. A socket that refuses connections (the agent
+/// restarting) is retried until `timeout`; a missing socket or an agent that refuses
+/// `guest-sync-delimited` is an error at once. Returns the connection and whatever the
+/// agent sent after the sync reply.
 pub fn open_agent(path: &Path, id: u64, timeout: Duration) -> Result<(UnixStream, Vec<u8>)> {
     let deadline = Instant::now() + timeout;
     let mut agent = loop {
         match UnixStream::connect(path) {
             Ok(s) => break s,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
-                ) && Instant::now() < deadline =>
-            {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                anyhow::bail!("{}", missing_socket(path))
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                return Err(e).context(format!(
+                    "nothing accepted connections on {} for {timeout:?} (is qemu-ga running?)",
+                    path.display()
+                ))
             }
             Err(e) => return Err(e).context("connect"),
         }
@@ -226,6 +267,16 @@ pub fn open_agent(path: &Path, id: u64, timeout: Duration) -> Result<(UnixStream
         if let Some(end) = find_sync_reply(&got, id) {
             agent.set_read_timeout(None)?;
             return Ok((agent, got.split_off(end)));
+        }
+        let complete = got.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if let Some(desc) = got[..complete]
+            .split(|&b| b == b'\n')
+            .find_map(sync_refusal)
+        {
+            close_agent(agent, Duration::from_millis(100));
+            anyhow::bail!(
+                "qemu-ga refuses guest-sync-delimited, which the bridge needs (\"{desc}\"): allow it in qemu-ga's configuration (--block-rpcs/block-rpcs must not list it; --allow-rpcs/allow-rpcs, if given, must), then restart qemu-ga"
+            );
         }
     }
 }
@@ -266,6 +317,22 @@ mod tests {
         assert_eq!(find_sync_reply(b"{\"return\": 17}\n", 17), None);
         // Incomplete line.
         assert_eq!(find_sync_reply(b"\xff{\"return\": 17}", 17), None);
+    }
+
+    #[test]
+    fn sync_refusal_is_recognised() {
+        let blocked = b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Command guest-sync-delimited has been disabled: the command is not allowed\"}}";
+        assert_eq!(
+            sync_refusal(blocked).as_deref(),
+            Some("Command guest-sync-delimited has been disabled: the command is not allowed")
+        );
+        let older = b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"The command guest-sync-delimited has been disabled for this instance\"}}";
+        assert!(sync_refusal(older).unwrap().contains("disabled"));
+        // The parse error for the 0xFF byte, and other commands' errors, are not refusals.
+        let stray = "{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '\u{FFFD}'\"}}";
+        assert_eq!(sync_refusal(stray.as_bytes()), None);
+        assert_eq!(sync_refusal(b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Command guest-exec has been disabled\"}}"), None);
+        assert_eq!(sync_refusal(b"\xff{\"return\": 5}"), None);
     }
 
     #[test]

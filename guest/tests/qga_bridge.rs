@@ -466,3 +466,166 @@ fn qga_through_both_bridges() {
         std::fs::read_to_string(&guest_log).unwrap_or_default()
     );
 }
+
+/// The host bridge in this process, embedding the ivshmem server in `d`; returns the
+/// ivshmem server's socket and the bridge's socket once both exist.
+fn start_host_bridge(d: &Path) -> (PathBuf, PathBuf) {
+    let (ivs_sock, br_sock) = (d.join("ivs.sock"), d.join("br.sock"));
+    let mut hopts = HostBridgeOptions::new(
+        br_sock.clone(),
+        Attach::Serve {
+            socket: ivs_sock.clone(),
+            size: 1 << 20,
+            vectors: 1,
+        },
+    );
+    hopts.verbose = false;
+    std::thread::spawn(move || run_host(&hopts).expect("host bridge"));
+    wait_for(&ivs_sock);
+    wait_for(&br_sock);
+    (ivs_sock, br_sock)
+}
+
+/// The `ivring-guest bridge` binary joined to `ivs_sock`, relaying to `qga_sock`, its
+/// stderr in `log`.
+fn spawn_guest_bridge(qga_sock: &Path, ivs_sock: &Path, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_ivring-guest"))
+        .arg("bridge")
+        .arg("--connect")
+        .arg(qga_sock)
+        .arg("--join")
+        .arg(ivs_sock)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start ivring-guest bridge")
+}
+
+/// Well under the bridge's 10 s wait for the agent's sync reply: the difference between
+/// reporting a problem at once and timing out.
+const PROMPT: Duration = Duration::from_secs(5);
+
+/// A client of the host bridge sends guest-ping and must read EOF, and nothing else,
+/// within `PROMPT`; then the guest bridge's log must hold a line with every one of
+/// `wanted`. Returns the time to EOF and that line.
+fn expect_prompt_refusal(br_sock: &Path, log: &Path, wanted: &[&str]) -> (Duration, String) {
+    let t = Instant::now();
+    let mut c = Client::connect(br_sock);
+    c.send(b"{\"execute\":\"guest-ping\"}\n");
+    let got = c.line(PROMPT);
+    let took = t.elapsed();
+    assert_eq!(got, None, "the client was answered instead of closed");
+    assert!(took < PROMPT, "no EOF for the client within {PROMPT:?}");
+    assert!(
+        c.buf.is_empty(),
+        "the client got bytes: {:?}",
+        String::from_utf8_lossy(&c.buf)
+    );
+    // The log line is written before the session closes; allow for the file's flush.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| wanted.iter().all(|w| l.contains(w))) {
+            return (took, l.to_owned());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no line with {wanted:?} in the guest bridge's log:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn refused_sync_is_reported_at_once() {
+    let Some(qga) = find_qga() else {
+        eprintln!("!!! qga_bridge refused_sync_is_reported_at_once SKIPPED: no qemu-ga");
+        return;
+    };
+    // Refused two ways: blocked by name, and left out of an allow-list.
+    let configs: [&[&str]; 2] = [
+        &[
+            "-a",
+            "guest-sync,guest-sync-delimited,guest-ping,guest-info",
+            "-b",
+            "guest-sync-delimited",
+        ],
+        &["--allow-rpcs=guest-sync,guest-ping,guest-info"],
+    ];
+    for args in configs {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let qga_sock = d.join("qga.sock");
+        std::fs::create_dir(d.join("state")).unwrap();
+        let mut procs = Procs(Vec::new());
+        let c = Command::new(&qga)
+            .args(["-m", "unix-listen", "-p"])
+            .arg(&qga_sock)
+            .arg("-t")
+            .arg(d.join("state"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("qga.log")).unwrap())
+            .spawn()
+            .expect("start qemu-ga");
+        procs.0.push(("qga", c));
+        wait_for(&qga_sock);
+        let (ivs_sock, br_sock) = start_host_bridge(d);
+        let log = d.join("guest-bridge.log");
+        procs.0.push((
+            "guest-bridge",
+            spawn_guest_bridge(&qga_sock, &ivs_sock, &log),
+        ));
+        let wanted = [
+            "qemu-ga refuses guest-sync-delimited",
+            "has been disabled",
+            "allow it in qemu-ga's configuration",
+        ];
+        let (took, line) = expect_prompt_refusal(&br_sock, &log, &wanted);
+        eprintln!("qga_bridge: qemu-ga {args:?}: EOF after {took:.1?}; {line}");
+        // The bridge keeps serving: the next client gets the same answer.
+        expect_prompt_refusal(&br_sock, &log, &wanted);
+        assert!(
+            procs.get("guest-bridge").try_wait().unwrap().is_none(),
+            "the guest bridge exited"
+        );
+        assert!(
+            procs.get("qga").try_wait().unwrap().is_none(),
+            "qemu-ga exited: {}",
+            std::fs::read_to_string(d.join("qga.log")).unwrap_or_default()
+        );
+    }
+}
+
+#[test]
+fn missing_agent_socket_is_reported_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let qga_sock = d.join("no-agent-here.sock");
+    let (ivs_sock, br_sock) = start_host_bridge(d);
+    let log = d.join("guest-bridge.log");
+    let mut procs = Procs(vec![(
+        "guest-bridge",
+        spawn_guest_bridge(&qga_sock, &ivs_sock, &log),
+    )]);
+    let path = qga_sock.display().to_string();
+    let (took, line) = expect_prompt_refusal(
+        &br_sock,
+        &log,
+        &[
+            "session",
+            &format!("agent at {path}: no such socket"),
+            "unix-listen",
+        ],
+    );
+    eprintln!("qga_bridge: missing agent socket: EOF after {took:.1?}; {line}");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains(&format!("warning: agent at {path}: no such socket")),
+        "no start-up warning:\n{text}"
+    );
+    assert!(
+        procs.get("guest-bridge").try_wait().unwrap().is_none(),
+        "the guest bridge exited"
+    );
+}
