@@ -171,19 +171,14 @@ pub fn sync_request(id: u64) -> Vec<u8> {
 }
 
 /// Where the delimited sync reply for `id` ends in `buf` (the index after its newline):
-/// a line whose part after its last 0xFF byte is `{"return": id}`.
+/// a line whose part after its last 0xFF byte is the JSON `{"return": id}`.
 pub fn find_sync_reply(buf: &[u8], id: u64) -> Option<usize> {
-    let want = format!("{{\"return\":{id}}}");
     let mut start = 0;
     while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
         let line = &buf[start..start + nl];
         if let Some(ff) = line.iter().rposition(|&b| b == 0xFF) {
-            let rest: Vec<u8> = line[ff + 1..]
-                .iter()
-                .copied()
-                .filter(|b| !b.is_ascii_whitespace())
-                .collect();
-            if rest == want.as_bytes() {
+            let reply = serde_json::from_slice::<serde_json::Value>(&line[ff + 1..]);
+            if reply.is_ok_and(|v| v.get("return").and_then(|r| r.as_u64()) == Some(id)) {
                 return Some(start + nl + 1);
             }
         }
@@ -204,16 +199,15 @@ fn missing_socket(path: &Path) -> String {
 /// blocked or not allowed command with `{"error": {"class": "CommandNotFound", "desc":
 /// "Command guest-sync-delimited has been disabled: ..."}}` (older agents: `GenericError`).
 pub fn sync_refusal(line: &[u8]) -> Option<String> {
-    let line = String::from_utf8_lossy(line);
-    let l = line.trim_matches(|c: char| c.is_whitespace() || c == '\u{FFFD}');
-    if !l.starts_with("{\"error\"") || !l.contains("guest-sync-delimited") {
-        return None;
-    }
-    let desc = l
-        .split_once("\"desc\"")
-        .and_then(|(_, r)| r.split('"').nth(1))
-        .unwrap_or(l);
-    Some(desc.to_owned())
+    // The part after a 0xFF byte, if any: what qemu-ga sent after our own delimiter.
+    let json = line
+        .iter()
+        .rposition(|&b| b == 0xFF)
+        .map_or(line, |ff| &line[ff + 1..]);
+    let reply: serde_json::Value = serde_json::from_slice(json).ok()?;
+    let desc = reply.get("error")?.get("desc")?.as_str()?;
+    desc.contains("guest-sync-delimited")
+        .then(|| desc.to_owned())
 }
 
 /// Connects to the agent and scrubs its state. A socket that refuses connections (the agent
