@@ -10,6 +10,8 @@
 //! The machine's speed drifts, so the baselines are measured again right before each
 //! wait mode's block of ivring figures, and ratios use that block's baselines.
 
+mod spsc;
+
 use crate::attach::{Attach, HostLink};
 use crate::demo::pct;
 use crate::services;
@@ -454,7 +456,7 @@ impl Baselines {
 fn measure_baselines(block: &str, secs: f64, log: &dyn Fn(&str)) -> Result<Baselines> {
     let mut rows = Vec::new();
     log(&format!(
-        "[{block}] baselines: memcpy, UNIX socket, eventfd, cache line"
+        "[{block}] baselines: memcpy, UNIX socket, bare SPSC ring, eventfd, cache line"
     ));
     for &size in &SIZES {
         let b = memcpy_rate(size, secs / 2.0);
@@ -477,9 +479,20 @@ fn measure_baselines(block: &str, secs: f64, log: &dyn Fn(&str)) -> Result<Basel
             bytes_per_s: Some(b),
             ..Row::default()
         });
+        let (m, b) = spsc::tput(size, secs)?;
+        rows.push(Row {
+            name: "baseline/spsc".into(),
+            mode: "-".into(),
+            size,
+            sessions: 1,
+            msgs_per_s: Some(m),
+            bytes_per_s: Some(b),
+            ..Row::default()
+        });
     }
     for &size in &RTT_SIZES {
         rows.push(rtt_row("baseline/uds", "-", size, &uds_rtt(size, secs)?));
+        rows.push(rtt_row("baseline/spsc", "-", size, &spsc::rtt(size, secs)?));
     }
     rows.push(rtt_row("baseline/eventfd", "-", 8, &eventfd_rtt(secs)?));
     rows.push(rtt_row("baseline/cacheline", "-", 8, &cacheline_rtt(secs)));
@@ -943,6 +956,14 @@ fn measure_block(
             {
                 r.extra.push(("vs_memcpy".into(), bps / mc));
             }
+            // What the sessions, credits and checks cost against the bare ring (the same
+            // writes, each published with its own store).
+            if let Some(sp) = base.find("baseline/spsc", size, false) {
+                if let (Some(sm), Some(sb)) = (sp.msgs_per_s, sp.bytes_per_s) {
+                    r.extra.push(("vs_spsc_msgs".into(), mps / sm));
+                    r.extra.push(("vs_spsc_bytes".into(), bps / sb));
+                }
+            }
             if zc {
                 let (_, cbps) = tput_of(&res[2], size);
                 r.extra.push(("copy_bytes_per_s".into(), cbps));
@@ -984,6 +1005,10 @@ fn measure_block(
             let p50 = |x: &[u64]| pct(x, 50.0) as f64;
             r.extra.push(("uds_p50_ns".into(), p50(&u)));
             r.extra.push(("vs_uds".into(), p50(&v) / p50(&u).max(1.0)));
+            if let Some(sp) = base.find("baseline/spsc", size, true).and_then(|b| b.rtt) {
+                r.extra.push(("spsc_p50_ns".into(), sp[0]));
+                r.extra.push(("vs_spsc".into(), p50(&v) / sp[0].max(1.0)));
+            }
             match floor {
                 Some(fname) => {
                     r.extra.push((format!("{fname}_p50_ns"), p50(&f)));

@@ -1,0 +1,302 @@
+//! `baseline/spsc`: a bare single-producer single-consumer ring in a sealed memfd mapping,
+//! the memory ivring's own rings live in, between two threads of this process (pinned to
+//! the bench's two CPUs like everything else). Records are a 16-byte header (length, kind)
+//! and the payload padded to 16, as ivring's; there are no sessions, credits, wakeups or
+//! checks beyond what keeps the two threads in step. Its figures are what the memory
+//! allows: ivring's ratio to them is what the sessions, credits and the hostile-peer checks
+//! cost.
+
+use crate::shm;
+use anyhow::Result;
+use ivring::SharedRegion;
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+/// Largest payload of one record (as ivring's frame limit on a 16 MiB region).
+const MAX_RECORD: usize = 64 << 10;
+const KIND_DATA: u8 = 1;
+const KIND_PAD: u8 = 2;
+const KIND_STOP: u8 = 3;
+/// Spins between yields while waiting, as ivring's pollers do (two spinners on two shared
+/// vCPUs must let each other run).
+const SPINS_PER_YIELD: u32 = 128;
+
+/// One direction: the writer's head and the reader's tail on lines of their own, then data.
+struct Ring {
+    region: SharedRegion,
+    head_at: usize,
+    tail_at: usize,
+    data: usize,
+    cap: u64,
+}
+
+impl Ring {
+    /// The ring occupying `len` bytes at `base` of `region`.
+    fn new(region: SharedRegion, base: usize, len: usize) -> Ring {
+        region.store_u64(base, 0, Ordering::Relaxed);
+        region.store_u64(base + 128, 0, Ordering::Relaxed);
+        Ring {
+            region,
+            head_at: base,
+            tail_at: base + 128,
+            data: base + 4096,
+            cap: ((len - 4096) as u64) & !15,
+        }
+    }
+}
+
+fn record_len(len: usize) -> u64 {
+    16 + ((len as u64 + 15) & !15)
+}
+
+fn wait(spins: &mut u32) {
+    std::hint::spin_loop();
+    *spins += 1;
+    if spins.is_multiple_of(SPINS_PER_YIELD) {
+        std::thread::yield_now();
+    }
+}
+
+struct Writer {
+    ring: Ring,
+    head: u64,
+    cached_tail: u64,
+}
+
+impl Writer {
+    fn new(ring: Ring) -> Writer {
+        Writer {
+            ring,
+            head: 0,
+            cached_tail: 0,
+        }
+    }
+
+    fn room(&mut self, need: u64) {
+        let mut spins = 0;
+        while self.ring.cap - (self.head - self.cached_tail) < need {
+            // Pairs with the reader's Release store of the tail: it is done with the bytes.
+            self.cached_tail = self
+                .ring
+                .region
+                .load_u64(self.ring.tail_at, Ordering::Acquire);
+            if self.ring.cap - (self.head - self.cached_tail) < need {
+                wait(&mut spins);
+            }
+        }
+    }
+
+    fn push(&mut self, kind: u8, payload: &[u8]) {
+        let rec = record_len(payload.len());
+        let off = self.head % self.ring.cap;
+        let to_end = self.ring.cap - off;
+        if to_end < rec {
+            self.room(to_end + rec);
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&((to_end - 16) as u32).to_le_bytes());
+            h[4] = KIND_PAD;
+            self.ring.region.write(self.ring.data + off as usize, &h);
+            self.head += to_end;
+        } else {
+            self.room(rec);
+        }
+        let off = (self.head % self.ring.cap) as usize;
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        h[4] = kind;
+        self.ring.region.write(self.ring.data + off, &h);
+        self.ring.region.write(self.ring.data + off + 16, payload);
+        self.head += rec;
+    }
+
+    /// Writes `buf` as records of at most [`MAX_RECORD`] and publishes them with one store.
+    fn send(&mut self, kind: u8, buf: &[u8]) {
+        if buf.is_empty() {
+            self.push(kind, buf);
+        }
+        for chunk in buf.chunks(MAX_RECORD) {
+            self.push(kind, chunk);
+        }
+        // Pairs with the reader's Acquire load of the head: the records are written.
+        self.ring
+            .region
+            .store_u64(self.ring.head_at, self.head, Ordering::Release);
+    }
+}
+
+struct Reader {
+    ring: Ring,
+    tail: u64,
+    cached_head: u64,
+    released: u64,
+}
+
+impl Reader {
+    fn new(ring: Ring) -> Reader {
+        Reader {
+            ring,
+            tail: 0,
+            cached_head: 0,
+            released: 0,
+        }
+    }
+
+    fn release(&mut self) {
+        if self.released != self.tail {
+            self.released = self.tail;
+            // Pairs with the writer's Acquire load of the tail.
+            self.ring
+                .region
+                .store_u64(self.ring.tail_at, self.tail, Ordering::Release);
+        }
+    }
+
+    /// Appends the next record's payload to `out` (one copy out of the ring); its kind.
+    fn next(&mut self, out: &mut Vec<u8>) -> u8 {
+        let mut spins = 0;
+        loop {
+            if self.cached_head == self.tail {
+                // Caught up: hand the space back before waiting for more.
+                self.release();
+                self.cached_head = self
+                    .ring
+                    .region
+                    .load_u64(self.ring.head_at, Ordering::Acquire);
+                if self.cached_head == self.tail {
+                    wait(&mut spins);
+                    continue;
+                }
+            }
+            let off = (self.tail % self.ring.cap) as usize;
+            let mut h = [0u8; 16];
+            self.ring.region.read(self.ring.data + off, &mut h);
+            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            let kind = h[4];
+            if kind == KIND_PAD {
+                self.tail += 16 + len as u64;
+                continue;
+            }
+            self.ring
+                .region
+                .read_append(self.ring.data + off + 16, len.min(MAX_RECORD), out);
+            self.tail += record_len(len);
+            if self.tail - self.released >= self.ring.cap / 4 {
+                self.release();
+            }
+            return kind;
+        }
+    }
+}
+
+/// A sealed memfd of `size` bytes, mapped.
+fn memory(size: u64) -> Result<SharedRegion> {
+    let fd = shm::create_sealed_memfd("ivring-bench-spsc", size)?;
+    Ok(shm::map_memfd(fd.as_fd())?)
+}
+
+/// Writes of `size` bytes for `secs`, each published with its own store: (writes/s, bytes/s).
+pub fn tput(size: usize, secs: f64) -> Result<(f64, f64)> {
+    let region = memory(16 << 20)?;
+    let mut writer = Writer::new(Ring::new(region.clone(), 0, 16 << 20));
+    let mut reader = Reader::new(Ring {
+        region,
+        head_at: writer.ring.head_at,
+        tail_at: writer.ring.tail_at,
+        data: writer.ring.data,
+        cap: writer.ring.cap,
+    });
+    let sink = std::thread::spawn(move || {
+        let mut buf = Vec::with_capacity(MAX_RECORD);
+        let mut got = 0u64;
+        loop {
+            buf.clear();
+            if reader.next(&mut buf) == KIND_STOP {
+                reader.release();
+                return got;
+            }
+            got += std::hint::black_box(&buf).len() as u64;
+        }
+    });
+    let payload = vec![0x5au8; size];
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    let batch = ((256 << 10) / size).max(1);
+    while t0.elapsed().as_secs_f64() < secs {
+        for _ in 0..batch {
+            writer.send(KIND_DATA, &payload);
+        }
+        sent += (batch * size) as u64;
+    }
+    writer.send(KIND_STOP, &[]);
+    let got = sink
+        .join()
+        .map_err(|_| anyhow::anyhow!("spsc reader panicked"))?;
+    let el = t0.elapsed().as_secs_f64();
+    anyhow::ensure!(got == sent, "spsc reader got {got} of {sent}");
+    Ok((sent as f64 / size as f64 / el, sent as f64 / el))
+}
+
+/// Round trips of `size` bytes over two rings for `secs`: the sorted times in ns.
+pub fn rtt(size: usize, secs: f64) -> Result<Vec<u64>> {
+    let half = 8 << 20;
+    let region = memory(2 * half as u64)?;
+    let mut ping = Writer::new(Ring::new(region.clone(), 0, half));
+    let mut pong_in = Reader::new(Ring::new(region.clone(), half, half));
+    let mut echo_in = Reader::new(Ring {
+        region: region.clone(),
+        head_at: ping.ring.head_at,
+        tail_at: ping.ring.tail_at,
+        data: ping.ring.data,
+        cap: ping.ring.cap,
+    });
+    let mut echo_out = Writer::new(Ring {
+        region,
+        head_at: pong_in.ring.head_at,
+        tail_at: pong_in.ring.tail_at,
+        data: pong_in.ring.data,
+        cap: pong_in.ring.cap,
+    });
+    let echo = std::thread::spawn(move || {
+        let mut buf = Vec::with_capacity(size);
+        loop {
+            buf.clear();
+            if echo_in.next(&mut buf) == KIND_STOP {
+                return;
+            }
+            echo_out.send(KIND_DATA, &buf);
+        }
+    });
+    let out = vec![7u8; size];
+    let mut back = Vec::with_capacity(size);
+    let mut v = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed().as_secs_f64() < secs {
+        let t = Instant::now();
+        ping.send(KIND_DATA, &out);
+        back.clear();
+        while back.len() < size {
+            pong_in.next(&mut back);
+        }
+        v.push(t.elapsed().as_nanos() as u64);
+    }
+    ping.send(KIND_STOP, &[]);
+    echo.join()
+        .map_err(|_| anyhow::anyhow!("spsc echo panicked"))?;
+    v.sort_unstable();
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn moves_every_byte_and_answers_every_round_trip() {
+        for size in [64, 4096, 64 << 10, 1 << 20] {
+            let (mps, bps) = super::tput(size, 0.05).unwrap();
+            assert!(mps > 0.0 && bps > 0.0);
+        }
+        for size in [64, 64 << 10] {
+            assert!(!super::rtt(size, 0.05).unwrap().is_empty());
+        }
+    }
+}
