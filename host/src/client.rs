@@ -21,8 +21,10 @@ use std::time::{Duration, Instant};
 pub struct ConnectOptions {
     /// How long the whole handshake may take.
     pub handshake_timeout: Duration,
-    /// Accept shared memory that is not sealed against shrinking (e.g. from QEMU's
-    /// example server). Then the server or a peer truncating it would SIGBUS us.
+    /// Accept shared memory that is not sealed against shrinking: a plain memfd or POSIX
+    /// shm object (QEMU's `ivshmem-server -M`) or a file (`-m DIR`). Only for a server
+    /// you trust: any process holding the fd can shrink it, and touching a shrunk mapping
+    /// kills this process with SIGBUS (nothing can catch that in time; see the README).
     pub allow_unsealed: bool,
 }
 
@@ -39,6 +41,10 @@ impl Default for ConnectOptions {
 /// the handshake (the protocol does not say how many vectors there are).
 const HANDSHAKE_QUIET: Duration = Duration::from_millis(50);
 
+/// A server sends the whole handshake at once. When nothing follows the shared memory for
+/// this long, it has no vectors for us (QEMU's `ivshmem-server -n 0`): no doorbells.
+const NO_VECTORS_QUIET: Duration = Duration::from_millis(250);
+
 /// A peer of an ivshmem server: our id, the shared memory, and the doorbell.
 #[derive(Debug)]
 pub struct Client {
@@ -51,11 +57,15 @@ pub struct Client {
 }
 
 /// The eventfd doorbell of a [`Client`]: rings other peers' vector 0 and waits on ours.
+///
+/// From a server with no vectors it has nothing to ring or wait on: waits are short
+/// sleeps and [`Doorbell::can_wait`] is false, so the link polls; and as such a server
+/// announces no joins, [`Doorbell::peer_present`] cannot tell and says `None`.
 #[derive(Debug)]
 pub struct ClientDoorbell {
     id: u16,
-    /// Our vector 0: the others ring it.
-    own0: EventFd,
+    /// Our vector 0: the others ring it. `None` from a server without vectors.
+    own0: Option<EventFd>,
     /// Our other vectors, kept open (not waited on).
     own_more: Mutex<Vec<EventFd>>,
     /// Private: [`Doorbell::interrupt`] and membership changes signal it.
@@ -127,28 +137,47 @@ impl Client {
         )?;
         drop(shm);
 
-        // Peers' vectors, then ours; we do not know N, so after our first vector we take
-        // whatever follows within a short quiet period, and the thread takes the rest.
+        // Peers' vectors, then ours. We do not know N: after our first vector we take
+        // whatever follows within a short quiet period, and the thread takes the rest. A
+        // longer silence before any vector of ours means the server has none (N = 0).
         let mut peers = Peers::default();
         let mut own: Vec<EventFd> = Vec::new();
         let mut alive = true;
-        while own.is_empty() {
-            let (val, fd) = next("our own eventfds")?;
-            peers.apply(id, val, fd, &mut own);
-        }
-        while sys::poll_readable(&[sock.as_fd()], Some(HANDSHAKE_QUIET))?[0] {
+        loop {
+            let quiet = if own.is_empty() {
+                NO_VECTORS_QUIET
+            } else {
+                HANDSHAKE_QUIET
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !sys::poll_readable(&[sock.as_fd()], Some(quiet.min(left)))?[0] {
+                if own.is_empty() && left <= quiet {
+                    return Err(HostError::HandshakeTimeout { path });
+                }
+                break;
+            }
             match sys::recv_msg(sock.as_fd()) {
                 Ok(Some((val, fd))) => {
                     peers.apply(id, val, fd, &mut own);
                 }
-                _ => {
+                Ok(None) if own.is_empty() => {
+                    return Err(proto(
+                        "the server closed the connection during the handshake",
+                    ))
+                }
+                Ok(None) => {
+                    alive = false;
+                    break;
+                }
+                Err(e) if own.is_empty() => return Err(e),
+                Err(_) => {
                     alive = false;
                     break;
                 }
             }
         }
         let mut own = own.into_iter();
-        let own0 = own.next().expect("at least one own vector");
+        let own0 = own.next();
         let bell = Arc::new(ClientDoorbell {
             id,
             own0,
@@ -195,9 +224,10 @@ impl Client {
         self.region.clone()
     }
 
-    /// How many vectors (eventfds) the server gave us.
+    /// How many vectors (eventfds) the server gave us; 0 from a server without doorbells
+    /// (then the link polls, see [`ClientDoorbell`]).
     pub fn vectors(&self) -> usize {
-        1 + lock(&self.bell.own_more).len()
+        usize::from(self.bell.own0.is_some()) + lock(&self.bell.own_more).len()
     }
 
     /// The doorbell for the ring.
@@ -376,21 +406,29 @@ impl Doorbell for ClientDoorbell {
     }
 
     fn wait(&self, timeout: Option<Duration>) {
+        let Some(own0) = &self.own0 else {
+            // Nothing rings us: a short sleep (as `Polling` does) that `interrupt` cuts.
+            let t = timeout.unwrap_or(Duration::from_millis(1));
+            if let Ok([true]) = sys::poll_readable(&[self.intr.as_fd()], Some(t)).as_deref() {
+                self.intr.drain();
+            }
+            return;
+        };
         // A poll error (EINTR is retried inside) leaves us returning early, which the
         // contract allows.
         // Drain only what is readable: a read of an empty eventfd is a wasted syscall on
         // the path of every blocked round trip.
-        match sys::poll_readable(&[self.own0.as_fd(), self.intr.as_fd()], timeout) {
+        match sys::poll_readable(&[own0.as_fd(), self.intr.as_fd()], timeout) {
             Ok(ready) => {
                 if ready.first() == Some(&true) {
-                    self.own0.drain();
+                    own0.drain();
                 }
                 if ready.get(1) == Some(&true) {
                     self.intr.drain();
                 }
             }
             Err(_) => {
-                self.own0.drain();
+                own0.drain();
                 self.intr.drain();
             }
         }
@@ -400,10 +438,16 @@ impl Doorbell for ClientDoorbell {
         self.intr.signal();
     }
 
+    /// False from a server without vectors: nothing would wake a wait, so the link polls.
+    fn can_wait(&self) -> bool {
+        self.own0.is_some()
+    }
+
     /// `Some(true)` while the server lists `peer`, `Some(false)` once it is not listed (it
-    /// left, or never joined), `None` after the server connection is gone (we cannot tell).
+    /// left, or never joined), `None` after the server connection is gone, or from a server
+    /// without vectors, which announces leaves but no joins (we cannot tell).
     fn peer_present(&self, peer: u16) -> Option<bool> {
-        if !self.server_alive() {
+        if !self.server_alive() || self.own0.is_none() {
             return None;
         }
         Some(peer == self.id || lock(&self.peers).contains_key(&peer))
