@@ -4,9 +4,11 @@
 # e2e/build/qemu-tools/). Run as root (apt-get). Usage:
 #   e2e/qemu-tools.sh [--host-bin P] [--guest-bin P] [--build-only]
 # Cases: QEMU's server (-M shm object and -m file, 0/1/2 vectors) with ivring joining in
-# both roles; `ivring-host serve` with QEMU's client joining, listing, ringing, leaving 50
-# times; QEMU's clients ringing ivring peers and leaving while their sessions run.
+# both roles, and its memory truncated under them; `ivring-host serve` with QEMU's client
+# joining, listing, ringing, leaving 50 times; QEMU's clients ringing ivring peers and
+# leaving while their sessions run.
 # QT_CASES picks cases (qemu_server serve_qemu_client qemu_client_rings_ivring).
+# Takes about 15 s, plus about 10 s to build the QEMU tools the first time.
 # Last line: `N passed, M failed`; exit 0 only when M is 0.
 set -euo pipefail
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,7 +27,7 @@ while [ $# -gt 0 ]; do
         --host-bin) HOST_BIN=$2; shift 2 ;;
         --guest-bin) GUEST_BIN=$2; shift 2 ;;
         --build-only) build_only=1; shift ;;
-        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
         *) echo "qemu-tools: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -113,7 +115,8 @@ build_tools() {
     # Only the upstream tarball: Debian's patches do not touch these programs.
     local work=$E2E_BUILD/qemu-tools.tmp uri file size hash
     rm -rf "$work"; mkdir -p "$work/gen/qapi" "$work/gen/trace"
-    read -r uri file size hash < <(apt-get "${APT_OPTS[@]}" source --print-uris -qq "qemu=$ver" \
+    # (from $work: apt leaves out files already in the current directory)
+    read -r uri file size hash < <(cd "$work" && apt-get "${APT_OPTS[@]}" source --print-uris -qq "qemu=$ver" \
         | grep "\.orig\.tar\." | head -1 | tr -d "'")
     [ -n "${uri:-}" ] || { log "qemu $ver: no upstream tarball listed"; exit 1; }
     log "qemu $ver: downloading $file ($((size >> 20)) MiB)"
@@ -279,6 +282,30 @@ case_qemu_server() {
     e2e_stop "$name-server"
 }
 
+# case_qemu_server_shrink: the memory of QEMU's server (-M) truncated under two joined ivring
+# processes (the link idle but heartbeating): each says so on one line and lives on.
+case_qemu_server_shrink() {
+    local name=qs-shrink sock shm p ok=1
+    sock=$E2E_TMP/$name.sock; shm=/dev/shm/ivring-qt-$$-shrink
+    echo "$shm" >> "$E2E_TMP/shm-files"
+    e2e_spawn "$name-server" "$SERVER" -F -S "$sock" -M "/ivring-qt-$$-shrink" -l 1M -n 1
+    wait_for_file "$sock" 5 || { e2e_fail "$name/server-up" "no socket"; return; }
+    e2e_spawn "$name-guest" "$GUEST_BIN" serve --join "$sock" --allow-unsealed
+    e2e_spawn "$name-host" "$HOST_BIN" peer --role host --join "$sock" --allow-unsealed
+    wait_line "$E2E_TMP/$name-guest.log" 'serving ports' 10 && wait_line "$E2E_TMP/$name-host.log" 'serving ports' 10 \
+        || { e2e_fail "$name/joined" "an ivring process did not start"; show_tail "$name-guest" "$name-host"; return; }
+    sleep 0.5
+    truncate -s 0 "$shm"
+    for p in guest host; do
+        if wait_line "$E2E_TMP/$name-$p.log" 'the shared memory was shrunk under this process' 10 \
+           && sleep 0.3 && _alive "$(cat "$E2E_TMP/pids/$name-$p.pid")"; then
+            e2e_pass "$name/$p-reports-and-lives-on"
+        else e2e_fail "$name/$p-reports-and-lives-on" "no report, or it died"; ok=0; fi
+    done
+    [ "$ok" = 1 ] || show_tail "$name-guest" "$name-host"
+    e2e_stop "$name-guest"; e2e_stop "$name-host"; e2e_stop "$name-server"
+}
+
 # ---------------------------------------------------------------- ivring's server, QEMU's client
 # QEMU's client joins `ivring-host serve`, lists the peers (a long-lived QEMU client and an
 # ivring peer), rings the long-lived client (which must report it), and leaves (which the
@@ -347,6 +374,11 @@ case_qemu_client_rings_ivring() {
     while _alive "$hp"; do
         qc_start qc-r "$sock" || break
         qc_id qc-r "$QC_FD" > /dev/null || break
+        # Counted only if neither ivring side had finished (it prints peer-done before
+        # it leaves) when the list was taken.
+        if grep -q 'peer-done' "$E2E_TMP/busy-host.log" "$E2E_TMP/busy-guest.log"; then
+            qc_stop qc-r "$QC_FD"; break
+        fi
         [ "$(grep -c 'peer_id = ' "$E2E_TMP/qc-r.log")" -ge 2 ] && seen=$((seen + 1))
         echo "int all" >&"$QC_FD"
         sleep 0.05
@@ -377,6 +409,7 @@ for c in "${cases[@]}"; do
         for m in M m; do
             for v in 0 1 2; do case_qemu_server "$m" "$v"; done
         done
+        case_qemu_server_shrink
     else
         "case_$c"
     fi

@@ -73,6 +73,8 @@ pub struct ClientDoorbell {
     peers: Mutex<BTreeMap<u16, Vec<EventFd>>>,
     changed: Condvar,
     server_alive: AtomicBool,
+    /// The memory was shrunk under us and replaced by private memory: the link is over.
+    memory_lost: AtomicBool,
 }
 
 impl Client {
@@ -128,13 +130,18 @@ impl Client {
             (-1, Some(fd)) => fd,
             _ => return Err(proto("expected -1 with the shared-memory fd")),
         };
-        if !opts.allow_unsealed {
-            crate::shm::check_memfd(shm.as_fd())?;
-        }
-        let region = crate::shm::map_fd(
-            shm.as_fd(),
-            &format!("from ivshmem server {}", path.display()),
-        )?;
+        let what = format!("from ivshmem server {}", path.display());
+        let shrunk = Arc::new(EventFd::new()?);
+        let region = match crate::shm::check_memfd(shm.as_fd()) {
+            Ok(()) => crate::shm::map_fd(shm.as_fd(), &what)?,
+            // Unsealed, and trusted: a shrink then ends the link instead of the process.
+            Err(HostError::NotSealed { .. } | HostError::NotMemfd { .. })
+                if opts.allow_unsealed =>
+            {
+                crate::shm::map_fd_guarded(shm.as_fd(), &what, shrunk.clone())?
+            }
+            Err(e) => return Err(e),
+        };
         drop(shm);
 
         // Peers' vectors, then ours. We do not know N: after our first vector we take
@@ -186,18 +193,18 @@ impl Client {
             peers: Mutex::new(peers.map),
             changed: Condvar::new(),
             server_alive: AtomicBool::new(alive),
+            memory_lost: AtomicBool::new(false),
         });
         let stop = Arc::new(EventFd::new()?);
-        let thread = if alive {
+        let thread = {
             let (bell, stop) = (bell.clone(), stop.clone());
+            let sock = alive.then_some(sock);
             Some(
                 std::thread::Builder::new()
                     .name(format!("ivshmem-client-{id}"))
-                    .spawn(move || listen(sock, &bell, &stop))
+                    .spawn(move || listen(sock, &bell, &stop, &shrunk))
                     .map_err(|e| HostError::io("spawn ivshmem client thread", e))?,
             )
-        } else {
-            None
         };
         Ok(Client {
             id,
@@ -239,6 +246,13 @@ impl Client {
     /// we hold keep working, but joins and leaves are no longer heard of.
     pub fn server_alive(&self) -> bool {
         self.bell.server_alive()
+    }
+
+    /// Whether the shared memory was shrunk under us (possible only when joined with
+    /// [`ConnectOptions::allow_unsealed`]): it has then been replaced by private memory
+    /// and the link is over.
+    pub fn memory_lost(&self) -> bool {
+        self.bell.memory_lost()
     }
 
     /// Ids of the other peers present now, ascending.
@@ -340,13 +354,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The background reader: applies joins and leaves until stopped or the server goes.
-fn listen(sock: UnixStream, bell: &ClientDoorbell, stop: &EventFd) {
-    while let Ok(ready) = sys::poll_readable(&[sock.as_fd(), stop.as_fd()], None) {
-        if ready[1] {
+/// The background thread: applies joins and leaves until stopped or the server goes
+/// (`sock` is `None` once it has gone), and ends the link if the memory is shrunk.
+fn listen(mut sock: Option<UnixStream>, bell: &ClientDoorbell, stop: &EventFd, shrunk: &EventFd) {
+    loop {
+        let mut fds = vec![stop.as_fd(), shrunk.as_fd()];
+        fds.extend(sock.as_ref().map(|s| s.as_fd()));
+        let Ok(ready) = sys::poll_readable(&fds, None) else {
+            return;
+        };
+        if ready[0] {
             return;
         }
-        match sys::recv_msg(sock.as_fd()) {
+        if ready[1] {
+            shrunk.drain();
+            bell.memory_lost.store(true, Ordering::Release);
+            bell.changed.notify_all();
+            bell.interrupt();
+        }
+        if ready.get(2) != Some(&true) {
+            continue;
+        }
+        let Some(s) = &sock else { continue };
+        match sys::recv_msg(s.as_fd()) {
             Ok(Some((val, fd))) => {
                 let mut own = Vec::new();
                 let change = {
@@ -365,16 +395,24 @@ fn listen(sock: UnixStream, bell: &ClientDoorbell, stop: &EventFd) {
                 }
             }
             // End of stream or a broken message: the server is gone or untrustworthy.
-            Ok(None) | Err(_) => break,
+            Ok(None) | Err(_) => {
+                sock = None;
+                bell.mark_server_gone();
+            }
         }
     }
-    bell.mark_server_gone();
 }
 
 impl ClientDoorbell {
     /// Whether the server connection is still up.
     pub fn server_alive(&self) -> bool {
         self.server_alive.load(Ordering::Acquire)
+    }
+
+    /// Whether the shared memory was shrunk under us (joined unsealed): then it has been
+    /// replaced by private memory, and the link is over.
+    pub fn memory_lost(&self) -> bool {
+        self.memory_lost.load(Ordering::Acquire)
     }
 
     fn mark_server_gone(&self) {
@@ -446,7 +484,11 @@ impl Doorbell for ClientDoorbell {
     /// `Some(true)` while the server lists `peer`, `Some(false)` once it is not listed (it
     /// left, or never joined), `None` after the server connection is gone, or from a server
     /// without vectors, which announces leaves but no joins (we cannot tell).
+    /// After the memory was lost, no other peer counts as present: the link ends.
     fn peer_present(&self, peer: u16) -> Option<bool> {
+        if self.memory_lost() {
+            return Some(peer == self.id);
+        }
         if !self.server_alive() || self.own0.is_none() {
             return None;
         }

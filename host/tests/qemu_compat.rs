@@ -147,9 +147,12 @@ fn zero_vector_handshake_completes_and_the_doorbell_polls() {
     bell.interrupt();
     let t = Instant::now();
     bell.wait(Some(Duration::from_secs(5)));
-    assert!(t.elapsed() < Duration::from_secs(1), "interrupt did not cut the wait");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "interrupt did not cut the wait"
+    );
     bell.ring(b.id()); // a no-op, not an error
-    // A leave of a peer never announced changes nothing and keeps the server connection.
+                       // A leave of a peer never announced changes nothing and keeps the server connection.
     drop(b);
     std::thread::sleep(Duration::from_millis(50));
     assert!(a.server_alive());
@@ -162,8 +165,8 @@ fn a_link_over_a_zero_vector_server_polls_and_carries_sessions() {
     let sock = dir.path().join("s");
     zero_vector_server(&sock, unsealed_memory(dir.path(), true));
     let join = Attach::join(sock.clone(), true);
-    let guest = HostLink::open_with(Role::Guest, &join, Config::default(), services::spawn_all)
-        .unwrap();
+    let guest =
+        HostLink::open_with(Role::Guest, &join, Config::default(), services::spawn_all).unwrap();
     let host = HostLink::open(Role::Host, &join, Config::default()).unwrap();
     for link in [&guest, &host] {
         assert!(link.why().starts_with("polling: "), "{}", link.why());
@@ -180,6 +183,83 @@ fn a_link_over_a_zero_vector_server_polls_and_carries_sessions() {
     }
     s.shutdown(Shutdown::Write).unwrap();
     assert_eq!(s.read(&mut [0u8; 8]).unwrap(), 0, "EOF after the echo");
+}
+
+#[test]
+fn a_shrink_under_an_unsealed_mapping_ends_the_link_not_the_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let mem = unsealed_memory(dir.path(), false);
+    let truncate = mem.try_clone().unwrap();
+    zero_vector_server(&sock, mem);
+    let c = Client::connect_with(&sock, &allow(true)).unwrap();
+    let region = c.region();
+    region.store_u64(SIZE as usize - 8, 7, std::sync::atomic::Ordering::Release);
+    assert!(!c.memory_lost());
+    rustix::fs::ftruncate(&truncate, 0).unwrap();
+    // Without the guard this load raises SIGBUS and the test binary dies.
+    let v = region.load_u64(SIZE as usize - 8, std::sync::atomic::Ordering::Acquire);
+    assert_eq!(v, 0, "the shrunk memory reads as private zeroes");
+    let t = Instant::now();
+    while !c.memory_lost() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the loss was not noticed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(c.doorbell().peer_present(c.id() + 1), Some(false));
+}
+
+#[test]
+fn a_shrink_resets_open_sessions_and_both_processes_live_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let mem = unsealed_memory(dir.path(), false);
+    let truncate = mem.try_clone().unwrap();
+    zero_vector_server(&sock, mem);
+    let s = sock.to_str().unwrap();
+    let mut peer = Kill(
+        bin()
+            .args(["peer", "--role", "guest", "--join", s, "--allow-unsealed"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let host = HostLink::open(
+        Role::Host,
+        &Attach::join(sock.clone(), true),
+        Config::default(),
+    )
+    .unwrap();
+    assert!(host.wait_up(Duration::from_secs(10)));
+    let mut echo = host.connect(services::PORT_ECHO).unwrap();
+    echo.write_all(b"before").unwrap();
+    let mut got = [0u8; 6];
+    echo.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"before");
+    rustix::fs::ftruncate(&truncate, 0).unwrap();
+    echo.set_read_timeout(Some(Duration::from_secs(10)));
+    let err = echo.read(&mut got).unwrap_err();
+    assert!(
+        matches!(err.kind(), std::io::ErrorKind::ConnectionReset),
+        "{err:?}"
+    );
+    // The peer process noticed too, said so on one line, and is still running.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        peer.0.try_wait().unwrap().is_none(),
+        "the peer process died"
+    );
+    peer.0.kill().unwrap();
+    let mut stderr = String::new();
+    peer.0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(stderr.contains("the shared memory was shrunk"), "{stderr}");
 }
 
 // --- The binary ---
@@ -277,7 +357,10 @@ fn bad_flags_get_one_line_and_a_non_zero_exit() {
 #[test]
 fn check_is_listed_and_passes_against_a_peer_that_only_serves() {
     let help = String::from_utf8(run(&["--help"]).stdout).unwrap();
-    assert!(help.lines().any(|l| l.trim_start().starts_with("check ")), "{help}");
+    assert!(
+        help.lines().any(|l| l.trim_start().starts_with("check ")),
+        "{help}"
+    );
 
     // QEMU's server with -n 0 and an unsealed memfd: refused without the flag, then a
     // passing exchange against `peer` (services only, as `ivring-guest serve`).
