@@ -323,17 +323,18 @@ pub fn exchange(ep: &Endpoint, opts: &ExchangeOptions, r: &mut Report) -> Result
     // Summaries both ways over one session: the guest writes its own and reads the
     // host's; each side leaves right after, which must not lose the other's last bytes.
     // A peer that only serves (`ivring-guest serve`, `ivring-host peer`) has no summary.
-    let peer_checks = match ep.connect(PORT_CHECKING) {
-        Ok(_) => true,
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-            out(format_args!(
-                "INFO the peer only serves (runs no checks): not waiting for its summary"
-            ));
-            false
-        }
-        Err(_) => true,
-    };
-    if opts.wait_peer && peer_checks {
+    let peer_checks = opts.wait_peer
+        && match ep.connect(PORT_CHECKING) {
+            Ok(_) => true,
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                out(format_args!(
+                    "INFO the peer only serves (runs no checks): not waiting for its summary"
+                ));
+                false
+            }
+            Err(_) => true,
+        };
+    if peer_checks {
         let summary = format!("{} passed, {} failed", r.passed, r.failed);
         let mut peer = String::new();
         let res = (|| {

@@ -23,8 +23,9 @@ pub struct ConnectOptions {
     pub handshake_timeout: Duration,
     /// Accept shared memory that is not sealed against shrinking: a plain memfd or POSIX
     /// shm object (QEMU's `ivshmem-server -M`) or a file (`-m DIR`). Only for a server
-    /// you trust: any process holding the fd can shrink it, and touching a shrunk mapping
-    /// kills this process with SIGBUS (nothing can catch that in time; see the README).
+    /// you trust: any process holding the fd can shrink it. Such a mapping is guarded: a
+    /// touch of a shrunk page, which would raise SIGBUS, replaces the mapping with private
+    /// memory and ends the link instead of the process ([`Client::memory_lost`]).
     pub allow_unsealed: bool,
 }
 
@@ -361,6 +362,7 @@ fn listen(mut sock: Option<UnixStream>, bell: &ClientDoorbell, stop: &EventFd, s
         let mut fds = vec![stop.as_fd(), shrunk.as_fd()];
         fds.extend(sock.as_ref().map(|s| s.as_fd()));
         let Ok(ready) = sys::poll_readable(&fds, None) else {
+            bell.mark_server_gone();
             return;
         };
         if ready[0] {
