@@ -275,7 +275,7 @@ pub fn resolve_group(g: &str) -> Result<u32> {
             }
         }
     }
-    bail!("no group named {g:?} in /etc/group")
+    bail!("no group named {g:?} in /etc/group: give an existing group's name or number")
 }
 
 /// Binds a listening UNIX socket at `path` with `mode` (and `group`), created with no
