@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every ivring test: unit, property, two-process, hostile-peer, loom models, the
-# real-VM suite (QEMU booting a Debian guest kernel) and the qemu-ga suite.
+# real-VM suite (QEMU booting a Debian guest kernel), the qemu-ga suite and the suite
+# against QEMU's own ivshmem-server and ivshmem-client.
 # Installs what it needs from Debian's packages (run as root). Last line: N passed, M failed.
 #
 #   scripts/test.sh            everything
@@ -51,6 +52,7 @@ suite "loom models" env RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 \
 if [ "$vm" = 1 ]; then
   if true; then
     suite "e2e VM suite" bash e2e/run.sh
+    suite "QEMU's ivshmem-server/client suite" bash e2e/qemu-tools.sh
     for mode in doorbell join plain; do
       suite "qemu-ga VM suite ($mode)" bash e2e/qga.sh --mode "$mode"
     done

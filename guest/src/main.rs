@@ -70,6 +70,11 @@ struct AttachArgs {
     /// Map a plain shared file (tests on the host).
     #[arg(long, value_name = "FILE")]
     plain: Option<PathBuf>,
+    /// With --join: accept shared memory the server has not sealed against shrinking
+    /// (QEMU's own ivshmem-server, -M or -m). Only for a trusted server: a process holding
+    /// the memory can shrink it, and a shrunk mapping kills us with SIGBUS.
+    #[arg(long, requires = "join", conflicts_with_all = ["plain", "device"])]
+    allow_unsealed: bool,
     /// Do not try VFIO (poll instead of interrupts).
     #[arg(long)]
     no_vfio: bool,
@@ -97,7 +102,7 @@ impl GuestLink {
         prepare: impl FnOnce(&Endpoint) -> std::io::Result<()>,
     ) -> Result<GuestLink> {
         let attach = match (&a.join, &a.plain) {
-            (Some(sock), _) => Attach::Join(sock.clone()),
+            (Some(sock), _) => Attach::join(sock.clone(), a.allow_unsealed),
             (None, Some(file)) => Attach::Plain {
                 file: file.clone(),
                 size: None,
@@ -139,10 +144,7 @@ impl GuestLink {
     fn why(&self) -> String {
         match self {
             GuestLink::Device { dev, .. } => format!("{}: {}", dev.bdf(), dev.why()),
-            GuestLink::Host(h) if h.peer_id().is_some() => {
-                "interrupts: eventfds from the ivshmem server".into()
-            }
-            GuestLink::Host(_) => "polling: plain shared file".into(),
+            GuestLink::Host(h) => h.why(),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Attaching an [`Endpoint`] to real shared memory: joined to an ivshmem server (as QEMU
 //! is), embedding a server, or a plain shared file without doorbells.
 
-use crate::client::Client;
+use crate::client::{Client, ConnectOptions};
 use crate::error::HostError;
 use crate::server::{Server, ServerHandle};
 use crate::shm;
@@ -16,6 +16,9 @@ pub enum Attach {
     /// Join a running ivshmem server (`ivring-host serve`, or QEMU's own) as a peer.
     /// Survives our own restarts: the server and QEMU keep the memory.
     Join(PathBuf),
+    /// [`Attach::Join`] with options, e.g. [`ConnectOptions::allow_unsealed`] for QEMU's
+    /// own ivshmem-server.
+    JoinWith(PathBuf, ConnectOptions),
     /// Run an ivshmem server in this process on `socket` and join it. The link ends when
     /// this process exits (QEMU cannot reconnect to a new server).
     Serve {
@@ -45,6 +48,23 @@ pub struct HostLink {
     server: Option<ServerHandle>,
 }
 
+impl Attach {
+    /// Joining the server at `socket`; `allow_unsealed` as [`ConnectOptions::allow_unsealed`].
+    pub fn join(socket: PathBuf, allow_unsealed: bool) -> Attach {
+        if allow_unsealed {
+            Attach::JoinWith(
+                socket,
+                ConnectOptions {
+                    allow_unsealed,
+                    ..ConnectOptions::default()
+                },
+            )
+        } else {
+            Attach::Join(socket)
+        }
+    }
+}
+
 impl HostLink {
     /// Attaches in `role`.
     pub fn open(role: Role, attach: &Attach, cfg: Config) -> Result<HostLink, HostError> {
@@ -63,6 +83,11 @@ impl HostLink {
         {
             Attach::Join(path) => {
                 let c = Client::connect(path)?;
+                let (r, d) = (c.region(), c.doorbell());
+                (None, Some(c), r, d)
+            }
+            Attach::JoinWith(path, opts) => {
+                let c = Client::connect_with(path, opts)?;
                 let (r, d) = (c.region(), c.doorbell());
                 (None, Some(c), r, d)
             }
@@ -117,6 +142,21 @@ impl HostLink {
     /// Whether this process serves the ivshmem protocol itself.
     pub fn embeds_server(&self) -> bool {
         self.server.is_some()
+    }
+
+    /// How the link is woken, and why: "interrupts: ..." or "polling: ...".
+    pub fn why(&self) -> String {
+        match &self.client {
+            Some(c) if c.vectors() > 0 => format!(
+                "interrupts: {} eventfd vector{} from the ivshmem server",
+                c.vectors(),
+                if c.vectors() == 1 { "" } else { "s" }
+            ),
+            Some(_) => "polling: the ivshmem server gives no doorbell vectors (QEMU's \
+                        ivshmem-server -n 0)"
+                .into(),
+            None => "polling: plain shared file".into(),
+        }
     }
 }
 

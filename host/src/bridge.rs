@@ -275,7 +275,7 @@ pub fn resolve_group(g: &str) -> Result<u32> {
             }
         }
     }
-    bail!("no group named {g:?} in /etc/group")
+    bail!("no group named {g:?} in /etc/group: give an existing group's name or number")
 }
 
 /// Binds a listening UNIX socket at `path` with `mode` (and `group`), created with no
@@ -364,14 +364,15 @@ pub fn run_host(opts: &HostBridgeOptions) -> Result<()> {
     let link = HostLink::open(Role::Host, &opts.attach, Config::default())
         .context("attaching to the shared memory")?;
     eprintln!(
-        "ivring-host bridge: clients on {} -> guest port {} ({})",
+        "ivring-host bridge: clients on {} -> guest port {} ({}; {})",
         opts.listen.display(),
         opts.port,
         if link.is_up() {
             "guest attached"
         } else {
             "guest not attached yet"
-        }
+        },
+        link.why()
     );
     let mut n = 0u64;
     for client in listener.incoming() {

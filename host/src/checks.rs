@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 /// Port on which each side of an [`exchange`] hears that the other side has finished.
 pub const PORT_DONE: u32 = 11;
+/// Port a side listens on while it runs these checks (not while it only serves), so the
+/// other side knows whether to wait for its summary on [`PORT_DONE`].
+pub const PORT_CHECKING: u32 = 12;
 /// A port nobody listens on.
 pub const PORT_UNUSED: u32 = 77;
 
@@ -319,7 +322,19 @@ pub fn exchange(ep: &Endpoint, opts: &ExchangeOptions, r: &mut Report) -> Result
 
     // Summaries both ways over one session: the guest writes its own and reads the
     // host's; each side leaves right after, which must not lose the other's last bytes.
-    if opts.wait_peer {
+    // A peer that only serves (`ivring-guest serve`, `ivring-host peer`) has no summary.
+    let peer_checks = opts.wait_peer
+        && match ep.connect(PORT_CHECKING) {
+            Ok(_) => true,
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                out(format_args!(
+                    "INFO the peer only serves (runs no checks): not waiting for its summary"
+                ));
+                false
+            }
+            Err(_) => true,
+        };
+    if peer_checks {
         let summary = format!("{} passed, {} failed", r.passed, r.failed);
         let mut peer = String::new();
         let res = (|| {
@@ -548,6 +563,8 @@ pub fn run(
     role: Role,
     args: &CheckArgs,
 ) -> Result<()> {
+    // Before the services, so a peer that sees them sees this too.
+    let _checking = ep.listen(PORT_CHECKING)?;
     services::spawn_all(ep)?;
     let timeout = Duration::from_secs_f64(args.timeout);
     let mut r = Report::default();

@@ -21,8 +21,11 @@ use std::time::{Duration, Instant};
 pub struct ConnectOptions {
     /// How long the whole handshake may take.
     pub handshake_timeout: Duration,
-    /// Accept shared memory that is not sealed against shrinking (e.g. from QEMU's
-    /// example server). Then the server or a peer truncating it would SIGBUS us.
+    /// Accept shared memory that is not sealed against shrinking: a plain memfd or POSIX
+    /// shm object (QEMU's `ivshmem-server -M`) or a file (`-m DIR`). Only for a server
+    /// you trust: any process holding the fd can shrink it. Such a mapping is guarded: a
+    /// touch of a shrunk page, which would raise SIGBUS, replaces the mapping with private
+    /// memory and ends the link instead of the process ([`Client::memory_lost`]).
     pub allow_unsealed: bool,
 }
 
@@ -39,6 +42,10 @@ impl Default for ConnectOptions {
 /// the handshake (the protocol does not say how many vectors there are).
 const HANDSHAKE_QUIET: Duration = Duration::from_millis(50);
 
+/// A server sends the whole handshake at once. When nothing follows the shared memory for
+/// this long, it has no vectors for us (QEMU's `ivshmem-server -n 0`): no doorbells.
+const NO_VECTORS_QUIET: Duration = Duration::from_millis(250);
+
 /// A peer of an ivshmem server: our id, the shared memory, and the doorbell.
 #[derive(Debug)]
 pub struct Client {
@@ -51,11 +58,15 @@ pub struct Client {
 }
 
 /// The eventfd doorbell of a [`Client`]: rings other peers' vector 0 and waits on ours.
+///
+/// From a server with no vectors it has nothing to ring or wait on: waits are short
+/// sleeps and [`Doorbell::can_wait`] is false, so the link polls; and as such a server
+/// announces no joins, [`Doorbell::peer_present`] cannot tell and says `None`.
 #[derive(Debug)]
 pub struct ClientDoorbell {
     id: u16,
-    /// Our vector 0: the others ring it.
-    own0: EventFd,
+    /// Our vector 0: the others ring it. `None` from a server without vectors.
+    own0: Option<EventFd>,
     /// Our other vectors, kept open (not waited on).
     own_more: Mutex<Vec<EventFd>>,
     /// Private: [`Doorbell::interrupt`] and membership changes signal it.
@@ -63,6 +74,8 @@ pub struct ClientDoorbell {
     peers: Mutex<BTreeMap<u16, Vec<EventFd>>>,
     changed: Condvar,
     server_alive: AtomicBool,
+    /// The memory was shrunk under us and replaced by private memory: the link is over.
+    memory_lost: AtomicBool,
 }
 
 impl Client {
@@ -118,37 +131,61 @@ impl Client {
             (-1, Some(fd)) => fd,
             _ => return Err(proto("expected -1 with the shared-memory fd")),
         };
-        if !opts.allow_unsealed {
-            crate::shm::check_memfd(shm.as_fd())?;
-        }
-        let region = crate::shm::map_fd(
-            shm.as_fd(),
-            &format!("from ivshmem server {}", path.display()),
-        )?;
+        let what = format!("from ivshmem server {}", path.display());
+        let shrunk = Arc::new(EventFd::new()?);
+        let region = match crate::shm::check_memfd(shm.as_fd()) {
+            Ok(()) => crate::shm::map_fd(shm.as_fd(), &what)?,
+            // Unsealed, and trusted: a shrink then ends the link instead of the process.
+            Err(HostError::NotSealed { .. } | HostError::NotMemfd { .. })
+                if opts.allow_unsealed =>
+            {
+                crate::shm::map_fd_guarded(shm.as_fd(), &what, shrunk.clone())?
+            }
+            Err(e) => return Err(e),
+        };
         drop(shm);
 
-        // Peers' vectors, then ours; we do not know N, so after our first vector we take
-        // whatever follows within a short quiet period, and the thread takes the rest.
+        // Peers' vectors, then ours. We do not know N: after our first vector we take
+        // whatever follows within a short quiet period, and the thread takes the rest. A
+        // longer silence before any vector of ours means the server has none (N = 0).
         let mut peers = Peers::default();
         let mut own: Vec<EventFd> = Vec::new();
         let mut alive = true;
-        while own.is_empty() {
-            let (val, fd) = next("our own eventfds")?;
-            peers.apply(id, val, fd, &mut own);
-        }
-        while sys::poll_readable(&[sock.as_fd()], Some(HANDSHAKE_QUIET))?[0] {
+        loop {
+            let quiet = if own.is_empty() {
+                NO_VECTORS_QUIET
+            } else {
+                HANDSHAKE_QUIET
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !sys::poll_readable(&[sock.as_fd()], Some(quiet.min(left)))?[0] {
+                if own.is_empty() && left <= quiet {
+                    return Err(HostError::HandshakeTimeout { path });
+                }
+                break;
+            }
             match sys::recv_msg(sock.as_fd()) {
                 Ok(Some((val, fd))) => {
                     peers.apply(id, val, fd, &mut own);
                 }
-                _ => {
+                Ok(None) if own.is_empty() => {
+                    return Err(proto(
+                        "the server closed the connection during the handshake",
+                    ))
+                }
+                Ok(None) => {
+                    alive = false;
+                    break;
+                }
+                Err(e) if own.is_empty() => return Err(e),
+                Err(_) => {
                     alive = false;
                     break;
                 }
             }
         }
         let mut own = own.into_iter();
-        let own0 = own.next().expect("at least one own vector");
+        let own0 = own.next();
         let bell = Arc::new(ClientDoorbell {
             id,
             own0,
@@ -157,18 +194,18 @@ impl Client {
             peers: Mutex::new(peers.map),
             changed: Condvar::new(),
             server_alive: AtomicBool::new(alive),
+            memory_lost: AtomicBool::new(false),
         });
         let stop = Arc::new(EventFd::new()?);
-        let thread = if alive {
+        let thread = {
             let (bell, stop) = (bell.clone(), stop.clone());
+            let sock = alive.then_some(sock);
             Some(
                 std::thread::Builder::new()
                     .name(format!("ivshmem-client-{id}"))
-                    .spawn(move || listen(sock, &bell, &stop))
+                    .spawn(move || listen(sock, &bell, &stop, &shrunk))
                     .map_err(|e| HostError::io("spawn ivshmem client thread", e))?,
             )
-        } else {
-            None
         };
         Ok(Client {
             id,
@@ -195,9 +232,10 @@ impl Client {
         self.region.clone()
     }
 
-    /// How many vectors (eventfds) the server gave us.
+    /// How many vectors (eventfds) the server gave us; 0 from a server without doorbells
+    /// (then the link polls, see [`ClientDoorbell`]).
     pub fn vectors(&self) -> usize {
-        1 + lock(&self.bell.own_more).len()
+        usize::from(self.bell.own0.is_some()) + lock(&self.bell.own_more).len()
     }
 
     /// The doorbell for the ring.
@@ -209,6 +247,13 @@ impl Client {
     /// we hold keep working, but joins and leaves are no longer heard of.
     pub fn server_alive(&self) -> bool {
         self.bell.server_alive()
+    }
+
+    /// Whether the shared memory was shrunk under us (possible only when joined with
+    /// [`ConnectOptions::allow_unsealed`]): it has then been replaced by private memory
+    /// and the link is over.
+    pub fn memory_lost(&self) -> bool {
+        self.bell.memory_lost()
     }
 
     /// Ids of the other peers present now, ascending.
@@ -310,13 +355,30 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The background reader: applies joins and leaves until stopped or the server goes.
-fn listen(sock: UnixStream, bell: &ClientDoorbell, stop: &EventFd) {
-    while let Ok(ready) = sys::poll_readable(&[sock.as_fd(), stop.as_fd()], None) {
-        if ready[1] {
+/// The background thread: applies joins and leaves until stopped or the server goes
+/// (`sock` is `None` once it has gone), and ends the link if the memory is shrunk.
+fn listen(mut sock: Option<UnixStream>, bell: &ClientDoorbell, stop: &EventFd, shrunk: &EventFd) {
+    loop {
+        let mut fds = vec![stop.as_fd(), shrunk.as_fd()];
+        fds.extend(sock.as_ref().map(|s| s.as_fd()));
+        let Ok(ready) = sys::poll_readable(&fds, None) else {
+            bell.mark_server_gone();
+            return;
+        };
+        if ready[0] {
             return;
         }
-        match sys::recv_msg(sock.as_fd()) {
+        if ready[1] {
+            shrunk.drain();
+            bell.memory_lost.store(true, Ordering::Release);
+            bell.changed.notify_all();
+            bell.interrupt();
+        }
+        if ready.get(2) != Some(&true) {
+            continue;
+        }
+        let Some(s) = &sock else { continue };
+        match sys::recv_msg(s.as_fd()) {
             Ok(Some((val, fd))) => {
                 let mut own = Vec::new();
                 let change = {
@@ -335,16 +397,24 @@ fn listen(sock: UnixStream, bell: &ClientDoorbell, stop: &EventFd) {
                 }
             }
             // End of stream or a broken message: the server is gone or untrustworthy.
-            Ok(None) | Err(_) => break,
+            Ok(None) | Err(_) => {
+                sock = None;
+                bell.mark_server_gone();
+            }
         }
     }
-    bell.mark_server_gone();
 }
 
 impl ClientDoorbell {
     /// Whether the server connection is still up.
     pub fn server_alive(&self) -> bool {
         self.server_alive.load(Ordering::Acquire)
+    }
+
+    /// Whether the shared memory was shrunk under us (joined unsealed): then it has been
+    /// replaced by private memory, and the link is over.
+    pub fn memory_lost(&self) -> bool {
+        self.memory_lost.load(Ordering::Acquire)
     }
 
     fn mark_server_gone(&self) {
@@ -376,21 +446,29 @@ impl Doorbell for ClientDoorbell {
     }
 
     fn wait(&self, timeout: Option<Duration>) {
+        let Some(own0) = &self.own0 else {
+            // Nothing rings us: a short sleep (as `Polling` does) that `interrupt` cuts.
+            let t = timeout.unwrap_or(Duration::from_millis(1));
+            if let Ok([true]) = sys::poll_readable(&[self.intr.as_fd()], Some(t)).as_deref() {
+                self.intr.drain();
+            }
+            return;
+        };
         // A poll error (EINTR is retried inside) leaves us returning early, which the
         // contract allows.
         // Drain only what is readable: a read of an empty eventfd is a wasted syscall on
         // the path of every blocked round trip.
-        match sys::poll_readable(&[self.own0.as_fd(), self.intr.as_fd()], timeout) {
+        match sys::poll_readable(&[own0.as_fd(), self.intr.as_fd()], timeout) {
             Ok(ready) => {
                 if ready.first() == Some(&true) {
-                    self.own0.drain();
+                    own0.drain();
                 }
                 if ready.get(1) == Some(&true) {
                     self.intr.drain();
                 }
             }
             Err(_) => {
-                self.own0.drain();
+                own0.drain();
                 self.intr.drain();
             }
         }
@@ -400,10 +478,20 @@ impl Doorbell for ClientDoorbell {
         self.intr.signal();
     }
 
+    /// False from a server without vectors: nothing would wake a wait, so the link polls.
+    fn can_wait(&self) -> bool {
+        self.own0.is_some()
+    }
+
     /// `Some(true)` while the server lists `peer`, `Some(false)` once it is not listed (it
-    /// left, or never joined), `None` after the server connection is gone (we cannot tell).
+    /// left, or never joined), `None` after the server connection is gone, or from a server
+    /// without vectors, which announces leaves but no joins (we cannot tell).
+    /// After the memory was lost, no other peer counts as present: the link ends.
     fn peer_present(&self, peer: u16) -> Option<bool> {
-        if !self.server_alive() {
+        if self.memory_lost() {
+            return Some(peer == self.id);
+        }
+        if !self.server_alive() || self.own0.is_none() {
             return None;
         }
         Some(peer == self.id || lock(&self.peers).contains_key(&peer))

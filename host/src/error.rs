@@ -34,7 +34,11 @@ pub enum HostError {
     },
 
     /// The fd is not a memfd or shmem file (`F_GET_SEALS` said EINVAL).
-    #[error("{what} is not a memfd; pass a memfd, or map a /dev/shm file in plain mode")]
+    #[error(
+        "{what} is not a memfd, so nothing stops its owner shrinking it under our mapping; \
+         refusing to map it: if the ivshmem server is trusted (QEMU's ivshmem-server -m), \
+         join with --allow-unsealed; otherwise use a server that seals its memfd"
+    )]
     NotMemfd {
         /// The fd's description.
         what: String,
@@ -43,7 +47,9 @@ pub enum HostError {
     /// The memfd can be shrunk by someone else, so mapping it could SIGBUS us.
     #[error(
         "{what} is not sealed against shrinking (F_SEAL_SHRINK); refusing to map it: \
-         use a server that seals its memfd, or plain mode on a file you own"
+         if the ivshmem server is trusted (QEMU's ivshmem-server -M), join with \
+         --allow-unsealed; otherwise use a server that seals its memfd, or plain mode on a \
+         file you own"
     )]
     NotSealed {
         /// The fd's description.

@@ -35,6 +35,7 @@ pub mod pollable;
 pub mod server;
 pub mod services;
 pub mod shm;
+mod shrink;
 mod sys;
 
 pub use attach::{Attach, HostLink};

@@ -13,7 +13,7 @@ use std::time::Duration;
 #[command(
     name = "ivring-host",
     version,
-    about = "ivring on the host: ivshmem server, demo, bench, bridge"
+    about = "ivring on the host: ivshmem server, demo, bench, bridge, check"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,6 +40,17 @@ enum Cmd {
         /// Interrupt vectors per peer (QEMU's `vectors=`).
         #[arg(long, default_value_t = 1)]
         vectors: usize,
+        /// Most peers served at once; more are refused (and logged).
+        #[arg(long, default_value_t = ivring_host::server::MAX_PEERS as u16,
+              value_parser = clap::value_parser!(u16).range(1..))]
+        max_peers: u16,
+        /// Mode of the socket, in octal (e.g. 0660 with --group for a QEMU running as
+        /// another user).
+        #[arg(long, default_value = "0600", value_parser = ivring_host::bridge::parse_mode)]
+        mode: u32,
+        /// Group of the socket (name or number).
+        #[arg(long)]
+        group: Option<String>,
     },
     /// Show the transport working on this machine: two processes over a real memfd and
     /// eventfds, sessions both ways, a peer restart, throughput and latency.
@@ -60,6 +71,8 @@ enum Cmd {
         /// Use this plain shared file instead (no doorbells).
         #[arg(long)]
         plain: Option<PathBuf>,
+        #[command(flatten)]
+        trust: TrustArgs,
         /// Which side of the link to be.
         #[arg(long, value_enum, default_value = "guest")]
         role: RoleArg,
@@ -87,6 +100,8 @@ enum Cmd {
         /// Use this plain shared file (`ivshmem-plain`), created with --size if missing.
         #[arg(long)]
         plain: Option<PathBuf>,
+        #[command(flatten)]
+        trust: TrustArgs,
         /// Shared memory size with --serve or --plain.
         #[arg(long, default_value = "4M", value_parser = parse_size)]
         size: u64,
@@ -103,9 +118,8 @@ enum Cmd {
         #[arg(long)]
         group: Option<String>,
     },
-    /// Run the e2e checks against the other side's services (serving ours meanwhile);
-    /// prints `PASS name` / `FAIL name: why` lines.
-    #[command(hide = true)]
+    /// Pass/fail checks of a link against the other side's services (`ivring-guest serve`
+    /// or `check`), serving ours meanwhile: prints `PASS name` / `FAIL name: why` lines.
     Check {
         /// Join the ivshmem server on this socket.
         #[arg(long, conflicts_with = "plain")]
@@ -113,6 +127,8 @@ enum Cmd {
         /// Use this plain shared file instead (no doorbells).
         #[arg(long)]
         plain: Option<PathBuf>,
+        #[command(flatten)]
+        trust: TrustArgs,
         /// Which side of the link to be.
         #[arg(long, value_enum, default_value = "host")]
         role: RoleArg,
@@ -122,6 +138,16 @@ enum Cmd {
     /// Throughput and latency against baselines measured in the same run (loopback pair,
     /// or a guest with --serve).
     Bench(bench::BenchArgs),
+}
+
+/// Who may be trusted with shared memory that is not sealed.
+#[derive(Clone, Copy, clap::Args)]
+struct TrustArgs {
+    /// With --join: accept shared memory the server has not sealed against shrinking
+    /// (QEMU's own ivshmem-server, -M or -m). Only for a trusted server: a process holding
+    /// the memory can shrink it, and a shrunk mapping kills us with SIGBUS.
+    #[arg(long, requires = "join", conflicts_with = "plain")]
+    allow_unsealed: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -164,10 +190,18 @@ fn run(cli: Cli) -> Result<()> {
             socket,
             size,
             vectors,
+            max_peers,
+            mode,
+            group,
         } => {
-            let server = Server::bind(&socket, size, vectors)?;
+            let gid = group
+                .as_deref()
+                .map(ivring_host::bridge::resolve_group)
+                .transpose()?;
+            let server = Server::bind(&socket, size, vectors)?.with_max_peers(max_peers.into());
+            server.set_socket_access(mode, gid)?;
             eprintln!(
-                "ivring-host: serving {} MiB on {} ({} vector{}); start QEMU with -chardev socket,path={},id=ivs -device ivshmem-doorbell,chardev=ivs,vectors={}",
+                "ivring-host: serving {} MiB on {} ({} vector{}, at most {max_peers} peers, socket mode {mode:04o}); start QEMU with -chardev socket,path={},id=ivs -device ivshmem-doorbell,chardev=ivs,vectors={}",
                 size >> 20,
                 socket.display(),
                 vectors,
@@ -182,6 +216,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Peer {
             join,
             plain,
+            trust,
             role,
             hello,
             wait,
@@ -192,9 +227,10 @@ fn run(cli: Cli) -> Result<()> {
             };
             // Listen before attaching, so that no connect the other side makes the moment
             // it sees us is refused.
-            let link = HostLink::open_with(role.into(), &attach(join, plain)?, cfg, |ep| {
+            let link = HostLink::open_with(role.into(), &attach(join, plain, trust)?, cfg, |ep| {
                 services::spawn_all(ep)
             })?;
+            eprintln!("ivring-host: serving ports 1-4 and 6; {}", link.why());
             if hello {
                 let mut s = link
                     .connect(demo::PORT_HELLO)
@@ -210,6 +246,7 @@ fn run(cli: Cli) -> Result<()> {
             join,
             serve,
             plain,
+            trust,
             size,
             vectors,
             port,
@@ -217,7 +254,7 @@ fn run(cli: Cli) -> Result<()> {
             group,
         } => {
             let attach = match (join, serve, plain) {
-                (Some(j), None, None) => Attach::Join(j),
+                (Some(j), None, None) => Attach::join(j, trust.allow_unsealed),
                 (None, Some(socket), None) => Attach::Serve {
                     socket,
                     size,
@@ -229,6 +266,9 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 _ => bail!("give one of --join SOCKET, --serve SOCKET or --plain FILE"),
             };
+            if trust.allow_unsealed && !matches!(attach, Attach::JoinWith(..)) {
+                bail!("--allow-unsealed applies to --join only: drop it, or join a server");
+            }
             let mut opts = ivring_host::bridge::HostBridgeOptions::new(listen, attach);
             opts.port = port;
             opts.mode = mode;
@@ -238,19 +278,21 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Check {
             join,
             plain,
+            trust,
             role,
             args,
         } => {
-            let link = HostLink::open(role.into(), &attach(join, plain)?, args.config())?;
+            let link = HostLink::open(role.into(), &attach(join, plain, trust)?, args.config())?;
+            checks::out(format_args!("INFO {}", link.why()));
             checks::run(&link, Some(&link.region()), role.into(), &args)
         }
         Cmd::Bench(args) => bench::run(&args),
     }
 }
 
-fn attach(join: Option<PathBuf>, plain: Option<PathBuf>) -> Result<Attach> {
+fn attach(join: Option<PathBuf>, plain: Option<PathBuf>, trust: TrustArgs) -> Result<Attach> {
     Ok(match (join, plain) {
-        (Some(j), None) => Attach::Join(j),
+        (Some(j), None) => Attach::join(j, trust.allow_unsealed),
         (None, Some(p)) => Attach::Plain {
             file: p,
             size: None,

@@ -95,6 +95,20 @@ impl Server {
         self
     }
 
+    /// Widens (or narrows) the socket file to `mode` and, if given, hands it to group
+    /// `gid`, so that a QEMU running as another user can connect. The socket is 0600
+    /// from its creation until this is called.
+    pub fn set_socket_access(&self, mode: u32, gid: Option<u32>) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(gid) = gid {
+            std::os::unix::fs::chown(&self.path, None, Some(gid)).map_err(|e| {
+                HostError::io(format!("chown {} to group {gid}", self.path.display()), e)
+            })?;
+        }
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| HostError::io(format!("chmod {mode:o} {}", self.path.display()), e))
+    }
+
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path

@@ -61,12 +61,33 @@ pub fn check_memfd(fd: BorrowedFd<'_>) -> Result<()> {
 
 /// Owner of a mapping, kept alive by every clone of the region made from it.
 struct Mapping {
+    /// Dropped first: unregistered before the memory is unmapped.
+    _guard: Option<crate::shrink::Guard>,
     _map: MmapRaw,
 }
 
 /// Maps the whole of `fd` shared and read-write after validating its size; `what` names
 /// it in errors. Does not check seals: see [`map_memfd`].
 pub fn map_fd(fd: BorrowedFd<'_>, what: &str) -> Result<SharedRegion> {
+    map_fd_with(fd, what, None)
+}
+
+/// [`map_fd`] for memory that others may shrink: a fault on a shrunk page replaces the
+/// mapping with private memory and rings `shrunk` instead of killing the process (see
+/// the `shrink` module).
+pub(crate) fn map_fd_guarded(
+    fd: BorrowedFd<'_>,
+    what: &str,
+    shrunk: Arc<sys::EventFd>,
+) -> Result<SharedRegion> {
+    map_fd_with(fd, what, Some(shrunk))
+}
+
+fn map_fd_with(
+    fd: BorrowedFd<'_>,
+    what: &str,
+    shrunk: Option<Arc<sys::EventFd>>,
+) -> Result<SharedRegion> {
     let size = validate_size(what, sys::fd_size(fd)?)?;
     let map = MmapOptions::new()
         .len(size)
@@ -74,11 +95,16 @@ pub fn map_fd(fd: BorrowedFd<'_>, what: &str) -> Result<SharedRegion> {
         .map_err(|e| HostError::io(format!("mmap {what}"), e))?;
     let base = map.as_mut_ptr();
     let len = map.len();
-    let owner = Arc::new(Mapping { _map: map });
+    let guard = shrunk.and_then(|n| crate::shrink::register(base, len, n));
+    let owner = Arc::new(Mapping {
+        _guard: guard,
+        _map: map,
+    });
     // SAFETY: `base` is a fresh shared read-write mapping of `len` bytes, page-aligned, and
     // `owner` keeps it mapped for as long as any clone of the region lives. Nothing in this
     // process holds references into it. If the file shrank later we would fault, which is
-    // why the callers check seals (memfd) or document that the file must be ours (plain).
+    // why the callers check seals (memfd), guard the mapping (memory joined unsealed), or
+    // document that the file must be ours (plain).
     Ok(unsafe { SharedRegion::new(base, len, owner) })
 }
 
