@@ -88,6 +88,7 @@ async fn client(endpoint: Arc<Endpoint>, conn: usize) -> Result<(), hyper::Error
             .header("host", "ivring")
             .body(Full::new(Bytes::from(body.clone())))
             .expect("request");
+        sender.ready().await?;
         let reply = sender.send_request(request).await?;
         assert_eq!(reply.status(), 200);
         let told: u64 = reply.headers()["x-request-sum"]
@@ -194,6 +195,9 @@ async fn a_peer_restart_resets_open_connections_and_new_ones_work() {
                     let request = Request::post("/")
                         .body(Full::new(Bytes::from(body)))
                         .expect("request");
+                    if let Err(e) = sender.ready().await {
+                        break e;
+                    }
                     match sender.send_request(request).await {
                         Ok(reply) => {
                             if let Err(e) = reply.into_body().collect().await {
