@@ -111,20 +111,30 @@ async fn client(endpoint: Arc<Endpoint>, conn: usize) -> Result<(), hyper::Error
     Ok(())
 }
 
-fn pair() -> (
-    Arc<Endpoint>,
-    Arc<Endpoint>,
-    SharedRegion,
-    Arc<local::LocalDoorbell>,
-) {
+/// Both sides up, and what a restart of either needs: the region and its doorbell.
+struct Pair {
+    host: Arc<Endpoint>,
+    guest: Arc<Endpoint>,
+    region: SharedRegion,
+    host_bell: Arc<local::LocalDoorbell>,
+    guest_bell: Arc<local::LocalDoorbell>,
+}
+
+fn pair() -> Pair {
     let region = SharedRegion::heap(4 << 20);
     let (a, b) = local::pair();
-    let host = Endpoint::host(region.clone(), Arc::new(a), cfg()).unwrap();
-    let b = Arc::new(b);
-    let guest = Endpoint::guest(region.clone(), b.clone(), cfg()).unwrap();
+    let (host_bell, guest_bell) = (Arc::new(a), Arc::new(b));
+    let host = Endpoint::host(region.clone(), host_bell.clone(), cfg()).unwrap();
+    let guest = Endpoint::guest(region.clone(), guest_bell.clone(), cfg()).unwrap();
     assert!(host.wait_up(Duration::from_secs(20)));
     assert!(guest.wait_up(Duration::from_secs(20)));
-    (Arc::new(host), Arc::new(guest), region, b)
+    Pair {
+        host: Arc::new(host),
+        guest: Arc::new(guest),
+        region,
+        host_bell,
+        guest_bell,
+    }
 }
 
 async fn many_clients(server: Arc<Endpoint>, clients: Arc<Endpoint>) {
@@ -155,34 +165,49 @@ async fn many_clients(server: Arc<Endpoint>, clients: Arc<Endpoint>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hyper_server_in_the_guest_role_clients_in_the_host_role() {
-    let (host, guest, _region, _bell) = pair();
-    many_clients(guest, host).await;
+    let p = pair();
+    many_clients(p.guest, p.host).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hyper_server_in_the_host_role_clients_in_the_guest_role() {
-    let (host, guest, _region, _bell) = pair();
-    many_clients(host, guest).await;
+    let p = pair();
+    many_clients(p.host, p.guest).await;
 }
 
-/// The guest-role server restarts (its endpoint dropped, a new one made on the same
-/// region) while 16 clients are in the middle of their requests: each fails with
-/// `ConnectionReset`, and new connections to the new server work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_restart_resets_open_connections_and_new_ones_work() {
-    let (host, guest, region, bell) = pair();
-    let served = Arc::new(AtomicU64::new(0));
-    let server = tokio::spawn(serve(
-        AsyncListener::bind(&guest, PORT).unwrap(),
-        served.clone(),
+async fn a_guest_role_server_restart_resets_open_connections_and_new_ones_work() {
+    server_restart(Role::Guest).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_role_server_restart_resets_open_connections_and_new_ones_work() {
+    server_restart(Role::Host).await;
+}
+
+/// The server's side restarts (its endpoint dropped, a new one of the same role made on
+/// the same region) while 16 clients are in the middle of their requests: each fails with
+/// `ConnectionReset`, and new connections to the new server work.
+async fn server_restart(server_role: Role) {
+    let p = pair();
+    let (server, clients, bell) = match server_role {
+        Role::Guest => (p.guest, p.host, p.guest_bell),
+        Role::Host => (p.host, p.guest, p.host_bell),
+    };
+    let region = p.region;
+    let serving = tokio::spawn(serve(
+        AsyncListener::bind(&server, PORT).unwrap(),
+        Arc::new(AtomicU64::new(0)),
     ));
     let started = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = (0..CONNECTIONS)
         .map(|conn| {
-            let host = host.clone();
+            let clients = clients.clone();
             let started = started.clone();
             tokio::spawn(async move {
-                let session = AsyncSession::connect(&host, PORT).await.expect("connect");
+                let session = AsyncSession::connect(&clients, PORT)
+                    .await
+                    .expect("connect");
                 let (mut sender, connection) =
                     hyper::client::conn::http1::handshake(TokioIo::new(session))
                         .await
@@ -219,11 +244,11 @@ async fn a_peer_restart_resets_open_connections_and_new_ones_work() {
     while started.load(Ordering::Relaxed) < (CONNECTIONS * 5) as u64 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    server.abort();
-    drop(guest); // the last reference: the old guest detaches
-    let guest = Endpoint::unattached(Role::Guest, region, bell, cfg()).unwrap();
-    let listener = AsyncListener::bind(&guest, PORT).unwrap();
-    guest.attach();
+    serving.abort();
+    drop(server); // the last reference: the old server side detaches
+    let server = Endpoint::unattached(server_role, region, bell, cfg()).unwrap();
+    let listener = AsyncListener::bind(&server, PORT).unwrap();
+    server.attach();
     for t in tasks {
         let (failure, driver_err) = t.await.unwrap();
         let kinds = io_kinds(&failure)
@@ -235,16 +260,15 @@ async fn a_peer_restart_resets_open_connections_and_new_ones_work() {
             "expected ConnectionReset, got {failure:?} / {driver_err:?}"
         );
     }
-    let guest = Arc::new(guest);
-    let server = tokio::spawn(serve(listener, Arc::new(AtomicU64::new(0))));
+    let serving = tokio::spawn(serve(listener, Arc::new(AtomicU64::new(0))));
     let fresh: Vec<_> = (0..CONNECTIONS)
-        .map(|c| tokio::spawn(client(host.clone(), c)))
+        .map(|c| tokio::spawn(client(clients.clone(), c)))
         .collect();
     for t in fresh {
         t.await.unwrap().unwrap();
     }
-    server.abort();
-    drop(guest);
+    serving.abort();
+    drop(server);
 }
 
 /// The `io::ErrorKind`s along an error's source chain.
