@@ -348,3 +348,37 @@ async fn a_cancelled_connect_is_withdrawn() {
     }
     assert_eq!(host.session_count(), 0);
 }
+
+/// Blocking and async callers on one endpoint: while a blocking reader waits on another
+/// session (and may hold the doorbell), async sessions keep moving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_sessions_move_beside_a_blocked_blocking_reader() {
+    use std::io::Read;
+    let (host, guest) = pair(1 << 20);
+    let blocking_listener = guest.listen(20).unwrap();
+    let mut blocked = host.connect(20).unwrap();
+    let quiet = blocking_listener.accept().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut b = [0u8; 1];
+        blocked.read(&mut b)
+    });
+    std::thread::sleep(Duration::from_millis(50));
+
+    let listener = AsyncListener::bind(&guest, 21).unwrap();
+    let mut c = AsyncSession::connect(&host, 21).await.unwrap();
+    let mut g = listener.accept().await.unwrap();
+    let t = std::time::Instant::now();
+    let mut b = [0u8; 64];
+    for _ in 0..1000 {
+        c.write_all(&b).await.unwrap();
+        g.read_exact(&mut b).await.unwrap();
+        g.write_all(&b).await.unwrap();
+        c.read_exact(&mut b).await.unwrap();
+    }
+    println!(
+        "1000 async round trips beside a blocked reader: {:.1} us each",
+        t.elapsed().as_secs_f64() * 1e6 / 1000.0
+    );
+    drop(quiet);
+    assert_eq!(reader.join().unwrap().unwrap(), 0);
+}
