@@ -18,8 +18,9 @@
 //! when a client resets the connection (closes it with a reply unread).
 
 use anyhow::{Context, Result};
+use ivring::tokio::AsyncSession;
 use ivring::{Endpoint, Session};
-use ivring_host::bridge::{relay, RelayOptions};
+use ivring_host::bridge::{relay_async, RelayEnd, RelayOptions};
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
@@ -111,7 +112,7 @@ pub fn run(endpoint: &Endpoint, opts: &GuestBridgeOptions) -> Result<()> {
     }
 }
 
-fn serve_session(mut session: Session, n: u64, opts: &GuestBridgeOptions, stop: Arc<AtomicBool>) {
+fn serve_session(session: Session, n: u64, opts: &GuestBridgeOptions, stop: Arc<AtomicBool>) {
     let id = fresh_id();
     let (agent, leftover) = match open_agent(&opts.qga, id, opts.sync_timeout) {
         Ok(x) => x,
@@ -126,9 +127,13 @@ fn serve_session(mut session: Session, n: u64, opts: &GuestBridgeOptions, stop: 
     };
     let mut ropts = opts.relay.clone();
     ropts.stop = Some(stop);
-    let end = relay(&mut session, &agent, leftover, &ropts);
     let sid = session.id();
-    drop(session);
+    let end = relay_session(session, &agent, leftover, &ropts).unwrap_or_else(|e| RelayEnd {
+        to_session: 0,
+        to_stream: 0,
+        clean: false,
+        why: format!("relay: {e}"),
+    });
     close_agent(agent, opts.drain_timeout);
     if opts.verbose || !end.clean {
         eprintln!(
@@ -208,6 +213,27 @@ pub fn sync_refusal(line: &[u8]) -> Option<String> {
     let desc = reply.get("error")?.get("desc")?.as_str()?;
     desc.contains("guest-sync-delimited")
         .then(|| desc.to_owned())
+}
+
+/// Relays `session` and the agent's connection through tokio on this thread (each
+/// direction waits on readiness, with no polling sleeps); the session ends with it. The
+/// agent's connection stays open for [`close_agent`].
+fn relay_session(
+    session: Session,
+    agent: &UnixStream,
+    leftover: Vec<u8>,
+    opts: &RelayOptions,
+) -> io::Result<RelayEnd> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let stream = agent.try_clone()?;
+    stream.set_nonblocking(true)?;
+    rt.block_on(async {
+        let mut session = AsyncSession::from_session(session)?;
+        let mut stream = tokio::net::UnixStream::from_std(stream)?;
+        Ok(relay_async(&mut session, &mut stream, leftover, opts).await)
+    })
 }
 
 /// Connects to the agent and scrubs its state. A socket that refuses connections (the agent

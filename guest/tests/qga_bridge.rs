@@ -74,11 +74,25 @@ struct Client {
 }
 
 impl Client {
+    /// Connects, retrying while the socket does not accept yet (the bridge replaces a
+    /// stale socket file, binds, then listens).
     fn connect(p: &Path) -> Client {
-        Client {
-            s: UnixStream::connect(p).expect("connect to the bridge"),
-            buf: Vec::new(),
-        }
+        let t = Instant::now();
+        let s = loop {
+            match UnixStream::connect(p) {
+                Ok(s) => break s,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                    ) && t.elapsed() < TIMEOUT =>
+                {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("connect to the bridge at {}: {e}", p.display()),
+            }
+        };
+        Client { s, buf: Vec::new() }
     }
     fn send(&mut self, b: &[u8]) {
         self.s.write_all(b).expect("send");

@@ -1,11 +1,11 @@
 //! Bridges between a UNIX stream socket and ivring sessions.
 //!
-//! [`relay`] copies bytes both ways between one [`Session`] and one [`UnixStream`], passing
-//! half-closes through; [`relay_async`] does the same for an async session and a tokio
-//! stream, waiting on readiness alone (no timed re-polls). [`run_host`] is `ivring-host
-//! bridge`: it offers a UNIX socket, as QEMU's `-chardev socket,server=on` does for the
-//! guest agent, and opens one session to the guest's port per accepted client, relayed by
-//! [`relay_async`]. The guest half (`ivring-guest bridge`) uses [`relay`].
+//! [`relay_async`] copies bytes both ways between one async session and one tokio UNIX
+//! stream, passing half-closes through and waiting on readiness alone (no timed
+//! re-polls). [`run_host`] is `ivring-host bridge`: it offers a UNIX socket, as QEMU's
+//! `-chardev socket,server=on` does for the guest agent, and opens one session to the
+//! guest's port per accepted client, relayed by [`relay_async`]; the guest half
+//! (`ivring-guest bridge`) relays each session to the agent the same way.
 //!
 //! One client at a time: the guest agent serves one client at a time, so the host bridge
 //! accepts the next client only when the current one has left. A second client that
@@ -16,10 +16,9 @@
 use crate::attach::{Attach, HostLink};
 use anyhow::{bail, Context, Result};
 use ivring::tokio::AsyncSession;
-use ivring::{Config, Role, Session};
+use ivring::{Config, Role};
 use std::cell::Cell;
-use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -30,15 +29,12 @@ use std::time::{Duration, Instant};
 /// The port the guest bridge listens on by default (the guest agent's).
 pub const PORT_QGA: u32 = 5;
 
-/// How [`relay`] behaves.
+/// How [`relay_async`] behaves.
 #[derive(Clone, Debug)]
 pub struct RelayOptions {
     /// Once one side has finished sending (EOF), how long the other side may still send
     /// before the relay gives up on it.
     pub linger: Duration,
-    /// How long the relay sleeps before retrying a write that waits for ring space (the
-    /// one wait without a readiness signal).
-    pub max_wait: Duration,
     /// Set to end the relay from another thread.
     pub stop: Option<Arc<AtomicBool>>,
     /// End as soon as the session's EOF has been passed on (the host bridge: the guest
@@ -53,7 +49,6 @@ impl Default for RelayOptions {
     fn default() -> Self {
         RelayOptions {
             linger: Duration::from_secs(10),
-            max_wait: Duration::from_millis(1),
             stop: None,
             end_on_session_eof: false,
             end_on_stream_eof: false,
@@ -75,184 +70,9 @@ pub struct RelayEnd {
     pub why: String,
 }
 
-/// Longest sleep of an idle relay: bounds how late it notices `stop` or the linger time.
+/// How often a relay looks at `stop`, when one is set.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
 const CHUNK: usize = 64 << 10;
-
-fn transient(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
-    )
-}
-
-/// Copies bytes both ways between `session` and `stream` until both sides have closed
-/// (EOF both ways, each passed on as a shutdown of the other side's write half; or one
-/// way, as `opts.end_on_*` say), either
-/// side fails (the session resets, the stream's peer goes away), the linger time after a
-/// half-close runs out, or `opts.stop` is set.
-///
-/// `to_session` is sent to the session first (bytes already read from the stream).
-/// The stream is left non-blocking; neither side is closed here: the caller drops them
-/// (or closes the stream gracefully first).
-pub fn relay(
-    session: &mut Session,
-    stream: &UnixStream,
-    to_session: Vec<u8>,
-    opts: &RelayOptions,
-) -> RelayEnd {
-    let mut end = RelayEnd {
-        to_session: 0,
-        to_stream: 0,
-        clean: false,
-        why: String::new(),
-    };
-    macro_rules! finish {
-        ($clean:expr, $($why:tt)*) => {{
-            end.clean = $clean;
-            end.why = format!($($why)*);
-            return end;
-        }};
-    }
-    if let Err(e) = stream.set_nonblocking(true) {
-        finish!(false, "socket: {e}");
-    }
-    let mut s = stream;
-    let mut buf = vec![0u8; CHUNK];
-    let (mut up, mut up_off) = (to_session, 0usize);
-    let (mut down, mut down_off) = (Vec::<u8>::with_capacity(CHUNK), 0usize);
-    let (mut stream_eof, mut session_eof) = (false, false);
-    let (mut session_shut, mut stream_shut) = (false, false);
-    let mut half_since: Option<Instant> = None;
-    // Signalled whenever the session may have become readable or writable.
-    let ready = match crate::sys::EventFd::new() {
-        Ok(e) => std::sync::Arc::new(e),
-        Err(e) => finish!(false, "eventfd: {e}"),
-    };
-    let signal = ready.clone();
-    if let Err(e) = session.set_notify(std::sync::Arc::new(move || signal.signal())) {
-        finish!(false, "session: {e}");
-    }
-    session.set_nonblocking(true);
-    loop {
-        if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
-            finish!(false, "stopped");
-        }
-        let mut progress = false;
-        // Stream -> session.
-        if !stream_eof && up_off == up.len() {
-            up.clear();
-            up_off = 0;
-            match s.read(&mut buf) {
-                Ok(0) => {
-                    stream_eof = true;
-                    progress = true;
-                }
-                Ok(n) => {
-                    up.extend_from_slice(&buf[..n]);
-                    progress = true;
-                }
-                Err(e) if transient(&e) => {}
-                Err(e) => finish!(false, "socket read: {e}"),
-            }
-        }
-        if up_off < up.len() {
-            match session.write(&up[up_off..]) {
-                Ok(n) => {
-                    up_off += n;
-                    end.to_session += n as u64;
-                    progress |= n > 0;
-                }
-                Err(e) if transient(&e) => {}
-                Err(e) => finish!(false, "session write: {e}"),
-            }
-        }
-        if stream_eof && up_off == up.len() && !session_shut {
-            if let Err(e) = session.shutdown(Shutdown::Write) {
-                finish!(false, "session shutdown: {e}");
-            }
-            session_shut = true;
-        }
-        // Session -> stream (what the last round read).
-        if down_off < down.len() {
-            match s.write(&down[down_off..]) {
-                Ok(n) => {
-                    down_off += n;
-                    end.to_stream += n as u64;
-                    progress |= n > 0;
-                }
-                Err(e) if transient(&e) => {}
-                Err(e) => finish!(false, "socket write: {e}"),
-            }
-        }
-        if session_eof && down_off == down.len() && !stream_shut {
-            // The peer may already be gone; that ends the relay just as well.
-            let _ = stream.shutdown(Shutdown::Write);
-            stream_shut = true;
-        }
-        if session_shut && stream_shut {
-            finish!(true, "closed");
-        }
-        if session_shut && opts.end_on_stream_eof {
-            finish!(true, "socket closed");
-        }
-        if stream_shut && opts.end_on_session_eof {
-            finish!(true, "session closed");
-        }
-        if stream_eof || session_eof {
-            let since = *half_since.get_or_insert_with(Instant::now);
-            if since.elapsed() > opts.linger {
-                finish!(
-                    false,
-                    "{} closed and the other side kept its half open for {:?}",
-                    if stream_eof { "socket" } else { "session" },
-                    opts.linger
-                );
-            }
-        }
-        // Read the session (non-blocking; its readiness fd says when to look again).
-        if !session_eof && down_off == down.len() {
-            down.clear();
-            down_off = 0;
-            match session.read(&mut buf) {
-                Ok(0) => {
-                    session_eof = true;
-                    progress = true;
-                }
-                Ok(n) => {
-                    down.extend_from_slice(&buf[..n]);
-                    progress = true;
-                }
-                Err(e) if transient(&e) => {}
-                Err(e) => finish!(false, "session read: {e}"),
-            }
-        }
-        if progress {
-            continue;
-        }
-        // Nothing moved: sleep until the socket or the session can. A write waiting for
-        // ring space (rather than credit) has no readiness signal, so it re-polls soon.
-        let mut flags = rustix::event::PollFlags::empty();
-        if !stream_eof && up_off == up.len() {
-            flags |= rustix::event::PollFlags::IN;
-        }
-        if down_off < down.len() {
-            flags |= rustix::event::PollFlags::OUT;
-        }
-        let timeout = if up_off < up.len() {
-            opts.max_wait
-        } else {
-            IDLE_WAIT
-        };
-        let mut fds = [
-            rustix::event::PollFd::new(stream, flags),
-            rustix::event::PollFd::new(&*ready, rustix::event::PollFlags::IN),
-        ];
-        let ts = rustix::event::Timespec::try_from(timeout).unwrap_or_default();
-        let _ = rustix::event::poll(&mut fds, Some(&ts));
-        ready.drain();
-    }
-}
 
 /// Copies `r` into `w` until EOF, counting what `w` took.
 async fn copy_counted<R, W>(r: &mut R, w: &mut W, count: &Cell<u64>) -> io::Result<()>
@@ -272,13 +92,13 @@ where
     }
 }
 
-/// As [`relay`], for an async session and a tokio UNIX stream (on the caller's runtime,
-/// which needs the I/O and time drivers): each direction is a copy that ends by passing
-/// the EOF on as a shutdown of the other side's write half. Ends as [`relay`] does: both
-/// ways closed, one way as `opts.end_on_*` say, an error, the linger time after the first
-/// direction finished, or `opts.stop` (looked at every 200 ms, and only when set).
-/// `opts.max_wait` does not apply: a write waiting for ring space is woken when there is
-/// space.
+/// Copies bytes both ways between an async session and a tokio UNIX stream (on the
+/// caller's runtime, which needs the I/O and time drivers), waiting on readiness alone:
+/// each direction is a copy that ends by passing the EOF on as a shutdown of the other
+/// side's write half. `to_session` (bytes already read from the stream) goes to the
+/// session first. Ends when both ways are closed, one way as `opts.end_on_*` say, on an
+/// error, when the linger time after the first direction finished runs out, or on
+/// `opts.stop` (looked at every 200 ms, and only when set). Neither side is closed here.
 pub async fn relay_async(
     session: &mut AsyncSession,
     stream: &mut tokio::net::UnixStream,
