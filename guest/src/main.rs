@@ -6,6 +6,7 @@ use ivring::layout::{side, HOST_BLOCK, PEER_ID_VALID};
 use ivring::{Config, Endpoint, Geometry, Role, SharedRegion};
 use ivring_guest::{device, GuestDevice, OpenOptions};
 use ivring_host::attach::{Attach, HostLink};
+use ivring_host::shm::human_size;
 use ivring_host::{checks, services};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -15,7 +16,8 @@ use std::time::Duration;
 #[command(
     name = "ivring-guest",
     version,
-    about = "ivring in a QEMU guest: probe the ivshmem device, serve, check"
+    about = "ivring in a QEMU guest: probe the ivshmem device, serve, check",
+    arg_required_else_help = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -186,7 +188,7 @@ fn probe(device: Option<String>, no_vfio: bool) -> Result<()> {
             .iter()
             .enumerate()
             .filter(|(_, &s)| s != 0)
-            .map(|(i, &s)| format!("BAR{i} {}", human(s)))
+            .map(|(i, &s)| format!("BAR{i} {}", human_size(s)))
             .collect();
         println!(
             "  {} {:?}: {}; driver {}; IOMMU group {}",
@@ -207,8 +209,8 @@ fn probe(device: Option<String>, no_vfio: bool) -> Result<()> {
     match Geometry::read_header(&region) {
         Ok(Some(g)) => println!(
             "shared header: laid out by the host ({} rings of {} each)",
-            human(region.len() as u64),
-            human(g.capacity)
+            human_size(region.len() as u64),
+            human_size(g.capacity)
         ),
         Ok(None) => println!("shared header: not laid out yet (no host program has attached)"),
         Err(e) => println!("shared header: unusable: {e}"),
@@ -245,12 +247,4 @@ fn bridge(connect: PathBuf, a: &AttachArgs, port: u32) -> Result<()> {
     let mut opts = ivring_guest::bridge::GuestBridgeOptions::new(connect);
     opts.port = port;
     ivring_guest::bridge::run(link.endpoint(), &opts)
-}
-
-fn human(n: u64) -> String {
-    match n {
-        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
-        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
-        n => format!("{n} B"),
-    }
 }

@@ -89,13 +89,22 @@ impl Client {
     pub fn connect_with(path: impl AsRef<Path>, opts: &ConnectOptions) -> Result<Client> {
         let path = path.as_ref().to_path_buf();
         let sock = UnixStream::connect(&path).map_err(|e| {
-            HostError::io(
-                format!(
-                    "connect to ivshmem server {} (is it running?)",
-                    path.display()
+            use std::os::unix::fs::FileTypeExt;
+            match std::fs::metadata(&path) {
+                Ok(md) if !md.file_type().is_socket() => {
+                    HostError::NotAServerSocket { path: path.clone() }
+                }
+                Err(_) if e.kind() == std::io::ErrorKind::NotFound => {
+                    HostError::NoServer { path: path.clone() }
+                }
+                _ => HostError::io(
+                    format!(
+                        "connect to ivshmem server {} (is it running?)",
+                        path.display()
+                    ),
+                    e,
                 ),
-                e,
-            )
+            }
         })?;
         let deadline = Instant::now() + opts.handshake_timeout;
         let proto = |detail: &str| HostError::Protocol {

@@ -28,6 +28,10 @@ use std::time::Duration;
 pub const MAX_PEERS: usize = 64;
 /// How many vectors (eventfds per peer) a server hands out at most.
 pub const MAX_VECTORS: usize = 64;
+/// The runtime directory of the packaged units (systemd's `RuntimeDirectory=ivring`),
+/// created by [`prepare_socket_dir`] when missing.
+pub const RUNTIME_DIR: &str = "/run/ivring";
+
 /// How long a send to one peer may block before that peer counts as gone.
 const SEND_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -70,6 +74,8 @@ impl Server {
                 max: MAX_VECTORS,
             });
         }
+        crate::shm::validate_size("shared memory", size)?;
+        prepare_socket_dir(&path)?;
         let memfd = crate::shm::create_sealed_memfd("ivring", size)?;
         clear_stale_socket(&path)?;
         let listener = sys::bind_unix_0600(&path)?;
@@ -279,6 +285,45 @@ fn remove_peers(peers: &mut Vec<Peer>, mut gone: Vec<u16>) {
                 gone.push(p.id);
             }
         }
+    }
+}
+
+/// Makes sure the directory `socket` goes in exists: [`RUNTIME_DIR`] is created (mode
+/// 0755, as systemd's `RuntimeDirectory=` would); any other missing directory is a
+/// [`HostError::NoSocketDir`] naming it.
+pub fn prepare_socket_dir(socket: &Path) -> Result<()> {
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => return Ok(()),
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if dir == Path::new(RUNTIME_DIR) {
+        use std::os::unix::fs::DirBuilderExt;
+        return std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(dir)
+            .or_else(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(|e| HostError::io(format!("create {RUNTIME_DIR}"), e));
+    }
+    // The deepest missing ancestor is what to create first; name the whole path anyway.
+    Err(HostError::NoSocketDir { dir: dir.into() })
+}
+
+/// Looks a group up by number, or by name through the system's name service (so LDAP and
+/// sssd groups are found as well as those in `/etc/group`).
+pub fn resolve_group(group: &str) -> Result<u32> {
+    if let Ok(n) = group.parse::<u32>() {
+        return Ok(n);
+    }
+    match sys::group_id(group) {
+        Ok(Some(gid)) => Ok(gid),
+        Ok(None) => Err(HostError::NoSuchGroup { name: group.into() }),
+        Err(e) => Err(HostError::io(format!("look up group {group:?}"), e)),
     }
 }
 
