@@ -6,11 +6,12 @@ use ivring::layout::{side, HOST_BLOCK, PEER_ID_VALID};
 use ivring::{Config, Endpoint, Geometry, Role, SharedRegion};
 use ivring_guest::{device, GuestDevice, OpenOptions};
 use ivring_host::attach::{Attach, HostLink};
+use ivring_host::logging::{self, LinkWatch};
 use ivring_host::shm::human_size;
 use ivring_host::{checks, services};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +21,8 @@ use std::time::Duration;
     arg_required_else_help = true
 )]
 struct Cli {
+    #[command(flatten)]
+    verbosity: logging::Verbosity,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -112,7 +115,7 @@ impl GuestLink {
             (None, None) => {
                 let dev = open_device(a.device.clone(), a.no_vfio)?;
                 if let Some(notice) = Geometry::header_wait_notice(&dev.region(), cfg.layout_wait) {
-                    eprintln!("ivring-guest: {notice}");
+                    warn!("{notice}");
                 }
                 let ep = Endpoint::unattached(Role::Guest, dev.region(), dev.doorbell(), cfg)?;
                 prepare(&ep)?;
@@ -142,6 +145,18 @@ impl GuestLink {
         }
     }
 
+    /// The link as log lines name it: the device, server socket or file.
+    fn label(&self, a: &AttachArgs) -> String {
+        match self {
+            GuestLink::Device { dev, .. } => format!("device {}", dev.bdf()),
+            GuestLink::Host(_) => match (&a.join, &a.plain) {
+                (Some(sock), _) => format!("server {}", sock.display()),
+                (None, Some(file)) => format!("plain {}", file.display()),
+                (None, None) => "link".into(),
+            },
+        }
+    }
+
     /// "interrupts: ..." or "polling: ...".
     fn why(&self) -> String {
         match self {
@@ -162,6 +177,7 @@ fn open_device(device: Option<String>, no_vfio: bool) -> Result<GuestDevice> {
 
 fn main() {
     let cli: Cli = ivring_host::error::parse_args("ivring-guest");
+    logging::init("ivring-guest", cli.verbosity);
     let r = match cli.cmd {
         Cmd::Probe { device, no_vfio } => probe(device, no_vfio),
         Cmd::Serve(a) => serve(&a),
@@ -229,10 +245,10 @@ fn probe(device: Option<String>, no_vfio: bool) -> Result<()> {
 fn serve(a: &AttachArgs) -> Result<()> {
     let link = GuestLink::open_with(a, Config::default(), services::spawn_all)
         .context("start the services")?;
-    eprintln!("ivring-guest: serving ports 1-4 and 6; {}", link.why());
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
-    }
+    info!("serving ports 1-4 and 6; {}", link.why());
+    let never = AtomicBool::new(false);
+    LinkWatch::new(link.label(a)).run(link.endpoint(), logging::WATCH_PERIOD, &never);
+    Ok(())
 }
 
 fn check(a: &AttachArgs, args: &checks::CheckArgs) -> Result<()> {
@@ -243,8 +259,16 @@ fn check(a: &AttachArgs, args: &checks::CheckArgs) -> Result<()> {
 
 fn bridge(connect: PathBuf, a: &AttachArgs, port: u32) -> Result<()> {
     let link = GuestLink::open(a, Config::default())?;
-    eprintln!("ivring-guest: bridge on port {port}; {}", link.why());
+    info!("bridge on port {port}; {}", link.why());
     let mut opts = ivring_guest::bridge::GuestBridgeOptions::new(connect);
     opts.port = port;
-    ivring_guest::bridge::run(link.endpoint(), &opts)
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            LinkWatch::new(link.label(a)).run(link.endpoint(), logging::WATCH_PERIOD, &stop)
+        });
+        let r = ivring_guest::bridge::run(link.endpoint(), &opts);
+        stop.store(true, Ordering::Relaxed);
+        r
+    })
 }

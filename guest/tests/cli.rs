@@ -9,7 +9,10 @@ fn no_arguments_print_the_help_and_exit_2() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("Usage: ivring-guest <COMMAND>"), "{err}");
+    assert!(
+        err.contains("Usage: ivring-guest [OPTIONS] <COMMAND>"),
+        "{err}"
+    );
     for sub in ["probe", "serve", "check", "bridge"] {
         assert!(
             err.lines().any(|l| l.trim_start().starts_with(sub)),

@@ -31,6 +31,7 @@ pub mod checks;
 pub mod client;
 pub mod demo;
 pub mod error;
+pub mod logging;
 pub mod pollable;
 pub mod server;
 pub mod services;

@@ -4,10 +4,13 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use ivring::{Config, Role};
 use ivring_host::attach::{Attach, HostLink};
+use ivring_host::logging::{self, LinkWatch};
 use ivring_host::{bench, checks, demo, server, services, shm, HostError, Server};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
+use tracing::info;
 
 #[derive(Parser)]
 #[command(
@@ -17,6 +20,8 @@ use std::time::{Duration, Instant};
     arg_required_else_help = true
 )]
 struct Cli {
+    #[command(flatten)]
+    verbosity: logging::Verbosity,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -216,6 +221,7 @@ fn main() {
             .mut_arg("plot", |a| a.value_name("FILE"))
     });
     let cli: Cli = ivring_host::error::parse_args_from(BIN, cmd);
+    logging::init(BIN, cli.verbosity);
     if let Cmd::Bench(args) = &cli.cmd {
         if let Err(problem) = check_bench_args(args) {
             ivring_host::error::usage_error(BIN, &problem);
@@ -353,8 +359,8 @@ fn wait_for_server_socket(path: &Path, bound: Duration) -> Result<()> {
     if is_socket() || path.exists() {
         return Ok(());
     }
-    eprintln!(
-        "{BIN}: waiting up to {} s for the ivshmem server's socket {}",
+    info!(
+        "waiting up to {} s for the ivshmem server's socket {}",
         bound.as_secs_f64(),
         path.display()
     );
@@ -381,8 +387,8 @@ fn run(cli: Cli) -> Result<()> {
             let gid = group.as_deref().map(server::resolve_group).transpose()?;
             let server = Server::bind(&socket, size, vectors)?.with_max_peers(max_peers.into());
             server.set_socket_access(mode, gid)?;
-            eprintln!(
-                "ivring-host: serving {} on {} ({} vector{}, at most {max_peers} peers, socket mode {mode:04o}); start QEMU with -chardev socket,path={},id=ivs -device ivshmem-doorbell,chardev=ivs,vectors={}",
+            info!(
+                "serving {} on {} ({} vector{}, at most {max_peers} peers, socket mode {mode:04o}); start QEMU with -chardev socket,path={},id=ivs -device ivshmem-doorbell,chardev=ivs,vectors={}",
                 shm::human_size(size),
                 socket.display(),
                 vectors,
@@ -409,20 +415,18 @@ fn run(cli: Cli) -> Result<()> {
             };
             // Listen before attaching, so that no connect the other side makes the moment
             // it sees us is refused.
-            let link =
-                HostLink::open_with(role.into(), &attach(join, plain, size, trust)?, cfg, |ep| {
-                    services::spawn_all(ep)
-                })?;
-            eprintln!("ivring-host: serving ports 1-4 and 6; {}", link.why());
+            let attach = attach(join, plain, size, trust)?;
+            let link = HostLink::open_with(role.into(), &attach, cfg, services::spawn_all)?;
+            info!("serving ports 1-4 and 6; {}", link.why());
             if hello {
                 let mut s = link
                     .connect(demo::PORT_HELLO)
                     .context("greet the other side")?;
                 write!(s, "hello from pid {}", std::process::id())?;
             }
-            loop {
-                std::thread::sleep(Duration::from_secs(3600));
-            }
+            let never = AtomicBool::new(false);
+            LinkWatch::new(attach.to_string()).run(&link, logging::WATCH_PERIOD, &never);
+            Ok(())
         }
         Cmd::Bridge {
             listen,

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+use tracing::{info, warn};
 
 /// How many peers one server serves by default; more are refused (and logged to stderr).
 /// See [`Server::with_max_peers`].
@@ -162,7 +163,7 @@ impl Server {
                 .filter(|(_, r)| **r)
                 .map(|(p, _)| p.id)
                 .collect();
-            remove_peers(&mut peers, gone);
+            remove_peers(&self.path, &mut peers, gone);
             if ready[1] {
                 self.accept_all(&mut peers);
             }
@@ -177,25 +178,22 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    eprintln!(
-                        "ivring-host: ivshmem server {}: accept: {e}",
-                        self.path.display()
-                    );
+                    warn!("ivshmem server {}: accept: {e}", self.path.display());
                     return;
                 }
             };
             if peers.len() >= self.max_peers {
-                eprintln!(
-                    "ivring-host: ivshmem server {}: refusing a peer: already {} peers connected \
-                     (the limit); disconnect one first",
+                warn!(
+                    "ivshmem server {}: refusing a peer: already {} peers connected (the \
+                     limit); disconnect one first",
                     self.path.display(),
                     self.max_peers
                 );
                 continue;
             }
             if let Err(e) = self.add_peer(peers, sock) {
-                eprintln!(
-                    "ivring-host: ivshmem server {}: new peer dropped: {e}",
+                warn!(
+                    "ivshmem server {}: new peer dropped: {e}",
                     self.path.display()
                 );
             }
@@ -243,7 +241,8 @@ impl Server {
             }
         }
         peers.push(Peer { id, sock, vectors });
-        remove_peers(peers, failed);
+        info!("ivshmem server {}: peer {id} joined", self.path.display());
+        remove_peers(&self.path, peers, failed);
         Ok(())
     }
 
@@ -274,12 +273,13 @@ impl Drop for Server {
 
 /// Removes the peers `gone` (closing their sockets and eventfds) and announces each leave
 /// to the rest; a peer the announcement cannot reach is removed in turn.
-fn remove_peers(peers: &mut Vec<Peer>, mut gone: Vec<u16>) {
+fn remove_peers(server: &Path, peers: &mut Vec<Peer>, mut gone: Vec<u16>) {
     while let Some(id) = gone.pop() {
         let Some(at) = peers.iter().position(|p| p.id == id) else {
             continue;
         };
         drop(peers.swap_remove(at));
+        info!("ivshmem server {}: peer {id} left", server.display());
         for p in peers.iter() {
             if sys::send_msg(p.sock.as_fd(), id.into(), None).is_err() && !gone.contains(&p.id) {
                 gone.push(p.id);

@@ -87,7 +87,10 @@ fn no_arguments_print_the_help_and_exit_2() {
     let out = Command::new(BIN).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("Usage: ivring-host <COMMAND>"), "{err}");
+    assert!(
+        err.contains("Usage: ivring-host [OPTIONS] <COMMAND>"),
+        "{err}"
+    );
     for sub in ["serve", "peer", "bridge", "bench", "demo", "check"] {
         assert!(
             err.lines().any(|l| l.trim_start().starts_with(sub)),
