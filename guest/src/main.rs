@@ -8,6 +8,7 @@ use ivring_guest::{device, GuestDevice, OpenOptions};
 use ivring_host::attach::{Attach, HostLink};
 use ivring_host::logging::{self, LinkWatch};
 use ivring_host::shm::human_size;
+use ivring_host::status;
 use ivring_host::{checks, services};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +49,21 @@ enum Cmd {
         attach: AttachArgs,
         #[command(flatten)]
         args: checks::CheckArgs,
+    },
+    /// Show the link on the ivshmem device from outside: its state (up, waiting, reset,
+    /// down), the peer ids, epochs and words each side published. Exits 0 when the link
+    /// is up, 3 when not. It maps BAR2 private (copy-on-write) through sysfs and writes
+    /// nothing, binds no driver and rings no doorbell: the link cannot see it.
+    Status {
+        /// The device (default, or `auto`: the only ivshmem device).
+        #[arg(long, value_name = "BDF")]
+        device: Option<String>,
+        /// One JSON object on stdout instead of the text.
+        #[arg(long)]
+        json: bool,
+        /// Where the PCI devices are listed (tests use a fake tree).
+        #[arg(long, hide = true, default_value = device::DEFAULT_SYSFS_ROOT)]
+        sysfs_root: PathBuf,
     },
     /// Carry the QEMU guest agent: each session on --port becomes one connection to
     /// `qemu-ga -m unix-listen -p QGA_SOCK`, its parser state scrubbed first.
@@ -180,6 +196,11 @@ fn main() {
     logging::init("ivring-guest", cli.verbosity);
     let r = match cli.cmd {
         Cmd::Probe { device, no_vfio } => probe(device, no_vfio),
+        Cmd::Status {
+            device,
+            json,
+            sysfs_root,
+        } => status(device, json, &sysfs_root),
         Cmd::Serve(a) => serve(&a),
         Cmd::Check { attach, args } => check(&attach, &args),
         Cmd::Bridge {
@@ -239,6 +260,23 @@ fn probe(device: Option<String>, no_vfio: bool) -> Result<()> {
         "none".into()
     };
     println!("host side: peer id {id}, epoch {epoch}");
+    Ok(())
+}
+
+fn status(device: Option<String>, json: bool, root: &std::path::Path) -> Result<()> {
+    let device = device.filter(|d| d != "auto");
+    let info = device::select(root, device.as_deref())?;
+    info.check_bar2()?;
+    let region = ivring_host::shm::map_file_private(&info.path.join("resource2"))?;
+    let st = status::read(&region, format!("device {}", info.bdf), status::WATCH);
+    if json {
+        println!("{}", st.to_json());
+    } else {
+        print!("{}", st.text());
+    }
+    if st.state != status::State::Up {
+        std::process::exit(3);
+    }
     Ok(())
 }
 

@@ -37,6 +37,7 @@ pub mod server;
 pub mod services;
 pub mod shm;
 mod shrink;
+pub mod status;
 mod sys;
 
 pub use attach::{Attach, HostLink};

@@ -5,8 +5,9 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use ivring::{Config, Role};
 use ivring_host::attach::{Attach, HostLink};
 use ivring_host::logging::{self, LinkWatch};
-use ivring_host::{bench, checks, demo, server, services, shm, HostError, Server};
+use ivring_host::{bench, checks, demo, server, services, shm, status, HostError, Server};
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -155,6 +156,28 @@ enum Cmd {
     /// Throughput and latency against baselines measured in the same run (loopback pair,
     /// or a guest with --serve).
     Bench(bench::BenchArgs),
+    /// Show a running link from outside: its state (up, waiting, reset, down), the peer
+    /// ids, epochs and words each side published. Exits 0 when the link is up, 3 when
+    /// not.
+    ///
+    /// It writes nothing: the memory is mapped private (copy-on-write), so nothing can
+    /// reach the link. With --join it must still join the server for a moment to be
+    /// handed the memory (the ivshmem protocol has no other way): the server and every
+    /// peer, QEMU included, see one peer join and leave, which ivring links ignore.
+    /// --plain, and `ivring-guest status` on a device, are invisible to the link.
+    Status {
+        /// The ivshmem server's socket.
+        #[arg(long, value_name = "SOCK", conflicts_with = "plain")]
+        join: Option<PathBuf>,
+        /// A plain shared file.
+        #[arg(long, value_name = "FILE")]
+        plain: Option<PathBuf>,
+        #[command(flatten)]
+        trust: TrustArgs,
+        /// One JSON object on stdout instead of the text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Who may be trusted with shared memory that is not sealed.
@@ -488,6 +511,39 @@ fn run(cli: Cli) -> Result<()> {
             checks::run(&link, Some(&link.region()), role.into(), &args)
         }
         Cmd::Bench(args) => bench::run(&args),
+        Cmd::Status {
+            join,
+            plain,
+            trust,
+            json,
+        } => {
+            let (region, what) = match (join, plain) {
+                (Some(sock), None) => {
+                    let opts = ivring_host::ConnectOptions {
+                        allow_unsealed: trust.allow_unsealed,
+                        ..Default::default()
+                    };
+                    let memfd = ivring_host::Client::fetch_memory(&sock, &opts)?;
+                    let what = format!("server {}", sock.display());
+                    (shm::map_fd_private(memfd.as_fd(), &what)?, what)
+                }
+                (None, Some(file)) => (
+                    shm::map_file_private(&file)?,
+                    format!("plain {}", file.display()),
+                ),
+                _ => bail!("give --join SOCK or --plain FILE"),
+            };
+            let st = status::read(&region, what, status::WATCH);
+            if json {
+                println!("{}", st.to_json());
+            } else {
+                print!("{}", st.text());
+            }
+            if st.state != status::State::Up {
+                std::process::exit(3);
+            }
+            Ok(())
+        }
     }
 }
 

@@ -130,6 +130,62 @@ fn map_fd_with(
     Ok(unsafe { SharedRegion::new(base, len, owner) })
 }
 
+/// A private (copy-on-write) mapping, unmapped on drop.
+struct PrivateMapping {
+    base: *mut std::ffi::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; nothing about it is tied to a
+// thread, and it is only unmapped (in drop) once no clone of the region refers to it.
+unsafe impl Send for PrivateMapping {}
+// SAFETY: as above; the owner gives no access to the memory itself.
+unsafe impl Sync for PrivateMapping {}
+
+impl Drop for PrivateMapping {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` are exactly what mmap returned, and the region's clones,
+        // which hold this owner, are all gone.
+        let _ = unsafe { rustix::mm::munmap(self.base, self.len) };
+    }
+}
+
+/// Maps the whole of `fd` private (copy-on-write) after validating its size: the pages
+/// show what the other processes write, and nothing written through this mapping (this
+/// crate's readers write nothing) could ever reach them. For looking at a link from
+/// outside ([`crate::status`]). `what` names it in errors.
+pub fn map_fd_private(fd: BorrowedFd<'_>, what: &str) -> Result<SharedRegion> {
+    use rustix::mm::{MapFlags, ProtFlags};
+    let len = validate_size(what, sys::fd_size(fd)?)?;
+    // SAFETY: a new mapping at an address the kernel chooses, so no existing memory is
+    // affected; private, so no write through it reaches the file or its other mappers.
+    let base = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE,
+            fd,
+            0,
+        )
+    }
+    .map_err(|e| HostError::io(format!("mmap {what}"), e))?;
+    let owner = Arc::new(PrivateMapping { base, len });
+    // SAFETY: `base` is a fresh private read-write mapping of `len` bytes, page-aligned;
+    // `owner` keeps it mapped while any clone of the region lives, and nothing in this
+    // process holds references into it. The callers map sealed memfds or files whose
+    // owners they trust, as for the shared mappings.
+    Ok(unsafe { SharedRegion::new(base.cast(), len, owner) })
+}
+
+/// [`map_fd_private`] of a file opened read-only (a plain file, or a guest's sysfs
+/// `resource2`).
+pub fn map_file_private(path: &Path) -> Result<SharedRegion> {
+    let file =
+        File::open(path).map_err(|e| HostError::io(format!("open {}", path.display()), e))?;
+    map_fd_private(file.as_fd(), &path.display().to_string())
+}
+
 /// Maps a memfd after checking that it is sealed against shrinking and validating its size.
 pub fn map_memfd(fd: BorrowedFd<'_>) -> Result<SharedRegion> {
     check_memfd(fd)?;
