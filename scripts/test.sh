@@ -45,6 +45,9 @@ if [ "$vm" = 1 ]; then
   fi
 fi
 suite "cargo test" cargo test --workspace --release
+# The workspace run has ivring's tokio feature (ivring-host enables it); mio is alone.
+suite "mio sources" cargo test -p ivring --release --features tokio,mio --test mio_sessions
+suite "doc tests, all features" cargo test -p ivring --release --features tokio,mio --doc
 suite "fuzz findings replayed" cargo test -p ivring --release --features fuzzing \
   --test fuzz_regressions
 suite "loom models" env RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 \

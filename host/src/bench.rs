@@ -26,6 +26,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+mod async_figures;
+
 /// Message sizes of the throughput figures.
 pub const SIZES: [usize; 5] = [64, 256, 4096, 64 << 10, 1 << 20];
 /// Message sizes of the round-trip figures.
@@ -1084,6 +1086,7 @@ fn measure_block(
         ratio_tput(&mut r, base.find("baseline/uds", 4096, false), "uds");
         rows.insert(one_at, r);
     }
+    rows.extend(async_figures::measure(ep, m, secs, &skip, log)?);
     for r in &mut rows {
         r.block = m.into();
     }

@@ -1,10 +1,11 @@
 //! Bridges between a UNIX stream socket and ivring sessions.
 //!
 //! [`relay`] copies bytes both ways between one [`Session`] and one [`UnixStream`], passing
-//! half-closes through. [`run_host`] is `ivring-host bridge`: it offers a UNIX socket, as
-//! QEMU's `-chardev socket,server=on` does for the guest agent, and opens one session to the
-//! guest's port per accepted client. The guest half (`ivring-guest bridge`) uses [`relay`]
-//! too.
+//! half-closes through; [`relay_async`] does the same for an async session and a tokio
+//! stream, waiting on readiness alone (no timed re-polls). [`run_host`] is `ivring-host
+//! bridge`: it offers a UNIX socket, as QEMU's `-chardev socket,server=on` does for the
+//! guest agent, and opens one session to the guest's port per accepted client, relayed by
+//! [`relay_async`]. The guest half (`ivring-guest bridge`) uses [`relay`].
 //!
 //! One client at a time: the guest agent serves one client at a time, so the host bridge
 //! accepts the next client only when the current one has left. A second client that
@@ -14,7 +15,9 @@
 
 use crate::attach::{Attach, HostLink};
 use anyhow::{bail, Context, Result};
+use ivring::tokio::AsyncSession;
 use ivring::{Config, Role, Session};
+use std::cell::Cell;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -251,6 +254,113 @@ pub fn relay(
     }
 }
 
+/// Copies `r` into `w` until EOF, counting what `w` took.
+async fn copy_counted<R, W>(r: &mut R, w: &mut W, count: &Cell<u64>) -> io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        count.set(count.get() + n as u64);
+    }
+}
+
+/// As [`relay`], for an async session and a tokio UNIX stream (on the caller's runtime,
+/// which needs the I/O and time drivers): each direction is a copy that ends by passing
+/// the EOF on as a shutdown of the other side's write half. Ends as [`relay`] does: both
+/// ways closed, one way as `opts.end_on_*` say, an error, the linger time after the first
+/// direction finished, or `opts.stop` (looked at every 200 ms, and only when set).
+/// `opts.max_wait` does not apply: a write waiting for ring space is woken when there is
+/// space.
+pub async fn relay_async(
+    session: &mut AsyncSession,
+    stream: &mut tokio::net::UnixStream,
+    to_session: Vec<u8>,
+    opts: &RelayOptions,
+) -> RelayEnd {
+    use tokio::io::AsyncWriteExt;
+    let (up_bytes, down_bytes) = (Cell::new(0u64), Cell::new(0u64));
+    let end = |clean: bool, why: String| RelayEnd {
+        to_session: up_bytes.get(),
+        to_stream: down_bytes.get(),
+        clean,
+        why,
+    };
+    let (mut from_session, mut to_session_half) = session.split();
+    let (mut from_stream, mut to_stream_half) = stream.split();
+    let up = async {
+        to_session_half.write_all(&to_session).await?;
+        up_bytes.set(to_session.len() as u64);
+        copy_counted(&mut from_stream, &mut to_session_half, &up_bytes).await?;
+        to_session_half.shutdown().await
+    };
+    let down = async {
+        copy_counted(&mut from_session, &mut to_stream_half, &down_bytes).await?;
+        // The peer may already be gone; that ends the relay just as well.
+        let _ = to_stream_half.shutdown().await;
+        io::Result::Ok(())
+    };
+    let (mut up, mut down) = (std::pin::pin!(up), std::pin::pin!(down));
+    let (mut up_done, mut down_done) = (false, false);
+    let mut linger_until: Option<tokio::time::Instant> = None;
+    loop {
+        let linger = async {
+            match linger_until {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let stop = async {
+            match &opts.stop {
+                Some(flag) => {
+                    while !flag.load(Ordering::SeqCst) {
+                        tokio::time::sleep(IDLE_WAIT).await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(()) => up_done = true,
+                Err(e) => return end(false, format!("socket -> session: {e}")),
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => down_done = true,
+                Err(e) => return end(false, format!("session -> socket: {e}")),
+            },
+            () = linger => {
+                return end(
+                    false,
+                    format!(
+                        "{} closed and the other side kept its half open for {:?}",
+                        if up_done { "socket" } else { "session" },
+                        opts.linger
+                    ),
+                );
+            }
+            () = stop => return end(false, "stopped".into()),
+        }
+        if up_done && down_done {
+            return end(true, "closed".into());
+        }
+        if up_done && opts.end_on_stream_eof {
+            return end(true, "socket closed".into());
+        }
+        if down_done && opts.end_on_session_eof {
+            return end(true, "session closed".into());
+        }
+        linger_until.get_or_insert_with(|| tokio::time::Instant::now() + opts.linger);
+    }
+}
+
 /// Parses a socket mode written in octal (`0600`, `660`).
 pub fn parse_mode(s: &str) -> std::result::Result<u32, String> {
     let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
@@ -374,6 +484,11 @@ pub fn run_host(opts: &HostBridgeOptions) -> Result<()> {
         },
         link.why()
     );
+    // One thread: clients are served one at a time, and each relay waits on readiness.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     let mut n = 0u64;
     for client in listener.incoming() {
         let client = match client {
@@ -385,13 +500,19 @@ pub fn run_host(opts: &HostBridgeOptions) -> Result<()> {
             }
         };
         n += 1;
-        serve_client(&link, client, n, opts);
+        serve_client(&rt, &link, client, n, opts);
     }
     Ok(())
 }
 
 /// Serves one client: a session to the guest, then the relay; both closed at the end.
-fn serve_client(link: &HostLink, client: UnixStream, n: u64, opts: &HostBridgeOptions) {
+fn serve_client(
+    rt: &tokio::runtime::Runtime,
+    link: &HostLink,
+    client: UnixStream,
+    n: u64,
+    opts: &HostBridgeOptions,
+) {
     // A client that came and went while queued gets no session at all.
     let mut first = Vec::new();
     if client.set_nonblocking(true).is_ok() {
@@ -405,7 +526,7 @@ fn serve_client(link: &HostLink, client: UnixStream, n: u64, opts: &HostBridgeOp
     // Right after a guest (re)start the link can be up a moment before the guest bridge
     // listens: a refusal is retried for a while.
     let since = Instant::now();
-    let mut session = loop {
+    let session = loop {
         match link.connect(opts.port) {
             Ok(s) => break s,
             Err(e)
@@ -420,14 +541,26 @@ fn serve_client(link: &HostLink, client: UnixStream, n: u64, opts: &HostBridgeOp
             }
         }
     };
-    let end = relay(&mut session, &client, first, &opts.relay);
+    let id = session.id();
+    let end = rt.block_on(async {
+        let mut session = AsyncSession::from_session(session)?;
+        client.set_nonblocking(true)?;
+        let mut stream = tokio::net::UnixStream::from_std(client)?;
+        io::Result::Ok(relay_async(&mut session, &mut stream, first, &opts.relay).await)
+    });
+    let end = match end {
+        Ok(end) => end,
+        Err(e) => RelayEnd {
+            to_session: 0,
+            to_stream: 0,
+            clean: false,
+            why: format!("relay: {e}"),
+        },
+    };
     if opts.verbose {
         eprintln!(
             "ivring-host bridge: client {n}: session {} ended ({}): {} bytes to the guest, {} back",
-            session.id(),
-            end.why,
-            end.to_session,
-            end.to_stream
+            id, end.why, end.to_session, end.to_stream
         );
     }
 }

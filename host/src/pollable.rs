@@ -1,4 +1,7 @@
 //! A session with a pollable file descriptor, for poll/epoll/mio/tokio event loops.
+//!
+//! tokio programs need no fd: `ivring::tokio::AsyncSession` is `AsyncRead + AsyncWrite`
+//! itself. mio programs can register `ivring::mio::MioSession` directly.
 
 use crate::error::HostError;
 use crate::sys::EventFd;

@@ -51,7 +51,7 @@ pub(crate) struct Shared {
     peer_head: usize,
     pub(crate) doorbell: Arc<dyn Doorbell>,
     own_id: u16,
-    cfg: Config,
+    pub(crate) cfg: Config,
     stop: AtomicBool,
     /// The keeper sleeps without asking the peer to ring (spinners, or a frame parked for
     /// an in-place reader): whoever stops spinning or releases the frame wakes it.
@@ -363,7 +363,7 @@ impl Shared {
 
     /// Reads what the peer sent into the sessions and wakes whom it concerns. Whether the
     /// caller should try again: something arrived, or a fault changed the link.
-    fn pump_and_wake(&self, link: &mut Link) -> bool {
+    pub(crate) fn pump_and_wake(&self, link: &mut Link) -> bool {
         match link.pump() {
             Ok(true) => {
                 self.ring(link);
@@ -396,6 +396,13 @@ impl Shared {
             self.spinners.fetch_sub(1, StdOrdering::SeqCst);
             self.wake_unarmed_keeper();
         }
+    }
+
+    /// A callback waits outside the endpoint (a session's, a listener's or a connect's):
+    /// the keeper must follow the ring for it from now on.
+    pub(crate) fn watch_for_callbacks(&self) {
+        self.notifiers.store(true, StdOrdering::Relaxed);
+        self.unpark_keeper();
     }
 
     /// Wakes a keeper that sleeps unarmed, so that it asks the peer to ring again.
@@ -477,6 +484,12 @@ impl Shared {
                 Ok(Some(v)) => break Ok((link, v)),
                 Ok(None) => {}
                 Err(e) => break Err(e),
+            }
+            if nonblocking && link.closed {
+                break Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "ivring: endpoint closed",
+                ));
             }
             if nonblocking {
                 // What the peer sent may be what this call waits for (credit, data): an
@@ -1110,6 +1123,18 @@ impl Listener {
         self.nonblocking = nonblocking;
     }
 
+    /// Calls `notify` whenever an `accept` that would block may succeed now: a session
+    /// joined the backlog, the link reset, or the endpoint closed. As
+    /// [`Session::set_notify`], it runs with the link locked, so it must be cheap and must
+    /// not call into the endpoint. It replaces any earlier callback.
+    pub fn set_notify(&self, notify: Arc<dyn Fn() + Send + Sync>) {
+        let mut link = self.shared.lock();
+        if let Some(l) = link.listeners.get_mut(&self.port) {
+            l.notify = Some(notify);
+        }
+        self.shared.watch_for_callbacks();
+    }
+
     fn accept_inner(&self, deadline: Option<Instant>) -> io::Result<Session> {
         let port = self.port;
         let sh = &self.shared;
@@ -1178,7 +1203,7 @@ enum WriteStep {
 }
 
 impl Session {
-    fn new(shared: Arc<Shared>, id: u64, gen: u64, port: u32, message: bool) -> Session {
+    pub(crate) fn new(shared: Arc<Shared>, id: u64, gen: u64, port: u32, message: bool) -> Session {
         Session {
             shared,
             id,
@@ -1229,9 +1254,7 @@ impl Session {
         let mut link = self.shared.lock();
         self.check(&link)?;
         link.session(self.id)?.notify = Some(notify);
-        // Its reader sleeps outside the endpoint: the keeper must follow the ring for it.
-        self.shared.notifiers.store(true, StdOrdering::Relaxed);
-        self.shared.unpark_keeper();
+        self.shared.watch_for_callbacks();
         Ok(())
     }
 
@@ -1268,14 +1291,11 @@ impl Session {
         t.map(|t| Instant::now() + t)
     }
 
-    fn write_stream(&mut self, buf: &[u8]) -> io::Result<usize> {
+    fn write_stream(&self, buf: &[u8], nonblocking: bool) -> io::Result<usize> {
         let id = self.id;
         let gen = self.gen;
-        self.shared.wait_session(
-            id,
-            Self::deadline(self.write_timeout),
-            self.nonblocking,
-            |l| {
+        self.shared
+            .wait_session(id, Self::deadline(self.write_timeout), nonblocking, |l| {
                 if l.gen != gen {
                     return Err(reset_error(l));
                 }
@@ -1286,17 +1306,16 @@ impl Session {
                     }
                     WriteStep::Wait => Ok(None),
                 }
-            },
-        )
+            })
     }
 
-    fn write_message(&mut self, buf: &[u8]) -> io::Result<usize> {
+    fn write_message(&self, buf: &[u8], nonblocking: bool) -> io::Result<usize> {
         let id = self.id;
         let gen = self.gen;
         let sh = self.shared.clone();
         let deadline = Self::deadline(self.write_timeout);
         // The whole message's credit first, so the peer can always take all of it.
-        sh.wait_session(id, deadline, self.nonblocking, |l| {
+        sh.wait_session(id, deadline, nonblocking, |l| {
             if l.gen != gen {
                 return Err(reset_error(l));
             }
@@ -1388,15 +1407,14 @@ fn step(l: &mut Link, id: u64, data: &[u8], eor: bool, credit: bool) -> io::Resu
     }
 }
 
-impl io::Read for Session {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl Session {
+    /// A read through a shared reference, for the async and event-loop wrappers (whose
+    /// read and write halves work one session from two tasks).
+    pub(crate) fn read_shared(&self, buf: &mut [u8], nonblocking: bool) -> io::Result<usize> {
         let id = self.id;
         let gen = self.gen;
-        self.shared.wait_session(
-            id,
-            Self::deadline(self.read_timeout),
-            self.nonblocking,
-            |l| {
+        self.shared
+            .wait_session(id, Self::deadline(self.read_timeout), nonblocking, |l| {
                 if l.gen != gen {
                     // Data and EOF the peer sent before the link reset are still read.
                     return match l.read_ended(gen, id, buf) {
@@ -1408,22 +1426,32 @@ impl io::Read for Session {
                     return Ok(Some(n));
                 }
                 l.read(id, buf)
-            },
-        )
+            })
     }
-}
 
-impl io::Write for Session {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+    /// A write through a shared reference (as `read_shared`).
+    pub(crate) fn write_shared(&self, buf: &[u8], nonblocking: bool) -> io::Result<usize> {
         // Nothing is sent for an empty buffer, in either mode, so that a read of 0 bytes
         // always means EOF.
         if buf.is_empty() {
             Ok(0)
         } else if self.message {
-            self.write_message(buf)
+            self.write_message(buf, nonblocking)
         } else {
-            self.write_stream(buf)
+            self.write_stream(buf, nonblocking)
         }
+    }
+}
+
+impl io::Read for Session {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_shared(buf, self.nonblocking)
+    }
+}
+
+impl io::Write for Session {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_shared(buf, self.nonblocking)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -3,7 +3,7 @@
 //! `fuzzing` feature; not a stable API.
 //!
 //! The fuzz bytes play a hostile peer: they write the peer's side block (epoch, ack,
-//! indices) and its ring contents, and between their writes the victim [`Link`] pumps,
+//! indices) and its ring contents, and between their writes the victim `Link` pumps,
 //! flushes, opens, reads and writes as the keeper and sessions would. Every fault is
 //! handled the way the endpoint handles it (a local reset), after which the peer may
 //! shake hands again. Bounds on the victim's memory are asserted after every step.

@@ -6,11 +6,16 @@
 //!
 //! An [`Endpoint`] is one side of a link; [`Endpoint::listen`] and [`Endpoint::connect`]
 //! give [`Session`]s, which are `std::io::Read + Write` and behave like sockets.
+//!
+//! Features: `tokio` adds async sessions and listeners (`ivring::tokio`), `mio` adds
+//! `mio::event::Source` for them (`ivring::mio`, Linux only: the one place in this crate
+//! with a file descriptor).
 #![deny(missing_docs)]
 
 #[doc(hidden)]
 pub mod bench_api;
 mod config;
+mod connecting;
 pub mod doorbell;
 mod endpoint;
 mod fastpath;
@@ -22,13 +27,18 @@ pub mod layout;
 mod link;
 #[cfg(all(test, loom))]
 mod loom_tests;
+#[cfg(all(feature = "mio", target_os = "linux"))]
+pub mod mio;
 mod ready;
 pub mod region;
 mod ring;
 mod sync;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 pub mod zerocopy;
 
 pub use config::{Config, WaitMode};
+pub use connecting::Connecting;
 pub use doorbell::Doorbell;
 pub use endpoint::{Endpoint, Listener, Session, SessionOptions};
 pub use layout::{Geometry, LayoutError, Role};

@@ -161,6 +161,9 @@ impl Sess {
 #[derive(Default)]
 pub(crate) struct Listen {
     pub backlog: VecDeque<u64>,
+    /// Called when a session joins the backlog, and when the link resets or the endpoint
+    /// closes (`Listener::set_notify`): an accept that would block may succeed now.
+    pub notify: Option<Notifier>,
 }
 
 /// Why the link stopped: every session of the epoch ends with `ConnectionReset`.
@@ -253,6 +256,10 @@ pub(crate) struct Link {
     /// Sessions whose non-blocking writes found the ring full: their notify callbacks
     /// run when space comes back (no frame of theirs may arrive to say so).
     space_notify: Vec<u64>,
+    /// Callers waiting for the link to come up without blocking (`Connecting`), by
+    /// token: called when it comes up and when the endpoint closes.
+    pub(crate) up_notify: HashMap<u64, Notifier>,
+    pub(crate) next_up_token: u64,
 }
 
 const MAX_PENDING_CONTROL: usize = 1 << 16;
@@ -313,6 +320,8 @@ impl Link {
             touched: Stripes::default(),
             waiting_space: false,
             space_notify: Vec::new(),
+            up_notify: HashMap::new(),
+            next_up_token: 0,
         }
     }
 
@@ -379,6 +388,14 @@ impl Link {
         self.ring_peer = true;
         self.closed = true;
         self.attached = false;
+        self.notify_up_watchers();
+    }
+
+    /// Runs the callbacks of callers waiting for the link to come up (or to close).
+    fn notify_up_watchers(&self) {
+        for n in self.up_notify.values() {
+            n();
+        }
     }
 
     /// Ends every session with ConnectionReset and forgets every buffered byte.
@@ -389,6 +406,11 @@ impl Link {
         self.stats.last_error = Some(why.to_string());
         for s in self.sessions.values() {
             if let Some(n) = &s.notify {
+                n();
+            }
+        }
+        for l in self.listeners.values() {
+            if let Some(n) = &l.notify {
                 n();
             }
         }
@@ -492,6 +514,7 @@ impl Link {
                 self.peer_beat = self.load_peer(side::HEARTBEAT, Ordering::Relaxed);
                 self.peer_beat_at = now;
                 changed = true;
+                self.notify_up_watchers();
             }
         }
         changed
@@ -740,6 +763,9 @@ impl Link {
                 match self.listeners.get_mut(&args.port) {
                     Some(l) if fits && l.backlog.len() < backlog => {
                         l.backlog.push_back(h.session);
+                        if let Some(n) = &l.notify {
+                            n();
+                        }
                         let mut s = Sess::new(args.message, self.cfg.buf_size, State::Open);
                         s.peer_buf_alloc = args.buf_alloc;
                         self.sessions.insert(h.session, s);
