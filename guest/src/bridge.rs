@@ -71,6 +71,7 @@ pub fn run(endpoint: &Endpoint, opts: &GuestBridgeOptions) -> Result<()> {
         .listen(opts.port)
         .with_context(|| format!("listening on port {}", opts.port))?;
     info!("bridge: port {} -> {}", opts.port, opts.qga.display());
+    ivring_host::notify::ready(&format!("bridge on port {}", opts.port));
     if !opts.qga.exists() {
         warn!(
             "agent at {}: {}",

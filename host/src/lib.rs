@@ -32,6 +32,7 @@ pub mod client;
 pub mod demo;
 pub mod error;
 pub mod logging;
+pub mod notify;
 pub mod pollable;
 pub mod server;
 pub mod services;

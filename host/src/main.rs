@@ -410,6 +410,8 @@ fn run(cli: Cli) -> Result<()> {
             let gid = group.as_deref().map(server::resolve_group).transpose()?;
             let server = Server::bind(&socket, size, vectors)?.with_max_peers(max_peers.into());
             server.set_socket_access(mode, gid)?;
+            // The socket accepts from here on (the backlog holds early peers).
+            ivring_host::notify::ready(&format!("serving {}", socket.display()));
             info!(
                 "serving {} on {} ({} vector{}, at most {max_peers} peers, socket mode {mode:04o}); start QEMU with -chardev socket,path={},id=ivs -device ivshmem-doorbell,chardev=ivs,vectors={}",
                 shm::human_size(size),
