@@ -28,6 +28,28 @@ pub struct Side {
     pub ack: u64,
     /// Whether it polls (never sleeps on the doorbell).
     pub polls: bool,
+    /// Bytes it has written into the ring it writes (free-running).
+    pub tx_head: u64,
+    /// Bytes it has consumed from the ring it reads (free-running).
+    pub rx_tail: u64,
+    /// Whether it is about to sleep waiting for data (asks to be rung).
+    pub rx_need_wakeup: bool,
+    /// The reader position its blocked writer waits for, if any.
+    pub tx_need_space: Option<u64>,
+}
+
+/// The words of one side block, as loaded.
+#[derive(Clone, Copy)]
+struct Words {
+    epoch: u64,
+    peer_id: u64,
+    heartbeat: u64,
+    ack: u64,
+    polls: u64,
+    tx_head: u64,
+    rx_tail: u64,
+    rx_need_wakeup: u64,
+    tx_need_space: u64,
 }
 
 /// The state of a link, from its words.
@@ -82,26 +104,33 @@ pub struct LinkStatus {
     pub guest: Side,
 }
 
-fn side_words(region: &SharedRegion, block: usize) -> (u64, u64, u64, u64, u64) {
+fn side_words(region: &SharedRegion, block: usize) -> Words {
     let load = |off| region.load_u64(block + off, Ordering::Acquire);
-    (
-        load(side::EPOCH),
-        load(side::PEER_ID),
-        load(side::HEARTBEAT),
-        load(side::ACK),
-        load(side::POLLS),
-    )
+    Words {
+        epoch: load(side::EPOCH),
+        peer_id: load(side::PEER_ID),
+        heartbeat: load(side::HEARTBEAT),
+        ack: load(side::ACK),
+        polls: load(side::POLLS),
+        tx_head: load(side::TX_HEAD),
+        rx_tail: load(side::RX_TAIL),
+        rx_need_wakeup: load(side::RX_NEED_WAKEUP),
+        tx_need_space: load(side::TX_NEED_SPACE),
+    }
 }
 
-fn side(first: (u64, u64, u64, u64, u64), second: (u64, u64, u64, u64, u64)) -> Side {
-    let (epoch, id, heartbeat, ack, polls) = second;
+fn side(first: Words, w: Words) -> Side {
     Side {
-        epoch,
-        peer_id: (id & PEER_ID_VALID != 0).then_some(id as u16),
-        heartbeat,
-        alive: heartbeat != first.2 || epoch != first.0,
-        ack,
-        polls: polls == 1,
+        epoch: w.epoch,
+        peer_id: (w.peer_id & PEER_ID_VALID != 0).then_some(w.peer_id as u16),
+        heartbeat: w.heartbeat,
+        alive: w.heartbeat != first.heartbeat || w.epoch != first.epoch,
+        ack: w.ack,
+        polls: w.polls == 1,
+        tx_head: w.tx_head,
+        rx_tail: w.rx_tail,
+        rx_need_wakeup: w.rx_need_wakeup == 1,
+        tx_need_space: (w.tx_need_space != 0).then_some(w.tx_need_space),
     }
 }
 
@@ -148,6 +177,10 @@ impl LinkStatus {
                 "alive": s.alive,
                 "ack": s.ack,
                 "polls": s.polls,
+                "tx_head": s.tx_head,
+                "rx_tail": s.rx_tail,
+                "rx_need_wakeup": s.rx_need_wakeup,
+                "tx_need_space": s.tx_need_space,
             })
         };
         let detail = match &self.state {
@@ -197,6 +230,19 @@ impl LinkStatus {
                 if s.alive { "moving" } else { "still" },
                 if s.polls { ", polls" } else { "" }
             );
+            let _ = writeln!(
+                out,
+                "        wrote {} B, read {} B{}{}",
+                s.tx_head,
+                s.rx_tail,
+                if s.rx_need_wakeup {
+                    ", waiting for data"
+                } else {
+                    ""
+                },
+                s.tx_need_space
+                    .map_or(String::new(), |t| format!(", writer waiting for tail {t}"))
+            );
         }
         out
     }
@@ -229,6 +275,19 @@ mod tests {
         assert_eq!(st.state, State::Up, "{}", st.text());
         assert_eq!(st.host.ack, st.guest.epoch);
         assert_eq!(st.to_json()["state"], "up");
+        {
+            use std::io::{Read, Write};
+            let l = guest.listen(7).unwrap();
+            let mut a = host.connect(7).unwrap();
+            let mut b = l.accept().unwrap();
+            a.write_all(&[7u8; 1000]).unwrap();
+            let mut got = [0u8; 1000];
+            b.read_exact(&mut got).unwrap();
+        }
+        let st = read(&region, "heap", Duration::from_millis(1));
+        assert!(st.host.tx_head >= 1000, "{}", st.text());
+        assert!(st.guest.rx_tail >= 1000, "{}", st.text());
+        assert_eq!(st.to_json()["host"]["tx_head"], st.host.tx_head);
         assert_eq!(
             st.ring_capacity,
             Some(Geometry::for_size(1 << 20).unwrap().capacity)
