@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every ivring test: unit, property, two-process, hostile-peer, loom models, the
-# real-VM suite (QEMU booting a Debian guest kernel), the qemu-ga suite and the suite
-# against QEMU's own ivshmem-server and ivshmem-client.
+# real-VM suite (QEMU booting a Debian guest kernel), the qemu-ga suite, the suite
+# against QEMU's own ivshmem-server and ivshmem-client, and (as root) the Debian packages.
 # Installs what it needs from Debian's packages (run as root). Last line: N passed, M failed.
 #
 #   scripts/test.sh            everything
@@ -52,6 +52,10 @@ suite "fuzz findings replayed" cargo test -p ivring --release --features fuzzing
   --test fuzz_regressions
 suite "loom models" env RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 \
   cargo test -p ivring --release --lib --target-dir target/loom loom
+# Installs and purges the .debs (dpkg): root only.
+if [ "$(id -u)" = 0 ]; then
+  suite "Debian packages" bash scripts/packages.sh
+fi
 if [ "$vm" = 1 ]; then
   if true; then
     suite "e2e VM suite" bash e2e/run.sh

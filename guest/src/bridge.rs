@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use tracing::{info, warn};
 
 /// What `ivring-guest bridge` does.
 #[derive(Clone, Debug)]
@@ -70,14 +71,11 @@ pub fn run(endpoint: &Endpoint, opts: &GuestBridgeOptions) -> Result<()> {
     let listener = endpoint
         .listen(opts.port)
         .with_context(|| format!("listening on port {}", opts.port))?;
-    eprintln!(
-        "ivring-guest bridge: port {} -> {}",
-        opts.port,
-        opts.qga.display()
-    );
+    info!("bridge: port {} -> {}", opts.port, opts.qga.display());
+    ivring_host::notify::ready(&format!("bridge on port {}", opts.port));
     if !opts.qga.exists() {
-        eprintln!(
-            "ivring-guest bridge: warning: agent at {}: {}",
+        warn!(
+            "agent at {}: {}",
             opts.qga.display(),
             missing_socket(&opts.qga)
         );
@@ -91,7 +89,7 @@ pub fn run(endpoint: &Endpoint, opts: &GuestBridgeOptions) -> Result<()> {
                 return Err(e).context("accept");
             }
             Err(e) => {
-                eprintln!("ivring-guest bridge: accept: {e}");
+                warn!("bridge: accept: {e}");
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
@@ -117,8 +115,8 @@ fn serve_session(session: Session, n: u64, opts: &GuestBridgeOptions, stop: Arc<
     let (agent, leftover) = match open_agent(&opts.qga, id, opts.sync_timeout) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!(
-                "ivring-guest bridge: session {}: agent at {}: {e:#}",
+            warn!(
+                "bridge: session {}: agent at {}: {e:#}",
                 session.id(),
                 opts.qga.display()
             );
@@ -135,11 +133,11 @@ fn serve_session(session: Session, n: u64, opts: &GuestBridgeOptions, stop: Arc<
         why: format!("relay: {e}"),
     });
     close_agent(agent, opts.drain_timeout);
-    if opts.verbose || !end.clean {
-        eprintln!(
-            "ivring-guest bridge: session {sid} (#{n}, sync id {id}) ended ({}): {} bytes to the agent, {} back",
-            end.why, end.to_stream, end.to_session
-        );
+    let (why, to_agent, back) = (&end.why, end.to_stream, end.to_session);
+    if !end.clean {
+        warn!("bridge: session {sid} (#{n}, sync id {id}) ended ({why}): {to_agent} bytes to the agent, {back} back");
+    } else if opts.verbose {
+        info!("bridge: session {sid} (#{n}, sync id {id}) ended ({why}): {to_agent} bytes to the agent, {back} back");
     }
 }
 

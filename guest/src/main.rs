@@ -1,84 +1,20 @@
 //! `ivring-guest`: the guest side of ivring, run inside the VM.
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
 use ivring::layout::{side, HOST_BLOCK, PEER_ID_VALID};
 use ivring::{Config, Endpoint, Geometry, Role, SharedRegion};
 use ivring_guest::{device, GuestDevice, OpenOptions};
 use ivring_host::attach::{Attach, HostLink};
+use ivring_host::logging::{self, LinkWatch};
+use ivring_host::shm::human_size;
+use ivring_host::status;
 use ivring_host::{checks, services};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tracing::{info, warn};
 
-#[derive(Parser)]
-#[command(
-    name = "ivring-guest",
-    version,
-    about = "ivring in a QEMU guest: probe the ivshmem device, serve, check"
-)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Show the ivshmem devices, the interrupt mode and why, our peer id, and what the
-    /// host published in the shared header.
-    Probe {
-        /// The device to open (default: the only ivshmem device).
-        #[arg(long, value_name = "BDF")]
-        device: Option<String>,
-        /// Do not try VFIO (poll instead of interrupts).
-        #[arg(long)]
-        no_vfio: bool,
-    },
-    /// Run the echo, check, source, sink and zero-copy sink services (ports 1-4 and 6)
-    /// until killed.
-    Serve(AttachArgs),
-    /// Test the link against the host's services; prints `PASS name` / `FAIL name: why`.
-    Check {
-        #[command(flatten)]
-        attach: AttachArgs,
-        #[command(flatten)]
-        args: checks::CheckArgs,
-    },
-    /// Carry the QEMU guest agent: each session on --port becomes one connection to
-    /// `qemu-ga -m unix-listen -p QGA_SOCK`, its parser state scrubbed first.
-    Bridge {
-        /// The agent's socket.
-        #[arg(long, value_name = "QGA_SOCK")]
-        connect: PathBuf,
-        #[command(flatten)]
-        attach: AttachArgs,
-        /// The port to listen on.
-        #[arg(long, default_value_t = ivring_host::bridge::PORT_QGA)]
-        port: u32,
-    },
-}
-
-/// Where the guest end of the link comes from.
-#[derive(Args, Clone, Debug)]
-struct AttachArgs {
-    /// The ivshmem PCI device (default, or `auto`: the only one).
-    #[arg(long, value_name = "BDF", conflicts_with_all = ["join", "plain"])]
-    device: Option<String>,
-    /// Join an ivshmem server socket as QEMU would (tests on the host).
-    #[arg(long, value_name = "SOCK", conflicts_with = "plain")]
-    join: Option<PathBuf>,
-    /// Map a plain shared file (tests on the host).
-    #[arg(long, value_name = "FILE")]
-    plain: Option<PathBuf>,
-    /// With --join: accept shared memory the server has not sealed against shrinking
-    /// (QEMU's own ivshmem-server, -M or -m). Only for a trusted server: a process holding
-    /// the memory can shrink it, and a shrunk mapping kills us with SIGBUS.
-    #[arg(long, requires = "join", conflicts_with_all = ["plain", "device"])]
-    allow_unsealed: bool,
-    /// Do not try VFIO (poll instead of interrupts).
-    #[arg(long)]
-    no_vfio: bool,
-}
+mod cli;
+use cli::{AttachArgs, Cli, Cmd};
 
 /// The guest role attached to a device, or (for tests on the host) through ivring-host.
 enum GuestLink {
@@ -110,7 +46,7 @@ impl GuestLink {
             (None, None) => {
                 let dev = open_device(a.device.clone(), a.no_vfio)?;
                 if let Some(notice) = Geometry::header_wait_notice(&dev.region(), cfg.layout_wait) {
-                    eprintln!("ivring-guest: {notice}");
+                    warn!("{notice}");
                 }
                 let ep = Endpoint::unattached(Role::Guest, dev.region(), dev.doorbell(), cfg)?;
                 prepare(&ep)?;
@@ -140,6 +76,18 @@ impl GuestLink {
         }
     }
 
+    /// The link as log lines name it: the device, server socket or file.
+    fn label(&self, a: &AttachArgs) -> String {
+        match self {
+            GuestLink::Device { dev, .. } => format!("device {}", dev.bdf()),
+            GuestLink::Host(_) => match (&a.join, &a.plain) {
+                (Some(sock), _) => format!("server {}", sock.display()),
+                (None, Some(file)) => format!("plain {}", file.display()),
+                (None, None) => "link".into(),
+            },
+        }
+    }
+
     /// "interrupts: ..." or "polling: ...".
     fn why(&self) -> String {
         match self {
@@ -159,9 +107,15 @@ fn open_device(device: Option<String>, no_vfio: bool) -> Result<GuestDevice> {
 }
 
 fn main() {
-    let cli: Cli = ivring_host::error::parse_args("ivring-guest");
+    let cli: Cli = ivring_host::error::parse_args_from("ivring-guest", cli::command());
+    logging::init("ivring-guest", cli.verbosity);
     let r = match cli.cmd {
         Cmd::Probe { device, no_vfio } => probe(device, no_vfio),
+        Cmd::Status {
+            device,
+            json,
+            sysfs_root,
+        } => status(device, json, &sysfs_root),
         Cmd::Serve(a) => serve(&a),
         Cmd::Check { attach, args } => check(&attach, &args),
         Cmd::Bridge {
@@ -186,7 +140,7 @@ fn probe(device: Option<String>, no_vfio: bool) -> Result<()> {
             .iter()
             .enumerate()
             .filter(|(_, &s)| s != 0)
-            .map(|(i, &s)| format!("BAR{i} {}", human(s)))
+            .map(|(i, &s)| format!("BAR{i} {}", human_size(s)))
             .collect();
         println!(
             "  {} {:?}: {}; driver {}; IOMMU group {}",
@@ -207,8 +161,8 @@ fn probe(device: Option<String>, no_vfio: bool) -> Result<()> {
     match Geometry::read_header(&region) {
         Ok(Some(g)) => println!(
             "shared header: laid out by the host ({} rings of {} each)",
-            human(region.len() as u64),
-            human(g.capacity)
+            human_size(region.len() as u64),
+            human_size(g.capacity)
         ),
         Ok(None) => println!("shared header: not laid out yet (no host program has attached)"),
         Err(e) => println!("shared header: unusable: {e}"),
@@ -224,13 +178,30 @@ fn probe(device: Option<String>, no_vfio: bool) -> Result<()> {
     Ok(())
 }
 
+fn status(device: Option<String>, json: bool, root: &std::path::Path) -> Result<()> {
+    let device = device.filter(|d| d != "auto");
+    let info = device::select(root, device.as_deref())?;
+    info.check_bar2()?;
+    let region = ivring_host::shm::map_file_private(&info.path.join("resource2"))?;
+    let st = status::read(&region, format!("device {}", info.bdf), status::WATCH);
+    if json {
+        println!("{}", st.to_json());
+    } else {
+        print!("{}", st.text());
+    }
+    if st.state != status::State::Up {
+        std::process::exit(3);
+    }
+    Ok(())
+}
+
 fn serve(a: &AttachArgs) -> Result<()> {
     let link = GuestLink::open_with(a, Config::default(), services::spawn_all)
         .context("start the services")?;
-    eprintln!("ivring-guest: serving ports 1-4 and 6; {}", link.why());
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
-    }
+    info!("serving ports 1-4 and 6; {}", link.why());
+    let never = AtomicBool::new(false);
+    LinkWatch::new(link.label(a)).run(link.endpoint(), logging::WATCH_PERIOD, &never);
+    Ok(())
 }
 
 fn check(a: &AttachArgs, args: &checks::CheckArgs) -> Result<()> {
@@ -241,16 +212,16 @@ fn check(a: &AttachArgs, args: &checks::CheckArgs) -> Result<()> {
 
 fn bridge(connect: PathBuf, a: &AttachArgs, port: u32) -> Result<()> {
     let link = GuestLink::open(a, Config::default())?;
-    eprintln!("ivring-guest: bridge on port {port}; {}", link.why());
+    info!("bridge on port {port}; {}", link.why());
     let mut opts = ivring_guest::bridge::GuestBridgeOptions::new(connect);
     opts.port = port;
-    ivring_guest::bridge::run(link.endpoint(), &opts)
-}
-
-fn human(n: u64) -> String {
-    match n {
-        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
-        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
-        n => format!("{n} B"),
-    }
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            LinkWatch::new(link.label(a)).run(link.endpoint(), logging::WATCH_PERIOD, &stop)
+        });
+        let r = ivring_guest::bridge::run(link.endpoint(), &opts);
+        stop.store(true, Ordering::Relaxed);
+        r
+    })
 }

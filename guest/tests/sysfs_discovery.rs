@@ -500,3 +500,55 @@ fn already_bound_to_vfio_pci_writes_nothing() {
         "(null)\n"
     );
 }
+
+/// `ivring-guest status` on a device whose BAR2 a host program has laid out: read through
+/// the sysfs `resource2` file, without opening the device (no driver bound, no doorbell).
+#[test]
+fn status_reads_the_device_from_outside() {
+    use ivring::{Config, Role};
+    use ivring_host::attach::{Attach, HostLink};
+    use std::process::Command;
+    let fs = FakeSysfs::new();
+    let dev = fs.add(Dev::ivshmem("0000:00:04.0", true, 1 << 20));
+    let bar2 = dev.join("resource2");
+    let status = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ivring-guest"))
+            .arg("status")
+            .arg("--sysfs-root")
+            .arg(fs.root())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = status(&[]);
+    assert_eq!(code, Some(3), "{out}{err}");
+    assert!(out.contains("link    device 0000:00:04.0"), "{out}");
+    assert!(out.contains("state   empty"), "{out}");
+
+    let host = HostLink::open(
+        Role::Host,
+        &Attach::Plain {
+            file: bar2.clone(),
+            size: None,
+        },
+        Config::default(),
+    )
+    .unwrap();
+    let (code, out, err) = status(&["--json", "--device", "0000:00:04.0"]);
+    assert_eq!(code, Some(3), "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["state"], "waiting", "{v}");
+    assert_eq!(v["host"]["alive"], true, "{v}");
+    assert_eq!(v["size"], 1 << 20, "{v}");
+    drop(host);
+    // Nothing was bound or changed in the tree.
+    assert!(!dev.join("driver").exists());
+    let (code, _, err) = status(&["--device", "0000:00:09.0"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}

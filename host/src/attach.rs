@@ -65,6 +65,17 @@ impl Attach {
     }
 }
 
+impl std::fmt::Display for Attach {
+    /// The link as log lines name it: the server's socket or the plain file.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attach::Join(p) | Attach::JoinWith(p, _) => write!(f, "server {}", p.display()),
+            Attach::Serve { socket, .. } => write!(f, "server {}", socket.display()),
+            Attach::Plain { file, .. } => write!(f, "plain {}", file.display()),
+        }
+    }
+}
+
 impl HostLink {
     /// Attaches in `role`.
     pub fn open(role: Role, attach: &Attach, cfg: Config) -> Result<HostLink, HostError> {
@@ -111,7 +122,7 @@ impl HostLink {
         };
         if role == Role::Guest {
             if let Some(notice) = Geometry::header_wait_notice(&region, cfg.layout_wait) {
-                eprintln!("ivring: {notice}");
+                tracing::warn!("{notice}");
             }
         }
         let endpoint =

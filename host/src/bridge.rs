@@ -14,6 +14,7 @@
 //! qemu-ga's own socket does.
 
 use crate::attach::{Attach, HostLink};
+use crate::logging::{self, LinkWatch};
 use anyhow::{bail, Context, Result};
 use ivring::tokio::AsyncSession;
 use ivring::{Config, Role};
@@ -25,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::{info, warn};
 
 /// The port the guest bridge listens on by default (the guest agent's).
 pub const PORT_QGA: u32 = 5;
@@ -191,21 +193,10 @@ pub fn parse_mode(s: &str) -> std::result::Result<u32, String> {
     Ok(m)
 }
 
-/// Looks a group up by name (in `/etc/group`) or takes it as a number.
+/// Looks a group up by number, or by name through the system's name service (LDAP and
+/// sssd groups as well as `/etc/group`).
 pub fn resolve_group(g: &str) -> Result<u32> {
-    if let Ok(n) = g.parse::<u32>() {
-        return Ok(n);
-    }
-    let text = std::fs::read_to_string("/etc/group").context("reading /etc/group")?;
-    for line in text.lines() {
-        let mut f = line.split(':');
-        if f.next() == Some(g) {
-            if let Some(gid) = f.nth(1).and_then(|x| x.parse().ok()) {
-                return Ok(gid);
-            }
-        }
-    }
-    bail!("no group named {g:?} in /etc/group: give an existing group's name or number")
+    Ok(crate::server::resolve_group(g)?)
 }
 
 /// Binds a listening UNIX socket at `path` with `mode` (and `group`), created with no
@@ -293,8 +284,8 @@ pub fn run_host(opts: &HostBridgeOptions) -> Result<()> {
     let listener = bind_socket(&opts.listen, opts.mode, opts.group.as_deref())?;
     let link = HostLink::open(Role::Host, &opts.attach, Config::default())
         .context("attaching to the shared memory")?;
-    eprintln!(
-        "ivring-host bridge: clients on {} -> guest port {} ({}; {})",
+    info!(
+        "bridge: clients on {} -> guest port {} ({}; {})",
         opts.listen.display(),
         opts.port,
         if link.is_up() {
@@ -309,19 +300,27 @@ pub fn run_host(opts: &HostBridgeOptions) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let mut n = 0u64;
-    for client in listener.incoming() {
-        let client = match client {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("ivring-host bridge: accept: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        };
-        n += 1;
-        serve_client(&rt, &link, client, n, opts);
-    }
+    crate::notify::ready(&format!("bridge on {}", opts.listen.display()));
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            LinkWatch::new(opts.attach.to_string()).run(&link, logging::WATCH_PERIOD, &stop)
+        });
+        let mut n = 0u64;
+        for client in listener.incoming() {
+            let client = match client {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("bridge: accept: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            n += 1;
+            serve_client(&rt, &link, client, n, opts);
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
     Ok(())
 }
 
@@ -356,7 +355,7 @@ fn serve_client(
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(e) => {
-                eprintln!("ivring-host bridge: client {n}: no session to the guest: {e}");
+                warn!("bridge: client {n}: no session to the guest: {e}");
                 return;
             }
         }
@@ -377,10 +376,10 @@ fn serve_client(
             why: format!("relay: {e}"),
         },
     };
-    if opts.verbose {
-        eprintln!(
-            "ivring-host bridge: client {n}: session {} ended ({}): {} bytes to the guest, {} back",
-            id, end.why, end.to_session, end.to_stream
-        );
+    let (why, to_guest, back) = (&end.why, end.to_session, end.to_stream);
+    if !end.clean {
+        warn!("bridge: client {n}: session {id} ended ({why}): {to_guest} bytes to the guest, {back} back");
+    } else if opts.verbose {
+        info!("bridge: client {n}: session {id} ended ({why}): {to_guest} bytes to the guest, {back} back");
     }
 }

@@ -84,19 +84,80 @@ impl Client {
         Self::connect_with(path, &ConnectOptions::default())
     }
 
+    /// The shared memory of the ivshmem server at `path`, for looking at a link from
+    /// outside: joins, takes the memory from the handshake and leaves at once, without
+    /// waiting for the eventfds or ever ringing anyone. The server, and through it every
+    /// peer (QEMU included), still sees a peer join and leave: the protocol has no other
+    /// way to hand out the memory. Checks the seals as [`Client::connect_with`] does.
+    pub fn fetch_memory(path: impl AsRef<Path>, opts: &ConnectOptions) -> Result<OwnedFd> {
+        let path = path.as_ref().to_path_buf();
+        let sock = Self::connect_socket(&path)?;
+        let deadline = Instant::now() + opts.handshake_timeout;
+        let proto = |detail: &str| HostError::Protocol {
+            path: path.clone(),
+            detail: detail.into(),
+        };
+        let next = |what: &str| -> Result<(i64, Option<OwnedFd>)> {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !sys::poll_readable(&[sock.as_fd()], Some(left))?[0] {
+                return Err(HostError::HandshakeTimeout { path: path.clone() });
+            }
+            sys::recv_msg(sock.as_fd())?.ok_or_else(|| {
+                proto(&format!(
+                    "the server closed the connection before sending {what}"
+                ))
+            })
+        };
+        match next("the protocol version")? {
+            (0, None) => {}
+            (version, None) => {
+                return Err(HostError::BadVersion {
+                    path: path.clone(),
+                    version,
+                })
+            }
+            _ => return Err(proto("the version message carried an fd")),
+        }
+        if next("our peer id")?.1.is_some() {
+            return Err(proto("the peer id message carried an fd"));
+        }
+        let memfd = match next("the shared memory")? {
+            (-1, Some(fd)) => fd,
+            _ => return Err(proto("expected the shared memory (-1 with an fd)")),
+        };
+        if !opts.allow_unsealed {
+            sys::check_memfd(memfd.as_fd(), "the ivshmem server's shared memory")?;
+        }
+        Ok(memfd)
+    }
+
+    /// Connects to the server's socket, saying what is wrong with the path if it fails.
+    fn connect_socket(path: &Path) -> Result<UnixStream> {
+        UnixStream::connect(path).map_err(|e| {
+            use std::os::unix::fs::FileTypeExt;
+            match std::fs::metadata(path) {
+                Ok(md) if !md.file_type().is_socket() => HostError::NotAServerSocket {
+                    path: path.to_path_buf(),
+                },
+                Err(_) if e.kind() == std::io::ErrorKind::NotFound => HostError::NoServer {
+                    path: path.to_path_buf(),
+                },
+                _ => HostError::io(
+                    format!(
+                        "connect to ivshmem server {} (is it running?)",
+                        path.display()
+                    ),
+                    e,
+                ),
+            }
+        })
+    }
+
     /// Joins the ivshmem server at `path`: reads the version (must be 0), our id, the
     /// shared memory (validated and mapped), the other peers' and our own eventfds.
     pub fn connect_with(path: impl AsRef<Path>, opts: &ConnectOptions) -> Result<Client> {
         let path = path.as_ref().to_path_buf();
-        let sock = UnixStream::connect(&path).map_err(|e| {
-            HostError::io(
-                format!(
-                    "connect to ivshmem server {} (is it running?)",
-                    path.display()
-                ),
-                e,
-            )
-        })?;
+        let sock = Self::connect_socket(&path)?;
         let deadline = Instant::now() + opts.handshake_timeout;
         let proto = |detail: &str| HostError::Protocol {
             path: path.clone(),

@@ -70,6 +70,34 @@ pub enum HostError {
         path: PathBuf,
     },
 
+    /// The directory a socket should go in does not exist.
+    #[error("directory {} does not exist: create it (mkdir -p {}) or put the socket elsewhere", .dir.display(), .dir.display())]
+    NoSocketDir {
+        /// The missing directory.
+        dir: PathBuf,
+    },
+
+    /// `--join` named something that is not a socket.
+    #[error("{} is not a socket: give the socket of a running ivshmem server (ivring-host serve --socket)", .path.display())]
+    NotAServerSocket {
+        /// The path.
+        path: PathBuf,
+    },
+
+    /// Nothing exists where the ivshmem server's socket should be.
+    #[error("no ivshmem server socket at {}: start the server first (ivring-host serve --socket {})", .path.display(), .path.display())]
+    NoServer {
+        /// The socket path.
+        path: PathBuf,
+    },
+
+    /// A group name the system's name service does not know.
+    #[error("no group named {name:?}: give an existing group's name or number")]
+    NoSuchGroup {
+        /// The name given.
+        name: String,
+    },
+
     /// The number of vectors asked for is out of range.
     #[error("{vectors} vectors asked for; ivshmem needs 1 to {max}: pass --vectors in that range")]
     BadVectors {
@@ -158,11 +186,25 @@ pub fn one_line(e: &anyhow::Error) -> String {
 }
 
 /// Parses a binary's arguments; on bad arguments prints one line (the problem, then where
-/// to look) and exits with status 2. `--help` and `--version` print as usual.
+/// to look) and exits with status 2. `--help` and `--version` print as usual, and so does
+/// the help that a command run without arguments prints (on stderr, status 2).
 pub fn parse_args<P: clap::Parser>(bin: &str) -> P {
-    match P::try_parse() {
+    parse_args_from(bin, P::command())
+}
+
+/// [`parse_args`] with a [`clap::Command`] adjusted by the caller (e.g. a value name).
+pub fn parse_args_from<P: clap::FromArgMatches>(bin: &str, cmd: clap::Command) -> P {
+    let matches = cmd
+        .try_get_matches()
+        .and_then(|mut m| P::from_arg_matches_mut(&mut m));
+    match matches {
         Ok(p) => p,
-        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e)
+            if !e.use_stderr()
+                || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            e.exit()
+        }
         Err(e) => {
             let text = e.to_string();
             let problem: Vec<&str> = text
@@ -171,10 +213,14 @@ pub fn parse_args<P: clap::Parser>(bin: &str) -> P {
                 .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
                 .filter(|l| !l.is_empty())
                 .collect();
-            let problem = problem.join(" ");
-            let problem = problem.trim_start_matches("error: ");
-            eprintln!("{bin}: error: {problem} (see {bin} --help)");
-            std::process::exit(2);
+            usage_error(bin, problem.join(" ").trim_start_matches("error: "))
         }
     }
+}
+
+/// Prints `BIN: error: PROBLEM (see BIN --help)` and exits with status 2, as for an
+/// argument clap refused: for arguments that only make sense checked together.
+pub fn usage_error(bin: &str, problem: &str) -> ! {
+    eprintln!("{bin}: error: {problem} (see {bin} --help)");
+    std::process::exit(2);
 }

@@ -31,11 +31,14 @@ pub mod checks;
 pub mod client;
 pub mod demo;
 pub mod error;
+pub mod logging;
+pub mod notify;
 pub mod pollable;
 pub mod server;
 pub mod services;
 pub mod shm;
 mod shrink;
+pub mod status;
 mod sys;
 
 pub use attach::{Attach, HostLink};

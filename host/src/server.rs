@@ -22,12 +22,17 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+use tracing::{info, warn};
 
 /// How many peers one server serves by default; more are refused (and logged to stderr).
 /// See [`Server::with_max_peers`].
 pub const MAX_PEERS: usize = 64;
 /// How many vectors (eventfds per peer) a server hands out at most.
 pub const MAX_VECTORS: usize = 64;
+/// The runtime directory of the packaged units (systemd's `RuntimeDirectory=ivring`),
+/// created by [`prepare_socket_dir`] when missing.
+pub const RUNTIME_DIR: &str = "/run/ivring";
+
 /// How long a send to one peer may block before that peer counts as gone.
 const SEND_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -70,6 +75,8 @@ impl Server {
                 max: MAX_VECTORS,
             });
         }
+        crate::shm::validate_size("shared memory", size)?;
+        prepare_socket_dir(&path)?;
         let memfd = crate::shm::create_sealed_memfd("ivring", size)?;
         clear_stale_socket(&path)?;
         let listener = sys::bind_unix_0600(&path)?;
@@ -156,7 +163,7 @@ impl Server {
                 .filter(|(_, r)| **r)
                 .map(|(p, _)| p.id)
                 .collect();
-            remove_peers(&mut peers, gone);
+            remove_peers(&self.path, &mut peers, gone);
             if ready[1] {
                 self.accept_all(&mut peers);
             }
@@ -171,25 +178,22 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    eprintln!(
-                        "ivring-host: ivshmem server {}: accept: {e}",
-                        self.path.display()
-                    );
+                    warn!("ivshmem server {}: accept: {e}", self.path.display());
                     return;
                 }
             };
             if peers.len() >= self.max_peers {
-                eprintln!(
-                    "ivring-host: ivshmem server {}: refusing a peer: already {} peers connected \
-                     (the limit); disconnect one first",
+                warn!(
+                    "ivshmem server {}: refusing a peer: already {} peers connected (the \
+                     limit); disconnect one first",
                     self.path.display(),
                     self.max_peers
                 );
                 continue;
             }
             if let Err(e) = self.add_peer(peers, sock) {
-                eprintln!(
-                    "ivring-host: ivshmem server {}: new peer dropped: {e}",
+                warn!(
+                    "ivshmem server {}: new peer dropped: {e}",
                     self.path.display()
                 );
             }
@@ -237,7 +241,8 @@ impl Server {
             }
         }
         peers.push(Peer { id, sock, vectors });
-        remove_peers(peers, failed);
+        info!("ivshmem server {}: peer {id} joined", self.path.display());
+        remove_peers(&self.path, peers, failed);
         Ok(())
     }
 
@@ -268,17 +273,57 @@ impl Drop for Server {
 
 /// Removes the peers `gone` (closing their sockets and eventfds) and announces each leave
 /// to the rest; a peer the announcement cannot reach is removed in turn.
-fn remove_peers(peers: &mut Vec<Peer>, mut gone: Vec<u16>) {
+fn remove_peers(server: &Path, peers: &mut Vec<Peer>, mut gone: Vec<u16>) {
     while let Some(id) = gone.pop() {
         let Some(at) = peers.iter().position(|p| p.id == id) else {
             continue;
         };
         drop(peers.swap_remove(at));
+        info!("ivshmem server {}: peer {id} left", server.display());
         for p in peers.iter() {
             if sys::send_msg(p.sock.as_fd(), id.into(), None).is_err() && !gone.contains(&p.id) {
                 gone.push(p.id);
             }
         }
+    }
+}
+
+/// Makes sure the directory `socket` goes in exists: [`RUNTIME_DIR`] is created (mode
+/// 0755, as systemd's `RuntimeDirectory=` would); any other missing directory is a
+/// [`HostError::NoSocketDir`] naming it.
+pub fn prepare_socket_dir(socket: &Path) -> Result<()> {
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => return Ok(()),
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if dir == Path::new(RUNTIME_DIR) {
+        use std::os::unix::fs::DirBuilderExt;
+        return std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(dir)
+            .or_else(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(|e| HostError::io(format!("create {RUNTIME_DIR}"), e));
+    }
+    // The deepest missing ancestor is what to create first; name the whole path anyway.
+    Err(HostError::NoSocketDir { dir: dir.into() })
+}
+
+/// Looks a group up by number, or by name through the system's name service (so LDAP and
+/// sssd groups are found as well as those in `/etc/group`).
+pub fn resolve_group(group: &str) -> Result<u32> {
+    if let Ok(n) = group.parse::<u32>() {
+        return Ok(n);
+    }
+    match sys::group_id(group) {
+        Ok(Some(gid)) => Ok(gid),
+        Ok(None) => Err(HostError::NoSuchGroup { name: group.into() }),
+        Err(e) => Err(HostError::io(format!("look up group {group:?}"), e)),
     }
 }
 

@@ -24,25 +24,47 @@ pub const MAX_REGION: u64 = 1 << 30;
 /// Checks that `size` is a power of two from 64 KiB to 1 GiB; `what` names the region in
 /// the error, which suggests the nearest usable size.
 pub fn validate_size(what: &str, size: u64) -> Result<usize> {
-    if size.is_power_of_two() && (MIN_REGION..=MAX_REGION).contains(&size) {
+    if is_region_size(size) {
         return Ok(size as usize);
     }
-    let near = size
-        .clamp(MIN_REGION, MAX_REGION)
-        .next_power_of_two()
-        .min(MAX_REGION);
-    let suggest = if near >= 1 << 30 {
-        format!("{}G", near >> 30)
-    } else if near >= 1 << 20 {
-        format!("{}M", near >> 20)
-    } else {
-        format!("{}K", near >> 10)
-    };
     Err(HostError::BadSize {
         what: what.into(),
         size,
-        suggest,
+        suggest: short_size(nearest_region_size(size)),
     })
+}
+
+/// Whether ivring can use a region of `size` bytes: a power of two from 64 KiB to 1 GiB.
+pub fn is_region_size(size: u64) -> bool {
+    size.is_power_of_two() && (MIN_REGION..=MAX_REGION).contains(&size)
+}
+
+/// The usable region size nearest to `size` from above (or 1 GiB).
+pub fn nearest_region_size(size: u64) -> u64 {
+    size.clamp(MIN_REGION, MAX_REGION)
+        .next_power_of_two()
+        .min(MAX_REGION)
+}
+
+/// `n` bytes as a size argument: "4M", "64K", "1G", or plain bytes.
+pub fn short_size(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{}G", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}M", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}K", n >> 10),
+        n => n.to_string(),
+    }
+}
+
+/// `n` bytes for people: "64 KiB", "4 MiB", "1 GiB", "100 B" (the largest unit that
+/// divides it exactly).
+pub fn human_size(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{} GiB", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
+    }
 }
 
 /// Creates a memfd of `size` bytes (validated) sealed with `F_SEAL_SHRINK | F_SEAL_GROW |
@@ -108,6 +130,62 @@ fn map_fd_with(
     Ok(unsafe { SharedRegion::new(base, len, owner) })
 }
 
+/// A private (copy-on-write) mapping, unmapped on drop.
+struct PrivateMapping {
+    base: *mut std::ffi::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; nothing about it is tied to a
+// thread, and it is only unmapped (in drop) once no clone of the region refers to it.
+unsafe impl Send for PrivateMapping {}
+// SAFETY: as above; the owner gives no access to the memory itself.
+unsafe impl Sync for PrivateMapping {}
+
+impl Drop for PrivateMapping {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` are exactly what mmap returned, and the region's clones,
+        // which hold this owner, are all gone.
+        let _ = unsafe { rustix::mm::munmap(self.base, self.len) };
+    }
+}
+
+/// Maps the whole of `fd` private (copy-on-write) after validating its size: the pages
+/// show what the other processes write, and nothing written through this mapping (this
+/// crate's readers write nothing) could ever reach them. For looking at a link from
+/// outside ([`crate::status`]). `what` names it in errors.
+pub fn map_fd_private(fd: BorrowedFd<'_>, what: &str) -> Result<SharedRegion> {
+    use rustix::mm::{MapFlags, ProtFlags};
+    let len = validate_size(what, sys::fd_size(fd)?)?;
+    // SAFETY: a new mapping at an address the kernel chooses, so no existing memory is
+    // affected; private, so no write through it reaches the file or its other mappers.
+    let base = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE,
+            fd,
+            0,
+        )
+    }
+    .map_err(|e| HostError::io(format!("mmap {what}"), e))?;
+    let owner = Arc::new(PrivateMapping { base, len });
+    // SAFETY: `base` is a fresh private read-write mapping of `len` bytes, page-aligned;
+    // `owner` keeps it mapped while any clone of the region lives, and nothing in this
+    // process holds references into it. The callers map sealed memfds or files whose
+    // owners they trust, as for the shared mappings.
+    Ok(unsafe { SharedRegion::new(base.cast(), len, owner) })
+}
+
+/// [`map_fd_private`] of a file opened read-only (a plain file, or a guest's sysfs
+/// `resource2`).
+pub fn map_file_private(path: &Path) -> Result<SharedRegion> {
+    let file =
+        File::open(path).map_err(|e| HostError::io(format!("open {}", path.display()), e))?;
+    map_fd_private(file.as_fd(), &path.display().to_string())
+}
+
 /// Maps a memfd after checking that it is sealed against shrinking and validating its size.
 pub fn map_memfd(fd: BorrowedFd<'_>) -> Result<SharedRegion> {
     check_memfd(fd)?;
@@ -120,7 +198,17 @@ pub fn map_file(path: &Path) -> Result<SharedRegion> {
         .read(true)
         .write(true)
         .open(path)
-        .map_err(|e| HostError::io(format!("open {}", path.display()), e))?;
+        .map_err(|e| {
+            let e = match e.kind() {
+                std::io::ErrorKind::NotFound => std::io::Error::new(
+                    e.kind(),
+                    "no such file: give its size (--size) to create it, or start first the \
+                     program that creates it (QEMU's memory-backend-file)",
+                ),
+                _ => e,
+            };
+            HostError::io(format!("open {}", path.display()), e)
+        })?;
     map_fd(file.as_fd(), &path.display().to_string())
 }
 
@@ -159,4 +247,23 @@ pub fn open_or_create_file(path: &Path, size: u64) -> Result<File> {
         ));
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_in_words() {
+        assert_eq!(human_size(64 << 10), "64 KiB");
+        assert_eq!(human_size(4 << 20), "4 MiB");
+        assert_eq!(human_size(1 << 30), "1 GiB");
+        assert_eq!(human_size((1 << 20) + (1 << 10)), "1025 KiB");
+        assert_eq!(human_size(100), "100 B");
+        assert_eq!(short_size(3 << 20), "3M");
+        assert_eq!(nearest_region_size(3 << 20), 4 << 20);
+        assert_eq!(nearest_region_size(1), MIN_REGION);
+        assert_eq!(nearest_region_size(u64::MAX), MAX_REGION);
+        assert!(is_region_size(64 << 10) && !is_region_size(32 << 10));
+    }
 }

@@ -102,8 +102,15 @@ pub(crate) fn fd_size(fd: BorrowedFd<'_>) -> Result<u64> {
 /// A memfd of `size` bytes sealed against shrinking, growing and further sealing, so no
 /// one who receives it can truncate it under a mapping (which would SIGBUS the mapper).
 pub(crate) fn create_sealed_memfd(name: &str, size: u64) -> Result<OwnedFd> {
-    let fd = rustix::fs::memfd_create(name, MemfdFlags::ALLOW_SEALING | MemfdFlags::CLOEXEC)
-        .map_err(|e| HostError::io("memfd_create", e))?;
+    // MFD_NOEXEC_SEAL (Linux 6.3) keeps the memory from ever being executed, and newer
+    // kernels warn about memfds created without saying either way; older ones refuse the
+    // flag with EINVAL.
+    let flags = MemfdFlags::ALLOW_SEALING | MemfdFlags::CLOEXEC;
+    let fd = match rustix::fs::memfd_create(name, flags | MemfdFlags::NOEXEC_SEAL) {
+        Err(Errno::INVAL) => rustix::fs::memfd_create(name, flags),
+        r => r,
+    }
+    .map_err(|e| HostError::io("memfd_create", e))?;
     rustix::fs::ftruncate(&fd, size)
         .map_err(|e| HostError::io(format!("size memfd to {size} bytes"), e))?;
     rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
@@ -236,6 +243,42 @@ pub(crate) fn recv_msg(sock: BorrowedFd<'_>) -> Result<Option<(i64, Option<Owned
     Ok(Some((i64::from_le_bytes(bytes), fds.pop())))
 }
 
+/// The id of the group named `name`, looked up through the system's name service (NSS:
+/// `/etc/group`, and LDAP, sssd or systemd-userdb groups where configured). `Ok(None)`
+/// when no such group exists.
+pub(crate) fn group_id(name: &str) -> io::Result<Option<u32>> {
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "group name holds a NUL"))?;
+    let mut buf = vec![0u8; 1024];
+    loop {
+        let mut grp = MaybeUninit::<libc::group>::uninit();
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call: `cname` is NUL-terminated, `grp`
+        // is writable storage for one `group`, `buf` is writable for `buf.len()` bytes and
+        // `found` is a writable pointer. The strings the result points at live in `buf`;
+        // only the gid (a plain integer) is read from it, before `buf` changes.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                cname.as_ptr(),
+                grp.as_mut_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        match rc {
+            0 if found.is_null() => return Ok(None),
+            // SAFETY: getgrnam_r returned 0 with a non-null result, which points at `grp`,
+            // now initialized.
+            0 => return Ok(Some(unsafe { (*found).gr_gid })),
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            // Some NSS modules report "no such group" as one of these instead of 0.
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
+            rc => return Err(io::Error::from_raw_os_error(rc)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,5 +386,24 @@ mod tests {
             "shrinking must fail"
         );
         assert_eq!(fd_size(fd.as_fd()).unwrap(), 1 << 16);
+    }
+
+    #[test]
+    fn memfd_sealed_against_exec_where_the_kernel_can() {
+        let fd = create_sealed_memfd("t", 1 << 16).unwrap();
+        let seals = rustix::fs::fcntl_get_seals(&fd).unwrap();
+        assert!(seals.contains(SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL));
+        let kernel_knows =
+            rustix::fs::memfd_create("probe", MemfdFlags::CLOEXEC | MemfdFlags::NOEXEC_SEAL)
+                .is_ok();
+        assert_eq!(seals.contains(SealFlags::EXEC), kernel_knows, "{seals:?}");
+    }
+
+    #[test]
+    fn groups_through_the_name_service() {
+        // `root` is group 0 on every Linux system; the lookup goes through NSS.
+        assert_eq!(group_id("root").unwrap(), Some(0));
+        assert_eq!(group_id("no-such-group-ivring-test").unwrap(), None);
+        assert!(group_id("bad\0name").is_err());
     }
 }
