@@ -153,8 +153,9 @@ async fn many_clients(server: Arc<Endpoint>, clients: Arc<Endpoint>) {
         t.elapsed().as_secs_f64()
     );
     server_task.abort();
-    // Each server connection ends (Ok) once its client closes.
-    for _ in 0..200 {
+    // Each server connection ends (Ok) once its client closes (generous for a loaded
+    // machine: up to 20 s).
+    for _ in 0..2000 {
         if served.load(Ordering::Relaxed) == CONNECTIONS as u64 {
             break;
         }

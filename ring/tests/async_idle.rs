@@ -34,6 +34,9 @@ async fn four_thousand_idle_sessions_cost_almost_nothing() {
     let (a, b) = local::pair();
     let cfg = Config {
         peer_timeout: Duration::from_secs(60),
+        // The connects may run ahead of the acceptor task: room for all of them, or a
+        // full backlog refuses the rest.
+        backlog: SESSIONS,
         ..Config::default()
     };
     let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
