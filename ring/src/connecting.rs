@@ -148,7 +148,10 @@ impl Connecting {
                 self.withdraw(&mut link);
                 Err(io::Error::new(
                     io::ErrorKind::ConnectionRefused,
-                    format!("ivring: nothing listens on port {}", self.port),
+                    format!(
+                        "ivring: port {} refused the session (nothing listens there, or its backlog or the session limit is full)",
+                        self.port
+                    ),
                 ))
             }
         }

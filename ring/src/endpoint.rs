@@ -874,7 +874,7 @@ impl Endpoint {
                 State::Connecting => Ok(None),
                 State::Refused => Err(io::Error::new(
                     io::ErrorKind::ConnectionRefused,
-                    format!("ivring: nothing listens on port {port}"),
+                    format!("ivring: port {port} refused the session (nothing listens there, or its backlog or the session limit is full)"),
                 )),
                 State::Reset(_) => unreachable!("session() reports resets"),
             }
