@@ -11,22 +11,9 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// xorshift64*: deterministic for a seed.
-pub struct Rng(pub u64);
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    pub fn chance(&mut self, one_in: u64) -> bool {
-        self.below(one_in) == 0
-    }
-}
+pub mod damage;
+#[allow(unused_imports)] // not every test file draws random numbers
+pub use damage::Rng;
 
 /// The byte a (hostile or honest) sender puts at `pos` of session `id`: a reader can check
 /// every byte it gets without the sender telling it anything.
