@@ -138,6 +138,41 @@ fn register_fd(
     }
 }
 
+/// `AsFd` and mio's `Source` for a wrapper whose `signal` field holds its eventfd.
+macro_rules! signal_source {
+    ($t:ty) => {
+        impl AsFd for $t {
+            fn as_fd(&self) -> BorrowedFd<'_> {
+                self.signal.fd.as_fd()
+            }
+        }
+
+        impl Source for $t {
+            fn register(
+                &mut self,
+                registry: &Registry,
+                token: Token,
+                interests: Interest,
+            ) -> io::Result<()> {
+                register_fd(self.signal.fd.as_fd(), registry, token, interests, false)
+            }
+
+            fn reregister(
+                &mut self,
+                registry: &Registry,
+                token: Token,
+                interests: Interest,
+            ) -> io::Result<()> {
+                register_fd(self.signal.fd.as_fd(), registry, token, interests, true)
+            }
+
+            fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+                SourceFd(&self.signal.fd.as_raw_fd()).deregister(registry)
+            }
+        }
+    };
+}
+
 /// A non-blocking [`Session`] that mio can wait on: `Read + Write` (also through `&`),
 /// `mio::event::Source`. Its registration reports readable whenever the session may
 /// have become readable or writable (data, EOF, credit, ring space, a reset).
@@ -204,35 +239,7 @@ impl io::Write for MioSession {
     }
 }
 
-impl AsFd for MioSession {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.signal.fd.as_fd()
-    }
-}
-
-impl Source for MioSession {
-    fn register(
-        &mut self,
-        registry: &Registry,
-        token: Token,
-        interests: Interest,
-    ) -> io::Result<()> {
-        register_fd(self.signal.fd.as_fd(), registry, token, interests, false)
-    }
-
-    fn reregister(
-        &mut self,
-        registry: &Registry,
-        token: Token,
-        interests: Interest,
-    ) -> io::Result<()> {
-        register_fd(self.signal.fd.as_fd(), registry, token, interests, true)
-    }
-
-    fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
-        SourceFd(&self.signal.fd.as_raw_fd()).deregister(registry)
-    }
-}
+signal_source!(MioSession);
 
 /// A non-blocking [`Listener`] that mio can wait on: its registration reports readable
 /// when a session may be waiting to be accepted.
@@ -271,32 +278,4 @@ impl MioListener {
     }
 }
 
-impl AsFd for MioListener {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.signal.fd.as_fd()
-    }
-}
-
-impl Source for MioListener {
-    fn register(
-        &mut self,
-        registry: &Registry,
-        token: Token,
-        interests: Interest,
-    ) -> io::Result<()> {
-        register_fd(self.signal.fd.as_fd(), registry, token, interests, false)
-    }
-
-    fn reregister(
-        &mut self,
-        registry: &Registry,
-        token: Token,
-        interests: Interest,
-    ) -> io::Result<()> {
-        register_fd(self.signal.fd.as_fd(), registry, token, interests, true)
-    }
-
-    fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
-        SourceFd(&self.signal.fd.as_raw_fd()).deregister(registry)
-    }
-}
+signal_source!(MioListener);
