@@ -122,34 +122,44 @@ pub struct Row {
     pub extra: Vec<(String, f64)>,
 }
 
-fn out_row(r: &Row) -> String {
-    fn num(v: Option<f64>) -> String {
-        match v {
-            Some(x) if x.is_finite() => format!("{x:.1}"),
-            _ => "null".into(),
+/// A row as one JSON object, fields in a fixed order: the figures, `ratio` and
+/// `ratio_to`, then the extra figures as fields of their own. Missing or non-finite
+/// numbers are null. Numbers are rounded as the table prints them (0.1 for the figures,
+/// 0.001 for the ratio, 0.0001 for the extras) so that rows stay short.
+struct JsonRow<'a>(&'a Row);
+
+fn rounded(v: Option<f64>, decimals: i32) -> Option<f64> {
+    let scale = 10f64.powi(decimals);
+    v.filter(|x| x.is_finite())
+        .map(|x| (x * scale).round() / scale)
+}
+
+impl serde::Serialize for JsonRow<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let r = self.0;
+        let mut map = serializer.serialize_map(Some(12 + r.extra.len()))?;
+        map.serialize_entry("name", &r.name)?;
+        map.serialize_entry("mode", &r.mode)?;
+        map.serialize_entry("block", &r.block)?;
+        map.serialize_entry("size", &r.size)?;
+        map.serialize_entry("sessions", &r.sessions)?;
+        map.serialize_entry("msgs_per_s", &rounded(r.msgs_per_s, 1))?;
+        map.serialize_entry("bytes_per_s", &rounded(r.bytes_per_s, 1))?;
+        map.serialize_entry("rtt_p50_ns", &rounded(r.rtt.map(|x| x[0]), 1))?;
+        map.serialize_entry("rtt_p99_ns", &rounded(r.rtt.map(|x| x[1]), 1))?;
+        map.serialize_entry("rtt_p999_ns", &rounded(r.rtt.map(|x| x[2]), 1))?;
+        map.serialize_entry("ratio", &rounded(r.ratio.as_ref().map(|x| x.0), 3))?;
+        map.serialize_entry("ratio_to", &r.ratio.as_ref().map(|x| &x.1))?;
+        for (k, v) in &r.extra {
+            map.serialize_entry(k, &rounded(Some(*v), 4))?;
         }
+        map.end()
     }
-    let mut s = format!(
-        "{{\"name\":\"{}\",\"mode\":\"{}\",\"block\":\"{}\",\"size\":{},\"sessions\":{},\"msgs_per_s\":{},\"bytes_per_s\":{},\"rtt_p50_ns\":{},\"rtt_p99_ns\":{},\"rtt_p999_ns\":{}",
-        r.name,
-        r.mode,
-        r.block,
-        r.size,
-        r.sessions,
-        num(r.msgs_per_s),
-        num(r.bytes_per_s),
-        num(r.rtt.map(|x| x[0])),
-        num(r.rtt.map(|x| x[1])),
-        num(r.rtt.map(|x| x[2])),
-    );
-    match &r.ratio {
-        Some((v, b)) => s += &format!(",\"ratio\":{v:.3},\"ratio_to\":\"{b}\""),
-        None => s += ",\"ratio\":null,\"ratio_to\":null",
-    }
-    for (k, v) in &r.extra {
-        s += &format!(",\"{k}\":{v:.4}");
-    }
-    s + "}"
+}
+
+fn out_row(r: &Row) -> Result<String> {
+    Ok(serde_json::to_string(&JsonRow(r))?)
 }
 
 fn human_rate(v: f64) -> String {
@@ -1267,7 +1277,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if args.json {
         for r in &rows {
-            writeln!(out, "{}", out_row(r))?;
+            writeln!(out, "{}", out_row(r)?)?;
         }
     } else {
         writeln!(
@@ -1432,4 +1442,76 @@ pub fn plot_svg(rows: &[Row]) -> String {
         );
     }
     s + "</svg>\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{out_row, Row};
+    use serde_json::Value;
+
+    #[test]
+    fn json_row_parses_back_with_every_field() {
+        let r = Row {
+            name: "ivring/rtt/stream".into(),
+            mode: "poll".into(),
+            block: "poll".into(),
+            size: 64,
+            sessions: 1,
+            msgs_per_s: Some(250_000.04),
+            bytes_per_s: None,
+            rtt: Some([4000.0, 9000.0, 12345.67]),
+            ratio: Some((1.23456, "cacheline".into())),
+            extra: vec![
+                ("samples".into(), 1000.0),
+                ("vs_uds".into(), 0.123456),
+                ("not_a_number".into(), f64::NAN),
+            ],
+        };
+        let line = out_row(&r).unwrap();
+        assert!(!line.contains('\n'));
+        let v: Value = serde_json::from_str(&line).unwrap();
+        let o = v.as_object().unwrap();
+        assert_eq!(o["name"], "ivring/rtt/stream");
+        assert_eq!(o["mode"], "poll");
+        assert_eq!(o["block"], "poll");
+        assert_eq!(o["size"], 64);
+        assert_eq!(o["sessions"], 1);
+        assert_eq!(o["msgs_per_s"].as_f64(), Some(250_000.0));
+        assert!(o["bytes_per_s"].is_null());
+        assert_eq!(o["rtt_p50_ns"].as_f64(), Some(4000.0));
+        assert_eq!(o["rtt_p99_ns"].as_f64(), Some(9000.0));
+        assert_eq!(o["rtt_p999_ns"].as_f64(), Some(12345.7));
+        assert_eq!(o["ratio"].as_f64(), Some(1.235));
+        assert_eq!(o["ratio_to"], "cacheline");
+        assert_eq!(o["samples"].as_f64(), Some(1000.0));
+        assert_eq!(o["vs_uds"].as_f64(), Some(0.1235));
+        assert!(o["not_a_number"].is_null());
+        assert_eq!(o.len(), 15);
+        // Field order as readers of the old rows saw it.
+        let at = |k: &str| line.find(&format!("\"{k}\":")).unwrap();
+        assert!(at("name") < at("size") && at("size") < at("rtt_p999_ns"));
+        assert!(at("rtt_p999_ns") < at("ratio") && at("ratio_to") < at("samples"));
+    }
+
+    #[test]
+    fn json_row_without_figures_has_nulls() {
+        let r = Row {
+            name: "baseline/uds".into(),
+            mode: "-".into(),
+            ..Row::default()
+        };
+        let v: Value = serde_json::from_str(&out_row(&r).unwrap()).unwrap();
+        for k in [
+            "msgs_per_s",
+            "bytes_per_s",
+            "rtt_p50_ns",
+            "rtt_p99_ns",
+            "rtt_p999_ns",
+            "ratio",
+            "ratio_to",
+        ] {
+            assert!(v[k].is_null(), "{k}");
+        }
+        assert_eq!(v["block"], "");
+    }
 }
