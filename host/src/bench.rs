@@ -13,9 +13,10 @@
 mod spsc;
 
 use crate::attach::{Attach, HostLink};
-use crate::demo::pct;
+use crate::demo::{pct, record_rtt, rtt_histogram};
 use crate::services;
 use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
 use ivring::{Config, Endpoint, IdleWait, Readiness, Role, Session, SessionOptions, WaitMode};
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -324,7 +325,7 @@ fn uds_tput(size: usize, secs: f64) -> Result<(f64, f64)> {
     Ok((sent as f64 / size as f64 / el, sent as f64 / el))
 }
 
-fn uds_rtt(size: usize, secs: f64) -> Result<Vec<u64>> {
+fn uds_rtt(size: usize, secs: f64) -> Result<Histogram<u64>> {
     let (mut a, mut b) = UnixStream::pair()?;
     let echo = std::thread::spawn(move || {
         let mut buf = vec![0u8; size];
@@ -336,21 +337,20 @@ fn uds_rtt(size: usize, secs: f64) -> Result<Vec<u64>> {
     });
     let out = vec![7u8; size];
     let mut back = vec![0u8; size];
-    let mut v = Vec::new();
+    let mut v = rtt_histogram();
     let t0 = Instant::now();
     while t0.elapsed().as_secs_f64() < secs {
         let t = Instant::now();
         a.write_all(&out)?;
         a.read_exact(&mut back)?;
-        v.push(t.elapsed().as_nanos() as u64);
+        record_rtt(&mut v, t.elapsed());
     }
     drop(a);
     let _ = echo.join();
-    v.sort_unstable();
     Ok(v)
 }
 
-fn eventfd_rtt(secs: f64) -> Result<Vec<u64>> {
+fn eventfd_rtt(secs: f64) -> Result<Histogram<u64>> {
     use rustix::event::{eventfd, EventfdFlags};
     let ping = Arc::new(eventfd(0, EventfdFlags::empty())?);
     let pong = Arc::new(eventfd(0, EventfdFlags::empty())?);
@@ -366,25 +366,24 @@ fn eventfd_rtt(secs: f64) -> Result<Vec<u64>> {
         }
     });
     let mut b = [0u8; 8];
-    let mut v = Vec::new();
+    let mut v = rtt_histogram();
     let t0 = Instant::now();
     while t0.elapsed().as_secs_f64() < secs {
         let s = Instant::now();
         rustix::io::write(&*ping, &1u64.to_ne_bytes())?;
         rustix::io::read(&*pong, &mut b)?;
-        v.push(s.elapsed().as_nanos() as u64);
+        record_rtt(&mut v, s.elapsed());
     }
     stop.store(true, Ordering::Relaxed);
     rustix::io::write(&*ping, &1u64.to_ne_bytes())?;
     let _ = t.join();
-    v.sort_unstable();
     Ok(v)
 }
 
 #[repr(align(128))]
 struct Line(AtomicU64);
 
-fn cacheline_rtt(secs: f64) -> Vec<u64> {
+fn cacheline_rtt(secs: f64) -> Histogram<u64> {
     let ping = Arc::new(Line(AtomicU64::new(0)));
     let pong = Arc::new(Line(AtomicU64::new(0)));
     let (pi, po) = (ping.clone(), pong.clone());
@@ -410,7 +409,7 @@ fn cacheline_rtt(secs: f64) -> Vec<u64> {
             }
         }
     });
-    let mut v = Vec::new();
+    let mut v = rtt_histogram();
     let t0 = Instant::now();
     let mut i = 0u64;
     while t0.elapsed().as_secs_f64() < secs {
@@ -426,15 +425,14 @@ fn cacheline_rtt(secs: f64) -> Vec<u64> {
                 std::thread::yield_now();
             }
         }
-        v.push(s.elapsed().as_nanos() as u64);
+        record_rtt(&mut v, s.elapsed());
     }
     ping.0.store(u64::MAX, Ordering::Release);
     let _ = t.join();
-    v.sort_unstable();
     v
 }
 
-fn rtt_row(name: &str, mode: &str, size: usize, v: &[u64]) -> Row {
+fn rtt_row(name: &str, mode: &str, size: usize, v: &Histogram<u64>) -> Row {
     let p = [
         pct(v, 50.0) as f64,
         pct(v, 99.0) as f64,
@@ -539,11 +537,13 @@ fn tput_of(slices: &[(f64, f64)], size: usize) -> (f64, f64) {
     (bytes / size as f64 / secs, bytes / secs)
 }
 
-/// Merges round-trip slices into one sorted set.
-fn rtt_of(slices: Vec<Vec<u64>>) -> Vec<u64> {
-    let mut v: Vec<u64> = slices.into_iter().flatten().collect();
-    v.sort_unstable();
-    v
+/// Merges round-trip slices into one histogram.
+fn rtt_of(slices: Vec<Histogram<u64>>) -> Result<Histogram<u64>> {
+    let mut all = rtt_histogram();
+    for h in slices {
+        all.add(h)?;
+    }
+    Ok(all)
 }
 
 // ------------------------------------------------------------------------- ivring figures
@@ -596,11 +596,11 @@ fn ivring_tput(
     Ok((sent as f64 / size as f64 / el, sent as f64 / el))
 }
 
-fn ivring_rtt(ep: &Endpoint, size: usize, secs: f64, message: bool) -> Result<Vec<u64>> {
+fn ivring_rtt(ep: &Endpoint, size: usize, secs: f64, message: bool) -> Result<Histogram<u64>> {
     let mut s = ep.connect_with(services::PORT_ECHO, SessionOptions { message })?;
     let out = vec![7u8; size];
     let mut back = vec![0u8; size];
-    let mut v = Vec::new();
+    let mut v = rtt_histogram();
     let t0 = Instant::now();
     while t0.elapsed().as_secs_f64() < secs {
         let t = Instant::now();
@@ -613,9 +613,8 @@ fn ivring_rtt(ep: &Endpoint, size: usize, secs: f64, message: bool) -> Result<Ve
         } else {
             s.read_exact(&mut back)?;
         }
-        v.push(t.elapsed().as_nanos() as u64);
+        record_rtt(&mut v, t.elapsed());
     }
-    v.sort_unstable();
     Ok(v)
 }
 
@@ -1007,14 +1006,14 @@ fn measure_block(
             let mut fl = |t: f64| match floor {
                 Some("cacheline") => Ok(cacheline_rtt(t)),
                 Some(_) => eventfd_rtt(t),
-                None => Ok(Vec::new()),
+                None => Ok(rtt_histogram()),
             };
             let mut res = interleave(secs, &mut [&mut ivr, &mut uds, &mut fl])?;
-            let f = rtt_of(res.pop().unwrap_or_default());
-            let u = rtt_of(res.pop().unwrap_or_default());
-            let v = rtt_of(res.pop().unwrap_or_default());
+            let f = rtt_of(res.pop().unwrap_or_default())?;
+            let u = rtt_of(res.pop().unwrap_or_default())?;
+            let v = rtt_of(res.pop().unwrap_or_default())?;
             let mut r = rtt_row(name, m, size, &v);
-            let p50 = |x: &[u64]| pct(x, 50.0) as f64;
+            let p50 = |x: &Histogram<u64>| pct(x, 50.0) as f64;
             r.extra.push(("uds_p50_ns".into(), p50(&u)));
             r.extra.push(("vs_uds".into(), p50(&v) / p50(&u).max(1.0)));
             if let Some(sp) = base.find("baseline/spsc", size, true).and_then(|b| b.rtt) {
@@ -1446,8 +1445,31 @@ pub fn plot_svg(rows: &[Row]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{out_row, Row};
+    use super::{out_row, rtt_of, rtt_row, Row};
+    use crate::demo::{pct, record_rtt, rtt_histogram};
     use serde_json::Value;
+    use std::time::Duration;
+
+    #[test]
+    fn merged_round_trips_keep_every_sample_and_exact_percentiles() {
+        // Two slices: 1..=1000 us and one 30 s stall.
+        let mut first = rtt_histogram();
+        for us in 1..=1000u64 {
+            record_rtt(&mut first, Duration::from_micros(us));
+        }
+        let mut second = rtt_histogram();
+        record_rtt(&mut second, Duration::from_secs(30));
+        let all = rtt_of(vec![first, second, rtt_histogram()]).unwrap();
+        assert_eq!(all.len(), 1001);
+        let close = |got: u64, want: u64| got.abs_diff(want) * 1000 <= want;
+        assert!(close(pct(&all, 50.0), 501_000), "{}", pct(&all, 50.0));
+        assert!(close(pct(&all, 99.0), 991_000), "{}", pct(&all, 99.0));
+        assert!(close(pct(&all, 100.0), 30_000_000_000));
+        let r = rtt_row("ivring/rtt/stream", "poll", 64, &all);
+        assert_eq!(r.extra, vec![("samples".to_string(), 1001.0)]);
+        assert!(close(r.rtt.unwrap()[0] as u64, 501_000));
+        assert_eq!(pct(&rtt_histogram(), 50.0), 0);
+    }
 
     #[test]
     fn json_row_parses_back_with_every_field() {
