@@ -13,9 +13,10 @@
 mod spsc;
 
 use crate::attach::{Attach, HostLink};
-use crate::demo::pct;
+use crate::demo::{pct, record_rtt, rtt_histogram};
 use crate::services;
 use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
 use ivring::{Config, Endpoint, IdleWait, Readiness, Role, Session, SessionOptions, WaitMode};
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -122,34 +123,44 @@ pub struct Row {
     pub extra: Vec<(String, f64)>,
 }
 
-fn out_row(r: &Row) -> String {
-    fn num(v: Option<f64>) -> String {
-        match v {
-            Some(x) if x.is_finite() => format!("{x:.1}"),
-            _ => "null".into(),
+/// A row as one JSON object, fields in a fixed order: the figures, `ratio` and
+/// `ratio_to`, then the extra figures as fields of their own. Missing or non-finite
+/// numbers are null. Numbers are rounded as the table prints them (0.1 for the figures,
+/// 0.001 for the ratio, 0.0001 for the extras) so that rows stay short.
+struct JsonRow<'a>(&'a Row);
+
+fn rounded(v: Option<f64>, decimals: i32) -> Option<f64> {
+    let scale = 10f64.powi(decimals);
+    v.filter(|x| x.is_finite())
+        .map(|x| (x * scale).round() / scale)
+}
+
+impl serde::Serialize for JsonRow<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let r = self.0;
+        let mut map = serializer.serialize_map(Some(12 + r.extra.len()))?;
+        map.serialize_entry("name", &r.name)?;
+        map.serialize_entry("mode", &r.mode)?;
+        map.serialize_entry("block", &r.block)?;
+        map.serialize_entry("size", &r.size)?;
+        map.serialize_entry("sessions", &r.sessions)?;
+        map.serialize_entry("msgs_per_s", &rounded(r.msgs_per_s, 1))?;
+        map.serialize_entry("bytes_per_s", &rounded(r.bytes_per_s, 1))?;
+        map.serialize_entry("rtt_p50_ns", &rounded(r.rtt.map(|x| x[0]), 1))?;
+        map.serialize_entry("rtt_p99_ns", &rounded(r.rtt.map(|x| x[1]), 1))?;
+        map.serialize_entry("rtt_p999_ns", &rounded(r.rtt.map(|x| x[2]), 1))?;
+        map.serialize_entry("ratio", &rounded(r.ratio.as_ref().map(|x| x.0), 3))?;
+        map.serialize_entry("ratio_to", &r.ratio.as_ref().map(|x| &x.1))?;
+        for (k, v) in &r.extra {
+            map.serialize_entry(k, &rounded(Some(*v), 4))?;
         }
+        map.end()
     }
-    let mut s = format!(
-        "{{\"name\":\"{}\",\"mode\":\"{}\",\"block\":\"{}\",\"size\":{},\"sessions\":{},\"msgs_per_s\":{},\"bytes_per_s\":{},\"rtt_p50_ns\":{},\"rtt_p99_ns\":{},\"rtt_p999_ns\":{}",
-        r.name,
-        r.mode,
-        r.block,
-        r.size,
-        r.sessions,
-        num(r.msgs_per_s),
-        num(r.bytes_per_s),
-        num(r.rtt.map(|x| x[0])),
-        num(r.rtt.map(|x| x[1])),
-        num(r.rtt.map(|x| x[2])),
-    );
-    match &r.ratio {
-        Some((v, b)) => s += &format!(",\"ratio\":{v:.3},\"ratio_to\":\"{b}\""),
-        None => s += ",\"ratio\":null,\"ratio_to\":null",
-    }
-    for (k, v) in &r.extra {
-        s += &format!(",\"{k}\":{v:.4}");
-    }
-    s + "}"
+}
+
+fn out_row(r: &Row) -> Result<String> {
+    Ok(serde_json::to_string(&JsonRow(r))?)
 }
 
 fn human_rate(v: f64) -> String {
@@ -314,7 +325,7 @@ fn uds_tput(size: usize, secs: f64) -> Result<(f64, f64)> {
     Ok((sent as f64 / size as f64 / el, sent as f64 / el))
 }
 
-fn uds_rtt(size: usize, secs: f64) -> Result<Vec<u64>> {
+fn uds_rtt(size: usize, secs: f64) -> Result<Histogram<u64>> {
     let (mut a, mut b) = UnixStream::pair()?;
     let echo = std::thread::spawn(move || {
         let mut buf = vec![0u8; size];
@@ -326,21 +337,20 @@ fn uds_rtt(size: usize, secs: f64) -> Result<Vec<u64>> {
     });
     let out = vec![7u8; size];
     let mut back = vec![0u8; size];
-    let mut v = Vec::new();
+    let mut v = rtt_histogram();
     let t0 = Instant::now();
     while t0.elapsed().as_secs_f64() < secs {
         let t = Instant::now();
         a.write_all(&out)?;
         a.read_exact(&mut back)?;
-        v.push(t.elapsed().as_nanos() as u64);
+        record_rtt(&mut v, t.elapsed());
     }
     drop(a);
     let _ = echo.join();
-    v.sort_unstable();
     Ok(v)
 }
 
-fn eventfd_rtt(secs: f64) -> Result<Vec<u64>> {
+fn eventfd_rtt(secs: f64) -> Result<Histogram<u64>> {
     use rustix::event::{eventfd, EventfdFlags};
     let ping = Arc::new(eventfd(0, EventfdFlags::empty())?);
     let pong = Arc::new(eventfd(0, EventfdFlags::empty())?);
@@ -356,25 +366,24 @@ fn eventfd_rtt(secs: f64) -> Result<Vec<u64>> {
         }
     });
     let mut b = [0u8; 8];
-    let mut v = Vec::new();
+    let mut v = rtt_histogram();
     let t0 = Instant::now();
     while t0.elapsed().as_secs_f64() < secs {
         let s = Instant::now();
         rustix::io::write(&*ping, &1u64.to_ne_bytes())?;
         rustix::io::read(&*pong, &mut b)?;
-        v.push(s.elapsed().as_nanos() as u64);
+        record_rtt(&mut v, s.elapsed());
     }
     stop.store(true, Ordering::Relaxed);
     rustix::io::write(&*ping, &1u64.to_ne_bytes())?;
     let _ = t.join();
-    v.sort_unstable();
     Ok(v)
 }
 
 #[repr(align(128))]
 struct Line(AtomicU64);
 
-fn cacheline_rtt(secs: f64) -> Vec<u64> {
+fn cacheline_rtt(secs: f64) -> Histogram<u64> {
     let ping = Arc::new(Line(AtomicU64::new(0)));
     let pong = Arc::new(Line(AtomicU64::new(0)));
     let (pi, po) = (ping.clone(), pong.clone());
@@ -400,7 +409,7 @@ fn cacheline_rtt(secs: f64) -> Vec<u64> {
             }
         }
     });
-    let mut v = Vec::new();
+    let mut v = rtt_histogram();
     let t0 = Instant::now();
     let mut i = 0u64;
     while t0.elapsed().as_secs_f64() < secs {
@@ -416,15 +425,14 @@ fn cacheline_rtt(secs: f64) -> Vec<u64> {
                 std::thread::yield_now();
             }
         }
-        v.push(s.elapsed().as_nanos() as u64);
+        record_rtt(&mut v, s.elapsed());
     }
     ping.0.store(u64::MAX, Ordering::Release);
     let _ = t.join();
-    v.sort_unstable();
     v
 }
 
-fn rtt_row(name: &str, mode: &str, size: usize, v: &[u64]) -> Row {
+fn rtt_row(name: &str, mode: &str, size: usize, v: &Histogram<u64>) -> Row {
     let p = [
         pct(v, 50.0) as f64,
         pct(v, 99.0) as f64,
@@ -529,11 +537,13 @@ fn tput_of(slices: &[(f64, f64)], size: usize) -> (f64, f64) {
     (bytes / size as f64 / secs, bytes / secs)
 }
 
-/// Merges round-trip slices into one sorted set.
-fn rtt_of(slices: Vec<Vec<u64>>) -> Vec<u64> {
-    let mut v: Vec<u64> = slices.into_iter().flatten().collect();
-    v.sort_unstable();
-    v
+/// Merges round-trip slices into one histogram.
+fn rtt_of(slices: Vec<Histogram<u64>>) -> Result<Histogram<u64>> {
+    let mut all = rtt_histogram();
+    for h in slices {
+        all.add(h)?;
+    }
+    Ok(all)
 }
 
 // ------------------------------------------------------------------------- ivring figures
@@ -586,11 +596,11 @@ fn ivring_tput(
     Ok((sent as f64 / size as f64 / el, sent as f64 / el))
 }
 
-fn ivring_rtt(ep: &Endpoint, size: usize, secs: f64, message: bool) -> Result<Vec<u64>> {
+fn ivring_rtt(ep: &Endpoint, size: usize, secs: f64, message: bool) -> Result<Histogram<u64>> {
     let mut s = ep.connect_with(services::PORT_ECHO, SessionOptions { message })?;
     let out = vec![7u8; size];
     let mut back = vec![0u8; size];
-    let mut v = Vec::new();
+    let mut v = rtt_histogram();
     let t0 = Instant::now();
     while t0.elapsed().as_secs_f64() < secs {
         let t = Instant::now();
@@ -603,9 +613,8 @@ fn ivring_rtt(ep: &Endpoint, size: usize, secs: f64, message: bool) -> Result<Ve
         } else {
             s.read_exact(&mut back)?;
         }
-        v.push(t.elapsed().as_nanos() as u64);
+        record_rtt(&mut v, t.elapsed());
     }
-    v.sort_unstable();
     Ok(v)
 }
 
@@ -997,14 +1006,14 @@ fn measure_block(
             let mut fl = |t: f64| match floor {
                 Some("cacheline") => Ok(cacheline_rtt(t)),
                 Some(_) => eventfd_rtt(t),
-                None => Ok(Vec::new()),
+                None => Ok(rtt_histogram()),
             };
             let mut res = interleave(secs, &mut [&mut ivr, &mut uds, &mut fl])?;
-            let f = rtt_of(res.pop().unwrap_or_default());
-            let u = rtt_of(res.pop().unwrap_or_default());
-            let v = rtt_of(res.pop().unwrap_or_default());
+            let f = rtt_of(res.pop().unwrap_or_default())?;
+            let u = rtt_of(res.pop().unwrap_or_default())?;
+            let v = rtt_of(res.pop().unwrap_or_default())?;
             let mut r = rtt_row(name, m, size, &v);
-            let p50 = |x: &[u64]| pct(x, 50.0) as f64;
+            let p50 = |x: &Histogram<u64>| pct(x, 50.0) as f64;
             r.extra.push(("uds_p50_ns".into(), p50(&u)));
             r.extra.push(("vs_uds".into(), p50(&v) / p50(&u).max(1.0)));
             if let Some(sp) = base.find("baseline/spsc", size, true).and_then(|b| b.rtt) {
@@ -1267,7 +1276,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if args.json {
         for r in &rows {
-            writeln!(out, "{}", out_row(r))?;
+            writeln!(out, "{}", out_row(r)?)?;
         }
     } else {
         writeln!(
@@ -1432,4 +1441,99 @@ pub fn plot_svg(rows: &[Row]) -> String {
         );
     }
     s + "</svg>\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{out_row, rtt_of, rtt_row, Row};
+    use crate::demo::{pct, record_rtt, rtt_histogram};
+    use serde_json::Value;
+    use std::time::Duration;
+
+    #[test]
+    fn merged_round_trips_keep_every_sample_and_exact_percentiles() {
+        // Two slices: 1..=1000 us and one 30 s stall.
+        let mut first = rtt_histogram();
+        for us in 1..=1000u64 {
+            record_rtt(&mut first, Duration::from_micros(us));
+        }
+        let mut second = rtt_histogram();
+        record_rtt(&mut second, Duration::from_secs(30));
+        let all = rtt_of(vec![first, second, rtt_histogram()]).unwrap();
+        assert_eq!(all.len(), 1001);
+        let close = |got: u64, want: u64| got.abs_diff(want) * 1000 <= want;
+        assert!(close(pct(&all, 50.0), 501_000), "{}", pct(&all, 50.0));
+        assert!(close(pct(&all, 99.0), 991_000), "{}", pct(&all, 99.0));
+        assert!(close(pct(&all, 100.0), 30_000_000_000));
+        let r = rtt_row("ivring/rtt/stream", "poll", 64, &all);
+        assert_eq!(r.extra, vec![("samples".to_string(), 1001.0)]);
+        assert!(close(r.rtt.unwrap()[0] as u64, 501_000));
+        assert_eq!(pct(&rtt_histogram(), 50.0), 0);
+    }
+
+    #[test]
+    fn json_row_parses_back_with_every_field() {
+        let r = Row {
+            name: "ivring/rtt/stream".into(),
+            mode: "poll".into(),
+            block: "poll".into(),
+            size: 64,
+            sessions: 1,
+            msgs_per_s: Some(250_000.04),
+            bytes_per_s: None,
+            rtt: Some([4000.0, 9000.0, 12345.67]),
+            ratio: Some((1.23456, "cacheline".into())),
+            extra: vec![
+                ("samples".into(), 1000.0),
+                ("vs_uds".into(), 0.123456),
+                ("not_a_number".into(), f64::NAN),
+            ],
+        };
+        let line = out_row(&r).unwrap();
+        assert!(!line.contains('\n'));
+        let v: Value = serde_json::from_str(&line).unwrap();
+        let o = v.as_object().unwrap();
+        assert_eq!(o["name"], "ivring/rtt/stream");
+        assert_eq!(o["mode"], "poll");
+        assert_eq!(o["block"], "poll");
+        assert_eq!(o["size"], 64);
+        assert_eq!(o["sessions"], 1);
+        assert_eq!(o["msgs_per_s"].as_f64(), Some(250_000.0));
+        assert!(o["bytes_per_s"].is_null());
+        assert_eq!(o["rtt_p50_ns"].as_f64(), Some(4000.0));
+        assert_eq!(o["rtt_p99_ns"].as_f64(), Some(9000.0));
+        assert_eq!(o["rtt_p999_ns"].as_f64(), Some(12345.7));
+        assert_eq!(o["ratio"].as_f64(), Some(1.235));
+        assert_eq!(o["ratio_to"], "cacheline");
+        assert_eq!(o["samples"].as_f64(), Some(1000.0));
+        assert_eq!(o["vs_uds"].as_f64(), Some(0.1235));
+        assert!(o["not_a_number"].is_null());
+        assert_eq!(o.len(), 15);
+        // Field order as readers of the old rows saw it.
+        let at = |k: &str| line.find(&format!("\"{k}\":")).unwrap();
+        assert!(at("name") < at("size") && at("size") < at("rtt_p999_ns"));
+        assert!(at("rtt_p999_ns") < at("ratio") && at("ratio_to") < at("samples"));
+    }
+
+    #[test]
+    fn json_row_without_figures_has_nulls() {
+        let r = Row {
+            name: "baseline/uds".into(),
+            mode: "-".into(),
+            ..Row::default()
+        };
+        let v: Value = serde_json::from_str(&out_row(&r).unwrap()).unwrap();
+        for k in [
+            "msgs_per_s",
+            "bytes_per_s",
+            "rtt_p50_ns",
+            "rtt_p99_ns",
+            "rtt_p999_ns",
+            "ratio",
+            "ratio_to",
+        ] {
+            assert!(v[k].is_null(), "{k}");
+        }
+        assert_eq!(v["block"], "");
+    }
 }

@@ -3,9 +3,10 @@
 //! the blocking API's figure of the same size and given as a ratio to it.
 
 use super::{interleave, ivring_rtt, ivring_tput, rtt_of, rtt_row, tput_of, Row};
-use crate::demo::pct;
+use crate::demo::{pct, record_rtt, rtt_histogram};
 use crate::services;
 use anyhow::{bail, Result};
+use hdrhistogram::Histogram;
 use ivring::tokio::AsyncSession;
 use ivring::Endpoint;
 use std::time::Instant;
@@ -69,10 +70,10 @@ pub(super) fn measure(
         let mut asy = |t: f64| rt.block_on(async_rtt(ep, RTT_SIZE, t));
         let mut blocking = |t: f64| ivring_rtt(ep, RTT_SIZE, t, false);
         let mut res = interleave(secs, &mut [&mut asy, &mut blocking])?;
-        let b = rtt_of(res.pop().unwrap_or_default());
-        let a = rtt_of(res.pop().unwrap_or_default());
+        let b = rtt_of(res.pop().unwrap_or_default())?;
+        let a = rtt_of(res.pop().unwrap_or_default())?;
         let mut r = rtt_row(name, mode, RTT_SIZE, &a);
-        let p50 = |x: &[u64]| pct(x, 50.0) as f64;
+        let p50 = |x: &Histogram<u64>| pct(x, 50.0) as f64;
         r.extra.push(("blocking_p50_ns".into(), p50(&b)));
         r.ratio = Some((p50(&a) / p50(&b).max(1.0), "blocking".into()));
         rows.push(r);
@@ -106,18 +107,17 @@ async fn async_tput(ep: &Endpoint, size: usize, secs: f64) -> Result<(f64, f64)>
 }
 
 /// As the blocking `ivring_rtt`: `size`-byte round trips through the echo service.
-async fn async_rtt(ep: &Endpoint, size: usize, secs: f64) -> Result<Vec<u64>> {
+async fn async_rtt(ep: &Endpoint, size: usize, secs: f64) -> Result<Histogram<u64>> {
     let mut s = AsyncSession::connect(ep, services::PORT_ECHO).await?;
     let out = vec![7u8; size];
     let mut back = vec![0u8; size];
-    let mut v = Vec::new();
+    let mut v = rtt_histogram();
     let t0 = Instant::now();
     while t0.elapsed().as_secs_f64() < secs {
         let t = Instant::now();
         s.write_all(&out).await?;
         s.read_exact(&mut back).await?;
-        v.push(t.elapsed().as_nanos() as u64);
+        record_rtt(&mut v, t.elapsed());
     }
-    v.sort_unstable();
     Ok(v)
 }

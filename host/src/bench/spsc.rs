@@ -6,8 +6,10 @@
 //! allows: ivring's ratio to them is what the sessions, credits and the hostile-peer checks
 //! cost.
 
+use crate::demo::{record_rtt, rtt_histogram};
 use crate::shm;
 use anyhow::Result;
+use hdrhistogram::Histogram;
 use ivring::SharedRegion;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
@@ -237,8 +239,8 @@ pub fn tput(size: usize, secs: f64) -> Result<(f64, f64)> {
     Ok((sent as f64 / size as f64 / el, sent as f64 / el))
 }
 
-/// Round trips of `size` bytes over two rings for `secs`: the sorted times in ns.
-pub fn rtt(size: usize, secs: f64) -> Result<Vec<u64>> {
+/// Round trips of `size` bytes over two rings for `secs`: the times in ns.
+pub fn rtt(size: usize, secs: f64) -> Result<Histogram<u64>> {
     let half = 8 << 20;
     let region = memory(2 * half as u64)?;
     let mut ping = Writer::new(Ring::new(region.clone(), 0, half));
@@ -269,7 +271,7 @@ pub fn rtt(size: usize, secs: f64) -> Result<Vec<u64>> {
     });
     let out = vec![7u8; size];
     let mut back = Vec::with_capacity(size);
-    let mut v = Vec::new();
+    let mut v = rtt_histogram();
     let t0 = Instant::now();
     while t0.elapsed().as_secs_f64() < secs {
         let t = Instant::now();
@@ -278,12 +280,11 @@ pub fn rtt(size: usize, secs: f64) -> Result<Vec<u64>> {
         while back.len() < size {
             pong_in.next(&mut back);
         }
-        v.push(t.elapsed().as_nanos() as u64);
+        record_rtt(&mut v, t.elapsed());
     }
     ping.send(KIND_STOP, &[]);
     echo.join()
         .map_err(|_| anyhow::anyhow!("spsc echo panicked"))?;
-    v.sort_unstable();
     Ok(v)
 }
 
