@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name -> the document that holds it
 BLOCKS = {
     "serve": "README.md",
+    "qemu-plain": "README.md",
     "qga-host-bridge": "docs/QGA.md",
     "qga-guest": "docs/QGA.md",
     "qga-client": "docs/QGA.md",

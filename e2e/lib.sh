@@ -213,8 +213,8 @@ boot_vm() {
     case $mode in
         plain)
             echo "$shm" >> "$E2E_TMP/shm-files"
-            args+=(-object "memory-backend-file,id=ivm,share=on,mem-path=$shm,size=$size"
-                   -device ivshmem-plain,memdev=ivm) ;;
+            args+=(-object "memory-backend-file,id=ivmem,share=on,mem-path=$shm,size=$size"
+                   -device ivshmem-plain,memdev=ivmem) ;;
         doorbell)
             [ -n "$sock" ] || { e2e_log "boot_vm: doorbell needs --sock"; return 2; }
             [ "$accel" = kvm ] && machine=q35,kernel-irqchip=split

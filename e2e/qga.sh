@@ -83,7 +83,8 @@ case $MODE in
         cmd=$(doc lines qga-host-bridge --program ivring-host "${docsub[@]}")
         echo "  doc qga-host-bridge: $cmd"
         e2e_spawn host-bridge bash -c "exec $cmd"
-        wait_for_file "$ivs" 10 || { e2e_fail qga/host-bridge "$(cat "$E2E_TMP/host-bridge.log")"; e2e_summary; exit 1; }
+        wait_for_file "$ivs" 10 || { e2e_fail qga/doc-qga-host-bridge "$(cat "$E2E_TMP/host-bridge.log")"; e2e_summary; exit 1; }
+        e2e_pass qga/doc-qga-host-bridge
         vmargs=(--sock "$ivs" --vectors 2) ;;
     join)
         # the README's server
@@ -91,7 +92,8 @@ case $MODE in
         cmd=$(doc lines serve --program ivring-host "${docsub[@]}")
         echo "  doc serve: $cmd"
         e2e_spawn ivshmem-server bash -c "exec $cmd"
-        wait_for_file "$ivs" 10 || { e2e_fail qga/ivshmem-server "$(cat "$E2E_TMP/ivshmem-server.log")"; e2e_summary; exit 1; }
+        wait_for_file "$ivs" 10 || { e2e_fail qga/doc-serve "$(cat "$E2E_TMP/ivshmem-server.log")"; e2e_summary; exit 1; }
+        e2e_pass qga/doc-serve
         e2e_spawn host-bridge "$HOST_BIN" bridge --listen "$br" --join "$ivs"
         vmargs=(--sock "$ivs" --vectors 2) ;;
     plain)
@@ -121,9 +123,12 @@ sed 's/^/  ivring /' "$E2E_TMP/check-ivring.log"
 if client check "$vs" 60 > "$E2E_TMP/check-vserial.log" 2>&1; then e2e_pass qga/vserial-ping-info-sync
 else e2e_fail qga/vserial-ping-info-sync "$(tr '\n' ';' < "$E2E_TMP/check-vserial.log")"; fi
 
-# docs/QGA.md's QEMU options, each one among the suite's (its -machine may add options,
-# as kernel-irqchip=split under KVM). Read once QEMU runs: the guest answered.
-if [ "$MODE" = doorbell ]; then
+# The docs' QEMU options (docs/QGA.md's with doorbells, the README's plain ones), each one
+# among the suite's (its -machine may add options, as kernel-irqchip=split under KVM).
+# Read once QEMU runs: the guest answered.
+qemu_doc=qga-host-bridge
+[ "$MODE" = plain ] && qemu_doc=qemu-plain
+if [ "$MODE" != join ]; then
     mapfile -d '' qemu_args < "/proc/$VM_PID/cmdline"
     missing=()
     while read -r opt val; do
@@ -137,9 +142,9 @@ if [ "$MODE" = doorbell ]; then
             esac
         done
         [ "$found" = 1 ] || missing+=("$opt $val")
-    done < <(doc qemu-options qga-host-bridge "${docsub[@]}")
-    [ ${#missing[@]} -eq 0 ] && e2e_pass qga/doc-qga-host-bridge-qemu-options \
-        || e2e_fail qga/doc-qga-host-bridge-qemu-options "not in the suite's QEMU command: ${missing[*]}"
+    done < <(doc qemu-options "$qemu_doc" --sub /dev/shm/ivring="${shm:-}" "${docsub[@]}")
+    [ ${#missing[@]} -eq 0 ] && e2e_pass "qga/doc-$qemu_doc-qemu-options" \
+        || e2e_fail "qga/doc-$qemu_doc-qemu-options" "not in the suite's QEMU command: ${missing[*]}"
 fi
 
 # result LINE KEY: the value of KEY=... in a RESULT line
