@@ -18,7 +18,8 @@
 # replies within 30 s; the time from the fresh bridge's start to that first reply is printed.
 # The operator commands of the docs run as written (e2e/doc_commands.py; paths and the
 # binaries substituted): the host bridge (doorbell) or server (join) is the docs' command,
-# the VM's ivshmem options must include the docs' (doorbell), and at the end the guest runs
+# the VM's ivshmem options must include the docs' (doorbell: docs/QGA.md's quick start;
+# plain: the README's), and at the end the guest runs
 # docs/QGA.md's guest commands in place of its own and the docs' agent client must answer.
 # Env: GUEST_BIN, HOST_BIN (default: built here; the guest one static), QGA_REPS (50),
 # QGA_SCRIBBLES (the names of the scribble cases to run; default all),
@@ -39,7 +40,7 @@ while [ $# -gt 0 ]; do
         --guest-bin) GUEST_BIN=$2; shift 2 ;;
         --host-bin) HOST_BIN=$2; shift 2 ;;
         --reps) REPS=$2; shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
