@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKS = {
     "serve": "README.md",
     "qemu-plain": "README.md",
+    "guest-probe": "README.md",
     "qga-host-bridge": "docs/QGA.md",
     "qga-guest": "docs/QGA.md",
     "qga-client": "docs/QGA.md",

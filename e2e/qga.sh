@@ -110,7 +110,9 @@ mode=$(stat -c %a "$br" 2>/dev/null || echo none)
 [ "$mode" = 600 ] && e2e_pass qga/socket-0600 || e2e_fail qga/socket-0600 "mode $mode"
 
 doc lines qga-guest > "$E2E_TMP/doc-qga-guest.sh"
-build_initramfs "$initrd" "$GUEST_BIN" "$E2E_DIR/cases/qga.init" "$E2E_TMP/doc-qga-guest.sh:/doc/qga-guest.sh"
+doc lines guest-probe > "$E2E_TMP/doc-guest-probe.sh"
+build_initramfs "$initrd" "$GUEST_BIN" "$E2E_DIR/cases/qga.init" \
+    "$E2E_TMP/doc-qga-guest.sh:/doc/qga-guest.sh" "$E2E_TMP/doc-guest-probe.sh:/doc/guest-probe.sh"
 vmmode=$MODE; [ "$MODE" = join ] && vmmode=doorbell
 boot_vm "$name" "$vmmode" "$initrd" --size "$SIZE" "${vmargs[@]}" --vserial "$vs" \
     --qemu -chardev --qemu "socket,path=$ctl,server=on,wait=off,id=ctl0" \
@@ -241,7 +243,8 @@ status=$(tr -d '\r' < "$(vm_serial "$name")" | grep -a '^STATUS' | tail -n 1)
 [ "$status" = "STATUS qga-unix=up bridge=up qga-vserial=up" ] && e2e_pass qga/guest-processes-alive \
     || e2e_fail qga/guest-processes-alive "${status:-no STATUS line}"
 
-# docs/QGA.md's guest commands, then its agent client through the host bridge.
+# The README's `ivring-guest probe` and docs/QGA.md's guest commands, then its agent
+# client through the host bridge.
 td=$SECONDS
 python3 -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"doc\n"); s.recv(1)' "$ctl" &
 wait_for_line "$serial" '^DOC started' 20 "$name" || true
@@ -257,7 +260,7 @@ done
     || e2e_fail qga/doc-qga-guest-and-client "reply: ${out:-none}; guest: $(tr -d '\r' < "$serial" | grep -a -A3 '^DOC\|doc-qga' | tr '\n' ';')"
 echo "e2e: qga doc commands $((SECONDS - td)) s"
 kill_vm "$name"
-collect_results "$name" pci-device qga-vserial-start qga-unix-start guest-bridge-start doc-qga-guest-running
+collect_results "$name" pci-device qga-vserial-start qga-unix-start guest-bridge-start doc-guest-probe doc-qga-guest-running
 if grep -q "no session" "$E2E_TMP/host-bridge.log"; then
     echo "---- host bridge log (sessions refused or failed) ----"
     grep "no session" "$E2E_TMP/host-bridge.log" | tail -5
