@@ -16,7 +16,8 @@ Usage:
       substitutions (in the order given; FROM is a path or a program name, replaced only
       as a whole word); with --program, only the commands that start with P (as written)
   doc_commands.py qemu-options NAME [--sub FROM=TO]...
-      the QEMU options of the block's qemu-system-x86_64 command, one a line
+      the device options of the block's qemu-system-x86_64 command (-machine, -device,
+      -chardev, -object; not -m and the like, the operator's own), one a line
       (`-device VALUE`), and `append WORD` for each word of -append (not `...`)
 """
 import os
@@ -28,12 +29,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name -> the document that holds it
 BLOCKS = {
     "serve": "README.md",
+    "qemu-doorbell": "README.md",
     "qemu-plain": "README.md",
     "guest-probe": "README.md",
     "qga-host-bridge": "docs/QGA.md",
     "qga-guest": "docs/QGA.md",
     "qga-client": "docs/QGA.md",
 }
+DEVICE_OPTIONS = ("-machine", "-device", "-chardev", "-object")
 MARK = re.compile(r"^<!-- e2e: ([\w-]+) -->\s*$")
 
 
@@ -115,7 +118,7 @@ def main(argv):
                         if w != "...":
                             print("append " + w)
                     i += 2
-                elif words[i].startswith("-") and i + 1 < len(words):
+                elif words[i] in DEVICE_OPTIONS and i + 1 < len(words):
                     print(words[i] + " " + words[i + 1])
                     i += 2
                 else:

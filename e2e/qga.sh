@@ -19,7 +19,7 @@
 # The operator commands of the docs run as written (e2e/doc_commands.py; paths and the
 # binaries substituted): the host bridge (doorbell) or server (join) is the docs' command,
 # the VM's ivshmem options must include the docs' (doorbell: docs/QGA.md's quick start;
-# plain: the README's), and at the end the guest runs
+# join and plain: the README's), and at the end the guest runs the README's probe and
 # docs/QGA.md's guest commands in place of its own and the docs' agent client must answer.
 # Env: GUEST_BIN, HOST_BIN (default: built here; the guest one static), QGA_REPS (50),
 # QGA_SCRIBBLES (the names of the scribble cases to run; default all),
@@ -96,7 +96,8 @@ case $MODE in
         wait_for_file "$ivs" 10 || { e2e_fail qga/doc-serve "$(cat "$E2E_TMP/ivshmem-server.log")"; e2e_summary; exit 1; }
         e2e_pass qga/doc-serve
         e2e_spawn host-bridge "$HOST_BIN" bridge --listen "$br" --join "$ivs"
-        vmargs=(--sock "$ivs" --vectors 2) ;;
+        # as the README's QEMU command, for its server (one vector by default)
+        vmargs=(--sock "$ivs" --vectors 1) ;;
     plain)
         shm=/dev/shm/$name
         echo "$shm" >> "$E2E_TMP/shm-files"
@@ -126,29 +127,30 @@ sed 's/^/  ivring /' "$E2E_TMP/check-ivring.log"
 if client check "$vs" 60 > "$E2E_TMP/check-vserial.log" 2>&1; then e2e_pass qga/vserial-ping-info-sync
 else e2e_fail qga/vserial-ping-info-sync "$(tr '\n' ';' < "$E2E_TMP/check-vserial.log")"; fi
 
-# The docs' QEMU options (docs/QGA.md's with doorbells, the README's plain ones), each one
-# among the suite's (its -machine may add options, as kernel-irqchip=split under KVM).
-# Read once QEMU runs: the guest answered.
-qemu_doc=qga-host-bridge
-[ "$MODE" = plain ] && qemu_doc=qemu-plain
-if [ "$MODE" != join ]; then
-    mapfile -d '' qemu_args < "/proc/$VM_PID/cmdline"
-    missing=()
-    while read -r opt val; do
-        found=0
-        for ((i = 0; i + 1 < ${#qemu_args[@]}; i++)); do
-            a=${qemu_args[i]} v=${qemu_args[i + 1]}
-            case $opt in
-                append) [ "$a" = -append ] && [[ " $v " == *" $val "* ]] && found=1 ;;
-                -machine) [ "$a" = "$opt" ] && [[ "$v" == "$val" || "$v" == "$val",* ]] && found=1 ;;
-                *) [ "$a" = "$opt" ] && [ "$v" = "$val" ] && found=1 ;;
-            esac
-        done
-        [ "$found" = 1 ] || missing+=("$opt $val")
-    done < <(doc qemu-options "$qemu_doc" --sub /dev/shm/ivring="${shm:-}" "${docsub[@]}")
-    [ ${#missing[@]} -eq 0 ] && e2e_pass "qga/doc-$qemu_doc-qemu-options" \
-        || e2e_fail "qga/doc-$qemu_doc-qemu-options" "not in the suite's QEMU command: ${missing[*]}"
-fi
+# The docs' QEMU device options (doorbell: docs/QGA.md's; join: the README's, with its
+# server; plain: the README's), each one among the suite's (its -machine may add options,
+# as kernel-irqchip=split under KVM). Read once QEMU runs: the guest answered.
+case $MODE in
+    doorbell) qemu_doc=qga-host-bridge ;;
+    join) qemu_doc=qemu-doorbell ;;
+    plain) qemu_doc=qemu-plain ;;
+esac
+mapfile -d '' qemu_args < "/proc/$VM_PID/cmdline"
+missing=()
+while read -r opt val; do
+    found=0
+    for ((i = 0; i + 1 < ${#qemu_args[@]}; i++)); do
+        a=${qemu_args[i]} v=${qemu_args[i + 1]}
+        case $opt in
+            append) [ "$a" = -append ] && [[ " $v " == *" $val "* ]] && found=1 ;;
+            -machine) [ "$a" = "$opt" ] && [[ "$v" == "$val" || "$v" == "$val",* ]] && found=1 ;;
+            *) [ "$a" = "$opt" ] && [ "$v" = "$val" ] && found=1 ;;
+        esac
+    done
+    [ "$found" = 1 ] || missing+=("$opt $val")
+done < <(doc qemu-options "$qemu_doc" --sub /dev/shm/ivring="${shm:-}" "${docsub[@]}")
+[ ${#missing[@]} -eq 0 ] && e2e_pass "qga/doc-$qemu_doc-qemu-options" \
+    || e2e_fail "qga/doc-$qemu_doc-qemu-options" "not in the suite's QEMU command: ${missing[*]}"
 
 # result LINE KEY: the value of KEY=... in a RESULT line
 result() { sed -n "s/.* $2=\([0-9]*\).*/\1/p" <<< "$1"; }
