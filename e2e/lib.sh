@@ -213,14 +213,14 @@ boot_vm() {
     case $mode in
         plain)
             echo "$shm" >> "$E2E_TMP/shm-files"
-            args+=(-object "memory-backend-file,id=ivm,share=on,mem-path=$shm,size=$size"
-                   -device ivshmem-plain,memdev=ivm) ;;
+            args+=(-object "memory-backend-file,id=ivmem,share=on,mem-path=$shm,size=$size"
+                   -device ivshmem-plain,memdev=ivmem) ;;
         doorbell)
             [ -n "$sock" ] || { e2e_log "boot_vm: doorbell needs --sock"; return 2; }
             [ "$accel" = kvm ] && machine=q35,kernel-irqchip=split
             args+=(-device intel-iommu,intremap=on
-                   -chardev "socket,path=$sock,id=ivc"
-                   -device "ivshmem-doorbell,chardev=ivc,vectors=$vectors")
+                   -chardev "socket,path=$sock,id=ivs"
+                   -device "ivshmem-doorbell,chardev=ivs,vectors=$vectors")
             # no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer test
             # can time out, and with interrupt remapping that is a panic ("timer doesn't
             # work through Interrupt-remapped IO-APIC"); the timer itself works.

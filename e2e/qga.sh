@@ -16,6 +16,11 @@
 # SCRIBBLES: the guest stops its bridge, writes the word, starts a fresh bridge, and the
 # next client through the host bridge must get exactly its own guest-ping and guest-sync
 # replies within 30 s; the time from the fresh bridge's start to that first reply is printed.
+# The operator commands of the docs run as written (e2e/doc_commands.py; paths and the
+# binaries substituted): the host bridge (doorbell) or server (join) is the docs' command,
+# the VM's ivshmem options must include the docs' (doorbell: docs/QGA.md's quick start;
+# join and plain: the README's), and at the end the guest runs the README's probe and
+# docs/QGA.md's guest commands in place of its own and the docs' agent client must answer.
 # Env: GUEST_BIN, HOST_BIN (default: built here; the guest one static), QGA_REPS (50),
 # QGA_SCRIBBLES (the names of the scribble cases to run; default all),
 # and lib.sh's (E2E_BUILD, E2E_ACCEL, E2E_KEEP, ...). Last line: `N passed, M failed`.
@@ -35,7 +40,7 @@ while [ $# -gt 0 ]; do
         --guest-bin) GUEST_BIN=$2; shift 2 ;;
         --host-bin) HOST_BIN=$2; shift 2 ;;
         --reps) REPS=$2; shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -65,19 +70,34 @@ vs=$E2E_TMP/qga-vserial.sock     # the virtio-serial chardev (QEMU is the server
 ctl=$E2E_TMP/qga-ctl.sock        # commands to the guest's /init (virtio-serial port e2e.ctl)
 initrd=$E2E_TMP/qga.cpio.gz
 client() { python3 "$E2E_DIR/qga_client.py" "$@"; }
+doc() { python3 "$E2E_DIR/doc_commands.py" "$@"; }
+# The docs' /run/ivring, here (the programs create only /run/ivring itself)
+docrun=$E2E_TMP/run/ivring
+mkdir -p "$docrun"
+docsub=(--sub ivring-host="$HOST_BIN" --sub /run/ivring="$docrun")
+if out=$(doc check); then e2e_pass qga/doc-blocks-marked; else e2e_fail qga/doc-blocks-marked "$out"; fi
 
 case $MODE in
     doorbell)
-        ivs=$E2E_TMP/ivshmem.sock
-        e2e_spawn host-bridge "$HOST_BIN" bridge --listen "$br" --serve "$ivs" --size "$SIZE" --vectors 2
-        wait_for_file "$ivs" 10 || { e2e_fail qga/host-bridge "$(cat "$E2E_TMP/host-bridge.log")"; e2e_summary; exit 1; }
+        # docs/QGA.md's quick start: the bridge embeds the server
+        ivs=$docrun/vm1.ivshmem.sock br=$docrun/vm1.qga.sock
+        cmd=$(doc lines qga-host-bridge --program ivring-host "${docsub[@]}")
+        echo "  doc qga-host-bridge: $cmd"
+        e2e_spawn host-bridge bash -c "exec $cmd"
+        wait_for_file "$ivs" 10 || { e2e_fail qga/doc-qga-host-bridge "$(cat "$E2E_TMP/host-bridge.log")"; e2e_summary; exit 1; }
+        e2e_pass qga/doc-qga-host-bridge
         vmargs=(--sock "$ivs" --vectors 2) ;;
     join)
-        ivs=$E2E_TMP/ivshmem.sock
-        e2e_spawn ivshmem-server "$HOST_BIN" serve --socket "$ivs" --size "$SIZE" --vectors 2
-        wait_for_file "$ivs" 10 || { e2e_fail qga/ivshmem-server "$(cat "$E2E_TMP/ivshmem-server.log")"; e2e_summary; exit 1; }
+        # the README's server
+        ivs=$docrun/ivshmem.sock
+        cmd=$(doc lines serve --program ivring-host "${docsub[@]}")
+        echo "  doc serve: $cmd"
+        e2e_spawn ivshmem-server bash -c "exec $cmd"
+        wait_for_file "$ivs" 10 || { e2e_fail qga/doc-serve "$(cat "$E2E_TMP/ivshmem-server.log")"; e2e_summary; exit 1; }
+        e2e_pass qga/doc-serve
         e2e_spawn host-bridge "$HOST_BIN" bridge --listen "$br" --join "$ivs"
-        vmargs=(--sock "$ivs" --vectors 2) ;;
+        # as the README's QEMU command, for its server (one vector by default)
+        vmargs=(--sock "$ivs" --vectors 1) ;;
     plain)
         shm=/dev/shm/$name
         echo "$shm" >> "$E2E_TMP/shm-files"
@@ -90,7 +110,10 @@ wait_for_file "$br" 10 && e2e_pass qga/host-bridge-listens \
 mode=$(stat -c %a "$br" 2>/dev/null || echo none)
 [ "$mode" = 600 ] && e2e_pass qga/socket-0600 || e2e_fail qga/socket-0600 "mode $mode"
 
-build_initramfs "$initrd" "$GUEST_BIN" "$E2E_DIR/cases/qga.init"
+doc lines qga-guest > "$E2E_TMP/doc-qga-guest.sh"
+doc lines guest-probe > "$E2E_TMP/doc-guest-probe.sh"
+build_initramfs "$initrd" "$GUEST_BIN" "$E2E_DIR/cases/qga.init" \
+    "$E2E_TMP/doc-qga-guest.sh:/doc/qga-guest.sh" "$E2E_TMP/doc-guest-probe.sh:/doc/guest-probe.sh"
 vmmode=$MODE; [ "$MODE" = join ] && vmmode=doorbell
 boot_vm "$name" "$vmmode" "$initrd" --size "$SIZE" "${vmargs[@]}" --vserial "$vs" \
     --qemu -chardev --qemu "socket,path=$ctl,server=on,wait=off,id=ctl0" \
@@ -103,6 +126,31 @@ else e2e_fail qga/ivring-ping-info-sync "$(tr '\n' ';' < "$E2E_TMP/check-ivring.
 sed 's/^/  ivring /' "$E2E_TMP/check-ivring.log"
 if client check "$vs" 60 > "$E2E_TMP/check-vserial.log" 2>&1; then e2e_pass qga/vserial-ping-info-sync
 else e2e_fail qga/vserial-ping-info-sync "$(tr '\n' ';' < "$E2E_TMP/check-vserial.log")"; fi
+
+# The docs' QEMU device options (doorbell: docs/QGA.md's; join: the README's, with its
+# server; plain: the README's), each one among the suite's (its -machine may add options,
+# as kernel-irqchip=split under KVM). Read once QEMU runs: the guest answered.
+case $MODE in
+    doorbell) qemu_doc=qga-host-bridge ;;
+    join) qemu_doc=qemu-doorbell ;;
+    plain) qemu_doc=qemu-plain ;;
+esac
+mapfile -d '' qemu_args < "/proc/$VM_PID/cmdline"
+missing=()
+while read -r opt val; do
+    found=0
+    for ((i = 0; i + 1 < ${#qemu_args[@]}; i++)); do
+        a=${qemu_args[i]} v=${qemu_args[i + 1]}
+        case $opt in
+            append) [ "$a" = -append ] && [[ " $v " == *" $val "* ]] && found=1 ;;
+            -machine) [ "$a" = "$opt" ] && [[ "$v" == "$val" || "$v" == "$val",* ]] && found=1 ;;
+            *) [ "$a" = "$opt" ] && [ "$v" = "$val" ] && found=1 ;;
+        esac
+    done
+    [ "$found" = 1 ] || missing+=("$opt $val")
+done < <(doc qemu-options "$qemu_doc" --sub /dev/shm/ivring="${shm:-}" "${docsub[@]}")
+[ ${#missing[@]} -eq 0 ] && e2e_pass "qga/doc-$qemu_doc-qemu-options" \
+    || e2e_fail "qga/doc-$qemu_doc-qemu-options" "not in the suite's QEMU command: ${missing[*]}"
 
 # result LINE KEY: the value of KEY=... in a RESULT line
 result() { sed -n "s/.* $2=\([0-9]*\).*/\1/p" <<< "$1"; }
@@ -196,8 +244,25 @@ sleep 5.5
 status=$(tr -d '\r' < "$(vm_serial "$name")" | grep -a '^STATUS' | tail -n 1)
 [ "$status" = "STATUS qga-unix=up bridge=up qga-vserial=up" ] && e2e_pass qga/guest-processes-alive \
     || e2e_fail qga/guest-processes-alive "${status:-no STATUS line}"
+
+# The README's `ivring-guest probe` and docs/QGA.md's guest commands, then its agent
+# client through the host bridge.
+td=$SECONDS
+python3 -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"doc\n"); s.recv(1)' "$ctl" &
+wait_for_line "$serial" '^DOC started' 20 "$name" || true
+kill $! 2>/dev/null; wait $! 2>/dev/null || true
+cmd=$(doc lines qga-client --sub /run/ivring/vm1.qga.sock="$br" "${docsub[@]}")
+echo "  doc qga-client: $cmd"
+for _try in 1 2 3 4 5 6; do
+    out=$(bash -c "$cmd" 2>&1 || true)
+    [[ "$out" == *'"return"'*'"version"'* ]] && break
+    sleep 2
+done
+[[ "$out" == *'"return"'*'"version"'* ]] && e2e_pass qga/doc-qga-guest-and-client \
+    || e2e_fail qga/doc-qga-guest-and-client "reply: ${out:-none}; guest: $(tr -d '\r' < "$serial" | grep -a -A3 '^DOC\|doc-qga' | tr '\n' ';')"
+echo "e2e: qga doc commands $((SECONDS - td)) s"
 kill_vm "$name"
-collect_results "$name" pci-device qga-vserial-start qga-unix-start guest-bridge-start
+collect_results "$name" pci-device qga-vserial-start qga-unix-start guest-bridge-start doc-guest-probe doc-qga-guest-running
 if grep -q "no session" "$E2E_TMP/host-bridge.log"; then
     echo "---- host bridge log (sessions refused or failed) ----"
     grep "no session" "$E2E_TMP/host-bridge.log" | tail -5

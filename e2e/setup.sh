@@ -68,6 +68,8 @@ installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok
 installed busybox-static || need+=(busybox-static)
 installed cpio || need+=(cpio)
 installed qemu-guest-agent || need+=(qemu-guest-agent)
+# socat: the agent client in docs/QGA.md, run as written by qga.sh
+installed socat || need+=(socat)
 
 if [ ${#need[@]} -gt 0 ] || [ ! -s "$KDIR/.stamp" ]; then
     apt_private
@@ -80,7 +82,7 @@ if [ ${#need[@]} -gt 0 ]; then
         -o Dpkg::Use-Pty=0 install "${need[@]}" >"$BUILD/apt-install.log" 2>&1 \
         || { tail -30 "$BUILD/apt-install.log" >&2; exit 1; }
 else
-    log "packages present: $(qemu-system-x86_64 --version | head -1), busybox-static, cpio, qemu-ga"
+    log "packages present: $(qemu-system-x86_64 --version | head -1), busybox-static, cpio, qemu-ga, socat"
 fi
 
 # ---------------------------------------------------------------- guest kernel

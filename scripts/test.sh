@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every ivring test: unit, property, two-process, hostile-peer, loom models, the
-# real-VM suite (QEMU booting a Debian guest kernel), the qemu-ga suite, the suite
+# real-VM suite (QEMU booting a Debian guest kernel), the qemu-ga suite (which also runs
+# the operator commands of README.md and docs/QGA.md as written), the suite
 # against QEMU's own ivshmem-server and ivshmem-client, and (as root) the Debian packages.
 # Installs what it needs from Debian's packages (run as root). Last line: N passed, M failed.
 #
