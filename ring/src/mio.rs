@@ -60,6 +60,7 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+use crate::sync::{AtomicBool, Ordering};
 use crate::{Listener, Session};
 use ::mio::event::Source;
 use ::mio::unix::SourceFd;
@@ -68,7 +69,6 @@ use rustix::event::{eventfd, EventfdFlags};
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// An eventfd that a readiness callback signals, at most once between two clears.
