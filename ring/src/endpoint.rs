@@ -417,10 +417,10 @@ impl Shared {
         &self,
         id: u64,
         deadline: Option<Instant>,
-        nonblocking: bool,
+        patience: Patience,
         attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
     ) -> io::Result<T> {
-        self.wait_locked_on(WaitOn::Session(id), deadline, nonblocking, attempt)
+        self.wait_locked_on(WaitOn::Session(id), deadline, patience, attempt)
             .map(|(_, v)| v)
     }
 
@@ -429,20 +429,20 @@ impl Shared {
         &self,
         id: u64,
         deadline: Option<Instant>,
-        nonblocking: bool,
+        patience: Patience,
         attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
     ) -> io::Result<(MutexGuard<'_, Link>, T)> {
-        self.wait_locked_on(WaitOn::Session(id), deadline, nonblocking, attempt)
+        self.wait_locked_on(WaitOn::Session(id), deadline, patience, attempt)
     }
 
     /// Runs `attempt` until it returns a value, waiting between tries as the config says.
     fn wait_for<T>(
         &self,
         deadline: Option<Instant>,
-        nonblocking: bool,
+        patience: Patience,
         attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
     ) -> io::Result<T> {
-        self.wait_locked(deadline, nonblocking, attempt)
+        self.wait_locked(deadline, patience, attempt)
             .map(|(_, v)| v)
     }
 
@@ -450,10 +450,10 @@ impl Shared {
     pub(crate) fn wait_locked<T>(
         &self,
         deadline: Option<Instant>,
-        nonblocking: bool,
+        patience: Patience,
         attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
     ) -> io::Result<(MutexGuard<'_, Link>, T)> {
-        self.wait_locked_on(WaitOn::Link, deadline, nonblocking, attempt)
+        self.wait_locked_on(WaitOn::Link, deadline, patience, attempt)
     }
 
     /// The wait loop; `accept` waits never poll for ever and sleep on `accept_cv`.
@@ -461,7 +461,7 @@ impl Shared {
         &self,
         on: WaitOn,
         deadline: Option<Instant>,
-        nonblocking: bool,
+        patience: Patience,
         mut attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
     ) -> io::Result<(MutexGuard<'_, Link>, T)> {
         // Set at the first miss: reading the clock costs as much as a write.
@@ -485,13 +485,13 @@ impl Shared {
                 Ok(None) => {}
                 Err(e) => break Err(e),
             }
-            if nonblocking && link.closed {
+            if patience != Patience::Wait && link.closed {
                 break Err(io::Error::new(
                     io::ErrorKind::NotConnected,
                     "ivring: endpoint closed",
                 ));
             }
-            if nonblocking {
+            if patience == Patience::Now {
                 // What the peer sent may be what this call waits for (credit, data): an
                 // event loop's calls move the ring themselves rather than wait for the
                 // keeper. Once: after that the answer is WouldBlock.
@@ -514,7 +514,9 @@ impl Shared {
                 ));
             }
             let spin_until = *spin_until.get_or_insert(match self.cfg.wait {
-                WaitMode::Poll if !matches!(on, WaitOn::Accept) => None,
+                WaitMode::Poll if !matches!(on, WaitOn::Accept) && patience == Patience::Wait => {
+                    None
+                }
                 WaitMode::Block => Some(now),
                 WaitMode::Adaptive | WaitMode::Poll => Some(now + self.cfg.spin),
             });
@@ -563,6 +565,13 @@ impl Shared {
                     std::thread::yield_now();
                 }
                 link = self.lock();
+            } else if patience == Patience::Spin {
+                // Spun without luck: the caller sleeps elsewhere (its runtime), woken by
+                // the session's callback.
+                if let (true, WaitOn::Session(id)) = (for_space, on) {
+                    link.notify_on_space(id);
+                }
+                break Err(io::ErrorKind::WouldBlock.into());
             } else {
                 // Nobody pumps the ring while we sleep but the keeper: it must be armed.
                 drop(spinning.take());
@@ -641,6 +650,29 @@ impl Shared {
             self.space_cv.notify_one();
         }
         r
+    }
+}
+
+/// How long a call may wait for what it needs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Patience {
+    /// Until the deadline, spinning and sleeping as the wait mode says.
+    Wait,
+    /// Spin as the wait mode says (not at all under `Block`), then `WouldBlock` rather
+    /// than sleep: for an async task, which sleeps in its runtime, woken by the session's
+    /// callback. Streaming keeps the ring moving without the keeper's wakeups.
+    Spin,
+    /// One attempt (and one pump of the ring), then `WouldBlock`.
+    Now,
+}
+
+impl Patience {
+    pub(crate) fn nonblocking(nonblocking: bool) -> Patience {
+        if nonblocking {
+            Patience::Now
+        } else {
+            Patience::Wait
+        }
     }
 }
 
@@ -792,7 +824,7 @@ impl Endpoint {
     /// Waits until the link is up; `false` on timeout.
     pub fn wait_up(&self, timeout: Duration) -> bool {
         self.shared
-            .wait_for(Some(Instant::now() + timeout), false, |l| {
+            .wait_for(Some(Instant::now() + timeout), Patience::Wait, |l| {
                 Ok(l.up.then_some(()))
             })
             .is_ok()
@@ -849,7 +881,7 @@ impl Endpoint {
     pub fn connect_with(&self, port: u32, opts: SessionOptions) -> io::Result<Session> {
         let sh = &self.shared;
         let deadline = Instant::now() + sh.cfg.connect_timeout;
-        sh.wait_for(Some(deadline), false, |l| Ok(l.up.then_some(())))
+        sh.wait_for(Some(deadline), Patience::Wait, |l| Ok(l.up.then_some(())))
             .map_err(|e| match e.kind() {
                 io::ErrorKind::TimedOut => io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -864,7 +896,7 @@ impl Endpoint {
             sh.ring(&mut link);
             (id, gen)
         };
-        let r = sh.wait_for(Some(deadline), false, |l| {
+        let r = sh.wait_for(Some(deadline), Patience::Wait, |l| {
             if l.gen != gen {
                 return Err(reset_error(l));
             }
@@ -1138,21 +1170,26 @@ impl Listener {
     fn accept_inner(&self, deadline: Option<Instant>) -> io::Result<Session> {
         let port = self.port;
         let sh = &self.shared;
-        sh.wait_locked_on(WaitOn::Accept, deadline, self.nonblocking, |l| {
-            let gen = l.gen;
-            let Some(id) = l
-                .listeners
-                .get_mut(&port)
-                .and_then(|x| x.backlog.pop_front())
-            else {
-                return Ok(None);
-            };
-            let Some(s) = l.sessions.get(&id) else {
-                return Ok(None);
-            };
-            let message = s.message;
-            Ok(Some(Session::new(sh.clone(), id, gen, port, message)))
-        })
+        sh.wait_locked_on(
+            WaitOn::Accept,
+            deadline,
+            Patience::nonblocking(self.nonblocking),
+            |l| {
+                let gen = l.gen;
+                let Some(id) = l
+                    .listeners
+                    .get_mut(&port)
+                    .and_then(|x| x.backlog.pop_front())
+                else {
+                    return Ok(None);
+                };
+                let Some(s) = l.sessions.get(&id) else {
+                    return Ok(None);
+                };
+                let message = s.message;
+                Ok(Some(Session::new(sh.clone(), id, gen, port, message)))
+            },
+        )
         .map(|(_, s)| s)
     }
 }
@@ -1291,11 +1328,11 @@ impl Session {
         t.map(|t| Instant::now() + t)
     }
 
-    fn write_stream(&self, buf: &[u8], nonblocking: bool) -> io::Result<usize> {
+    fn write_stream(&self, buf: &[u8], patience: Patience) -> io::Result<usize> {
         let id = self.id;
         let gen = self.gen;
         self.shared
-            .wait_session(id, Self::deadline(self.write_timeout), nonblocking, |l| {
+            .wait_session(id, Self::deadline(self.write_timeout), patience, |l| {
                 if l.gen != gen {
                     return Err(reset_error(l));
                 }
@@ -1309,13 +1346,13 @@ impl Session {
             })
     }
 
-    fn write_message(&self, buf: &[u8], nonblocking: bool) -> io::Result<usize> {
+    fn write_message(&self, buf: &[u8], patience: Patience) -> io::Result<usize> {
         let id = self.id;
         let gen = self.gen;
         let sh = self.shared.clone();
         let deadline = Self::deadline(self.write_timeout);
         // The whole message's credit first, so the peer can always take all of it.
-        sh.wait_session(id, deadline, nonblocking, |l| {
+        sh.wait_session(id, deadline, patience, |l| {
             if l.gen != gen {
                 return Err(reset_error(l));
             }
@@ -1343,7 +1380,7 @@ impl Session {
             // A message may not be abandoned half way, yet a peer that granted credit
             // and then stopped reading must not hold us past the deadline: at the
             // deadline with part of the message sent, the session is reset.
-            let r = sh.wait_session(id, deadline, false, |l| {
+            let r = sh.wait_session(id, deadline, Patience::Wait, |l| {
                 if l.gen != gen {
                     return Err(reset_error(l));
                 }
@@ -1410,11 +1447,11 @@ fn step(l: &mut Link, id: u64, data: &[u8], eor: bool, credit: bool) -> io::Resu
 impl Session {
     /// A read through a shared reference, for the async and event-loop wrappers (whose
     /// read and write halves work one session from two tasks).
-    pub(crate) fn read_shared(&self, buf: &mut [u8], nonblocking: bool) -> io::Result<usize> {
+    pub(crate) fn read_shared(&self, buf: &mut [u8], patience: Patience) -> io::Result<usize> {
         let id = self.id;
         let gen = self.gen;
         self.shared
-            .wait_session(id, Self::deadline(self.read_timeout), nonblocking, |l| {
+            .wait_session(id, Self::deadline(self.read_timeout), patience, |l| {
                 if l.gen != gen {
                     // Data and EOF the peer sent before the link reset are still read.
                     return match l.read_ended(gen, id, buf) {
@@ -1430,28 +1467,28 @@ impl Session {
     }
 
     /// A write through a shared reference (as `read_shared`).
-    pub(crate) fn write_shared(&self, buf: &[u8], nonblocking: bool) -> io::Result<usize> {
+    pub(crate) fn write_shared(&self, buf: &[u8], patience: Patience) -> io::Result<usize> {
         // Nothing is sent for an empty buffer, in either mode, so that a read of 0 bytes
         // always means EOF.
         if buf.is_empty() {
             Ok(0)
         } else if self.message {
-            self.write_message(buf, nonblocking)
+            self.write_message(buf, patience)
         } else {
-            self.write_stream(buf, nonblocking)
+            self.write_stream(buf, patience)
         }
     }
 }
 
 impl io::Read for Session {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read_shared(buf, self.nonblocking)
+        self.read_shared(buf, Patience::nonblocking(self.nonblocking))
     }
 }
 
 impl io::Write for Session {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.write_shared(buf, self.nonblocking)
+        self.write_shared(buf, Patience::nonblocking(self.nonblocking))
     }
 
     fn flush(&mut self) -> io::Result<()> {

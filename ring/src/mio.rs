@@ -60,6 +60,7 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+use crate::endpoint::Patience;
 use crate::sync::{AtomicBool, Ordering};
 use crate::{Listener, Session};
 use ::mio::event::Source;
@@ -211,13 +212,17 @@ impl MioSession {
 
 impl io::Read for &MioSession {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        retry_cleared(&self.signal, || self.session.read_shared(buf, true))
+        retry_cleared(&self.signal, || {
+            self.session.read_shared(buf, Patience::Now)
+        })
     }
 }
 
 impl io::Write for &MioSession {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        retry_cleared(&self.signal, || self.session.write_shared(buf, true))
+        retry_cleared(&self.signal, || {
+            self.session.write_shared(buf, Patience::Now)
+        })
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())

@@ -11,14 +11,20 @@
 //! thread reads the ring, wakes the stored wakers of the tasks that wait to read or to
 //! write (data, EOF, credit, ring space, a reset), and a listener's callback
 //! ([`Listener::set_notify`]) wakes the tasks waiting to accept. Nothing polls on a
-//! timer and nothing spins.
+//! timer.
 //!
-//! So a task sleeps in its runtime whenever its session would block, and two threads
-//! hand the wakeup on (the endpoint's keeper reads the ring, the runtime runs the task):
-//! an async round trip costs about what the blocking API's does in
-//! [`WaitMode::Block`](crate::WaitMode::Block), not the spinning figure of `Adaptive`.
-//! Give async programs `Adaptive` or `Block` endpoints: under `Poll` the peer never rings,
-//! and tasks are woken only as often as the keeper polls (20 us to 1 ms apart).
+//! The endpoint's [`WaitMode`](crate::WaitMode) holds for async calls as for blocking
+//! ones, up to the point where a blocking call would sleep: under `Adaptive` (and `Poll`)
+//! a read or write that finds nothing to do spins on the ring for at most
+//! [`Config::spin`](crate::Config::spin) (50 us by default) before its task sleeps, so a
+//! stream or a round trip in progress moves at the blocking API's speed; under `Block`
+//! it never spins, and every wait costs two thread hand-offs (the endpoint's keeper reads
+//! the ring, the runtime runs the task), about what a blocking round trip costs in
+//! `Block`. A session that stays idle costs one spin when its task first waits, then
+//! nothing. Async programs that serve many mostly idle sessions on one runtime thread,
+//! and would rather not spend the spin, use `Block` endpoints. Under `Poll` the peer
+//! never rings: a task that sleeps is woken only as often as the keeper polls (20 us to
+//! 1 ms apart).
 //!
 //! Errors are those of the blocking API: reads return `Ok(0)` at the peer's shutdown or
 //! close; writes then fail with `BrokenPipe`; a link reset (the peer restarted or left)
@@ -70,6 +76,7 @@
 //! # }
 //! ```
 
+use crate::endpoint::Patience;
 use crate::link::Notifier;
 use crate::{Endpoint, Listener, Session, SessionOptions};
 use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -108,20 +115,22 @@ struct Inner {
     wakers: Arc<SessionWakers>,
 }
 
-/// Runs a non-blocking `attempt`; on `WouldBlock`, registers the task and tries once
-/// more, so that readiness that came between the attempt and the registration is not
-/// lost (the callback of that readiness ran before the registration and woke nobody).
+/// Runs `attempt`, spinning first as the endpoint's wait mode allows
+/// ([`Patience::Spin`]: a stream keeps moving without a wakeup through the keeper and the
+/// runtime); on `WouldBlock`, registers the task and tries once more without spinning, so
+/// that readiness that came between the attempt and the registration is not lost (the
+/// callback of that readiness ran before the registration and woke nobody).
 fn poll_io<T>(
     waker: &AtomicWaker,
     cx: &mut Context<'_>,
-    mut attempt: impl FnMut() -> io::Result<T>,
+    mut attempt: impl FnMut(Patience) -> io::Result<T>,
 ) -> Poll<io::Result<T>> {
-    match attempt() {
+    match attempt(Patience::Spin) {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
         r => return Poll::Ready(r),
     }
     waker.register(cx.waker());
-    match attempt() {
+    match attempt(Patience::Now) {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
         r => Poll::Ready(r),
     }
@@ -138,16 +147,16 @@ impl Inner {
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
-        let n = std::task::ready!(poll_io(&self.wakers.read, cx, || {
-            self.session.read_shared(buf.initialize_unfilled(), true)
+        let n = std::task::ready!(poll_io(&self.wakers.read, cx, |p| {
+            self.session.read_shared(buf.initialize_unfilled(), p)
         }))?;
         buf.advance(n);
         Poll::Ready(Ok(()))
     }
 
     fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        poll_io(&self.wakers.write, cx, || {
-            self.session.write_shared(buf, true)
+        poll_io(&self.wakers.write, cx, |p| {
+            self.session.write_shared(buf, p)
         })
     }
 
@@ -161,10 +170,12 @@ impl Inner {
             let whole: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
             return self.poll_write(cx, &whole);
         }
-        poll_io(&self.wakers.write, cx, || {
+        poll_io(&self.wakers.write, cx, |p| {
             let mut total = 0;
             for b in bufs.iter().filter(|b| !b.is_empty()) {
-                match self.session.write_shared(b, true) {
+                // Spin only for the first slice: after it, what was written is returned.
+                let p = if total == 0 { p } else { Patience::Now };
+                match self.session.write_shared(b, p) {
                     Ok(n) => {
                         total += n;
                         if n < b.len() {

@@ -32,7 +32,7 @@
 //! ([`crate::Endpoint::max_frame`]); longer messages come as an owned copy. Data that
 //! arrived before the session turned to in-place reads also comes as an owned copy.
 
-use crate::endpoint::{reset_error, Session, Shared};
+use crate::endpoint::{reset_error, Patience, Session, Shared};
 use crate::frame::{self, Header, Kind, FLAG_EOR, HEADER_LEN};
 use crate::link::{Link, State};
 use crate::ring::Record;
@@ -255,12 +255,13 @@ impl Session {
         let (id, gen) = (self.id, self.gen);
         let deadline = Session::deadline(self.write_timeout);
         let sh: &Shared = &self.shared;
-        let (link, at) = sh.wait_session_locked(id, deadline, self.nonblocking, |l| {
-            if l.gen != gen {
-                return Err(reset_error(l));
-            }
-            l.zc_reserve(id, len)
-        })?;
+        let (link, at) =
+            sh.wait_session_locked(id, deadline, Patience::nonblocking(self.nonblocking), |l| {
+                if l.gen != gen {
+                    return Err(reset_error(l));
+                }
+                l.zc_reserve(id, len)
+            })?;
         Ok(WriteSlot {
             link,
             shared: sh,
@@ -277,12 +278,13 @@ impl Session {
         let (id, gen) = (self.id, self.gen);
         let deadline = Session::deadline(self.read_timeout);
         let sh: &Shared = &self.shared;
-        let (link, taken) = sh.wait_session_locked(id, deadline, self.nonblocking, |l| {
-            if l.gen != gen {
-                return Err(reset_error(l));
-            }
-            l.zc_take(id)
-        })?;
+        let (link, taken) =
+            sh.wait_session_locked(id, deadline, Patience::nonblocking(self.nonblocking), |l| {
+                if l.gen != gen {
+                    return Err(reset_error(l));
+                }
+                l.zc_take(id)
+            })?;
         let region = link.region.clone();
         drop(link);
         let src = match taken {
