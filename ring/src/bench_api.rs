@@ -1,9 +1,9 @@
 //! Crate internals for the criterion benches in `benches/` (not a stable API).
 
-use crate::frame::{Header, Kind};
-use crate::layout::{Geometry, Role};
-use crate::region::SharedRegion;
-use crate::ring::{Consumer, Producer};
+use crate::shm::layout::{Geometry, Role};
+use crate::shm::region::SharedRegion;
+use crate::wire::frame::{Header, Kind};
+use crate::wire::ring::{Consumer, Producer};
 
 /// One SPSC ring on heap memory: the host's writing half and the guest's reading half.
 pub struct RingPair {

@@ -9,11 +9,11 @@
 //! shake hands again. Bounds on the victim's memory are asserted after every step.
 
 use crate::config::Config;
-use crate::frame::{record_len, Header, Kind, HEADER_LEN};
-use crate::layout::{side, Geometry, Role};
 use crate::link::Link;
-use crate::region::SharedRegion;
-use crate::sync::Ordering;
+use crate::shm::layout::{side, Geometry, Role};
+use crate::shm::region::SharedRegion;
+use crate::shm::sync::Ordering;
+use crate::wire::frame::{record_len, Header, Kind, HEADER_LEN};
 use std::time::{Duration, Instant};
 
 /// Region size for the harness: the smallest ivring accepts, so the ring wraps often.
@@ -91,7 +91,7 @@ pub fn fuzz_pump(data: &[u8]) {
     let mut head = 0u64;
     let handshake = |epoch: u64| {
         w(side::EPOCH, epoch);
-        w(side::PEER_ID, crate::layout::PEER_ID_VALID | 1);
+        w(side::PEER_ID, crate::shm::layout::PEER_ID_VALID | 1);
         w(side::ACK, victim_epoch());
     };
     handshake(epoch);

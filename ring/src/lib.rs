@@ -10,38 +10,64 @@
 //! Features: `tokio` adds async sessions and listeners (`ivring::tokio`), `mio` adds
 //! `mio::event::Source` for them (`ivring::mio`, Linux only: the one place in this crate
 //! with a file descriptor).
+//!
+//! # Layers
+//!
+//! Each imports only those before it:
+//! - `shm`: the region (every access a bounds-checked copy, never a reference), the
+//!   layout of the header and the side blocks, and the one atomics shim (`shm/sync.rs`)
+//!   that every atomic of the crate comes from, so loom sees them all;
+//! - `wire`: frames (`wire/frame.rs`) and the SPSC byte ring (`wire/ring.rs`);
+//! - `link`: one link's state, single-threaded and without locks or threads: the
+//!   handshake and liveness, receive demux, transmit, the sessions and their credit;
+//!   direct reads (`link/fastpath.rs`) and zero-copy parking (`link/park.rs`) are its
+//!   receive modes;
+//! - `runtime`: the only owner of locks, threads (the keeper), spinning and the doorbell;
+//! - `api`: [`Endpoint`], [`Listener`], [`Session`], zero-copy slots and views,
+//!   [`Readiness`], and the `tokio` and `mio` wrappers.
+//!
+//! One byte, from [`Session::write`](std::io::Write::write) to the peer's
+//! [`Session::read`](std::io::Read::read): `api/endpoint.rs` (`write_stream`) →
+//! `runtime/mod.rs` (`wait_locked_on`: try, spin, sleep) → `link/mod.rs` (`step`,
+//! `write_frame`, `publish`) → `wire/ring.rs` (`Producer`) and `wire/frame.rs` (the
+//! header); on the other side `api/endpoint.rs` (`read_shared`) → `runtime/mod.rs` →
+//! `link/fastpath.rs` (`read_direct`, straight from the ring) or `link/mod.rs` (`pump`
+//! into the session's buffer, then `read`) → `wire/ring.rs` (`Consumer`).
 #![deny(missing_docs)]
+
+// Layers, each importing only those above it in this list: the shared memory, the wire
+// (frames and the byte ring), the link (a state machine over one region), the runtime
+// (locks, threads, the doorbell), the API.
+mod api;
+mod link;
+mod runtime;
+mod shm;
+mod wire;
+
+mod config;
 
 #[doc(hidden)]
 pub mod bench_api;
-mod config;
-mod connecting;
-pub mod doorbell;
-mod endpoint;
-mod fastpath;
-pub mod frame;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod layout;
-mod link;
 #[cfg(all(test, loom))]
 mod loom_tests;
-#[cfg(all(feature = "mio", target_os = "linux"))]
-pub mod mio;
-mod ready;
-pub mod region;
-mod ring;
-mod sync;
-#[cfg(feature = "tokio")]
-pub mod tokio;
-pub mod zerocopy;
 
+#[cfg(all(feature = "mio", target_os = "linux"))]
+pub use api::mio;
+#[cfg(feature = "tokio")]
+pub use api::tokio;
+pub use api::zerocopy;
+pub use runtime::doorbell;
+pub use shm::{layout, region};
+pub use wire::frame;
+
+pub use api::connecting::Connecting;
+pub use api::endpoint::{Endpoint, Listener, Session, SessionOptions};
+pub use api::ready::{IdleWait, Readiness};
 pub use config::{Config, WaitMode};
-pub use connecting::Connecting;
-pub use doorbell::Doorbell;
-pub use endpoint::{Endpoint, Listener, Session, SessionOptions};
-pub use layout::{Geometry, LayoutError, Role};
 pub use link::Stats;
-pub use ready::{IdleWait, Readiness};
-pub use region::SharedRegion;
+pub use runtime::doorbell::Doorbell;
+pub use shm::layout::{Geometry, LayoutError, Role};
+pub use shm::region::SharedRegion;

@@ -12,9 +12,9 @@
 //! two side blocks sit at 0 and 512 (each needs the 400 bytes of `layout::side`), and the
 //! ring data follows at 1024, so every model stays a few hundred loom operations long.
 
-use crate::frame::{Header, Kind, HEADER_LEN};
-use crate::region::SharedRegion;
-use crate::ring::{Consumer, Producer};
+use crate::shm::region::SharedRegion;
+use crate::wire::frame::{Header, Kind, HEADER_LEN};
+use crate::wire::ring::{Consumer, Producer};
 use loom::thread;
 
 /// The writer's side block (TX_HEAD, TX_NEED_SPACE live here).

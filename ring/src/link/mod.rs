@@ -1,15 +1,19 @@
 //! One link's state: the handshake, the two ring halves and every session on them.
 //!
-//! All of it sits behind one mutex in [`crate::endpoint`]; nothing here blocks or sleeps.
+//! All of it sits behind one mutex in the runtime (`crate::runtime`); nothing here
+//! blocks, sleeps or imports the runtime or the API.
 //! Everything read from shared memory is read once, checked, and used from the local
 //! copy (PROTOCOL.md §6).
 
+mod fastpath;
+pub(crate) mod park;
+
 use crate::config::{Config, WaitMode};
-use crate::frame::{self, CreditArgs, Header, Kind, OpenArgs, FLAG_EOR};
-use crate::layout::{side, Geometry, Role, PEER_ID_VALID};
-use crate::region::SharedRegion;
-use crate::ring::{BadIndex, Consumer, Producer};
-use crate::sync::Ordering;
+use crate::shm::layout::{side, Geometry, Role, PEER_ID_VALID};
+use crate::shm::region::SharedRegion;
+use crate::shm::sync::Ordering;
+use crate::wire::frame::{self, CreditArgs, Header, Kind, OpenArgs, FLAG_EOR};
+use crate::wire::ring::{BadIndex, Consumer, Producer};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::time::Instant;
@@ -70,7 +74,7 @@ pub(crate) struct Sess {
     pub(crate) fwd_at_dry: u64,
     /// A caller of the session slept (not spun) since `fwd_at_dry`.
     pub(crate) slept: bool,
-    /// The reader takes frames in place (crate::zerocopy): pump parks them in the ring.
+    /// The reader takes frames in place (`link::park`): pump parks them in the ring.
     pub(crate) in_place: bool,
 }
 
@@ -231,8 +235,8 @@ pub(crate) struct Link {
     peer_beat_at: Instant,
     pub(crate) tx: Producer,
     pub(crate) rx: Consumer,
-    /// A Data frame left in the ring for an in-place reader (crate::zerocopy).
-    pub(crate) parked: Option<crate::zerocopy::Parked>,
+    /// A Data frame left in the ring for an in-place reader (`link::park`).
+    pub(crate) parked: Option<crate::link::park::Parked>,
     pub sessions: HashMap<u64, Sess, SessionIds>,
     /// Sessions the peer had finished (Shutdown or Close) when the link reset, by
     /// (generation, id): their data is still read, then EOF. Dropping the Session removes it.
@@ -649,10 +653,10 @@ impl Link {
         // link's lock) for ever: after a ring's worth, stop and let the caller come back.
         let mut budget = self.geom.capacity;
         let mut may_park = match self.parked_state() {
-            crate::zerocopy::ParkState::Lent => return Ok(false),
-            crate::zerocopy::ParkState::Waiting => return Ok(false),
-            crate::zerocopy::ParkState::Expired => false,
-            crate::zerocopy::ParkState::None => true,
+            crate::link::park::ParkState::Lent => return Ok(false),
+            crate::link::park::ParkState::Waiting => return Ok(false),
+            crate::link::park::ParkState::Expired => false,
+            crate::link::park::ParkState::None => true,
         };
         loop {
             let rec = match self.rx.next(self.max_payload) {
@@ -1355,6 +1359,55 @@ impl Stripes {
                 })
             })
         })
+    }
+}
+
+/// The error of a session that the link's reset ended.
+pub(crate) fn reset_error(l: &Link) -> io::Error {
+    let why = l
+        .stats
+        .last_error
+        .clone()
+        .unwrap_or_else(|| "link reset".into());
+    io::Error::new(io::ErrorKind::ConnectionReset, format!("ivring: {why}"))
+}
+
+pub(crate) enum WriteStep {
+    Wrote(usize),
+    Wait,
+}
+
+/// One attempt at writing a frame; on a full ring, posts the space needed first.
+pub(crate) fn step(
+    l: &mut Link,
+    id: u64,
+    data: &[u8],
+    eor: bool,
+    credit: bool,
+) -> io::Result<WriteStep> {
+    loop {
+        match l.write_frame(id, data, eor, credit)? {
+            Some(n) => return Ok(WriteStep::Wrote(n)),
+            None => {
+                let s = l.session(id)?;
+                let no_credit = credit && s.credit() == 0;
+                if no_credit || l.has_pending() {
+                    if l.has_pending() {
+                        match l.flush() {
+                            Ok(true) => continue,
+                            Ok(false) => l.waiting_space = !no_credit,
+                            Err(f) => return Err(l.fault_to_io(f)),
+                        }
+                    }
+                    return Ok(WriteStep::Wait);
+                }
+                match l.arm_space(data.len()) {
+                    Ok(true) => continue,
+                    Ok(false) => return Ok(WriteStep::Wait),
+                    Err(f) => return Err(l.fault_to_io(f)),
+                }
+            }
+        }
     }
 }
 

@@ -5,8 +5,8 @@
 //! diagnostics and for a guest to recognise a laid-out region, and the guest checks that
 //! the header says exactly what it computed itself.
 
-use crate::region::SharedRegion;
-use crate::sync::Ordering;
+use crate::shm::region::SharedRegion;
+use crate::shm::sync::Ordering;
 use std::time::{Duration, Instant};
 
 /// `b"ivring\0\0"` read as a little-endian u64: the first word of a laid-out region.

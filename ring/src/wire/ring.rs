@@ -8,10 +8,10 @@
 //! full fence, then re-reads the index it waits on; a publisher stores its index, runs a
 //! full fence, then reads the flag.
 
-use crate::frame::{self, Header, Kind, HEADER_LEN};
-use crate::layout::{side, RECORD_ALIGN};
-use crate::region::SharedRegion;
-use crate::sync::{fence, Ordering};
+use crate::shm::layout::{side, RECORD_ALIGN};
+use crate::shm::region::SharedRegion;
+use crate::shm::sync::{fence, Ordering};
+use crate::wire::frame::{self, Header, Kind, HEADER_LEN};
 
 /// The peer's index broke the ring's invariants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -76,8 +76,8 @@
 //! # }
 //! ```
 
-use crate::endpoint::Patience;
 use crate::link::Notifier;
+use crate::runtime::Patience;
 use crate::{Endpoint, Listener, Session, SessionOptions};
 use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use atomic_waker::AtomicWaker;

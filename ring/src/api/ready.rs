@@ -6,9 +6,9 @@
 //! notification that comes while the loop is working is kept, so none is lost between
 //! the last `WouldBlock` and the wait.
 
-use crate::endpoint::Shared;
+use crate::runtime::Shared;
+use crate::shm::sync::{AtomicBool, Ordering};
 use crate::{Endpoint, WaitMode};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 

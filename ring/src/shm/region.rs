@@ -8,7 +8,7 @@
 //! Offsets passed to these methods come from our own validated state, never straight
 //! from the peer, so an out-of-range offset is a bug in this crate and panics.
 
-use crate::sync::{AtomicU64, Ordering};
+use crate::shm::sync::{AtomicU64, Ordering};
 use std::any::Any;
 use std::fmt;
 use std::sync::Arc;

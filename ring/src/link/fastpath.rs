@@ -7,8 +7,8 @@
 //! control frame, a bad header, a frame past the credit) is left for `pump`, which
 //! handles it exactly as before, so ordering and error handling do not change.
 
-use crate::frame::Kind;
 use crate::link::{Link, State};
+use crate::wire::frame::Kind;
 use std::io;
 
 impl Link {

@@ -1,8 +1,10 @@
 //! Connecting without blocking: [`Endpoint::connect_nonblocking`] and [`Connecting`], for
 //! event loops and async runtimes.
 
-use crate::endpoint::{reset_error, Session, Shared};
+use crate::api::endpoint::Session;
+use crate::link::reset_error;
 use crate::link::{Notifier, State};
+use crate::runtime::Shared;
 use crate::{Endpoint, SessionOptions};
 use std::io;
 use std::sync::Arc;

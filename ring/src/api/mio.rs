@@ -60,8 +60,8 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
-use crate::endpoint::Patience;
-use crate::sync::{AtomicBool, Ordering};
+use crate::runtime::Patience;
+use crate::shm::sync::{AtomicBool, Ordering};
 use crate::{Listener, Session};
 use ::mio::event::Source;
 use ::mio::unix::SourceFd;

@@ -1,0 +1,575 @@
+//! Sockets over the link: [`Endpoint`], [`Listener`] and [`Session`], each a handle on
+//! the runtime (`crate::runtime`), which drives the link (`crate::link`).
+
+use crate::config::Config;
+use crate::link::{reset_error, step, Link, Listen, State, Stats, WriteStep};
+use crate::runtime::doorbell::Doorbell;
+use crate::runtime::{Patience, Shared, WaitOn};
+use crate::shm::layout::{LayoutError, Role};
+use crate::shm::region::SharedRegion;
+use std::io;
+use std::net::Shutdown;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// One side of a link: listens and connects, as a socket library does.
+///
+/// ```
+/// use ivring::{doorbell::local, Config, Endpoint, SharedRegion};
+/// use std::io::{Read, Write};
+/// use std::sync::Arc;
+///
+/// let region = SharedRegion::heap(1 << 20);
+/// let (a, b) = local::pair();
+/// let host = Endpoint::host(region.clone(), Arc::new(a), Config::default()).unwrap();
+/// let guest = Endpoint::guest(region, Arc::new(b), Config::default()).unwrap();
+/// let listener = guest.listen(7).unwrap();
+/// let mut s = host.connect(7).unwrap();
+/// let mut g = listener.accept().unwrap();
+/// s.write_all(b"hello").unwrap();
+/// drop(s);
+/// let mut got = Vec::new();
+/// g.read_to_end(&mut got).unwrap();
+/// assert_eq!(got, b"hello");
+/// ```
+pub struct Endpoint {
+    shared: Arc<Shared>,
+    /// The keeper thread, once attached.
+    keeper: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Options for one session.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SessionOptions {
+    /// Keep message boundaries (as SOCK_SEQPACKET) instead of a byte stream.
+    pub message: bool,
+}
+
+impl Endpoint {
+    /// The host side: lays the region out and attaches.
+    pub fn host(
+        region: SharedRegion,
+        doorbell: Arc<dyn Doorbell>,
+        cfg: Config,
+    ) -> Result<Endpoint, LayoutError> {
+        Endpoint::new(Role::Host, region, doorbell, cfg)
+    }
+
+    /// The guest side: attaches, and waits for the host to lay the region out if it has
+    /// not yet. A header that is not ivring's is waited on for up to
+    /// [`Config::layout_wait`] (the host repairs one a peer overwrote), then reported.
+    pub fn guest(
+        region: SharedRegion,
+        doorbell: Arc<dyn Doorbell>,
+        cfg: Config,
+    ) -> Result<Endpoint, LayoutError> {
+        Endpoint::new(Role::Guest, region, doorbell, cfg)
+    }
+
+    /// Either side.
+    pub fn new(
+        role: Role,
+        region: SharedRegion,
+        doorbell: Arc<dyn Doorbell>,
+        cfg: Config,
+    ) -> Result<Endpoint, LayoutError> {
+        let ep = Endpoint::unattached(role, region, doorbell, cfg)?;
+        ep.attach();
+        Ok(ep)
+    }
+
+    /// An endpoint that has not attached yet: the peer cannot see it, so listeners made
+    /// now are in place before any connect can arrive (as a server listens before it
+    /// announces itself). Call [`Endpoint::attach`] next.
+    pub fn unattached(
+        role: Role,
+        region: SharedRegion,
+        doorbell: Arc<dyn Doorbell>,
+        cfg: Config,
+    ) -> Result<Endpoint, LayoutError> {
+        let shared = Shared::new(role, region, doorbell, cfg)?;
+        Ok(Endpoint {
+            shared,
+            keeper: Mutex::new(None),
+        })
+    }
+
+    /// Attaches (PROTOCOL.md §3) and starts following the peer. Does nothing if attached.
+    pub fn attach(&self) {
+        let mut keeper_slot = self.keeper.lock().unwrap_or_else(|e| e.into_inner());
+        if keeper_slot.is_some() {
+            return;
+        }
+        self.shared.attach();
+        *keeper_slot = Some(self.shared.spawn_keeper());
+    }
+
+    /// Whether both sides are attached and have acknowledged each other.
+    pub fn is_up(&self) -> bool {
+        self.shared.lock().up
+    }
+
+    /// Waits until the link is up; `false` on timeout.
+    pub fn wait_up(&self, timeout: Duration) -> bool {
+        self.shared
+            .wait_for(Some(Instant::now() + timeout), Patience::Wait, |l| {
+                Ok(l.up.then_some(()))
+            })
+            .is_ok()
+    }
+
+    /// Counters about the peer's behaviour, and the last link error.
+    pub fn stats(&self) -> Stats {
+        self.shared.lock().stats.clone()
+    }
+
+    /// Number of sessions open (or opening) on this link.
+    pub fn session_count(&self) -> usize {
+        self.shared.lock().sessions.len()
+    }
+
+    /// The configuration the endpoint was made with.
+    pub fn config(&self) -> &Config {
+        &self.shared.cfg
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Largest payload of one frame on this link.
+    pub fn max_frame(&self) -> usize {
+        self.shared.lock().max_payload
+    }
+
+    /// Accepts sessions opened by the peer on `port`.
+    pub fn listen(&self, port: u32) -> io::Result<Listener> {
+        let mut link = self.shared.lock();
+        if link.listeners.contains_key(&port) {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("ivring: port {port} already has a listener"),
+            ));
+        }
+        link.listeners.insert(port, Listen::default());
+        Ok(Listener {
+            shared: self.shared.clone(),
+            port,
+            nonblocking: false,
+        })
+    }
+
+    /// Opens a stream session to the peer's listener on `port`.
+    pub fn connect(&self, port: u32) -> io::Result<Session> {
+        self.connect_with(port, SessionOptions::default())
+    }
+
+    /// Opens a session with options. Waits up to `Config::connect_timeout` for the peer
+    /// to attach and answer; `ConnectionRefused` when nobody listens there.
+    pub fn connect_with(&self, port: u32, opts: SessionOptions) -> io::Result<Session> {
+        let sh = &self.shared;
+        let deadline = Instant::now() + sh.cfg.connect_timeout;
+        sh.wait_for(Some(deadline), Patience::Wait, |l| Ok(l.up.then_some(())))
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::TimedOut => io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "ivring: the peer is not attached to the shared region",
+                ),
+                _ => e,
+            })?;
+        let (id, gen) = {
+            let mut link = sh.lock();
+            let id = link.open(port, opts.message)?;
+            let gen = link.gen;
+            sh.ring(&mut link);
+            (id, gen)
+        };
+        let r = sh.wait_for(Some(deadline), Patience::Wait, |l| {
+            if l.gen != gen {
+                return Err(reset_error(l));
+            }
+            let s = l.session(id)?;
+            match s.state {
+                State::Open => Ok(Some(())),
+                State::Connecting => Ok(None),
+                State::Refused => Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("ivring: port {port} refused the session (nothing listens there, or its backlog or the session limit is full)"),
+                )),
+                State::Reset(_) => unreachable!("session() reports resets"),
+            }
+        });
+        match r {
+            Ok(()) => Ok(Session::new(sh.clone(), id, gen, port, opts.message)),
+            Err(e) => {
+                let mut link = sh.lock();
+                if link.gen == gen {
+                    link.close(id);
+                    sh.ring(&mut link);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        let keeper = self
+            .keeper
+            .get_mut()
+            .unwrap_or_else(|x| x.into_inner())
+            .take();
+        self.shared.shut_down(keeper);
+    }
+}
+
+/// Accepts sessions the peer opens on one port. Dropping it stops listening and closes
+/// the sessions not yet accepted.
+pub struct Listener {
+    shared: Arc<Shared>,
+    port: u32,
+    nonblocking: bool,
+}
+
+impl Listener {
+    /// The port.
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+
+    /// Waits for the next session.
+    pub fn accept(&self) -> io::Result<Session> {
+        self.accept_inner(None)
+    }
+
+    /// Waits for the next session at most `timeout` (`TimedOut` after).
+    pub fn accept_timeout(&self, timeout: Duration) -> io::Result<Session> {
+        self.accept_inner(Some(Instant::now() + timeout))
+    }
+
+    /// `accept` returns `WouldBlock` instead of waiting.
+    pub fn set_nonblocking(&mut self, nonblocking: bool) {
+        self.nonblocking = nonblocking;
+    }
+
+    /// Calls `notify` whenever an `accept` that would block may succeed now: a session
+    /// joined the backlog, the link reset, or the endpoint closed. As
+    /// [`Session::set_notify`], it runs with the link locked, so it must be cheap and must
+    /// not call into the endpoint. It replaces any earlier callback.
+    pub fn set_notify(&self, notify: Arc<dyn Fn() + Send + Sync>) {
+        let mut link = self.shared.lock();
+        if let Some(l) = link.listeners.get_mut(&self.port) {
+            l.notify = Some(notify);
+        }
+        self.shared.watch_for_callbacks();
+    }
+
+    fn accept_inner(&self, deadline: Option<Instant>) -> io::Result<Session> {
+        let port = self.port;
+        let sh = &self.shared;
+        sh.wait_locked_on(
+            WaitOn::Accept,
+            deadline,
+            Patience::nonblocking(self.nonblocking),
+            |l| {
+                let gen = l.gen;
+                let Some(id) = l
+                    .listeners
+                    .get_mut(&port)
+                    .and_then(|x| x.backlog.pop_front())
+                else {
+                    return Ok(None);
+                };
+                let Some(s) = l.sessions.get(&id) else {
+                    return Ok(None);
+                };
+                let message = s.message;
+                Ok(Some(Session::new(sh.clone(), id, gen, port, message)))
+            },
+        )
+        .map(|(_, s)| s)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let mut link = self.shared.lock();
+        if let Some(l) = link.listeners.remove(&self.port) {
+            for id in l.backlog {
+                link.close(id);
+            }
+        }
+        self.shared.ring(&mut link);
+    }
+}
+
+/// One session: a socket-like byte stream (or message pipe) to the peer.
+///
+/// Reads return the data the peer sent, then `Ok(0)` after its shutdown or close; writes
+/// after the peer's close fail with `BrokenPipe`; when the link resets (the peer restarted,
+/// left, or corrupted the ring) every operation fails with `ConnectionReset`, except reads
+/// of a session the peer had already shut down or closed: those still return what it sent,
+/// then EOF (a peer may close and exit at once). Dropping the session closes it.
+pub struct Session {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) id: u64,
+    pub(crate) gen: u64,
+    port: u32,
+    pub(crate) message: bool,
+    pub(crate) read_timeout: Option<Duration>,
+    pub(crate) write_timeout: Option<Duration>,
+    pub(crate) nonblocking: bool,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("port", &self.port)
+            .field("message", &self.message)
+            .finish()
+    }
+}
+
+impl Session {
+    pub(crate) fn new(shared: Arc<Shared>, id: u64, gen: u64, port: u32, message: bool) -> Session {
+        Session {
+            shared,
+            id,
+            gen,
+            port,
+            message,
+            read_timeout: None,
+            write_timeout: None,
+            nonblocking: false,
+        }
+    }
+
+    /// The session id (unique on this link for the life of the process).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The port the session was opened on.
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+
+    /// Whether message boundaries are kept.
+    pub fn is_message(&self) -> bool {
+        self.message
+    }
+
+    /// Reads time out after this long (`None`: wait for ever).
+    pub fn set_read_timeout(&mut self, t: Option<Duration>) {
+        self.read_timeout = t;
+    }
+
+    /// Writes time out after this long (`None`: wait for ever).
+    pub fn set_write_timeout(&mut self, t: Option<Duration>) {
+        self.write_timeout = t;
+    }
+
+    /// Reads and writes return `WouldBlock` instead of waiting.
+    pub fn set_nonblocking(&mut self, nonblocking: bool) {
+        self.nonblocking = nonblocking;
+    }
+
+    /// Calls `notify` whenever the session may have become readable or writable: data,
+    /// EOF, credit, or a reset arrived. It runs on whichever thread reads the ring, with
+    /// the link locked, so it must be cheap (signal an eventfd, wake a task) and must not
+    /// call into the endpoint. `ivring_host::PollableSession` builds a pollable fd on it.
+    pub fn set_notify(&self, notify: Arc<dyn Fn() + Send + Sync>) -> io::Result<()> {
+        let mut link = self.shared.lock();
+        self.check(&link)?;
+        link.session(self.id)?.notify = Some(notify);
+        self.shared.watch_for_callbacks();
+        Ok(())
+    }
+
+    fn check(&self, l: &Link) -> io::Result<()> {
+        if l.gen != self.gen {
+            return Err(reset_error(l));
+        }
+        Ok(())
+    }
+
+    /// Closes the read half, the write half, or both (as `TcpStream::shutdown`).
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        let mut link = self.shared.lock();
+        self.check(&link)?;
+        if matches!(how, Shutdown::Write | Shutdown::Both) {
+            link.shutdown_write(self.id)?;
+        }
+        if matches!(how, Shutdown::Read | Shutdown::Both) {
+            let s = link.session(self.id)?;
+            s.rd_shut = true;
+            // Discard and credit what is buffered.
+            let mut sink = vec![0u8; 64 << 10];
+            while let Some(n) = link.read_discard(self.id, &mut sink)? {
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        self.shared.ring(&mut link);
+        Ok(())
+    }
+
+    pub(crate) fn deadline(t: Option<Duration>) -> Option<Instant> {
+        t.map(|t| Instant::now() + t)
+    }
+
+    fn write_stream(&self, buf: &[u8], patience: Patience) -> io::Result<usize> {
+        let id = self.id;
+        let gen = self.gen;
+        self.shared
+            .wait_session(id, Self::deadline(self.write_timeout), patience, |l| {
+                if l.gen != gen {
+                    return Err(reset_error(l));
+                }
+                match step(l, id, buf, false, true)? {
+                    WriteStep::Wrote(n) => {
+                        l.publish();
+                        Ok(Some(n))
+                    }
+                    WriteStep::Wait => Ok(None),
+                }
+            })
+    }
+
+    fn write_message(&self, buf: &[u8], patience: Patience) -> io::Result<usize> {
+        let id = self.id;
+        let gen = self.gen;
+        let sh = self.shared.clone();
+        let deadline = Self::deadline(self.write_timeout);
+        // The whole message's credit first, so the peer can always take all of it.
+        sh.wait_session(id, deadline, patience, |l| {
+            if l.gen != gen {
+                return Err(reset_error(l));
+            }
+            let s = l.session(id)?;
+            if s.peer_closed || s.wr_shut {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "ivring: session closed for writing",
+                ));
+            }
+            if buf.len() > s.peer_buf_alloc() as usize {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "ivring: message of {} bytes exceeds the peer's receive buffer of {}",
+                        buf.len(),
+                        s.peer_buf_alloc()
+                    ),
+                ));
+            }
+            Ok((s.credit() >= buf.len() as u64).then_some(()))
+        })?;
+        let mut off = 0;
+        loop {
+            // A message may not be abandoned half way, yet a peer that granted credit
+            // and then stopped reading must not hold us past the deadline: at the
+            // deadline with part of the message sent, the session is reset.
+            let r = sh.wait_session(id, deadline, Patience::Wait, |l| {
+                if l.gen != gen {
+                    return Err(reset_error(l));
+                }
+                match step(l, id, &buf[off..], true, false)? {
+                    WriteStep::Wrote(n) => Ok(Some(n)),
+                    WriteStep::Wait => {
+                        l.publish();
+                        Ok(None)
+                    }
+                }
+            });
+            let n = match r {
+                Ok(n) => n,
+                Err(e) => {
+                    let mut link = sh.lock();
+                    if off > 0 && e.kind() == io::ErrorKind::TimedOut && link.gen == gen {
+                        link.reset_session(id, "message write timed out half way");
+                        link.publish();
+                        sh.ring(&mut link);
+                    }
+                    return Err(e);
+                }
+            };
+            off += n;
+            if off == buf.len() {
+                break;
+            }
+        }
+        let mut link = sh.lock();
+        link.publish();
+        sh.ring(&mut link);
+        Ok(buf.len())
+    }
+}
+
+impl Session {
+    /// A read through a shared reference, for the async and event-loop wrappers (whose
+    /// read and write halves work one session from two tasks).
+    pub(crate) fn read_shared(&self, buf: &mut [u8], patience: Patience) -> io::Result<usize> {
+        let id = self.id;
+        let gen = self.gen;
+        self.shared
+            .wait_session(id, Self::deadline(self.read_timeout), patience, |l| {
+                if l.gen != gen {
+                    // Data and EOF the peer sent before the link reset are still read.
+                    return match l.read_ended(gen, id, buf) {
+                        Some(n) => Ok(Some(n)),
+                        None => Err(reset_error(l)),
+                    };
+                }
+                if let Some(n) = l.read_direct(id, buf)? {
+                    return Ok(Some(n));
+                }
+                l.read(id, buf)
+            })
+    }
+
+    /// A write through a shared reference (as `read_shared`).
+    pub(crate) fn write_shared(&self, buf: &[u8], patience: Patience) -> io::Result<usize> {
+        // Nothing is sent for an empty buffer, in either mode, so that a read of 0 bytes
+        // always means EOF.
+        if buf.is_empty() {
+            Ok(0)
+        } else if self.message {
+            self.write_message(buf, patience)
+        } else {
+            self.write_stream(buf, patience)
+        }
+    }
+}
+
+impl io::Read for Session {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_shared(buf, Patience::nonblocking(self.nonblocking))
+    }
+}
+
+impl io::Write for Session {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_shared(buf, Patience::nonblocking(self.nonblocking))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let mut link = self.shared.lock();
+        if link.gen == self.gen {
+            link.close(self.id);
+            self.shared.ring(&mut link);
+        } else {
+            link.ended.remove(&(self.gen, self.id));
+        }
+    }
+}
