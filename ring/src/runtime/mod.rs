@@ -12,14 +12,16 @@
 //! ring signals. A caller that finds the keeper on the bell marks that it wants it, and
 //! the keeper leaves it free after its next wakeup.
 
+mod bell;
 pub mod doorbell;
 
+use self::bell::{Bell, CallerWait, Holder};
 use crate::config::{Config, WaitMode};
 use crate::link::{Fault, Link, Stripes};
 use crate::runtime::doorbell::Doorbell;
 use crate::shm::layout::{Geometry, LayoutError, Role};
 use crate::shm::region::SharedRegion;
-use crate::shm::sync::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering as StdOrdering};
+use crate::shm::sync::{AtomicBool, AtomicUsize, Ordering as StdOrdering};
 use crossbeam_utils::CachePadded;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -58,19 +60,9 @@ pub(crate) struct Shared {
     /// The keeper sleeps without asking the peer to ring (spinners, or a frame parked for
     /// an in-place reader): whoever stops spinning or releases the frame wakes it.
     pub(crate) keeper_unarmed: AtomicBool,
-    /// Who waits on the doorbell: `BELL_FREE`, `BELL_KEEPER` or `BELL_CALLER`. Changed
-    /// under the lock, so that two threads never wait on (and drain) it at once: a ring
-    /// drained by one would be lost to the other.
-    bell: AtomicU8,
-    /// Callers sleeping on a condvar because the keeper had the bell, by stripe (bit 0
-    /// also stands for link and accept waiters): the keeper leaves the bell to them.
-    bell_wanted: AtomicU64,
-    /// The keeper sits out while a caller has the bell (parked, not on the doorbell).
-    keeper_benched: AtomicBool,
+    /// Who waits on the doorbell (`bell.rs`).
+    bell: Bell,
     keeper_thread: OnceLock<Thread>,
-    /// Times a caller took the bell: a keeper that sat out and sees callers using the
-    /// bell keeps out of their way (they recall it when they need it).
-    caller_leads: AtomicU64,
     /// Some session has a notify callback: its reader waits outside the endpoint, so the
     /// keeper must be back on the bell whenever no caller is.
     notifiers: AtomicBool,
@@ -84,9 +76,6 @@ pub(crate) struct Shared {
     space_sleepers: AtomicUsize,
 }
 
-const BELL_FREE: u8 = 0;
-const BELL_KEEPER: u8 = 1;
-const BELL_CALLER: u8 = 2;
 /// How long the keeper sits out at most after leaving the bell to a caller that wanted
 /// it: if no caller took it by then, the keeper takes it back.
 const HANDOFF_MAX: Duration = Duration::from_millis(1);
@@ -225,21 +214,6 @@ impl Shared {
         }
     }
 
-    /// Wakes a benched keeper if callers asleep on condvars need someone to read the ring
-    /// (called with the lock held, by a caller that just gave the bell up). What else
-    /// needs the keeper (accepts, notify callbacks, frames waiting for space) can wait for
-    /// its short nap: waking it on every give-up would cost a thread switch each time.
-    fn recall_keeper(&self) {
-        if !self.keeper_benched.load(StdOrdering::SeqCst) {
-            return;
-        }
-        let needed = self.sleepers.load(StdOrdering::Relaxed) > 0
-            || self.stripe_sleepers.load(StdOrdering::Relaxed) > 0;
-        if needed {
-            self.unpark_keeper();
-        }
-    }
-
     fn unpark_keeper(&self) {
         if let Some(t) = self.keeper_thread.get() {
             t.unpark();
@@ -262,7 +236,7 @@ impl Shared {
             self.resign(leading);
             return (link, Led::No);
         }
-        if !*leading && self.bell.load(StdOrdering::Relaxed) != BELL_FREE {
+        if !*leading && self.bell.holder() != Holder::Free {
             return (link, Led::No);
         }
         // Whatever is in the ring goes to its sessions first (ours included); then arm
@@ -303,9 +277,9 @@ impl Shared {
             }
         }
         if !*leading {
-            *leading = true;
-            self.bell.store(BELL_CALLER, StdOrdering::SeqCst);
-            self.caller_leads.fetch_add(1, StdOrdering::Relaxed);
+            // Free: checked above, under the same lock.
+            *leading = self.bell.caller_take();
+            debug_assert!(*leading);
         }
         self.ring(&mut link);
         drop(link);
@@ -384,8 +358,14 @@ impl Shared {
     /// callers asleep on condvars need someone on it.
     fn resign(&self, leading: &mut bool) {
         if std::mem::take(leading) {
-            self.bell.store(BELL_FREE, StdOrdering::SeqCst);
-            self.recall_keeper();
+            // What else needs the keeper (accepts, notify callbacks, frames waiting for
+            // space) can wait for its short nap: recalling it on every give-up would cost
+            // a thread switch each time.
+            let sleepers = self.sleepers.load(StdOrdering::Relaxed) > 0
+                || self.stripe_sleepers.load(StdOrdering::Relaxed) > 0;
+            if self.bell.caller_give_up(sleepers) {
+                self.unpark_keeper();
+            }
         }
     }
 
@@ -606,18 +586,11 @@ impl Shared {
                     WaitOn::Session(id) => crate::link::stripe_of(id),
                     WaitOn::Link | WaitOn::Accept => 0,
                 };
-                match self.bell.load(StdOrdering::Relaxed) {
-                    BELL_KEEPER if self.direct_wait => {
-                        self.bell_wanted
-                            .fetch_or(1 << (stripe % 64), StdOrdering::Relaxed);
-                    }
-                    // Nobody is on the doorbell and the keeper sits out (say the link is
-                    // down, so we may not take it): it must follow the ring for us now,
-                    // not after its nap.
-                    BELL_FREE if self.keeper_benched.load(StdOrdering::SeqCst) => {
-                        self.unpark_keeper();
-                    }
-                    _ => {}
+                // Ask the keeper for the bell, or recall it if nobody is on the doorbell
+                // and it sits out (say the link is down, so we may not take it): it must
+                // follow the ring for us now, not after its nap.
+                if self.bell.caller_wait(stripe, self.direct_wait) == CallerWait::RecallKeeper {
+                    self.unpark_keeper();
                 }
                 let (cv, n) = match on {
                     _ if for_space => (&self.space_cv, &self.space_sleepers),
@@ -715,11 +688,8 @@ impl Shared {
             region,
             peer_head,
             keeper_unarmed: AtomicBool::new(false),
-            bell: AtomicU8::new(BELL_FREE),
-            bell_wanted: AtomicU64::new(0),
-            keeper_benched: AtomicBool::new(false),
+            bell: Bell::new(),
             keeper_thread: OnceLock::new(),
-            caller_leads: AtomicU64::new(0),
             notifiers: AtomicBool::new(false),
             direct_wait,
             space_cv: Condvar::new(),
@@ -780,11 +750,8 @@ fn keeper(sh: Arc<Shared>) {
     while !sh.stop.load(StdOrdering::SeqCst) {
         let now = Instant::now();
         let mut link = sh.lock();
-        if sh.bell.load(StdOrdering::Relaxed) == BELL_KEEPER {
-            sh.bell.store(BELL_FREE, StdOrdering::SeqCst);
-        }
         // A caller waiting on the doorbell has armed it: leave its flag alone.
-        if sh.bell.load(StdOrdering::Relaxed) != BELL_CALLER {
+        if !sh.bell.keeper_round() {
             link.disarm_wakeup();
         }
         let mut changed = sh.follow_peer(&mut link, now);
@@ -813,15 +780,13 @@ fn keeper(sh: Arc<Shared>) {
         // and recalls us when it leaves with others still waiting), or for a moment to
         // leave the bell to callers that found us on it.
         let wanted = if sh.direct_wait {
-            sh.bell_wanted.swap(0, StdOrdering::Relaxed)
+            sh.bell.take_wanted()
         } else {
             0
         };
-        let leads = sh.caller_leads.load(StdOrdering::Relaxed);
+        let leads = sh.bell.caller_takes();
         let callers_lead = std::mem::replace(&mut last_leads, leads) != leads;
-        let bench = if sh.bell.load(StdOrdering::Relaxed) == BELL_CALLER
-            || (callers_lead && benched && !changed)
-        {
+        let bench = if sh.bell.holder() == Holder::Caller || (callers_lead && benched && !changed) {
             // Between two of the callers' waits nobody is on the bell, and what does not
             // recall us (accepts, notify callbacks, frames waiting for space) must not
             // wait long: while callers come and go, nap briefly; while one caller keeps
@@ -850,12 +815,12 @@ fn keeper(sh: Arc<Shared>) {
             None
         };
         if let Some(t) = bench {
-            sh.keeper_benched.store(true, StdOrdering::SeqCst);
+            sh.bell.set_keeper_benched(true);
             sh.ring(&mut link);
             drop(link);
             sh.notify_unlocked(wake);
             std::thread::park_timeout(t);
-            sh.keeper_benched.store(false, StdOrdering::SeqCst);
+            sh.bell.set_keeper_benched(false);
             benched = true;
             continue;
         }
@@ -865,7 +830,7 @@ fn keeper(sh: Arc<Shared>) {
             // pumps on release): no need for the peer to ring us. Whoever stops spinning
             // or releases the frame wakes us to arm again; the timeout bounds the rest.
             sh.keeper_unarmed.store(true, StdOrdering::SeqCst);
-            sh.bell.store(BELL_KEEPER, StdOrdering::SeqCst);
+            sh.bell.keeper_take();
             sh.ring(&mut link);
             drop(link);
             sh.notify_unlocked(wake);
@@ -906,7 +871,7 @@ fn keeper(sh: Arc<Shared>) {
             poll.min(sh.cfg.heartbeat)
         };
         if sleep {
-            sh.bell.store(BELL_KEEPER, StdOrdering::SeqCst);
+            sh.bell.keeper_take();
         }
         sh.ring(&mut link);
         drop(link);
