@@ -143,34 +143,35 @@ TIMES=()
 # ---------------------------------------------------------------- cases
 # QEMU's migration blockers: devices started paused (-S), nothing boots.
 case_blockers() {
-    local shm=/dev/shm/ivring-mig-blk-$$ out
+    local shm=/dev/shm/ivring-mig-blk-$$ out initrd=$E2E_TMP/ivring.cpio.gz
     echo "$shm" >> "$E2E_TMP/shm-files"
+    ivring_initrd "$initrd"
     serve blk || return 0
     # peer mode (master=off, QEMU's default): migration refused
-    boot_vm blk-plain plain - --shm "$shm" --size "$SIZE" $(qmp_opts blk-plain) --qemu -S >/dev/null
+    boot_vm blk-plain plain "$initrd" --shm "$shm" --size "$SIZE" $(qmp_opts blk-plain) --qemu -S >/dev/null
     out=$(helper migrate "$E2E_TMP/blk-plain.qmp" "unix:$E2E_TMP/blk-nowhere.mig" 10 2>&1 || true)
     [[ "$out" == *"peer mode"* ]] && e2e_pass blockers/plain-master-off-blocked \
         || e2e_fail blockers/plain-master-off-blocked "migrate said: $out"
     kill_vm blk-plain
-    boot_vm blk-db doorbell - --sock "$E2E_TMP/blk.sock" $(qmp_opts blk-db) --qemu -S >/dev/null
+    boot_vm blk-db doorbell "$initrd" --sock "$E2E_TMP/blk.sock" $(qmp_opts blk-db) --qemu -S >/dev/null
     out=$(helper migrate "$E2E_TMP/blk-db.qmp" "unix:$E2E_TMP/blk-nowhere.mig" 10 2>&1 || true)
     [[ "$out" == *"peer mode"* ]] && e2e_pass blockers/doorbell-master-off-blocked \
         || e2e_fail blockers/doorbell-master-off-blocked "migrate said: $out"
     kill_vm blk-db
     # master=on on the main socket (an id from 1): QEMU refuses to start
-    boot_vm blk-main doorbell - --sock "$E2E_TMP/blk.sock" --master --qemu -S >/dev/null
+    boot_vm blk-main doorbell "$initrd" --sock "$E2E_TMP/blk.sock" --master --qemu -S >/dev/null
     wait_vm blk-main 20 || true
     grep -q "master must connect to the server before any peers" "$E2E_TMP/blk-main.qemu.log" \
         && e2e_pass blockers/master-on-main-socket-refused-by-qemu \
         || e2e_fail blockers/master-on-main-socket-refused-by-qemu "$(tail -2 "$E2E_TMP/blk-main.qemu.log")"
     # master=on on the VM socket (id 0): QEMU starts, and a second VM there is refused
-    boot_vm blk-vm doorbell - --sock "$E2E_TMP/blk.vm.sock" --master $(qmp_opts blk-vm) --qemu -S >/dev/null
+    boot_vm blk-vm doorbell "$initrd" --sock "$E2E_TMP/blk.vm.sock" --master $(qmp_opts blk-vm) --qemu -S >/dev/null
     if helper qmp "$E2E_TMP/blk-vm.qmp" query-status > "$E2E_TMP/blk-vm.status" 2>&1; then
         e2e_pass blockers/master-on-vm-socket-accepted
     else
         e2e_fail blockers/master-on-vm-socket-accepted "$(cat "$E2E_TMP/blk-vm.status"; tail -2 "$E2E_TMP/blk-vm.qemu.log")"
     fi
-    boot_vm blk-vm2 doorbell - --sock "$E2E_TMP/blk.vm.sock" --master --qemu -S >/dev/null
+    boot_vm blk-vm2 doorbell "$initrd" --sock "$E2E_TMP/blk.vm.sock" --master --qemu -S >/dev/null
     if ! wait_vm blk-vm2 20; then e2e_fail blockers/second-vm-refused "the second QEMU runs"
     else e2e_pass blockers/second-vm-refused; fi
     grep -q "refusing a second VM" "$E2E_TMP/blk.log" && e2e_pass blockers/second-vm-logged \

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 class Qmp:
-    def __init__(self, path, timeout=30):
+    def __init__(self, path, timeout=10):
         end = time.time() + timeout
         while True:
             try:

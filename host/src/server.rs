@@ -262,6 +262,7 @@ impl Server {
                      a server of its own",
                     self.path.display()
                 );
+                refuse(&sock);
                 continue;
             }
             let id = if vm { Some(VM_ID) } else { None };
@@ -355,6 +356,15 @@ impl Drop for Server {
             }
         }
     }
+}
+
+/// Turns a client away so that it fails at once: QEMU waits forever at device realize
+/// when its server closes the socket before sending an id (it reads on after EOF), but
+/// gives up on an id it cannot take ("server sent invalid ID message").
+fn refuse(sock: &UnixStream) {
+    let _ = sock.set_write_timeout(Some(SEND_TIMEOUT));
+    let _ = sys::send_msg(sock.as_fd(), 0, None);
+    let _ = sys::send_msg(sock.as_fd(), -2, None);
 }
 
 /// Removes the peers `gone` (closing their sockets and eventfds) and announces each leave
