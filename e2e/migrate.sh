@@ -20,8 +20,10 @@
 #             the link re-forms with the new host program
 #   stopcont  `stop` for 3 s (past the 1 s peer timeout), then `cont`: both sides reset,
 #             the link re-forms with the same host program
-#   plain     ivshmem-plain (memory-backend-file, share=on, master=on) migrated to a
-#             destination with its own file and polling host program
+#   plain     ivshmem-plain (memory-backend-file, share=on, master=on): a live migration
+#             of a running VM (QEMU 10.0 under TCG aborts the source: a QEMU bug, seen
+#             without ivring), then stop, migrate, cont to a destination with its own file
+#             and polling host program: the same checks as `sessions`
 # Each prints PASS/FAIL lines; the times from the end of the migration (or loadvm, or
 # cont) to the first session on the new link are printed as `e2e: migrate TIME ...`.
 # Env: GUEST_BIN, HOST_BIN (built here when unset), MIG_CASES, and lib.sh's.
@@ -98,12 +100,12 @@ wait_helper() {
     return $rc
 }
 
-# ms_until FILE REGEX T0 TIMEOUT: milliseconds from T0 (a `now`) to when a line of FILE
-# matching REGEX is first seen (polled every 20 ms), or "none".
+# ms_until FILE REGEX T0 TIMEOUT [OFFSET]: milliseconds from T0 (a `now`) to when a line
+# of FILE (past byte OFFSET) matching REGEX is first seen (polled every 20 ms), or "none".
 ms_until() {
     local i
     for ((i = 0; i < $4 * 50; i++)); do
-        if grep -aqE "$2" "$1" 2>/dev/null; then ms_since "$3"; return; fi
+        if tail -c +"$((${5:-0} + 1))" "$1" 2>/dev/null | grep -aqE "$2"; then ms_since "$3"; return; fi
         sleep 0.02
     done
     echo none
@@ -291,9 +293,9 @@ case_savevm() {
     local t0; t0=$(now)
     out=$(helper hmp "$E2E_TMP/snapvm.qmp" "loadvm s1" 2>&1) && e2e_pass savevm/loadvm \
         || e2e_fail savevm/loadvm "$out"
-    t1=$(ms_until "$serial" '^PASS new-link-up' "$t0" 60)
-    TIMES+=("savevm: from the start of loadvm to the guest's first session ${t1} ms (loadvm took part of it)")
-    wait_for_line "$serial" '^E2E-HOLD' 120 snapvm || true
+    t1=$(ms_until "$serial" '^PASS new-link-up' "$t0" 60 "$off")
+    TIMES+=("savevm: from the start of loadvm to the restored guest's first session ${t1} ms (loadvm took part of it)")
+    [ "$(ms_until "$serial" '^E2E-HOLD' "$t0" 120 "$off")" != none ] || true
     kill_vm snapvm
     # The restored guest: after loadvm only
     collect_after snapvm-restored "$serial" "$off" "${AFTER[@]}" guest-run
@@ -330,12 +332,37 @@ case_stopcont() {
 }
 
 # ivshmem-plain, master=on, each side its own file and polling host program.
+# QEMU 10.0 under TCG aborts the source of a live migration of a running VM with an
+# ivshmem-plain device (physmem.c tlb_reset_dirty_range_all assertion; seen with a bare
+# kernel and no ivring at all), and migrates a stopped one: so first the live attempt on
+# two bare VMs, its outcome checked to be one of the two known ones, then the ivring
+# case as `stop` on the source, `migrate`, `cont` on the destination.
 case_plain() {
-    local initrd=$E2E_TMP/ivring.cpio.gz fa=/dev/shm/ivring-mig-a-$$ fb=/dev/shm/ivring-mig-b-$$ rc=0 kargs t1 t2
+    local initrd=$E2E_TMP/ivring.cpio.gz fa=/dev/shm/ivring-mig-a-$$ fb=/dev/shm/ivring-mig-b-$$ rc=0 kargs t1 t2 out
     echo "$fa" >> "$E2E_TMP/shm-files"; echo "$fb" >> "$E2E_TMP/shm-files"
     rm -f "$fa" "$fb"; truncate -s "$SIZE" "$fa"; truncate -s "$SIZE" "$fb"
-    e2e_spawn plA "$HOST_BIN" check --role host --plain "$fa" --scenario migrate --no-return --timeout $TIMEOUT
     ivring_initrd "$initrd"
+    # The live attempt: guests that just run their kernel (no /init: it panics and halts).
+    boot_vm plbareA plain "$initrd" --shm "$fa" --size "$SIZE" --master $(qmp_opts plbareA) \
+        --qemu -no-shutdown -- rdinit=/nonexistent panic=0 >/dev/null
+    boot_vm plbareB plain "$initrd" --shm "$fb" --size "$SIZE" --master $(qmp_opts plbareB) \
+        --qemu -no-shutdown --qemu -incoming --qemu "unix:$E2E_TMP/plbareB.mig" -- rdinit=/nonexistent panic=0 >/dev/null
+    sleep 4
+    out=$(helper migrate "$E2E_TMP/plbareA.qmp" "unix:$E2E_TMP/plbareB.mig" 60 2>&1 || true)
+    sleep 0.5
+    if grep -q "tlb_reset_dirty_range_all: Assertion" "$E2E_TMP/plbareA.qemu.log"; then
+        echo "  live migration of a running VM with ivshmem-plain: the source QEMU aborted ($(grep -o 'tlb_reset_dirty_range_all: Assertion.*' "$E2E_TMP/plbareA.qemu.log"))"
+        e2e_pass plain/live-migration-outcome-known
+    elif [[ "$out" == "MIGRATED status=completed "* ]]; then
+        echo "  live migration of a running VM with ivshmem-plain completed (this QEMU does not abort)"
+        e2e_pass plain/live-migration-outcome-known
+    else
+        e2e_fail plain/live-migration-outcome-known "$out; $(tail -2 "$E2E_TMP/plbareA.qemu.log")"
+    fi
+    kill_vm plbareA; kill_vm plbareB
+    truncate -s 0 "$fa" "$fb"; truncate -s "$SIZE" "$fa"; truncate -s "$SIZE" "$fb"
+
+    e2e_spawn plA "$HOST_BIN" check --role host --plain "$fa" --scenario migrate --no-return --timeout $TIMEOUT
     kargs=(e2e.vfio=0 "e2e.args=check,--scenario,migrate,--timeout,$TIMEOUT")
     boot_vm plvmA plain "$initrd" --shm "$fa" --size "$SIZE" --master $(qmp_opts plvmA) -- "${kargs[@]}" >/dev/null
     if ! wait_for_line "$(vm_serial plvmA)" '^READY migrate' 120 plvmA; then
@@ -346,10 +373,14 @@ case_plain() {
     boot_vm plvmB plain "$initrd" --shm "$fb" --size "$SIZE" --master $(qmp_opts plvmB) \
         --qemu -incoming --qemu "unix:$E2E_TMP/plvmB.mig" -- "${kargs[@]}" >/dev/null
     sleep 1
-    if migrate_vm plvmA plvmB; then e2e_pass plain/migrated; else e2e_fail plain/migrated "see above"; fi
+    helper qmp "$E2E_TMP/plvmA.qmp" stop >/dev/null || e2e_fail plain/stop "QMP stop failed"
+    if migrate_vm plvmA plvmB; then e2e_pass plain/migrated-stopped; else e2e_fail plain/migrated-stopped "see above"; fi
+    helper qmp "$E2E_TMP/plvmB.qmp" cont >/dev/null && e2e_pass plain/cont-on-destination \
+        || e2e_fail plain/cont-on-destination "QMP cont failed"
+    MIG_END=$(now)
     t1=$(ms_until "$E2E_TMP/plB.log" '^PASS link-up' "$MIG_END" 60)
     t2=$(ms_until "$(vm_serial plvmB)" '^PASS new-link-up' "$MIG_END" 60)
-    TIMES+=("plain: destination host's first session ${t1} ms, guest's ${t2} ms")
+    TIMES+=("plain (stop, migrate, cont): from cont on the destination to its host's first session ${t1} ms, the guest's ${t2} ms")
     if wait_vm plvmB 150; then e2e_pass plain/poweroff; else e2e_fail plain/poweroff timeout; fi
     collect_results plvmA probe probe-polling old-link-up
     collect_results plvmB "${AFTER[@]}" peer-done guest-run
