@@ -520,7 +520,18 @@ fn flow(
         "echo" => services::PORT_ECHO,
         _ => services::PORT_SINK,
     };
-    let mut s = match ep.connect(port) {
+    // The peer's services start listening one after the other: a port past the echo
+    // may refuse for a moment after the echo accepts.
+    let t = Instant::now();
+    let opened = loop {
+        match ep.connect(port) {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused && t.elapsed() < timeout => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            other => break other,
+        }
+    };
+    let mut s = match opened {
         Ok(s) => s,
         Err(e) => {
             let end = Err(format!("connect to port {port}: {e}"));
