@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# shellcheck disable=SC2015  # e2e_pass/e2e_fail never fail
+# shellcheck disable=SC2015,SC2046  # e2e_pass/e2e_fail never fail; $(qmp_opts X) is split on purpose
 # Live migration, snapshots and pauses of a VM with ivring, in real VMs.
 # Usage: e2e/migrate.sh [--guest-bin P] [--host-bin P] [CASE...]
 #
