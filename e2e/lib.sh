@@ -185,6 +185,8 @@ build_initramfs() {
 #            --shm PATH    plain: backing file (default /dev/shm/NAME; removed at exit)
 #            --sock PATH   doorbell: ivshmem server socket (required for doorbell)
 #            --vectors N   doorbell: MSI-X vectors (default 2)
+#            --master      the ivshmem device with master=on (migratable; doorbell: the
+#                          server must give the VM id 0, `serve --vm-socket`)
 #            --vserial SOCK  add virtio-serial with port org.qemu.guest_agent.0 on a
 #                          server=on,wait=off UNIX socket SOCK (for qemu-ga in the guest)
 #            --qemu ARG    extra QEMU argument (repeatable)
@@ -194,13 +196,14 @@ build_initramfs() {
 # $E2E_TMP/NAME.qemu.log. Sets VM_PID and prints the pid.
 boot_vm() {
     local name=$1 mode=$2 initrd=$3; shift 3
-    local size=4M shm=/dev/shm/$name sock='' vectors=2 vserial='' extra=() kargs=()
+    local size=4M shm=/dev/shm/$name sock='' vectors=2 vserial='' extra=() kargs=() master=''
     while [ $# -gt 0 ]; do
         case $1 in
             --size) size=$2; shift 2 ;;
             --shm) shm=$2; shift 2 ;;
             --sock) sock=$2; shift 2 ;;
             --vectors) vectors=$2; shift 2 ;;
+            --master) master=,master=on; shift ;;
             --vserial) vserial=$2; shift 2 ;;
             --qemu) extra+=("$2"); shift 2 ;;
             --) shift; kargs=("$@"); break ;;
@@ -214,13 +217,13 @@ boot_vm() {
         plain)
             echo "$shm" >> "$E2E_TMP/shm-files"
             args+=(-object "memory-backend-file,id=ivmem,share=on,mem-path=$shm,size=$size"
-                   -device ivshmem-plain,memdev=ivmem) ;;
+                   -device "ivshmem-plain,memdev=ivmem$master") ;;
         doorbell)
             [ -n "$sock" ] || { e2e_log "boot_vm: doorbell needs --sock"; return 2; }
             [ "$accel" = kvm ] && machine=q35,kernel-irqchip=split
             args+=(-device intel-iommu,intremap=on
                    -chardev "socket,path=$sock,id=ivs"
-                   -device "ivshmem-doorbell,chardev=ivs,vectors=$vectors")
+                   -device "ivshmem-doorbell,chardev=ivs,vectors=$vectors$master")
             # no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer test
             # can time out, and with interrupt remapping that is a panic ("timer doesn't
             # work through Interrupt-remapped IO-APIC"); the timer itself works.

@@ -64,6 +64,7 @@ if [ "$vm" = 1 ]; then
     for mode in doorbell join plain; do
       suite "qemu-ga VM suite ($mode)" bash e2e/qga.sh --mode "$mode"
     done
+    suite "migration and snapshot VM suite" bash e2e/migrate.sh
   fi
 fi
 

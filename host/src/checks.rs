@@ -320,43 +320,8 @@ pub fn exchange(ep: &Endpoint, opts: &ExchangeOptions, r: &mut Report) -> Result
         }
     }
 
-    // Summaries both ways over one session: the guest writes its own and reads the
-    // host's; each side leaves right after, which must not lose the other's last bytes.
-    // A peer that only serves (`ivring-guest serve`, `ivring-host peer`) has no summary.
-    let peer_checks = opts.wait_peer
-        && match ep.connect(PORT_CHECKING) {
-            Ok(_) => true,
-            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                out(format_args!(
-                    "INFO the peer only serves (runs no checks): not waiting for its summary"
-                ));
-                false
-            }
-            Err(_) => true,
-        };
-    if peer_checks {
-        let summary = format!("{} passed, {} failed", r.passed, r.failed);
-        let mut peer = String::new();
-        let res = (|| {
-            let mut s = match &done {
-                Some(l) => l.accept_timeout(opts.timeout)?,
-                None => ep.connect(PORT_DONE)?,
-            };
-            s.set_read_timeout(Some(opts.timeout));
-            if done.is_some() {
-                s.read_to_string(&mut peer)?;
-            }
-            s.write_all(summary.as_bytes())?;
-            s.shutdown(Shutdown::Write)?;
-            if done.is_none() {
-                s.read_to_string(&mut peer)?;
-            }
-            Ok(())
-        })();
-        r.record(
-            "peer-done",
-            res.map(|()| out(format_args!("INFO peer says: {peer}"))),
-        );
+    if opts.wait_peer {
+        peer_summary(ep, done.as_ref(), opts.timeout, r);
     }
     r.result()
 }
@@ -478,6 +443,326 @@ pub fn peer_restart(
     r.result()
 }
 
+/// Summaries both ways over one session on [`PORT_DONE`]: the guest writes its own and
+/// reads the host's (`done`: the host's listener, made before its checks began, so the
+/// guest may finish first); each side leaves right after, which must not lose the other's
+/// last bytes. A peer that only serves (`ivring-guest serve`, `ivring-host peer`) has no
+/// summary: then nothing is waited for.
+fn peer_summary(ep: &Endpoint, done: Option<&ivring::Listener>, timeout: Duration, r: &mut Report) {
+    let peer_checks = match ep.connect(PORT_CHECKING) {
+        Ok(_) => true,
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+            out(format_args!(
+                "INFO the peer only serves (runs no checks): not waiting for its summary"
+            ));
+            false
+        }
+        Err(_) => true,
+    };
+    if !peer_checks {
+        return;
+    }
+    let summary = format!("{} passed, {} failed", r.passed, r.failed);
+    let mut peer = String::new();
+    let res = (|| {
+        let mut s = match done {
+            Some(l) => l.accept_timeout(timeout)?,
+            None => ep.connect(PORT_DONE)?,
+        };
+        s.set_read_timeout(Some(timeout));
+        if done.is_some() {
+            s.read_to_string(&mut peer)?;
+        }
+        s.write_all(summary.as_bytes())?;
+        s.shutdown(Shutdown::Write)?;
+        if done.is_none() {
+            s.read_to_string(&mut peer)?;
+        }
+        Ok(())
+    })();
+    r.record(
+        "peer-done",
+        res.map(|()| out(format_args!("INFO peer says: {peer}"))),
+    );
+}
+
+/// How one old session of [`migrate`] went: the bytes it checked, then how it ended.
+struct Flow {
+    name: &'static str,
+    /// Bytes moved and, for `rx` and `echo`, checked against the pattern.
+    bytes: u64,
+    /// The error that ended it (`ConnectionReset` expected), or what was wrong.
+    end: std::result::Result<io::Error, String>,
+    /// When it ended.
+    at: Instant,
+    /// `None` when it could not be opened.
+    session: Option<Session>,
+}
+
+/// Pace of [`migrate`]'s old sessions: a chunk, then a nap, so that data flows all the
+/// time without keeping a TCG guest too busy to migrate.
+const FLOW_CHUNK: usize = 8 << 10;
+const FLOW_NAP: Duration = Duration::from_millis(3);
+
+/// One old session of [`migrate`], run until it fails: `rx` reads the peer's source and
+/// checks every byte, `echo` writes and checks what comes back, `tx` writes to the peer's
+/// sink.
+fn flow(
+    ep: &Endpoint,
+    name: &'static str,
+    seed: u64,
+    progress: &std::sync::atomic::AtomicU64,
+    timeout: Duration,
+) -> Flow {
+    let mut bytes = 0u64;
+    let port = match name {
+        "rx" => services::PORT_SOURCE,
+        "echo" => services::PORT_ECHO,
+        _ => services::PORT_SINK,
+    };
+    // The peer's services start listening one after the other: a port past the echo
+    // may refuse for a moment after the echo accepts.
+    let t = Instant::now();
+    let opened = loop {
+        match ep.connect(port) {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused && t.elapsed() < timeout => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            other => break other,
+        }
+    };
+    let mut s = match opened {
+        Ok(s) => s,
+        Err(e) => {
+            let end = Err(format!("connect to port {port}: {e}"));
+            return Flow {
+                name,
+                bytes,
+                end,
+                at: Instant::now(),
+                session: None,
+            };
+        }
+    };
+    s.set_read_timeout(Some(timeout));
+    s.set_write_timeout(Some(timeout));
+    let mut out = vec![0u8; FLOW_CHUNK];
+    let mut back = vec![0u8; FLOW_CHUNK];
+    let res: std::result::Result<io::Error, String> = (|| {
+        if name == "rx" {
+            let mut req = [0u8; 16];
+            req[..8].copy_from_slice(&(u64::MAX >> 1).to_le_bytes());
+            req[8..].copy_from_slice(&seed.to_le_bytes());
+            if let Err(e) = s.write_all(&req) {
+                return Ok(e);
+            }
+        }
+        loop {
+            match name {
+                "rx" => {
+                    let n = match s.read(&mut back) {
+                        Ok(0) => return Err(format!("EOF after {bytes} bytes")),
+                        Ok(n) => n,
+                        Err(e) => return Ok(e),
+                    };
+                    pattern(seed, bytes, &mut out[..n]);
+                    if back[..n] != out[..n] {
+                        return Err(format!(
+                            "byte {} differs from the stream's",
+                            bytes
+                                + back[..n]
+                                    .iter()
+                                    .zip(&out[..n])
+                                    .take_while(|(a, b)| a == b)
+                                    .count() as u64
+                        ));
+                    }
+                    bytes += n as u64;
+                }
+                "echo" => {
+                    pattern(seed, bytes, &mut out);
+                    if let Err(e) = s.write_all(&out) {
+                        return Ok(e);
+                    }
+                    if let Err(e) = s.read_exact(&mut back) {
+                        return Ok(e);
+                    }
+                    if back != out {
+                        return Err(format!(
+                            "echo differs in bytes {bytes}..{}",
+                            bytes + out.len() as u64
+                        ));
+                    }
+                    bytes += out.len() as u64;
+                }
+                _ => {
+                    pattern(seed, bytes, &mut out);
+                    if let Err(e) = s.write_all(&out) {
+                        return Ok(e);
+                    }
+                    bytes += out.len() as u64;
+                }
+            }
+            progress.store(bytes, Ordering::Relaxed);
+            std::thread::sleep(FLOW_NAP);
+        }
+    })();
+    Flow {
+        name,
+        bytes,
+        end: res,
+        at: Instant::now(),
+        session: Some(s),
+    }
+}
+
+/// The VM is migrated, snapshotted and restored, or paused past the peer timeout while
+/// we run: sessions open across it, with data flowing both ways (`rx`: the peer's source,
+/// every byte checked; `echo`: ours, checked on its way back; `tx`: to the peer's sink),
+/// must fail with `ConnectionReset` with every byte before correct; then (unless
+/// `no_return`: the source host of a migration, whose peer went elsewhere) the link
+/// re-forms, the peer's listeners take new sessions, and those carry only their own bytes.
+///
+/// Prints `READY migrate` once data flows on every old session.
+pub fn migrate(
+    ep: &Endpoint,
+    role: Role,
+    timeout: Duration,
+    no_return: bool,
+    r: &mut Report,
+) -> Result<()> {
+    use std::sync::atomic::AtomicU64;
+    // As in the exchange: the host hears the guest's summary at the end.
+    let done = match role {
+        Role::Host if !no_return => Some(ep.listen(PORT_DONE)?),
+        _ => None,
+    };
+    if r.record(
+        "old-link-up",
+        if ep.wait_up(timeout) {
+            wait_services(ep, timeout)
+        } else {
+            Err(anyhow::anyhow!("no peer within {timeout:?}"))
+        },
+    )
+    .is_none()
+    {
+        return r.result();
+    }
+    let seed = u64::from(std::process::id()) << 20 ^ 0x5eed;
+    let names = ["rx", "echo", "tx"];
+    let progress: Vec<AtomicU64> = names.iter().map(|_| AtomicU64::new(0)).collect();
+    let flows: Vec<Flow> = std::thread::scope(|sc| {
+        let hs: Vec<_> = names
+            .iter()
+            .zip(&progress)
+            .enumerate()
+            .map(|(i, (&name, p))| {
+                sc.spawn(move || flow(ep, name, seed ^ (i as u64) << 32, p, timeout))
+            })
+            .collect();
+        // Data flows on every session: the VM may go.
+        let t = Instant::now();
+        while progress
+            .iter()
+            .any(|p| p.load(Ordering::Relaxed) < 4 * FLOW_CHUNK as u64)
+            && hs.iter().all(|h| !h.is_finished())
+            && t.elapsed() < timeout
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        out(format_args!("READY migrate"));
+        hs.into_iter()
+            .map(|h| h.join().expect("flow thread panicked"))
+            .collect()
+    });
+    let first_end = flows
+        .iter()
+        .map(|f| f.at)
+        .min()
+        .unwrap_or_else(Instant::now);
+    for f in &flows {
+        out(format_args!(
+            "INFO old session {}: {} bytes, then {}",
+            f.name,
+            f.bytes,
+            match &f.end {
+                Ok(e) => format!("{:?} ({e})", e.kind()),
+                Err(why) => why.clone(),
+            }
+        ));
+    }
+    r.record(
+        "old-data-intact",
+        match flows
+            .iter()
+            .find_map(|f| f.end.as_ref().err().map(|w| (f.name, w)))
+        {
+            None => Ok(()),
+            Some((name, why)) => Err(anyhow::anyhow!("{name}: {why}")),
+        },
+    );
+    r.record(
+        "old-sessions-reset",
+        flows.iter().try_for_each(|f| match &f.end {
+            Ok(e) if e.kind() == ErrorKind::ConnectionReset => Ok(()),
+            Ok(e) => Err(anyhow::anyhow!("{}: {:?} ({e})", f.name, e.kind())),
+            Err(_) => Ok(()), // counted in old-data-intact
+        }),
+    );
+    r.record(
+        "old-sessions-stay-reset",
+        flows.into_iter().try_for_each(|f| {
+            let Some(mut s) = f.session else {
+                return Ok(());
+            };
+            s.set_read_timeout(Some(Duration::from_millis(100)));
+            expect_kind(s.read(&mut [0u8; 16]), ErrorKind::ConnectionReset)
+                .with_context(|| format!("{} after the reset", f.name))
+        }),
+    );
+    if no_return {
+        out(format_args!("INFO stats {:?}", ep.stats()));
+        return r.result();
+    }
+    let up = ep.wait_up(timeout) && wait_services(ep, timeout).is_ok();
+    if r.record(
+        "new-link-up",
+        if up {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!("no peer within {timeout:?} of the reset"))
+        },
+    )
+    .is_none()
+    {
+        return r.result();
+    }
+    // The first session on the new link: wait_services opened one at the peer's echo.
+    out(format_args!(
+        "INFO first session on the new link {:.0} ms after the reset",
+        first_end.elapsed().as_secs_f64() * 1e3
+    ));
+    r.record(
+        "new-session-checksum",
+        check_data(ep, 300_000, seed ^ 0xbeef),
+    );
+    r.record(
+        "new-session-echo",
+        ep.connect(services::PORT_ECHO)
+            .map_err(anyhow::Error::from)
+            .and_then(|mut s| echo_data(&mut s, 100_000, seed ^ 0xcafe)),
+    );
+    r.record(
+        "new-session-receive",
+        source_data(ep, 300_000, seed ^ 0xf00d).map(drop),
+    );
+    // Neither side leaves (which resets the link) before the other is done.
+    peer_summary(ep, done.as_ref(), timeout, r);
+    out(format_args!("INFO stats {:?}", ep.stats()));
+    r.result()
+}
+
 /// Throughput to the peer's sink and round-trip latency through its echo, printed.
 pub fn bench(ep: &Endpoint, seconds: f64, timeout: Duration, r: &mut Report) -> Result<()> {
     if !ep.wait_up(timeout) || wait_services(ep, timeout).is_err() {
@@ -515,6 +800,9 @@ pub enum Scenario {
     PeerRestart,
     /// Throughput to the peer's sink and latency through its echo.
     Bench,
+    /// The VM migrates, is restored from a snapshot or paused meanwhile (say `READY
+    /// migrate`, then expect resets with every byte before intact, and a new link).
+    Migrate,
 }
 
 /// Command-line options of `check`, shared by `ivring-guest` and `ivring-host`.
@@ -542,6 +830,10 @@ pub struct CheckArgs {
     /// Do not wait for the peer's own checks to finish (exchange).
     #[arg(long)]
     pub no_wait_peer: bool,
+    /// migrate: end after the reset; the peer does not come back (the source host of a
+    /// migration).
+    #[arg(long)]
+    pub no_return: bool,
 }
 
 impl CheckArgs {
@@ -584,6 +876,7 @@ pub fn run(
         ),
         Scenario::PeerRestart => peer_restart(ep, region, role, timeout, &mut r),
         Scenario::Bench => bench(ep, args.seconds, timeout, &mut r),
+        Scenario::Migrate => migrate(ep, role, timeout, args.no_return, &mut r),
     };
     out(format_args!(
         "INFO {} passed, {} failed",

@@ -50,6 +50,11 @@ pub enum Cmd {
         /// Group of the socket (name or number).
         #[arg(long)]
         group: Option<String>,
+        /// A second socket, for the VM alone: QEMU connecting there gets peer id 0, which
+        /// it requires of `ivshmem-doorbell,master=on`, the only mode it migrates and
+        /// snapshots. Host programs join on --socket (ids from 1).
+        #[arg(long, value_name = "SOCK")]
+        vm_socket: Option<PathBuf>,
     },
     /// Show the transport working on this machine: two processes over a real memfd and
     /// eventfds, sessions both ways, a peer restart, throughput and latency.

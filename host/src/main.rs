@@ -181,9 +181,19 @@ fn run(cli: Cli) -> Result<()> {
             max_peers,
             mode,
             group,
+            vm_socket,
         } => {
             let gid = group.as_deref().map(server::resolve_group).transpose()?;
-            let server = Server::bind(&socket, size, vectors)?.with_max_peers(max_peers.into());
+            let mut server = Server::bind(&socket, size, vectors)?.with_max_peers(max_peers.into());
+            if let Some(vm) = &vm_socket {
+                server = server.with_vm_socket(vm)?;
+                info!(
+                    "VM socket {}: the VM connecting there gets peer id 0 (QEMU: -device ivshmem-doorbell,master=on,chardev=... with -chardev socket,path={}); host programs join on {}",
+                    vm.display(),
+                    vm.display(),
+                    socket.display()
+                );
+            }
             server.set_socket_access(mode, gid)?;
             // The socket accepts from here on (the backlog holds early peers).
             ivring_host::notify::ready(&format!("serving {}", socket.display()));

@@ -4,9 +4,17 @@
 //!
 //! Peer ids rotate as in QEMU's own server: each new peer gets the next free id after the
 //! last one given, wrapping, so a peer that rejoins gets a new id and a stale ring to its
-//! old id reaches no one. Unlike QEMU's server we never give out 0, so a guest reading
-//! IVPosition 0 knows its device has no doorbell. Ids change on every reconnect: the
-//! transport publishes current ids in shared memory.
+//! old id reaches no one. Ids change on every reconnect: the transport publishes current
+//! ids in shared memory.
+//!
+//! Id 0 is never given on the main socket. It belongs to the VM socket
+//! ([`Server::with_vm_socket`]), if any: QEMU migrates an ivshmem-doorbell device only
+//! with `master=on`, and refuses `master=on` unless the server gave it id 0 ("master must
+//! connect to the server before any peers", `hw/misc/ivshmem-pci.c`). The server cannot
+//! tell QEMU from a host program on one socket (the protocol runs server to client only),
+//! so the VM gets a socket of its own: whoever connects there is the VM and gets 0, one at
+//! a time; host programs join on the main socket with ids from 1, in any order, before or
+//! after the VM.
 //!
 //! The memory is a memfd sealed against shrinking and growing, so no peer can truncate it
 //! under another's mapping.
@@ -51,7 +59,20 @@ pub struct Server {
     /// The id given last; the next peer gets the next free one after it.
     last_id: AtomicU16,
     max_peers: usize,
+    /// The VM socket: whoever connects there gets id 0 ([`Server::with_vm_socket`]).
+    vm: Option<VmSocket>,
 }
+
+/// The second socket of [`Server::with_vm_socket`].
+#[derive(Debug)]
+struct VmSocket {
+    path: PathBuf,
+    ident: Option<(u64, u64)>,
+    listener: UnixListener,
+}
+
+/// The peer id the VM socket hands out: the one QEMU requires of a `master=on` device.
+pub const VM_ID: u16 = 0;
 
 /// One connected peer, as the server sees it.
 struct Peer {
@@ -93,7 +114,40 @@ impl Server {
             stop: Arc::new(EventFd::new()?),
             last_id: AtomicU16::new(0),
             max_peers: MAX_PEERS,
+            vm: None,
         })
+    }
+
+    /// Also listens at `path` (mode 0600, as the main socket) for the VM: a peer that
+    /// connects there gets id 0 ([`VM_ID`]), the id QEMU requires of an ivshmem-doorbell
+    /// device with `master=on`, the only mode it migrates and snapshots. One VM at a time:
+    /// a second connection while id 0 is taken is refused (and logged). Host programs keep
+    /// joining on the main socket. Same rules as [`Server::bind`] for an existing file.
+    pub fn with_vm_socket(mut self, path: impl AsRef<Path>) -> Result<Server> {
+        let path = path.as_ref().to_path_buf();
+        if path == self.path {
+            return Err(HostError::io(
+                format!("bind VM socket {}", path.display()),
+                io::Error::other("it is the main socket: give the VM a path of its own"),
+            ));
+        }
+        prepare_socket_dir(&path)?;
+        clear_stale_socket(&path)?;
+        let listener = sys::bind_unix_0600(&path)?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| HostError::io("make VM listener non-blocking", e))?;
+        self.vm = Some(VmSocket {
+            ident: sys::path_identity(&path),
+            path,
+            listener,
+        });
+        Ok(self)
+    }
+
+    /// The VM socket, if any.
+    pub fn vm_socket(&self) -> Option<&Path> {
+        self.vm.as_ref().map(|v| v.path.as_path())
     }
 
     /// Serves at most `max` peers (clamped to 1 ..= 65535) instead of [`MAX_PEERS`].
@@ -102,18 +156,22 @@ impl Server {
         self
     }
 
-    /// Widens (or narrows) the socket file to `mode` and, if given, hands it to group
-    /// `gid`, so that a QEMU running as another user can connect. The socket is 0600
-    /// from its creation until this is called.
+    /// Widens (or narrows) the socket file (and the VM socket's) to `mode` and, if given,
+    /// hands it to group `gid`, so that a QEMU running as another user can connect. The
+    /// socket is 0600 from its creation until this is called.
     pub fn set_socket_access(&self, mode: u32, gid: Option<u32>) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        if let Some(gid) = gid {
-            std::os::unix::fs::chown(&self.path, None, Some(gid)).map_err(|e| {
-                HostError::io(format!("chown {} to group {gid}", self.path.display()), e)
-            })?;
+        let paths = std::iter::once(&self.path).chain(self.vm.as_ref().map(|v| &v.path));
+        for path in paths {
+            if let Some(gid) = gid {
+                std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| {
+                    HostError::io(format!("chown {} to group {gid}", path.display()), e)
+                })?;
+            }
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| HostError::io(format!("chmod {mode:o} {}", path.display()), e))?;
         }
-        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| HostError::io(format!("chmod {mode:o} {}", self.path.display()), e))
+        Ok(())
     }
 
     /// The socket path.
@@ -148,32 +206,38 @@ impl Server {
     pub fn run(&self) -> Result<()> {
         let mut peers: Vec<Peer> = Vec::new();
         loop {
+            // stop, main listener, VM listener (when there is one), then the peers
             let ready = {
                 let mut fds: Vec<BorrowedFd<'_>> = vec![self.stop.as_fd(), self.listener.as_fd()];
+                fds.extend(self.vm.as_ref().map(|v| v.listener.as_fd()));
                 fds.extend(peers.iter().map(|p| p.sock.as_fd()));
                 sys::poll_readable(&fds, None)?
             };
             if ready[0] {
                 return Ok(());
             }
+            let first_peer = if self.vm.is_some() { 3 } else { 2 };
             // A peer never writes: any readability (data or EOF) is a disconnect.
             let gone: Vec<u16> = peers
                 .iter()
-                .zip(&ready[2..])
+                .zip(&ready[first_peer..])
                 .filter(|(_, r)| **r)
                 .map(|(p, _)| p.id)
                 .collect();
             remove_peers(&self.path, &mut peers, gone);
             if ready[1] {
-                self.accept_all(&mut peers);
+                self.accept_all(&mut peers, &self.listener, false);
+            }
+            if let Some(vm) = self.vm.as_ref().filter(|_| ready[2]) {
+                self.accept_all(&mut peers, &vm.listener, true);
             }
         }
     }
 
-    /// Accepts every pending connection.
-    fn accept_all(&self, peers: &mut Vec<Peer>) {
+    /// Accepts every pending connection on `listener` (the VM socket's when `vm`).
+    fn accept_all(&self, peers: &mut Vec<Peer>, listener: &UnixListener, vm: bool) {
         loop {
-            let sock = match self.listener.accept() {
+            let sock = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -191,7 +255,18 @@ impl Server {
                 );
                 continue;
             }
-            if let Err(e) = self.add_peer(peers, sock) {
+            if vm && peers.iter().any(|p| p.id == VM_ID) {
+                warn!(
+                    "ivshmem server {}: refusing a second VM on the VM socket: peer {VM_ID} is \
+                     taken by the VM connected there; stop that VM first, or give each VM \
+                     a server of its own",
+                    self.path.display()
+                );
+                refuse(&sock);
+                continue;
+            }
+            let id = if vm { Some(VM_ID) } else { None };
+            if let Err(e) = self.add_peer(peers, sock, id) {
                 warn!(
                     "ivshmem server {}: new peer dropped: {e}",
                     self.path.display()
@@ -201,14 +276,21 @@ impl Server {
     }
 
     /// Hands a new peer the memory and everyone's eventfds, then announces it to the others.
-    fn add_peer(&self, peers: &mut Vec<Peer>, sock: UnixStream) -> Result<()> {
-        // Only `run` (one thread) touches it; the atomic just keeps `Server` Sync.
-        let last = self.last_id.load(Ordering::Relaxed);
-        let id = (1..=u16::MAX)
-            .map(|k| ((u32::from(last) + u32::from(k) - 1) % 65535 + 1) as u16)
-            .find(|id| peers.iter().all(|p| p.id != *id))
-            .expect("fewer than 65535 peers");
-        self.last_id.store(id, Ordering::Relaxed);
+    /// `id`: the VM's ([`VM_ID`]); `None`: the next free one from 1.
+    fn add_peer(&self, peers: &mut Vec<Peer>, sock: UnixStream, id: Option<u16>) -> Result<()> {
+        let id = match id {
+            Some(id) => id,
+            None => {
+                // Only `run` (one thread) touches it; the atomic just keeps `Server` Sync.
+                let last = self.last_id.load(Ordering::Relaxed);
+                let id = (1..=u16::MAX)
+                    .map(|k| ((u32::from(last) + u32::from(k) - 1) % 65535 + 1) as u16)
+                    .find(|id| peers.iter().all(|p| p.id != *id))
+                    .expect("fewer than 65535 peers");
+                self.last_id.store(id, Ordering::Relaxed);
+                id
+            }
+        };
         sock.set_nonblocking(false)
             .and_then(|()| sock.set_write_timeout(Some(SEND_TIMEOUT)))
             .map_err(|e| HostError::io("set up peer socket", e))?;
@@ -268,7 +350,21 @@ impl Drop for Server {
         if self.ident.is_some() && sys::path_identity(&self.path) == self.ident {
             let _ = std::fs::remove_file(&self.path);
         }
+        if let Some(vm) = &self.vm {
+            if vm.ident.is_some() && sys::path_identity(&vm.path) == vm.ident {
+                let _ = std::fs::remove_file(&vm.path);
+            }
+        }
     }
+}
+
+/// Turns a client away so that it fails at once: QEMU waits forever at device realize
+/// when its server closes the socket before sending an id (it reads on after EOF), but
+/// gives up on an id it cannot take ("server sent invalid ID message").
+fn refuse(sock: &UnixStream) {
+    let _ = sock.set_write_timeout(Some(SEND_TIMEOUT));
+    let _ = sys::send_msg(sock.as_fd(), 0, None);
+    let _ = sys::send_msg(sock.as_fd(), -2, None);
 }
 
 /// Removes the peers `gone` (closing their sockets and eventfds) and announces each leave

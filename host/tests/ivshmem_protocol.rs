@@ -38,7 +38,7 @@ fn two_clients_see_each_other_and_share_memory() {
     assert_ne!(a.id(), b.id());
     assert!(
         a.id() != 0 && b.id() != 0,
-        "id 0 means 'no doorbell' to a guest"
+        "id 0 is only given on the VM socket"
     );
     assert_eq!(a.vectors(), 2);
     assert_eq!(b.vectors(), 2);
@@ -420,4 +420,53 @@ fn client_rejects_two_fds_in_one_message() {
     let err = Client::connect(&sock).unwrap_err();
     assert!(matches!(err, HostError::BadFds { count: 2, .. }), "{err}");
     t.join().unwrap();
+}
+
+#[test]
+fn vm_socket_gives_id_zero_to_one_vm_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let vm_sock = dir.path().join("vm");
+    let server = Server::bind(&sock, SIZE, 1)
+        .unwrap()
+        .with_vm_socket(&vm_sock)
+        .unwrap();
+    assert_eq!(server.vm_socket(), Some(vm_sock.as_path()));
+    let mode = std::fs::metadata(&vm_sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let server = server.spawn();
+    // A host program may join before the VM: it never takes 0.
+    let host = Client::connect(&sock).unwrap();
+    assert_ne!(host.id(), 0);
+    let vm = Client::connect(&vm_sock).unwrap();
+    assert_eq!(vm.id(), 0, "QEMU's master=on requires id 0");
+    assert_eq!(host.wait_for_peer(Some(LONG)), Some(0));
+    assert_eq!(vm.peers(), vec![host.id()]);
+    // A second VM while the first is there: refused.
+    assert!(Client::connect(&vm_sock).is_err());
+    let later = Client::connect(&sock).unwrap();
+    assert!(later.id() != 0 && later.id() != host.id());
+    // The VM leaves (a migration's source QEMU quits); the next VM gets 0 again.
+    drop(vm);
+    assert!(eventually(|| host.doorbell().peer_present(0) == Some(false)));
+    let vm2 = Client::connect(&vm_sock).unwrap();
+    assert_eq!(vm2.id(), 0);
+    assert!(eventually(|| host.doorbell().peer_present(0) == Some(true)));
+    drop((vm2, host, later));
+    server.shutdown().unwrap();
+    assert!(
+        !sock.exists() && !vm_sock.exists(),
+        "shutdown removes both sockets"
+    );
+}
+
+#[test]
+fn vm_socket_must_differ_from_the_main_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let err = Server::bind(&sock, SIZE, 1)
+        .unwrap()
+        .with_vm_socket(&sock)
+        .unwrap_err();
+    assert!(err.to_string().contains("path of its own"), "{err}");
 }
