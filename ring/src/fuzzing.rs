@@ -72,7 +72,7 @@ pub fn fuzz_pump(data: &[u8]) {
         ..Config::default()
     };
     let mut link = Link::new(role, region.clone(), geom, cfg);
-    link.listeners.insert(PORT, Default::default());
+    link.listen(PORT);
     link.attach(Some(0));
     let peer_block = role.peer_block();
     let own_block = role.own_block();
@@ -186,7 +186,7 @@ pub fn fuzz_pump(data: &[u8]) {
             }
             // The victim opens a session.
             6 => {
-                if link.up {
+                if link.is_up() {
                     if let Ok(id) = link.open(input.u8().unwrap_or(0) as u32 % 4 + 6, false) {
                         sessions.push(id);
                     }
@@ -194,7 +194,7 @@ pub fn fuzz_pump(data: &[u8]) {
             }
             // The victim reads from a session (this may send Credit).
             7 => {
-                let ids: Vec<u64> = link.sessions.keys().copied().collect();
+                let ids: Vec<u64> = link.session_ids();
                 if let Some(&id) = ids.get(input.u8().unwrap_or(0) as usize % ids.len().max(1)) {
                     let n = input.u16() as usize % buf.len() + 1;
                     let _ = link.read(id, &mut buf[..n]);
@@ -202,7 +202,7 @@ pub fn fuzz_pump(data: &[u8]) {
             }
             // The victim writes to a session (credit-checked), then publishes.
             8 => {
-                let ids: Vec<u64> = link.sessions.keys().copied().collect();
+                let ids: Vec<u64> = link.session_ids();
                 if let Some(&id) = ids.get(input.u8().unwrap_or(0) as usize % ids.len().max(1)) {
                     let n = input.u16() as usize % buf.len();
                     let _ = link.write_frame(id, &buf[..n], false, true);
@@ -211,7 +211,7 @@ pub fn fuzz_pump(data: &[u8]) {
             }
             // The victim closes, shuts down or accepts a session.
             9 => {
-                let ids: Vec<u64> = link.sessions.keys().copied().collect();
+                let ids: Vec<u64> = link.session_ids();
                 if let Some(&id) = ids.get(input.u8().unwrap_or(0) as usize % ids.len().max(1)) {
                     match input.u8().unwrap_or(0) % 3 {
                         0 => link.close(id),
@@ -219,9 +219,7 @@ pub fn fuzz_pump(data: &[u8]) {
                             let _ = link.shutdown_write(id);
                         }
                         _ => {
-                            if let Some(l) = link.listeners.get_mut(&PORT) {
-                                l.backlog.pop_front();
-                            }
+                            link.accept(PORT);
                         }
                     }
                 }

@@ -91,7 +91,7 @@ impl Connecting {
     fn attempt(&mut self) -> io::Result<Option<Session>> {
         let sh = self.shared.clone();
         let mut link = sh.lock();
-        if link.closed {
+        if link.is_closed() {
             self.withdraw(&mut link);
             return Err(io::Error::new(
                 io::ErrorKind::NotConnected,
@@ -102,26 +102,23 @@ impl Connecting {
         // calls do, rather than wait for the keeper.
         sh.pump_and_wake(&mut link);
         let Some((id, gen)) = self.opened else {
-            if !link.up {
+            if !link.is_up() {
                 if self.up_token.is_none() {
-                    let token = link.next_up_token;
-                    link.next_up_token += 1;
-                    link.up_notify.insert(token, self.notify.clone());
-                    self.up_token = Some(token);
+                    self.up_token = Some(link.on_up(self.notify.clone()));
                 }
                 return Ok(None);
             }
             if let Some(t) = self.up_token.take() {
-                link.up_notify.remove(&t);
+                link.cancel_on_up(t);
             }
             let id = link.open(self.port, self.opts.message)?;
-            let gen = link.gen;
+            let gen = link.gen();
             link.session(id)?.notify = Some(self.notify.clone());
             self.opened = Some((id, gen));
             sh.ring(&mut link);
             return Ok(None);
         };
-        if link.gen != gen {
+        if link.gen() != gen {
             self.opened = None;
             return Err(reset_error(&link));
         }
@@ -162,10 +159,10 @@ impl Connecting {
     /// Forgets the open (closing the session if it was sent) and the link-up callback.
     fn withdraw(&mut self, link: &mut crate::link::Link) {
         if let Some(t) = self.up_token.take() {
-            link.up_notify.remove(&t);
+            link.cancel_on_up(t);
         }
         if let Some((id, gen)) = self.opened.take() {
-            if link.gen == gen {
+            if link.gen() == gen {
                 link.close(id);
                 self.shared.ring(link);
             }

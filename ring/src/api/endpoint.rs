@@ -2,7 +2,7 @@
 //! the runtime (`crate::runtime`), which drives the link (`crate::link`).
 
 use crate::config::Config;
-use crate::link::{reset_error, step, Link, Listen, State, Stats, WriteStep};
+use crate::link::{reset_error, step, Link, State, Stats, WriteStep};
 use crate::runtime::doorbell::Doorbell;
 use crate::runtime::{Patience, Shared, WaitOn};
 use crate::shm::layout::{LayoutError, Role};
@@ -107,26 +107,26 @@ impl Endpoint {
 
     /// Whether both sides are attached and have acknowledged each other.
     pub fn is_up(&self) -> bool {
-        self.shared.lock().up
+        self.shared.lock().is_up()
     }
 
     /// Waits until the link is up; `false` on timeout.
     pub fn wait_up(&self, timeout: Duration) -> bool {
         self.shared
             .wait_for(Some(Instant::now() + timeout), Patience::Wait, |l| {
-                Ok(l.up.then_some(()))
+                Ok(l.is_up().then_some(()))
             })
             .is_ok()
     }
 
     /// Counters about the peer's behaviour, and the last link error.
     pub fn stats(&self) -> Stats {
-        self.shared.lock().stats.clone()
+        self.shared.lock().stats().clone()
     }
 
     /// Number of sessions open (or opening) on this link.
     pub fn session_count(&self) -> usize {
-        self.shared.lock().sessions.len()
+        self.shared.lock().session_count()
     }
 
     /// The configuration the endpoint was made with.
@@ -140,19 +140,18 @@ impl Endpoint {
 
     /// Largest payload of one frame on this link.
     pub fn max_frame(&self) -> usize {
-        self.shared.lock().max_payload
+        self.shared.lock().max_payload()
     }
 
     /// Accepts sessions opened by the peer on `port`.
     pub fn listen(&self, port: u32) -> io::Result<Listener> {
         let mut link = self.shared.lock();
-        if link.listeners.contains_key(&port) {
+        if !link.listen(port) {
             return Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
                 format!("ivring: port {port} already has a listener"),
             ));
         }
-        link.listeners.insert(port, Listen::default());
         Ok(Listener {
             shared: self.shared.clone(),
             port,
@@ -170,23 +169,25 @@ impl Endpoint {
     pub fn connect_with(&self, port: u32, opts: SessionOptions) -> io::Result<Session> {
         let sh = &self.shared;
         let deadline = Instant::now() + sh.cfg.connect_timeout;
-        sh.wait_for(Some(deadline), Patience::Wait, |l| Ok(l.up.then_some(())))
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::TimedOut => io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "ivring: the peer is not attached to the shared region",
-                ),
-                _ => e,
-            })?;
+        sh.wait_for(Some(deadline), Patience::Wait, |l| {
+            Ok(l.is_up().then_some(()))
+        })
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::TimedOut => io::Error::new(
+                io::ErrorKind::TimedOut,
+                "ivring: the peer is not attached to the shared region",
+            ),
+            _ => e,
+        })?;
         let (id, gen) = {
             let mut link = sh.lock();
             let id = link.open(port, opts.message)?;
-            let gen = link.gen;
+            let gen = link.gen();
             sh.ring(&mut link);
             (id, gen)
         };
         let r = sh.wait_for(Some(deadline), Patience::Wait, |l| {
-            if l.gen != gen {
+            if l.gen() != gen {
                 return Err(reset_error(l));
             }
             let s = l.session(id)?;
@@ -204,7 +205,7 @@ impl Endpoint {
             Ok(()) => Ok(Session::new(sh.clone(), id, gen, port, opts.message)),
             Err(e) => {
                 let mut link = sh.lock();
-                if link.gen == gen {
+                if link.gen() == gen {
                     link.close(id);
                     sh.ring(&mut link);
                 }
@@ -260,9 +261,7 @@ impl Listener {
     /// not call into the endpoint. It replaces any earlier callback.
     pub fn set_notify(&self, notify: Arc<dyn Fn() + Send + Sync>) {
         let mut link = self.shared.lock();
-        if let Some(l) = link.listeners.get_mut(&self.port) {
-            l.notify = Some(notify);
-        }
+        link.set_listener_notify(self.port, notify);
         self.shared.watch_for_callbacks();
     }
 
@@ -274,19 +273,9 @@ impl Listener {
             deadline,
             Patience::nonblocking(self.nonblocking),
             |l| {
-                let gen = l.gen;
-                let Some(id) = l
-                    .listeners
-                    .get_mut(&port)
-                    .and_then(|x| x.backlog.pop_front())
-                else {
-                    return Ok(None);
-                };
-                let Some(s) = l.sessions.get(&id) else {
-                    return Ok(None);
-                };
-                let message = s.message;
-                Ok(Some(Session::new(sh.clone(), id, gen, port, message)))
+                let gen = l.gen();
+                Ok(l.accept(port)
+                    .map(|(id, message)| Session::new(sh.clone(), id, gen, port, message)))
             },
         )
         .map(|(_, s)| s)
@@ -296,11 +285,7 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         let mut link = self.shared.lock();
-        if let Some(l) = link.listeners.remove(&self.port) {
-            for id in l.backlog {
-                link.close(id);
-            }
-        }
+        link.unlisten(self.port);
         self.shared.ring(&mut link);
     }
 }
@@ -390,7 +375,7 @@ impl Session {
     }
 
     fn check(&self, l: &Link) -> io::Result<()> {
-        if l.gen != self.gen {
+        if l.gen() != self.gen {
             return Err(reset_error(l));
         }
         Ok(())
@@ -427,7 +412,7 @@ impl Session {
         let gen = self.gen;
         self.shared
             .wait_session(id, Self::deadline(self.write_timeout), patience, |l| {
-                if l.gen != gen {
+                if l.gen() != gen {
                     return Err(reset_error(l));
                 }
                 match step(l, id, buf, false, true)? {
@@ -447,7 +432,7 @@ impl Session {
         let deadline = Self::deadline(self.write_timeout);
         // The whole message's credit first, so the peer can always take all of it.
         sh.wait_session(id, deadline, patience, |l| {
-            if l.gen != gen {
+            if l.gen() != gen {
                 return Err(reset_error(l));
             }
             let s = l.session(id)?;
@@ -475,7 +460,7 @@ impl Session {
             // and then stopped reading must not hold us past the deadline: at the
             // deadline with part of the message sent, the session is reset.
             let r = sh.wait_session(id, deadline, Patience::Wait, |l| {
-                if l.gen != gen {
+                if l.gen() != gen {
                     return Err(reset_error(l));
                 }
                 match step(l, id, &buf[off..], true, false)? {
@@ -490,7 +475,7 @@ impl Session {
                 Ok(n) => n,
                 Err(e) => {
                     let mut link = sh.lock();
-                    if off > 0 && e.kind() == io::ErrorKind::TimedOut && link.gen == gen {
+                    if off > 0 && e.kind() == io::ErrorKind::TimedOut && link.gen() == gen {
                         link.reset_session(id, "message write timed out half way");
                         link.publish();
                         sh.ring(&mut link);
@@ -518,7 +503,7 @@ impl Session {
         let gen = self.gen;
         self.shared
             .wait_session(id, Self::deadline(self.read_timeout), patience, |l| {
-                if l.gen != gen {
+                if l.gen() != gen {
                     // Data and EOF the peer sent before the link reset are still read.
                     return match l.read_ended(gen, id, buf) {
                         Some(n) => Ok(Some(n)),
@@ -565,11 +550,11 @@ impl io::Write for Session {
 impl Drop for Session {
     fn drop(&mut self) {
         let mut link = self.shared.lock();
-        if link.gen == self.gen {
+        if link.gen() == self.gen {
             link.close(self.id);
             self.shared.ring(&mut link);
         } else {
-            link.ended.remove(&(self.gen, self.id));
+            link.forget_ended(self.gen, self.id);
         }
     }
 }

@@ -49,7 +49,7 @@ impl Session {
         let sh: &Shared = &self.shared;
         let (link, at) =
             sh.wait_session_locked(id, deadline, Patience::nonblocking(self.nonblocking), |l| {
-                if l.gen != gen {
+                if l.gen() != gen {
                     return Err(reset_error(l));
                 }
                 l.zc_reserve(id, len)
@@ -72,12 +72,12 @@ impl Session {
         let sh: &Shared = &self.shared;
         let (link, taken) =
             sh.wait_session_locked(id, deadline, Patience::nonblocking(self.nonblocking), |l| {
-                if l.gen != gen {
+                if l.gen() != gen {
                     return Err(reset_error(l));
                 }
                 l.zc_take(id)
             })?;
-        let region = link.region.clone();
+        let region = link.region().clone();
         drop(link);
         let src = match taken {
             Taken::Eof => return Ok(None),
@@ -130,7 +130,7 @@ impl WriteSlot<'_> {
             data.len(),
             self.len
         );
-        self.link.region.write(self.at + off, data);
+        self.link.region().write(self.at + off, data);
     }
 
     /// Fills the whole slot chunk by chunk: `f(offset, chunk)` fills a private buffer of up
@@ -141,7 +141,7 @@ impl WriteSlot<'_> {
         while off < self.len {
             let n = (self.len - off).min(buf.len());
             f(off, &mut buf[..n]);
-            self.link.region.write(self.at + off, &buf[..n]);
+            self.link.region().write(self.at + off, &buf[..n]);
             off += n;
         }
     }

@@ -201,10 +201,10 @@ impl std::fmt::Display for Fault {
 }
 
 pub(crate) struct Link {
-    pub role: Role,
-    pub(crate) region: SharedRegion,
-    pub geom: Geometry,
-    pub max_payload: usize,
+    role: Role,
+    region: SharedRegion,
+    geom: Geometry,
+    max_payload: usize,
     cfg: Config,
     own: usize,
     peer: usize,
@@ -221,49 +221,49 @@ pub(crate) struct Link {
     /// The peer epoch we have reset our indices for and acknowledged.
     peer_acked: u64,
     /// Both sides have acknowledged each other's epoch: traffic may flow.
-    pub up: bool,
+    up: bool,
     /// The host has laid the region out (always true on the host).
     laid_out: bool,
     /// Bumped at every reset of all sessions: a session of an older generation is reset.
-    pub gen: u64,
-    pub peer_id: Option<u16>,
+    gen: u64,
+    peer_id: Option<u16>,
     /// The transport has reported the current peer present at least once.
     peer_seen_present: bool,
     heartbeat: u64,
     last_beat: Instant,
     peer_beat: u64,
     peer_beat_at: Instant,
-    pub(crate) tx: Producer,
-    pub(crate) rx: Consumer,
+    tx: Producer,
+    rx: Consumer,
     /// A Data frame left in the ring for an in-place reader (`link::park`).
-    pub(crate) parked: Option<crate::link::park::Parked>,
-    pub sessions: HashMap<u64, Sess, SessionIds>,
+    parked: Option<crate::link::park::Parked>,
+    sessions: HashMap<u64, Sess, SessionIds>,
     /// Sessions the peer had finished (Shutdown or Close) when the link reset, by
     /// (generation, id): their data is still read, then EOF. Dropping the Session removes it.
-    pub ended: HashMap<(u64, u64), Sess>,
-    pub listeners: HashMap<u32, Listen>,
+    ended: HashMap<(u64, u64), Sess>,
+    listeners: HashMap<u32, Listen>,
     next_seq: u64,
     highest_peer_seq: u64,
     /// Control frames waiting for ring space, in order.
     pending: VecDeque<(Header, [u8; 16])>,
-    pub stats: Stats,
+    stats: Stats,
     /// Set once the endpoint is dropped.
-    pub closed: bool,
+    closed: bool,
     /// Ring the peer once the lock is released.
-    pub(crate) ring_peer: bool,
+    ring_peer: bool,
     /// Sessions (by id modulo 64) that frames concerned since the endpoint last woke
     /// their callers; all bits after a reset.
-    pub(crate) touched: Stripes,
+    touched: Stripes,
     /// Set when a write found the ring full (or control frames queued ahead of it): the
     /// caller then waits for space with the other such writers, woken one at a time.
-    pub(crate) waiting_space: bool,
+    waiting_space: bool,
     /// Sessions whose non-blocking writes found the ring full: their notify callbacks
     /// run when space comes back (no frame of theirs may arrive to say so).
     space_notify: Vec<u64>,
     /// Callers waiting for the link to come up without blocking (`Connecting`), by
     /// token: called when it comes up and when the endpoint closes.
-    pub(crate) up_notify: HashMap<u64, Notifier>,
-    pub(crate) next_up_token: u64,
+    up_notify: HashMap<u64, Notifier>,
+    next_up_token: u64,
 }
 
 const MAX_PENDING_CONTROL: usize = 1 << 16;
@@ -1359,6 +1359,130 @@ impl Stripes {
                 })
             })
         })
+    }
+}
+
+/// What the runtime and the API see of a link: its state, read-only, and the small
+/// operations they ask of it. What the runtime must do after a call (ring the peer, wake
+/// the callers of the sessions the frames concerned, wait for ring space) is drained
+/// with `take_ring`, `take_touched` and `take_waiting_space`, as a sans-IO connection's
+/// transmits and events are polled.
+impl Link {
+    /// The generation: bumped at every reset of all sessions.
+    pub(crate) fn gen(&self) -> u64 {
+        self.gen
+    }
+
+    /// Both sides attached and acknowledged each other: traffic may flow.
+    pub(crate) fn is_up(&self) -> bool {
+        self.up
+    }
+
+    /// The endpoint was dropped.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// A Data frame waits in the ring for an in-place reader.
+    pub(crate) fn has_parked(&self) -> bool {
+        self.parked.is_some()
+    }
+
+    /// The peer's ivshmem id, once it has published one.
+    pub(crate) fn peer_id(&self) -> Option<u16> {
+        self.peer_id
+    }
+
+    /// Largest payload of one frame.
+    pub(crate) fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub(crate) fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// The open sessions' ids (for the fuzzing harness).
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn session_ids(&self) -> Vec<u64> {
+        self.sessions.keys().copied().collect()
+    }
+
+    /// The shared region (in-place views read from it; slots write to it).
+    pub(crate) fn region(&self) -> &SharedRegion {
+        &self.region
+    }
+
+    /// The stripes of the sessions that frames concerned since the last call (all after
+    /// a reset, or when no frame named a session).
+    pub(crate) fn take_touched(&mut self) -> Stripes {
+        std::mem::take(&mut self.touched)
+    }
+
+    /// Whether a write since the last call found the ring full (or control frames queued
+    /// ahead of it) and must wait for space.
+    pub(crate) fn take_waiting_space(&mut self) -> bool {
+        std::mem::take(&mut self.waiting_space)
+    }
+
+    /// Some listener has a session waiting to be accepted.
+    pub(crate) fn backlog_waiting(&self) -> bool {
+        self.listeners.values().any(|l| !l.backlog.is_empty())
+    }
+
+    /// Starts listening on `port`; false if something listens there already.
+    pub(crate) fn listen(&mut self, port: u32) -> bool {
+        if self.listeners.contains_key(&port) {
+            return false;
+        }
+        self.listeners.insert(port, Listen::default());
+        true
+    }
+
+    /// Stops listening on `port`, closing the sessions not yet accepted.
+    pub(crate) fn unlisten(&mut self, port: u32) {
+        if let Some(l) = self.listeners.remove(&port) {
+            for id in l.backlog {
+                self.close(id);
+            }
+        }
+    }
+
+    /// The callback of the listener on `port`.
+    pub(crate) fn set_listener_notify(&mut self, port: u32, notify: Notifier) {
+        if let Some(l) = self.listeners.get_mut(&port) {
+            l.notify = Some(notify);
+        }
+    }
+
+    /// The next session waiting on `port`: (id, whether it keeps message boundaries).
+    pub(crate) fn accept(&mut self, port: u32) -> Option<(u64, bool)> {
+        let id = self.listeners.get_mut(&port)?.backlog.pop_front()?;
+        let s = self.sessions.get(&id)?;
+        Some((id, s.message))
+    }
+
+    /// Calls `notify` when the link comes up (and when the endpoint closes); the token
+    /// withdraws it.
+    pub(crate) fn on_up(&mut self, notify: Notifier) -> u64 {
+        let token = self.next_up_token;
+        self.next_up_token += 1;
+        self.up_notify.insert(token, notify);
+        token
+    }
+
+    pub(crate) fn cancel_on_up(&mut self, token: u64) {
+        self.up_notify.remove(&token);
+    }
+
+    /// Forgets a session the peer had finished when the link reset, once its reader is
+    /// gone.
+    pub(crate) fn forget_ended(&mut self, gen: u64, id: u64) {
+        self.ended.remove(&(gen, id));
     }
 }
 

@@ -169,11 +169,11 @@ impl Shared {
     /// Which sleepers progress concerns (decided under the lock): the link waiters, the
     /// accept waiters, and the session stripes the frames since the last call touched.
     fn to_notify(&self, link: &mut Link) -> Wake {
-        let touched = std::mem::take(&mut link.touched);
+        let touched = link.take_touched();
         Wake {
             link: self.sleepers.load(StdOrdering::Relaxed) > 0,
             accept: self.accept_sleepers.load(StdOrdering::Relaxed) > 0
-                && (!link.up || link.listeners.values().any(|l| !l.backlog.is_empty())),
+                && (!link.is_up() || link.backlog_waiting()),
             // Progress that names no session (a pad, a state change) concerns them all
             // (writers waiting for space pass the news on one by one).
             stripes: if touched.is_empty() {
@@ -232,7 +232,7 @@ impl Shared {
     ) -> (MutexGuard<'a, Link>, Led) {
         // A frame parked for an in-place reader stays in the ring until it is released:
         // the ring would look readable for ever. Its release wakes the condvar sleepers.
-        if !self.direct_wait || !link.up || link.parked.is_some() {
+        if !self.direct_wait || !link.is_up() || link.has_parked() {
             self.resign(leading);
             return (link, Led::No);
         }
@@ -313,7 +313,7 @@ impl Shared {
     /// changed (a fault, reported and acted on here, counts).
     fn follow_peer(&self, link: &mut Link, now: Instant) -> bool {
         let mut changed = link.check_peer(now);
-        let present = link.peer_id.and_then(|id| self.doorbell.peer_present(id));
+        let present = link.peer_id().and_then(|id| self.doorbell.peer_present(id));
         if let Err(f) = link.beat(now, present) {
             self.fault(link, f);
             changed = true;
@@ -460,14 +460,14 @@ impl Shared {
         let mut pumped_once = false;
         let r = loop {
             let r = attempt(&mut link);
-            let for_space = std::mem::take(&mut link.waiting_space);
+            let for_space = link.take_waiting_space();
             self.ring(&mut link);
             match r {
                 Ok(Some(v)) => break Ok((link, v)),
                 Ok(None) => {}
                 Err(e) => break Err(e),
             }
-            if patience != Patience::Wait && link.closed {
+            if patience != Patience::Wait && link.is_closed() {
                 break Err(io::Error::new(
                     io::ErrorKind::NotConnected,
                     "ivring: endpoint closed",
@@ -489,7 +489,7 @@ impl Shared {
             if deadline.is_some_and(|d| now >= d) {
                 break Err(io::Error::new(io::ErrorKind::TimedOut, "ivring: timed out"));
             }
-            if link.closed {
+            if link.is_closed() {
                 break Err(io::Error::new(
                     io::ErrorKind::NotConnected,
                     "ivring: endpoint closed",
@@ -794,7 +794,7 @@ fn keeper(sh: Arc<Shared>) {
             let others = sh.accept_sleepers.load(StdOrdering::Relaxed) > 0
                 || sh.notifiers.load(StdOrdering::Relaxed)
                 || link.has_pending()
-                || link.parked.is_some();
+                || link.has_parked();
             Some(if others && callers_lead {
                 HANDOFF_MAX
             } else {
@@ -825,7 +825,7 @@ fn keeper(sh: Arc<Shared>) {
             continue;
         }
         benched = false;
-        if link.parked.is_some() || sh.spinners.load(StdOrdering::SeqCst) > 0 {
+        if link.has_parked() || sh.spinners.load(StdOrdering::SeqCst) > 0 {
             // A waiter spins on the ring (or a frame waits for an in-place reader, which
             // pumps on release): no need for the peer to ring us. Whoever stops spinning
             // or releases the frame wakes us to arm again; the timeout bounds the rest.
