@@ -280,3 +280,150 @@ fn lifecycle_client_removed_restart_recover() {
     assert_eq!(line, "hello\n");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A stand-in for systemd's fd store: keeps what `FDSTORE=1` hands it, forgets what
+/// `FDSTOREREMOVE=1` names.
+fn fake_store(
+    sock: std::os::unix::net::UnixDatagram,
+) -> std::sync::Arc<std::sync::Mutex<Vec<(String, std::os::fd::OwnedFd)>>> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    use std::mem::MaybeUninit;
+    let kept = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let k = kept.clone();
+    std::thread::spawn(move || loop {
+        let mut buf = [0u8; 4096];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let Ok(m) = rustix::net::recvmsg(&sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)
+        else {
+            return;
+        };
+        let mut fds = Vec::new();
+        for msg in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(it) = msg {
+                fds.extend(it);
+            }
+        }
+        let text = String::from_utf8_lossy(&buf[..m.bytes]).into_owned();
+        let name = text
+            .lines()
+            .find_map(|l| l.strip_prefix("FDNAME="))
+            .unwrap_or("stored")
+            .to_owned();
+        let mut kept = k.lock().unwrap();
+        if text.lines().any(|l| l == "FDSTORE=1") {
+            kept.extend(fds.into_iter().map(|fd| (name.clone(), fd)));
+        } else if text.lines().any(|l| l == "FDSTOREREMOVE=1") {
+            kept.retain(|(n, _)| *n != name);
+        }
+    });
+    kept
+}
+
+#[test]
+fn restart_with_fd_store_keeps_the_guest() {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let dir = tmpdir();
+    let notify = dir.join("notify.sock");
+    let kept = fake_store(std::os::unix::net::UnixDatagram::bind(&notify).unwrap());
+    let start = |fds: Vec<(String, OwnedFd)>| -> Daemon {
+        use std::os::unix::process::CommandExt;
+        let names: Vec<String> = fds.iter().map(|(n, _)| n.clone()).collect();
+        // Above any fd the child might get otherwise: moved to 3.. in the child.
+        let high: Vec<OwnedFd> = fds
+            .iter()
+            .map(|(_, fd)| rustix::io::fcntl_dupfd_cloexec(fd, 1000).unwrap())
+            .collect();
+        let raw: Vec<i32> = high.iter().map(|f| f.as_raw_fd()).collect();
+        let mut c = Command::new("sh");
+        // LISTEN_PID is the shell's pid, which exec keeps for the daemon.
+        c.args([
+            "-c",
+            "LISTEN_PID=$$ exec \"$0\" daemon --fd-store --dir \"$1\"",
+            BIN,
+        ])
+        .arg(&dir)
+        .env("NOTIFY_SOCKET", &notify)
+        .env("LISTEN_FDS", raw.len().to_string())
+        .env("LISTEN_FDNAMES", names.join(":"))
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("daemon.log"))
+                .unwrap(),
+        );
+        // SAFETY: between fork and exec the closure only calls dup2, which is
+        // async-signal-safe, on fds this process owns (`high`, alive until spawn returns).
+        unsafe {
+            c.pre_exec(move || {
+                for (i, fd) in raw.iter().enumerate() {
+                    if libc::dup2(*fd, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = c.spawn().expect("start the daemon");
+        drop(high);
+        let d = Daemon(child);
+        let t = Instant::now();
+        while UnixStream::connect(dir.join("control.sock")).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "daemon never accepted"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    };
+    let d = start(Vec::new());
+    let o = vm(&dir, &["add", "k1", "--size", "256K"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let _guest = start_guest(&dir.join("k1.ivshmem.sock"));
+    let echo = |what: &str| {
+        let c = UnixStream::connect(dir.join("k1.qga.sock")).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        (&c).write_all(what.as_bytes()).unwrap();
+        let mut line = String::new();
+        BufReader::new(&c).read_line(&mut line).unwrap();
+        line
+    };
+    assert_eq!(echo("before\n"), "before\n");
+    let l = list(&dir);
+    assert_eq!(l["fd_store"], json!(true), "{l}");
+    // Memory, socket, agent socket, our vector, the guest's socket and vector.
+    let t = Instant::now();
+    while kept.lock().unwrap().len() < 6 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let names: Vec<String> = kept
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert_eq!(names.len(), 6, "{names:?}");
+
+    // The daemon dies; the service manager starts it again with what it kept.
+    drop(d);
+    let fds: Vec<(String, OwnedFd)> = kept
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, fd)| (n.clone(), fd.try_clone().unwrap()))
+        .collect();
+    let _d = start(fds);
+    let l = list(&dir);
+    let v = &l["vms"][0];
+    assert_eq!(v["needs_recover"], json!(false), "{l}");
+    assert_eq!(v["peers"], json!(1), "the guest is still connected: {l}");
+    // The same guest process, never rejoined, answers through the new daemon.
+    assert_eq!(echo("after\n"), "after\n");
+    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap();
+    assert!(log.contains("taken up again from the fd store"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -25,6 +25,11 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "MS", default_value_t = 250,
           value_parser = clap::value_parser!(u64).range(10..=1000))]
     pub heartbeat_ms: u64,
+    /// Keep every VM's memory, sockets, doorbells and QEMU's connection in systemd's file
+    /// descriptor store (the unit sets FileDescriptorStoreMax=), so that a restart of the
+    /// daemon cuts no VM off. Without it a restart gives every VM new memory.
+    #[arg(long)]
+    pub fd_store: bool,
 }
 
 /// `ivring-host vm ...`. (`dir`: [`DirArg`].)
@@ -153,6 +158,7 @@ pub fn run_daemon(a: DaemonArgs) -> Result<()> {
         .map(crate::server::resolve_group)
         .transpose()?;
     opts.heartbeat = Duration::from_millis(a.heartbeat_ms);
+    opts.fd_store = a.fd_store;
     super::run(opts)
 }
 

@@ -13,6 +13,7 @@
 //! the hub nothing; one that connects and disconnects in a loop costs it a few syscalls
 //! per connection, and at most `max_peers` of its connections are kept.
 
+use super::fdstore::{self, FdStore};
 use crate::sys::{self, EventFd};
 use ivring::Doorbell;
 use std::collections::BTreeMap;
@@ -47,15 +48,32 @@ pub struct HubBell {
 impl HubBell {
     /// A doorbell for peer `id` with `vectors` fresh eventfds.
     pub(crate) fn new(id: u16, vectors: usize) -> crate::Result<HubBell> {
+        let own = (0..vectors)
+            .map(|_| EventFd::new())
+            .collect::<crate::Result<Vec<_>>>()?;
+        HubBell::with_vectors(id, own)
+    }
+
+    /// A doorbell for peer `id` with the eventfds `own` (kept across a daemon restart).
+    pub(crate) fn with_vectors(id: u16, own: Vec<EventFd>) -> crate::Result<HubBell> {
+        if own.is_empty() {
+            return Err(crate::HostError::io(
+                "restore the daemon's doorbell",
+                io::Error::other("no vectors"),
+            ));
+        }
         Ok(HubBell {
             id,
-            own: (0..vectors)
-                .map(|_| EventFd::new().map(Arc::new))
-                .collect::<crate::Result<_>>()?,
+            own: own.into_iter().map(Arc::new).collect(),
             intr: EventFd::new()?,
             peers: Mutex::new(BTreeMap::new()),
             closed: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Our vectors (to keep them in the fd store).
+    pub(crate) fn own_vectors(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.own.iter().map(|v| v.as_fd())
     }
 
     /// The ids of the other peers connected now (QEMU, guest-role programs, host programs).
@@ -125,10 +143,10 @@ impl Doorbell for HubBell {
 }
 
 /// One peer connected to a VM's server socket.
-struct Peer {
-    id: u16,
-    sock: UnixStream,
-    vectors: Vec<Arc<EventFd>>,
+pub(crate) struct Peer {
+    pub id: u16,
+    pub sock: UnixStream,
+    pub vectors: Vec<Arc<EventFd>>,
 }
 
 /// One VM's ivshmem server, as the hub serves it.
@@ -145,6 +163,7 @@ pub(crate) struct VmServer {
     pub local: Option<Arc<HubBell>>,
     last_id: u16,
     peers: Vec<Peer>,
+    store: Arc<FdStore>,
 }
 
 impl VmServer {
@@ -157,8 +176,10 @@ impl VmServer {
         vectors: usize,
         max_peers: usize,
         local: Option<Arc<HubBell>>,
+        store: Arc<FdStore>,
     ) -> VmServer {
         VmServer {
+            store,
             ident: sys::path_identity(&path),
             last_id: local.as_ref().map_or(0, |l| l.id),
             name,
@@ -170,6 +191,20 @@ impl VmServer {
             local,
             peers: Vec::new(),
         }
+    }
+
+    /// Takes up peers that were connected before the daemon restarted (from the fd
+    /// store), with their ids and eventfds.
+    pub fn with_peers(mut self, peers: Vec<Peer>) -> VmServer {
+        for p in peers {
+            if let Some(l) = &self.local {
+                l.joined(p.id, p.vectors.first().cloned());
+            }
+            self.last_id = self.last_id.max(p.id);
+            info!("vm {}: peer {} taken up again", self.name, p.id);
+            self.peers.push(p);
+        }
+        self
     }
 
     /// Ids of the peers connected through the socket.
@@ -248,6 +283,14 @@ impl VmServer {
         if let Some(l) = &self.local {
             l.joined(id, vectors.first().cloned());
         }
+        if self.store.enabled() {
+            self.store
+                .put(&fdstore::peer_sock_name(&self.name, id), sock.as_fd());
+            for (k, v) in vectors.iter().enumerate() {
+                self.store
+                    .put(&fdstore::peer_vec_name(&self.name, id, k), v.as_fd());
+            }
+        }
         self.peers.push(Peer { id, sock, vectors });
         info!("vm {}: peer {id} joined", self.name);
         self.remove_peers(failed);
@@ -259,7 +302,15 @@ impl VmServer {
             let Some(at) = self.peers.iter().position(|p| p.id == id) else {
                 continue;
             };
-            drop(self.peers.swap_remove(at));
+            let p = self.peers.swap_remove(at);
+            if self.store.enabled() {
+                self.store.remove(&fdstore::peer_sock_name(&self.name, id));
+                for k in 0..p.vectors.len() {
+                    self.store
+                        .remove(&fdstore::peer_vec_name(&self.name, id, k));
+                }
+            }
+            drop(p);
             info!("vm {}: peer {id} left", self.name);
             if let Some(l) = &self.local {
                 l.left(id);
@@ -276,6 +327,7 @@ impl VmServer {
 
 impl Drop for VmServer {
     fn drop(&mut self) {
+        self.store.remove_vm(&self.name);
         if let Some(l) = &self.local {
             l.close();
         }

@@ -30,7 +30,7 @@ use ivring::{Config, Endpoint, Role};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -235,6 +235,9 @@ pub struct DaemonOptions {
     pub group: Option<u32>,
     /// The heartbeat period of every link's host side (the ring's default is 100 ms).
     pub heartbeat: Duration,
+    /// Keep every VM's fds in the service manager's store (`$NOTIFY_SOCKET`), and take
+    /// them back at start: see [`fdstore`].
+    pub fd_store: bool,
 }
 
 impl DaemonOptions {
@@ -244,6 +247,7 @@ impl DaemonOptions {
             dir,
             group: None,
             heartbeat: Config::default().heartbeat,
+            fd_store: false,
         }
     }
 
@@ -286,11 +290,18 @@ struct Daemon {
     opts: DaemonOptions,
     hub: Hub,
     vms: BTreeMap<String, Vm>,
-    store: fdstore::FdStore,
+    store: Arc<fdstore::FdStore>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT-less death (it runs for ever; systemd stops it).
 pub fn run(opts: DaemonOptions) -> Result<()> {
+    // First, before any thread exists: it takes the fds passed back and clears the
+    // environment variables naming them.
+    let store = Arc::new(if opts.fd_store {
+        fdstore::FdStore::from_env()
+    } else {
+        fdstore::FdStore::disabled()
+    });
     std::fs::create_dir_all(&opts.dir)
         .with_context(|| format!("create the runtime directory {}", opts.dir.display()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -320,7 +331,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
         let (tx, rx) = mpsc::channel::<Request>(64);
         let mut daemon = Daemon {
             hub: Hub::start()?,
-            store: fdstore::FdStore::from_env(),
+            store,
             vms: BTreeMap::new(),
             opts,
         };
@@ -437,45 +448,146 @@ impl Daemon {
         let dir = self.opts.dir.clone();
         let (mode, group) = (self.opts.mode(), self.opts.group_str());
         let ivs = ivshmem_socket(&dir, &spec.name);
-        let memfd = Arc::new(crate::sys::create_sealed_memfd(&spec.name, spec.size)?);
+        let memfd = crate::sys::create_sealed_memfd(&spec.name, spec.size)?;
         let listener = crate::bridge::bind_socket(&ivs, mode, group.as_deref())?;
         listener.set_nonblocking(true)?;
-        self.start_vm(spec, listener, memfd, fresh_after_restart)
+        let mut ports = BTreeMap::new();
+        if spec.agent {
+            let mut want = vec![(spec.agent_port, agent_socket(&dir, &spec.name))];
+            want.extend(
+                spec.forward
+                    .iter()
+                    .map(|&p| (p, port_socket(&dir, &spec.name, p))),
+            );
+            for (port, path) in want {
+                let l = crate::bridge::bind_socket(&path, mode, group.as_deref())?;
+                l.set_nonblocking(true)?;
+                ports.insert(port, l);
+            }
+        }
+        let bell = if spec.agent {
+            // The first id on the socket is ours (QEMU and others join after us).
+            Some(Arc::new(HubBell::new(1, spec.vectors)?))
+        } else {
+            None
+        };
+        // Into the fd store (if any) before anyone can join.
+        let name = &spec.name;
+        self.store.put(&format!("{name}/mem"), memfd.as_fd());
+        self.store.put(&format!("{name}/listen"), listener.as_fd());
+        for (p, l) in &ports {
+            self.store.put(&format!("{name}/port/{p}"), l.as_fd());
+        }
+        if let Some(b) = &bell {
+            for (k, v) in b.own_vectors().enumerate() {
+                self.store.put(&format!("{name}/bell/{k}"), v);
+            }
+        }
+        let parts = Parts {
+            listener,
+            memfd: Arc::new(memfd),
+            ports,
+            bell,
+            peers: Vec::new(),
+        };
+        self.start_vm(spec, parts, fresh_after_restart)
     }
 
-    fn start_vm(
-        &mut self,
-        spec: VmSpec,
-        ivs_listener: std::os::unix::net::UnixListener,
-        memfd: Arc<OwnedFd>,
-        restored_fresh: bool,
-    ) -> Result<()> {
+    /// Takes a VM up again from the fds the service manager kept across a restart:
+    /// `Ok(false)` when it kept none (the VM gets new memory instead).
+    fn resume(&mut self, spec: &VmSpec) -> Result<bool> {
+        let name = &spec.name;
+        let Some(memfd) = self.store.take(&format!("{name}/mem")) else {
+            return Ok(false);
+        };
+        let listener = self
+            .store
+            .take(&format!("{name}/listen"))
+            .map(std::os::unix::net::UnixListener::from)
+            .ok_or_else(|| anyhow!("the fd store kept its memory but not its socket"))?;
+        listener.set_nonblocking(true)?;
+        crate::sys::check_memfd(memfd.as_fd(), "the kept shared memory")?;
+        let mut ports = BTreeMap::new();
+        if spec.agent {
+            let mut want = vec![spec.agent_port];
+            want.extend(spec.forward.iter().copied());
+            for p in want {
+                let l = self
+                    .store
+                    .take(&format!("{name}/port/{p}"))
+                    .map(std::os::unix::net::UnixListener::from)
+                    .ok_or_else(|| anyhow!("the fd store did not keep its port {p} socket"))?;
+                l.set_nonblocking(true)?;
+                ports.insert(p, l);
+            }
+        }
+        let bell = if spec.agent {
+            let own: Vec<crate::sys::EventFd> = (0..spec.vectors)
+                .map_while(|k| self.store.take(&format!("{name}/bell/{k}")))
+                .map(crate::sys::EventFd::from_owned)
+                .collect();
+            if own.len() != spec.vectors {
+                bail!("the fd store did not keep all of its doorbell vectors");
+            }
+            Some(Arc::new(HubBell::with_vectors(1, own)?))
+        } else {
+            None
+        };
+        // The peers connected before the restart (QEMU among them): same ids, same
+        // eventfds, same connection.
+        let mut peers = Vec::new();
+        for n in self.store.passed_names(&format!("{name}/peer/")) {
+            let Some(id) = n
+                .strip_prefix(&format!("{name}/peer/"))
+                .and_then(|r| r.strip_suffix("/sock"))
+                .and_then(|id| id.parse::<u16>().ok())
+            else {
+                continue;
+            };
+            let Some(sock) = self.store.take(&n) else {
+                continue;
+            };
+            let vectors: Vec<Arc<crate::sys::EventFd>> = (0..spec.vectors)
+                .map_while(|k| self.store.take(&fdstore::peer_vec_name(name, id, k)))
+                .map(|fd| Arc::new(crate::sys::EventFd::from_owned(fd)))
+                .collect();
+            if vectors.len() != spec.vectors {
+                warn!("vm {name}: peer {id}: the fd store lost some of its vectors: dropped");
+                self.store.remove(&n);
+                continue;
+            }
+            peers.push(hub::Peer {
+                id,
+                sock: std::os::unix::net::UnixStream::from(sock),
+                vectors,
+            });
+        }
+        let n_peers = peers.len();
+        let parts = Parts {
+            listener,
+            memfd: Arc::new(memfd),
+            ports,
+            bell,
+            peers,
+        };
+        self.start_vm(spec.clone(), parts, false)?;
+        info!(
+            "vm {name}: taken up again from the fd store: same memory, sockets and doorbells, \
+             {n_peers} peer(s) still connected"
+        );
+        Ok(true)
+    }
+
+    fn start_vm(&mut self, spec: VmSpec, parts: Parts, restored_fresh: bool) -> Result<()> {
         let dir = self.opts.dir.clone();
-        let (mode, group) = (self.opts.mode(), self.opts.group_str());
         let ivs = ivshmem_socket(&dir, &spec.name);
         let (stop, stop_rx) = watch::channel(false);
         let clients = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
-        let (mut endpoint, mut bell) = (None, None);
-        // Bound before anything is announced, so a failure leaves nothing behind.
-        let mut sockets = Vec::new();
-        if spec.agent {
-            let mut want = vec![(spec.agent_port, agent_socket(&dir, &spec.name), true)];
-            want.extend(
-                spec.forward
-                    .iter()
-                    .map(|&p| (p, port_socket(&dir, &spec.name, p), false)),
-            );
-            for (port, path, one_at_a_time) in want {
-                let l = crate::bridge::bind_socket(&path, mode, group.as_deref())?;
-                l.set_nonblocking(true)?;
-                sockets.push((port, path, one_at_a_time, l));
-            }
-        }
-        let region = crate::shm::map_memfd(std::os::fd::AsFd::as_fd(&*memfd))?;
-        if spec.agent {
-            // The first id on the socket is ours (QEMU and others join after us).
-            let b = Arc::new(HubBell::new(1, spec.vectors)?);
+        let region = crate::shm::map_memfd(parts.memfd.as_fd())?;
+        let bell = parts.bell;
+        let mut endpoint = None;
+        if let Some(b) = &bell {
             let ep = Endpoint::unattached(
                 Role::Host,
                 region,
@@ -485,19 +597,27 @@ impl Daemon {
             .map_err(HostError::Layout)?;
             ep.attach();
             endpoint = Some(Arc::new(ep));
-            bell = Some(b);
         }
-        self.hub.add(VmServer::new(
-            spec.name.clone(),
-            ivs.clone(),
-            ivs_listener,
-            memfd,
-            spec.vectors,
-            spec.max_peers,
-            bell.clone(),
-        ));
+        self.hub.add(
+            VmServer::new(
+                spec.name.clone(),
+                ivs.clone(),
+                parts.listener,
+                parts.memfd,
+                spec.vectors,
+                spec.max_peers,
+                bell.clone(),
+                self.store.clone(),
+            )
+            .with_peers(parts.peers),
+        );
         if let Some(ep) = &endpoint {
-            for (port, path, one_at_a_time, l) in sockets {
+            for (port, l) in parts.ports {
+                let path = if port == spec.agent_port {
+                    agent_socket(&dir, &spec.name)
+                } else {
+                    port_socket(&dir, &spec.name, port)
+                };
                 let l = tokio::net::UnixListener::from_std(l)?;
                 tasks.push(tokio::task::spawn_local(serve_port(
                     spec.name.clone(),
@@ -505,7 +625,7 @@ impl Daemon {
                     l,
                     ep.clone(),
                     port,
-                    one_at_a_time,
+                    port == spec.agent_port,
                     stop_rx.clone(),
                     clients.clone(),
                 )));
@@ -544,11 +664,12 @@ impl Daemon {
         let Some(vm) = self.vms.remove(name) else {
             bail!("no VM named {name} is served (`ivring-host vm list` shows them)");
         };
-        self.hub.remove(name);
+        // Clients first, so that each is told why it ends; then the ivshmem socket.
         let _ = vm.stop.send(true);
         for t in vm.tasks {
             let _ = t.await;
         }
+        self.hub.remove(name);
         // The last reference: the keeper stops and the link detaches (the guest sees
         // the host leave), then the memory is unmapped.
         drop(vm.endpoint);
@@ -603,11 +724,6 @@ impl Daemon {
                 path.display()
             );
         }
-        self.store.sync(&self.vms_fds());
-    }
-
-    fn vms_fds(&self) -> Vec<String> {
-        self.vms.keys().cloned().collect()
     }
 
     /// Re-creates the VMs of the state file. What survives, and what does not:
@@ -648,6 +764,15 @@ impl Daemon {
         };
         for spec in specs {
             let name = spec.name.clone();
+            match self.resume(&spec) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => warn!(
+                    "vm {name}: the fd store's copy is unusable ({}); giving it new memory",
+                    crate::error::one_line(&e)
+                ),
+            }
+            self.store.remove_vm(&name);
             match self.add(spec, true) {
                 Ok(()) => warn!(
                     "vm {name}: restored with new shared memory: a QEMU still running from \
@@ -657,8 +782,19 @@ impl Daemon {
                 Err(e) => warn!("vm {name}: not restored: {}", crate::error::one_line(&e)),
             }
         }
+        // Kept fds of VMs no longer listed are let go.
+        self.store.drop_untaken();
         self.save();
     }
+}
+
+/// What a VM is served with: new, or kept across a restart.
+struct Parts {
+    listener: std::os::unix::net::UnixListener,
+    memfd: Arc<OwnedFd>,
+    ports: BTreeMap<u32, std::os::unix::net::UnixListener>,
+    bell: Option<Arc<HubBell>>,
+    peers: Vec<hub::Peer>,
 }
 
 /// Serves one guest port's socket of a VM: each client gets one session to the guest's
