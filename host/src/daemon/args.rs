@@ -58,8 +58,8 @@ pub enum VmCmd {
         #[arg(long)]
         json: bool,
     },
-    /// After a daemon restart without its fd store: give the VM's server new memory
-    /// and doorbells on the same socket, and say what the running QEMU needs.
+    /// After a daemon restart without its fd store (the VM was given new memory): say
+    /// what its QEMU needs, and clear the VM's `needs_recover` flag.
     Recover {
         /// The VM's name.
         name: String,

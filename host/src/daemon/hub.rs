@@ -168,6 +168,7 @@ pub(crate) struct VmServer {
 
 impl VmServer {
     /// A server for `listener` (non-blocking, already bound at `path`).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: String,
         path: PathBuf,

@@ -678,27 +678,37 @@ impl Daemon {
         Ok(())
     }
 
+    /// After a restart without the fd store: says what the VM's QEMU needs, and clears
+    /// the flag. The server already has new memory; nothing is re-created, so a QEMU
+    /// that joined it since keeps its link.
     async fn recover(&mut self, name: &str) -> Result<Value> {
-        let Some(vm) = self.vms.get(name) else {
+        let peers: BTreeMap<String, usize> = self.hub.peers().into_iter().collect();
+        let Some(vm) = self.vms.get_mut(name) else {
             bail!("no VM named {name} is served (`ivring-host vm list` shows them)");
         };
-        let spec = vm.spec.clone();
-        let was_fresh = vm.restored_fresh;
-        // New memory and doorbells on the same socket path: a QEMU started (or whose
-        // ivshmem device is plugged again) from now on gets a working link.
-        self.remove(name).await?;
-        self.add(spec, false)?;
-        self.save();
-        Ok(json!({
-            "ok": true,
-            "vm": self.describe(name),
-            "was_stale": was_fresh,
-            "next": format!(
-                "the server of vm {name} is fresh; a QEMU still running from before holds \
-                 the old memory: restart that VM, or re-plug its ivshmem device (see the \
-                 README, \"What survives a daemon restart\")"
-            ),
-        }))
+        let was_stale = std::mem::replace(&mut vm.restored_fresh, false);
+        let n = peers.get(name).copied().unwrap_or(0);
+        let next = if !was_stale {
+            format!(
+                "vm {name} needs nothing: its server has run since it was added, or was taken \
+                 up again from the fd store with its memory and connections"
+            )
+        } else if n > 0 {
+            format!(
+                "vm {name}: {n} peer(s) joined its new server since the daemon restarted (a \
+                 QEMU started since then): their link works. A QEMU that ran before the \
+                 restart and was not started again is still on the old memory: restart it \
+                 (a guest reboot is not enough)"
+            )
+        } else {
+            format!(
+                "vm {name}: nothing has joined its new server: if its QEMU ran before the \
+                 daemon restarted, stop and start it again (a guest reboot is not enough: \
+                 QEMU never reconnects its ivshmem device) and it gets a working link"
+            )
+        };
+        info!("{next}");
+        Ok(json!({"ok": true, "vm": self.describe(name), "was_stale": was_stale, "next": next}))
     }
 
     /// Writes the VM list atomically (a temporary file renamed over the old one).
@@ -728,13 +738,14 @@ impl Daemon {
 
     /// Re-creates the VMs of the state file. What survives, and what does not:
     ///
-    /// - Every socket is re-created at the same path, with the VM's size and limits.
-    /// - The shared memory and the doorbells do not survive (they lived in the old
-    ///   process), and QEMU never reconnects its ivshmem chardev: a VM that was running
-    ///   keeps the old memory, and the daemon cannot reach it until that VM restarts (or
-    ///   its ivshmem device is plugged again). Such a VM is listed with
-    ///   `needs_recover`; `ivring-host vm recover NAME` says so and makes the VM's server
-    ///   fresh again. A VM that was not running yet loses nothing.
+    /// - With the fd store ([`fdstore`]): everything but the sessions. Each VM is taken
+    ///   up again with its memory, sockets, doorbells and peers (QEMU never noticed).
+    /// - Without it: every socket is re-created at the same path, with the VM's size and
+    ///   limits, but with new memory and doorbells (the old lived in the old process), and
+    ///   QEMU never reconnects its ivshmem chardev: a VM that was running keeps the old
+    ///   memory and the daemon cannot reach it until its QEMU starts again. Such a VM is
+    ///   listed with `needs_recover`, which `ivring-host vm recover NAME` clears, saying
+    ///   what that VM still needs. A VM that was not running yet loses nothing.
     fn restore(&mut self) {
         let path = self.opts.dir.join(STATE_FILE);
         let text = match std::fs::read_to_string(&path) {
