@@ -9,7 +9,11 @@
 # agent client on DIR/NAME.qga.sock gets its guest-ping, guest-info and guest-sync replies
 # (e2e/qga_client.py check), `vm list` shows QEMU as the VM's peer with the link up; the
 # VM is shut down (QEMU leaves: no peer), then `vm remove` takes its sockets away. Then
-# the VM is added and booted again, to show a name is reusable.
+# the VM is added and booted again, to show a name is reusable. Last, the daemon runs with
+# --fd-store under a stand-in for systemd's fd store (e2e/fdstore_sim.py), is killed and
+# started again while the VM runs, and the same QEMU's agent answers through the new
+# daemon (QEMU never reconnects its ivshmem chardev: this works only because the store
+# kept the memory, the eventfds and QEMU's connection).
 # Env: GUEST_BIN, HOST_BIN (default: built here; the guest one static), and lib.sh's
 # (E2E_BUILD, E2E_ACCEL, E2E_KEEP, ...). Last line: `N passed, M failed`.
 set -euo pipefail
@@ -100,5 +104,35 @@ if grep -E "panicked|ERROR" "$E2E_TMP/daemon.log"; then e2e_fail daemon/log-clea
 else e2e_pass daemon/log-clean; fi
 sed 's/^/  daemon: /' "$E2E_TMP/daemon.log" | tail -n 12
 e2e_stop daemon
+
+# A daemon restart while the VM runs, with the fd store.
+store_status=$E2E_TMP/fdstore.status
+e2e_spawn daemon-fdstore python3 "$E2E_DIR/fdstore_sim.py" "$E2E_TMP/notify.sock" "$store_status" \
+    -- "$HOST_BIN" daemon --dir "$RUN" --fd-store
+for _i in $(seq 1 100); do vmctl list >/dev/null 2>&1 && break; sleep 0.1; done
+out=$(vmctl add "$name" --size 4M 2>&1) && e2e_pass daemon/fdstore-vm-add || e2e_fail daemon/fdstore-vm-add "$out"
+boot
+if client check "$qga" 120 > "$E2E_TMP/check-3.log" 2>&1; then e2e_pass daemon/fdstore-agent-before-restart
+else e2e_fail daemon/fdstore-agent-before-restart "$(tr '\n' ';' < "$E2E_TMP/check-3.log")"; fi
+echo "  store before the restart: $(cat "$store_status")"
+qemu_pid=$VM_PID
+kill -HUP "$(cat "$E2E_TMP/pids/daemon-fdstore.pid")"   # the daemon is killed and started again
+for _i in $(seq 1 50); do grep -q 'restarts=1' "$store_status" && vmctl list >/dev/null 2>&1 && break; sleep 0.1; done
+echo "  store after the restart: $(cat "$store_status")"
+if client check "$qga" 60 > "$E2E_TMP/check-4.log" 2>&1 && kill -0 "$qemu_pid"; then
+    e2e_pass daemon/fdstore-agent-after-daemon-restart-same-qemu
+else
+    e2e_fail daemon/fdstore-agent-after-daemon-restart-same-qemu "$(tr '\n' ';' < "$E2E_TMP/check-4.log")"
+fi
+sed 's/^/  /' "$E2E_TMP/check-4.log"
+peers=$(list_field peers) up=$(list_field link_up) nr=$(list_field needs_recover)
+[ "$peers" = 1 ] && [ "$up" = true ] && [ "$nr" = false ] && e2e_pass daemon/fdstore-qemu-still-peer \
+    || e2e_fail daemon/fdstore-qemu-still-peer "peers=$peers link_up=$up needs_recover=$nr"
+grep -q "taken up again from the fd store" "$E2E_TMP/daemon-fdstore.log" \
+    && e2e_pass daemon/fdstore-log || e2e_fail daemon/fdstore-log "$(tail -n 5 "$E2E_TMP/daemon-fdstore.log")"
+kill_vm "$name"
+out=$(vmctl remove "$name" 2>&1) && e2e_pass daemon/fdstore-vm-remove || e2e_fail daemon/fdstore-vm-remove "$out"
+sed 's/^/  daemon: /' "$E2E_TMP/daemon-fdstore.log" | tail -n 8
+e2e_stop daemon-fdstore
 echo "e2e: daemon total $((SECONDS - t0)) s"
 e2e_summary
