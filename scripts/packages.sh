@@ -81,6 +81,7 @@ done
 
 units=(/usr/lib/systemd/system/ivring-host-serve.service
   /usr/lib/systemd/system/ivring-host-bridge.service
+  /usr/lib/systemd/system/ivring-daemon.service
   /usr/lib/systemd/system/ivring-guest-bridge.service)
 for u in "${units[@]}"; do
   # Units it names but the package does not ship (libvirt, qemu-guest-agent) are fine.
@@ -104,6 +105,7 @@ for f in "${named[@]}"; do
 done
 if [ "${#missing[@]}" = 0 ]; then pass "every file the units name is installed (${#named[@]})"
 else fail "every file the units name is installed" "missing: ${missing[*]}"; fi
+check "the libvirt hook is installed, executable" test -x /usr/share/ivring-host/libvirt/qemu
 check "the units point at /usr/bin" bash -c "! grep -n '/usr/local' ${units[*]}"
 
 # --- remove, purge, nothing left

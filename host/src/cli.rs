@@ -175,6 +175,12 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// One process serving every VM on the host: an ivshmem socket and an agent socket per
+    /// VM, added and removed while it runs (`ivring-host vm`), under one runtime directory.
+    Daemon(ivring_host::daemon::args::DaemonArgs),
+    /// Add, remove, list or recover the VMs a running `ivring-host daemon` serves.
+    #[command(subcommand)]
+    Vm(ivring_host::daemon::args::VmCmd),
 }
 
 /// Who may be trusted with shared memory that is not sealed.

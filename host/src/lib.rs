@@ -29,6 +29,7 @@ pub mod bench;
 pub mod bridge;
 pub mod checks;
 pub mod client;
+pub mod daemon;
 pub mod demo;
 pub mod error;
 pub mod logging;

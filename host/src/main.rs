@@ -298,6 +298,8 @@ fn run(cli: Cli) -> Result<()> {
             checks::run(&link, Some(&link.region()), role.into(), &args)
         }
         Cmd::Bench(args) => bench::run(&args),
+        Cmd::Daemon(args) => ivring_host::daemon::args::run_daemon(args),
+        Cmd::Vm(cmd) => ivring_host::daemon::args::run_vm(cmd),
         Cmd::Status {
             join,
             plain,
