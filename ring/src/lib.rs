@@ -64,10 +64,11 @@ pub use shm::{layout, region};
 pub use wire::frame;
 
 pub use api::connecting::Connecting;
-pub use api::endpoint::{Endpoint, Listener, Session, SessionOptions};
+pub use api::endpoint::{Driver, Endpoint, Listener, Session, SessionOptions};
 pub use api::ready::{IdleWait, Readiness};
 pub use config::{Config, WaitMode};
 pub use link::Stats;
 pub use runtime::doorbell::Doorbell;
+pub use runtime::DriveNext;
 pub use shm::layout::{Geometry, LayoutError, Role};
 pub use shm::region::SharedRegion;

@@ -4,13 +4,12 @@
 use crate::config::Config;
 use crate::link::{reset_error, step, Link, State, Stats, WriteStep};
 use crate::runtime::doorbell::Doorbell;
-use crate::runtime::{Patience, Shared, WaitOn};
+use crate::runtime::{DriveNext, Keeper, KeeperState, Patience, Shared, WaitOn};
 use crate::shm::layout::{LayoutError, Role};
 use crate::shm::region::SharedRegion;
 use std::io;
 use std::net::Shutdown;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// One side of a link: listens and connects, as a socket library does.
@@ -35,8 +34,8 @@ use std::time::{Duration, Instant};
 /// ```
 pub struct Endpoint {
     shared: Arc<Shared>,
-    /// The keeper thread, once attached.
-    keeper: Mutex<Option<JoinHandle<()>>>,
+    /// Who runs the keeper, once attached.
+    keeper: Mutex<Keeper>,
 }
 
 /// Options for one session.
@@ -91,18 +90,40 @@ impl Endpoint {
         let shared = Shared::new(role, region, doorbell, cfg)?;
         Ok(Endpoint {
             shared,
-            keeper: Mutex::new(None),
+            keeper: Mutex::new(Keeper::None),
         })
     }
 
     /// Attaches (PROTOCOL.md §3) and starts following the peer. Does nothing if attached.
     pub fn attach(&self) {
-        let mut keeper_slot = self.keeper.lock().unwrap_or_else(|e| e.into_inner());
-        if keeper_slot.is_some() {
+        let mut keeper = self.keeper.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*keeper, Keeper::None) {
             return;
         }
         self.shared.attach();
-        *keeper_slot = Some(self.shared.spawn_keeper());
+        *keeper = Keeper::Thread(self.shared.spawn_keeper());
+    }
+
+    /// Attaches (PROTOCOL.md §3) without a keeper thread: the program runs the keeper's
+    /// rounds through the returned [`Driver`], from a thread of its own that may drive
+    /// many endpoints (one daemon serving many links). `None` if already attached.
+    ///
+    /// Nothing then waits on the doorbell but the driver: blocked callers of this
+    /// endpoint sleep until the driver's rounds wake them, so their wakeups cost a hand-off
+    /// more than with a keeper thread (async sessions, which never wait on the doorbell,
+    /// lose nothing).
+    pub fn attach_driven(&self) -> Option<Driver> {
+        let mut keeper = self.keeper.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*keeper, Keeper::None) {
+            return None;
+        }
+        self.shared.set_driven();
+        self.shared.attach();
+        *keeper = Keeper::Driven;
+        Some(Driver {
+            state: KeeperState::new(&self.shared),
+            shared: self.shared.clone(),
+        })
     }
 
     /// Whether both sides are attached and have acknowledged each other.
@@ -217,12 +238,40 @@ impl Endpoint {
 
 impl Drop for Endpoint {
     fn drop(&mut self) {
-        let keeper = self
-            .keeper
-            .get_mut()
-            .unwrap_or_else(|x| x.into_inner())
-            .take();
+        let keeper = std::mem::replace(
+            self.keeper.get_mut().unwrap_or_else(|x| x.into_inner()),
+            Keeper::None,
+        );
         self.shared.shut_down(keeper);
+    }
+}
+
+/// Runs the keeper of an endpoint attached with [`Endpoint::attach_driven`]: the work a
+/// keeper thread would do (follow the peer, read the ring, wake waiters, keep the
+/// heartbeat), one round per call, so that one thread of the program can drive many
+/// endpoints, each woken by its own doorbell and by one timer for all.
+///
+/// Call [`Driver::drive`] when the endpoint's doorbell has rung or was interrupted (drain
+/// it first: a driven endpoint never waits on it itself), and no later than the deadline
+/// the last call returned. Each call is a few microseconds and never blocks (it takes the
+/// link's lock briefly). Dropping the driver stops nothing: the endpoint detaches when it
+/// is dropped, and `drive` then returns `None`.
+pub struct Driver {
+    shared: Arc<Shared>,
+    state: KeeperState,
+}
+
+impl Driver {
+    /// One round (or a few, while each finds more work) of the keeper's work; when to run
+    /// again. `None` once the endpoint is gone: forget the driver.
+    pub fn drive(&mut self, now: Instant) -> Option<DriveNext> {
+        self.shared.drive(&mut self.state, now)
+    }
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver").finish_non_exhaustive()
     }
 }
 

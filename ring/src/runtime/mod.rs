@@ -63,11 +63,13 @@ pub(crate) struct Shared {
     /// Who waits on the doorbell (`bell.rs`).
     bell: Bell,
     keeper_thread: OnceLock<Thread>,
+    /// No keeper thread: the program drives the keeper's rounds (`Driver`).
+    driven: AtomicBool,
     /// Some session has a notify callback: its reader waits outside the endpoint, so the
     /// keeper must be back on the bell whenever no caller is.
     notifiers: AtomicBool,
     /// Whether a blocked caller may wait on the doorbell itself (the doorbell wakes).
-    direct_wait: bool,
+    direct_wait: AtomicBool,
     /// Where writers that found the ring full sleep. Space is handed on one writer at a
     /// time: each space report wakes one, and a writer woken here wakes the next when it
     /// leaves. Waking them all (256 writers on two CPUs) made three of four wakeups
@@ -214,10 +216,26 @@ impl Shared {
         }
     }
 
+    /// Wakes the keeper: its thread, or a driven keeper's driver (through the doorbell,
+    /// which the driver watches).
     fn unpark_keeper(&self) {
         if let Some(t) = self.keeper_thread.get() {
             t.unpark();
+        } else if self.driven.load(StdOrdering::Relaxed) {
+            self.doorbell.interrupt();
         }
+    }
+
+    /// Whether a blocked caller may wait on the doorbell itself.
+    fn direct_wait(&self) -> bool {
+        self.direct_wait.load(StdOrdering::Relaxed)
+    }
+
+    /// Makes the keeper a driven one (before attaching): the program's driver watches
+    /// the doorbell, so no caller may wait on it.
+    pub(crate) fn set_driven(&self) {
+        self.driven.store(true, StdOrdering::Relaxed);
+        self.direct_wait.store(false, StdOrdering::Relaxed);
     }
 
     /// Waits on the doorbell in the keeper's place, with the lock held on entry and on
@@ -232,7 +250,7 @@ impl Shared {
     ) -> (MutexGuard<'a, Link>, Led) {
         // A frame parked for an in-place reader stays in the ring until it is released:
         // the ring would look readable for ever. Its release wakes the condvar sleepers.
-        if !self.direct_wait || !link.is_up() || link.has_parked() {
+        if !self.direct_wait() || !link.is_up() || link.has_parked() {
             self.resign(leading);
             return (link, Led::No);
         }
@@ -589,7 +607,7 @@ impl Shared {
                 // Ask the keeper for the bell, or recall it if nobody is on the doorbell
                 // and it sits out (say the link is down, so we may not take it): it must
                 // follow the ring for us now, not after its nap.
-                if self.bell.caller_wait(stripe, self.direct_wait) == CallerWait::RecallKeeper {
+                if self.bell.caller_wait(stripe, self.direct_wait()) == CallerWait::RecallKeeper {
                     self.unpark_keeper();
                 }
                 let (cv, n) = match on {
@@ -690,8 +708,9 @@ impl Shared {
             keeper_unarmed: AtomicBool::new(false),
             bell: Bell::new(),
             keeper_thread: OnceLock::new(),
+            driven: AtomicBool::new(false),
             notifiers: AtomicBool::new(false),
-            direct_wait,
+            direct_wait: AtomicBool::new(direct_wait),
             space_cv: Condvar::new(),
             space_sleepers: AtomicUsize::new(0),
         }))
@@ -716,14 +735,19 @@ impl Shared {
 
     /// Stops the keeper and, if the link was attached, detaches it and wakes every
     /// sleeper (their calls fail).
-    pub(crate) fn shut_down(&self, keeper: Option<JoinHandle<()>>) {
+    pub(crate) fn shut_down(&self, keeper: Keeper) {
         self.stop.store(true, StdOrdering::SeqCst);
         self.doorbell.interrupt();
         self.unpark_keeper();
-        let Some(k) = keeper else {
-            return; // never attached: nothing to tell the peer
-        };
-        let _ = k.join();
+        match keeper {
+            Keeper::None => return, // never attached: nothing to tell the peer
+            Keeper::Thread(k) => {
+                let _ = k.join();
+            }
+            // A round in progress holds the lock; the next one sees `stop` under it and
+            // does nothing.
+            Keeper::Driven => {}
+        }
         let mut link = self.lock();
         link.detach();
         self.ring(&mut link);
@@ -731,25 +755,96 @@ impl Shared {
     }
 }
 
-/// The keeper: follows the peer, reads the ring, and sleeps on the doorbell when idle.
-fn keeper(sh: Arc<Shared>) {
-    // A polling endpoint's keeper polls too (backing off to 1 ms apart) rather than
-    // asking the peer to ring: each ring is a syscall on the writer's path, and readers
-    // that poll need none.
-    let can_wait = sh.doorbell.can_wait() && sh.cfg.wait != WaitMode::Poll;
-    const POLL_MIN: Duration = Duration::from_micros(20);
-    const POLL_MAX: Duration = Duration::from_millis(1);
-    let mut poll = POLL_MIN;
-    // Early wakeups in a row that found nothing to do (a doorbell flood).
-    let mut early_idle = 0u32;
-    let mut woke_early = false;
-    let _ = sh.keeper_thread.set(std::thread::current());
-    // Whether the last wait was sitting out, and the callers' leads counted then.
-    let mut benched = false;
-    let mut last_leads = 0u64;
-    while !sh.stop.load(StdOrdering::SeqCst) {
+/// Who runs an endpoint's keeper.
+pub(crate) enum Keeper {
+    /// Nobody yet: not attached.
+    None,
+    /// Its own thread.
+    Thread(JoinHandle<()>),
+    /// The program, through a [`Driver`](crate::Driver).
+    Driven,
+}
+
+/// The keeper's memory between rounds.
+pub(crate) struct KeeperState {
+    /// The peer can be asked to ring: a polling endpoint's keeper polls too (backing off
+    /// to 1 ms apart) rather than asking the peer to ring (each ring is a syscall on the
+    /// writer's path, and readers that poll need none).
+    can_wait: bool,
+    /// The polling period of a doorbell-less link, backing off while idle.
+    poll: Duration,
+    /// Early wakeups in a row that found nothing to do (a doorbell flood).
+    early_idle: u32,
+    /// The last wait on the doorbell ended before half its timeout.
+    woke_early: bool,
+    /// Whether the last wait was sitting out, and the callers' takes of the bell then.
+    benched: bool,
+    last_takes: u64,
+    /// A driven keeper: when its last doorbell wait began, and its timeout.
+    waiting: Option<(Instant, Duration)>,
+}
+
+const POLL_MIN: Duration = Duration::from_micros(20);
+const POLL_MAX: Duration = Duration::from_millis(1);
+/// After this many early wakeups in a row that found nothing, the keeper stops listening
+/// to the doorbell for `FLOOD_PAUSE` (rings coalesce, so none is lost; new data is at
+/// most that late meanwhile).
+const FLOOD_WAKES: u32 = 64;
+const FLOOD_PAUSE: Duration = Duration::from_millis(1);
+
+/// What a keeper round asks for next.
+enum KeeperNext {
+    /// Sit out (a caller has the bell, or callers wanted it): park at most this long.
+    Bench(Duration),
+    /// Sleep on the doorbell without having asked the peer to ring (spinners, or a frame
+    /// parked for an in-place reader): whoever ends that wakes the keeper.
+    Unarmed(Duration),
+    /// Sleep on the doorbell, the peer asked to ring; `flooded`: pause first.
+    Doorbell { timeout: Duration, flooded: bool },
+    /// Something came in while arming: another round at once.
+    Again,
+    /// The endpoint is gone.
+    Stopped,
+}
+
+/// When a driven endpoint's [`Driver::drive`](crate::Driver::drive) wants to run next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DriveNext {
+    /// Call `drive` again no later than this (the heartbeat, or a short nap).
+    pub deadline: Instant,
+    /// Do not call it for the doorbell before this instant (a peer ringing for nothing,
+    /// again and again): leave the doorbell unread until then. Rings coalesce, so none is
+    /// lost.
+    pub doorbell_quiet_until: Option<Instant>,
+}
+
+impl KeeperState {
+    pub(crate) fn new(sh: &Shared) -> KeeperState {
+        KeeperState {
+            can_wait: sh.doorbell.can_wait() && sh.cfg.wait != WaitMode::Poll,
+            poll: POLL_MIN,
+            early_idle: 0,
+            woke_early: false,
+            benched: false,
+            last_takes: 0,
+            waiting: None,
+        }
+    }
+}
+
+impl Shared {
+    /// One round of the keeper's work, up to where it would wait: follows the peer,
+    /// reads the ring, sends queued control frames, wakes whom it concerns, arms the
+    /// doorbell. Says how to wait.
+    fn keeper_round(&self, st: &mut KeeperState) -> KeeperNext {
+        let sh = self;
         let now = Instant::now();
         let mut link = sh.lock();
+        // Read under the lock, which the shut-down's detach takes after setting it: no
+        // round runs after the detach.
+        if sh.stop.load(StdOrdering::SeqCst) {
+            return KeeperNext::Stopped;
+        }
         // A caller waiting on the doorbell has armed it: leave its flag alone.
         if !sh.bell.keeper_round() {
             link.disarm_wakeup();
@@ -779,52 +874,51 @@ fn keeper(sh: Arc<Shared>) {
         // Sit out while a caller waits on the doorbell (it reads the ring for everyone
         // and recalls us when it leaves with others still waiting), or for a moment to
         // leave the bell to callers that found us on it.
-        let wanted = if sh.direct_wait {
+        let wanted = if sh.direct_wait() {
             sh.bell.take_wanted()
         } else {
             0
         };
-        let leads = sh.bell.caller_takes();
-        let callers_lead = std::mem::replace(&mut last_leads, leads) != leads;
-        let bench = if sh.bell.holder() == Holder::Caller || (callers_lead && benched && !changed) {
-            // Between two of the callers' waits nobody is on the bell, and what does not
-            // recall us (accepts, notify callbacks, frames waiting for space) must not
-            // wait long: while callers come and go, nap briefly; while one caller keeps
-            // the bell (an idle link), sleep as long as the heartbeat allows.
-            let others = sh.accept_sleepers.load(StdOrdering::Relaxed) > 0
-                || sh.notifiers.load(StdOrdering::Relaxed)
-                || link.has_pending()
-                || link.has_parked();
-            Some(if others && callers_lead {
-                HANDOFF_MAX
-            } else {
-                sh.cfg.heartbeat
-            })
-        } else if wanted != 0 {
-            // Wake them so that one takes the bell now rather than after its timeout.
-            // Bit b stands for stripes b, b + 64, b + 128, ...
-            for b in (0..64).filter(|b| wanted & 1 << b != 0) {
-                for stripe in (b..crate::link::STRIPES).step_by(64) {
-                    wake.stripes.add(stripe);
+        let takes = sh.bell.caller_takes();
+        let callers_lead = std::mem::replace(&mut st.last_takes, takes) != takes;
+        let bench =
+            if sh.bell.holder() == Holder::Caller || (callers_lead && st.benched && !changed) {
+                // Between two of the callers' waits nobody is on the bell, and what does not
+                // recall us (accepts, notify callbacks, frames waiting for space) must not
+                // wait long: while callers come and go, nap briefly; while one caller keeps
+                // the bell (an idle link), sleep as long as the heartbeat allows.
+                let others = sh.accept_sleepers.load(StdOrdering::Relaxed) > 0
+                    || sh.notifiers.load(StdOrdering::Relaxed)
+                    || link.has_pending()
+                    || link.has_parked();
+                Some(if others && callers_lead {
+                    HANDOFF_MAX
+                } else {
+                    sh.cfg.heartbeat
+                })
+            } else if wanted != 0 {
+                // Wake them so that one takes the bell now rather than after its timeout.
+                // Bit b stands for stripes b, b + 64, b + 128, ...
+                for b in (0..64).filter(|b| wanted & 1 << b != 0) {
+                    for stripe in (b..crate::link::STRIPES).step_by(64) {
+                        wake.stripes.add(stripe);
+                    }
                 }
-            }
-            wake.link |= wanted & 1 != 0 && sh.sleepers.load(StdOrdering::Relaxed) > 0;
-            wake.accept |= wanted & 1 != 0 && sh.accept_sleepers.load(StdOrdering::Relaxed) > 0;
-            Some(HANDOFF_MAX)
-        } else {
-            None
-        };
+                wake.link |= wanted & 1 != 0 && sh.sleepers.load(StdOrdering::Relaxed) > 0;
+                wake.accept |= wanted & 1 != 0 && sh.accept_sleepers.load(StdOrdering::Relaxed) > 0;
+                Some(HANDOFF_MAX)
+            } else {
+                None
+            };
         if let Some(t) = bench {
             sh.bell.set_keeper_benched(true);
             sh.ring(&mut link);
             drop(link);
             sh.notify_unlocked(wake);
-            std::thread::park_timeout(t);
-            sh.bell.set_keeper_benched(false);
-            benched = true;
-            continue;
+            st.benched = true;
+            return KeeperNext::Bench(t);
         }
-        benched = false;
+        st.benched = false;
         if link.has_parked() || sh.spinners.load(StdOrdering::SeqCst) > 0 {
             // A waiter spins on the ring (or a frame waits for an in-place reader, which
             // pumps on release): no need for the peer to ring us. Whoever stops spinning
@@ -834,13 +928,11 @@ fn keeper(sh: Arc<Shared>) {
             sh.ring(&mut link);
             drop(link);
             sh.notify_unlocked(wake);
-            sh.doorbell.wait(Some(crate::link::park::PARK_MAX / 2));
-            sh.keeper_unarmed.store(false, StdOrdering::SeqCst);
-            continue;
+            return KeeperNext::Unarmed(crate::link::park::PARK_MAX / 2);
         }
         // Arm, then re-check (the lost-wakeup rule): sleep only if nothing came in since.
         let mut sleep = true;
-        match if can_wait {
+        match if st.can_wait {
             link.arm_wakeup()
         } else {
             Ok(false)
@@ -852,7 +944,7 @@ fn keeper(sh: Arc<Shared>) {
                 sleep = false;
             }
         }
-        if can_wait && link.has_pending() {
+        if st.can_wait && link.has_pending() {
             match link.arm_pending_space() {
                 Ok(true) => sleep = false,
                 Ok(false) => {}
@@ -860,15 +952,15 @@ fn keeper(sh: Arc<Shared>) {
             }
         }
         // Doorbell-less links poll, backing off while idle.
-        poll = if changed || space {
+        st.poll = if changed || space {
             POLL_MIN
         } else {
-            (poll * 2).min(POLL_MAX)
+            (st.poll * 2).min(POLL_MAX)
         };
-        let timeout = if can_wait {
+        let timeout = if st.can_wait {
             sh.cfg.heartbeat
         } else {
-            poll.min(sh.cfg.heartbeat)
+            st.poll.min(sh.cfg.heartbeat)
         };
         if sleep {
             sh.bell.keeper_take();
@@ -877,22 +969,90 @@ fn keeper(sh: Arc<Shared>) {
         drop(link);
         sh.notify_unlocked(wake);
         // Doorbells are hints: a peer ringing with nothing to read must not make us spin.
-        // After a run of early wakeups that found nothing, pause before listening again
-        // (rings coalesce, so none is lost; new data is at most 1 ms late meanwhile).
-        early_idle = if woke_early && !changed {
-            early_idle.saturating_add(1)
+        // After a run of early wakeups that found nothing, pause before listening again.
+        st.early_idle = if st.woke_early && !changed {
+            st.early_idle.saturating_add(1)
         } else {
             0
         };
         if sleep {
-            if early_idle > 64 {
-                std::thread::sleep(Duration::from_millis(1));
+            KeeperNext::Doorbell {
+                timeout,
+                flooded: st.early_idle > FLOOD_WAKES,
             }
-            let t = Instant::now();
-            sh.doorbell.wait(Some(timeout));
-            woke_early = can_wait && t.elapsed() < timeout / 2;
         } else {
-            woke_early = false;
+            KeeperNext::Again
+        }
+    }
+
+    /// Runs a driven keeper's rounds until one would wait; `None` once the endpoint is
+    /// gone. See [`Driver::drive`](crate::Driver::drive).
+    pub(crate) fn drive(&self, st: &mut KeeperState, now: Instant) -> Option<DriveNext> {
+        if self.stop.load(StdOrdering::SeqCst) {
+            return None;
+        }
+        // Back from whatever the last round asked for.
+        if let Some((since, timeout)) = st.waiting.take() {
+            st.woke_early = st.can_wait && now.saturating_duration_since(since) < timeout / 2;
+        }
+        self.bell.set_keeper_benched(false);
+        self.keeper_unarmed.store(false, StdOrdering::SeqCst);
+        // A link that keeps finding work gives the thread back after a while, so that one
+        // busy link cannot starve the others its driver serves.
+        for _ in 0..FLOOD_WAKES {
+            let next = match self.keeper_round(st) {
+                KeeperNext::Again => {
+                    st.woke_early = false;
+                    continue;
+                }
+                KeeperNext::Stopped => return None,
+                KeeperNext::Bench(t) | KeeperNext::Unarmed(t) => DriveNext {
+                    deadline: now + t,
+                    doorbell_quiet_until: None,
+                },
+                KeeperNext::Doorbell { timeout, flooded } => {
+                    st.waiting = Some((now, timeout));
+                    let quiet = flooded.then(|| now + FLOOD_PAUSE);
+                    DriveNext {
+                        deadline: quiet.unwrap_or(now) + timeout,
+                        doorbell_quiet_until: quiet,
+                    }
+                }
+            };
+            return Some(next);
+        }
+        Some(DriveNext {
+            deadline: now,
+            doorbell_quiet_until: None,
+        })
+    }
+}
+
+/// The keeper thread: follows the peer, reads the ring, and sleeps on the doorbell when
+/// idle.
+fn keeper(sh: Arc<Shared>) {
+    let mut st = KeeperState::new(&sh);
+    let _ = sh.keeper_thread.set(std::thread::current());
+    while !sh.stop.load(StdOrdering::SeqCst) {
+        match sh.keeper_round(&mut st) {
+            KeeperNext::Bench(t) => {
+                std::thread::park_timeout(t);
+                sh.bell.set_keeper_benched(false);
+            }
+            KeeperNext::Unarmed(t) => {
+                sh.doorbell.wait(Some(t));
+                sh.keeper_unarmed.store(false, StdOrdering::SeqCst);
+            }
+            KeeperNext::Doorbell { timeout, flooded } => {
+                if flooded {
+                    std::thread::sleep(FLOOD_PAUSE);
+                }
+                let t = Instant::now();
+                sh.doorbell.wait(Some(timeout));
+                st.woke_early = st.can_wait && t.elapsed() < timeout / 2;
+            }
+            KeeperNext::Again => st.woke_early = false,
+            KeeperNext::Stopped => return,
         }
     }
 }
