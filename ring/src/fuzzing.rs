@@ -4,16 +4,21 @@
 //!
 //! The fuzz bytes play a hostile peer: they write the peer's side block (epoch, ack,
 //! indices) and its ring contents, and between their writes the victim `Link` pumps,
-//! flushes, opens, reads and writes as the keeper and sessions would. Every fault is
+//! flushes, opens, reads and writes as the keeper and sessions would, through every
+//! receive path: the ring pump into session buffers, direct reads from the ring, and
+//! zero-copy parking with views held across steps. Every fault is
 //! handled the way the endpoint handles it (a local reset), after which the peer may
 //! shake hands again. Bounds on the victim's memory are asserted after every step.
 
 use crate::config::Config;
+use crate::link::park::Taken;
 use crate::link::Link;
+use crate::shm::doorbell::Polling;
 use crate::shm::layout::{side, Geometry, Role};
 use crate::shm::region::SharedRegion;
-use crate::shm::sync::Ordering;
 use crate::wire::frame::{record_len, Header, Kind, HEADER_LEN};
+use crate::wire::mock::MockPeer;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Region size for the harness: the smallest ivring accepts, so the ring wraps often.
@@ -74,19 +79,19 @@ pub fn fuzz_pump(data: &[u8]) {
     let mut link = Link::new(role, region.clone(), geom, cfg);
     link.listen(PORT);
     link.attach(Some(0));
-    let peer_block = role.peer_block();
-    let own_block = role.own_block();
-    let ring = geom.rx_offset(role);
-    let cap = geom.capacity;
-    let w = |word: usize, v: u64| region.store_u64(peer_block + word, v, Ordering::Release);
-    // The peer's own writes stay inside the ring, wherever its (maybe bogus) head points.
-    let put = |off: u64, bytes: &[u8]| {
-        let off = off % cap;
-        let n = (bytes.len() as u64).min(cap - off) as usize;
-        region.write(ring + off as usize, &bytes[..n]);
-    };
-    let victim_epoch = || region.load_u64(own_block + side::EPOCH, Ordering::Acquire);
-    // The peer's state: its epoch and its write index into the victim's ring.
+    // The peer: the crate's mock peer, its words and frames written by the fuzz bytes
+    // (its own writes stay inside the ring, wherever its maybe bogus head points).
+    let peer = MockPeer::laying_out(
+        region.clone(),
+        role.other(),
+        Arc::new(Polling::new()),
+        false,
+    );
+    let cap = peer.cap();
+    let w = |word: usize, v: u64| peer.store(word, v);
+    let put = |off: u64, bytes: &[u8]| peer.put(off, bytes);
+    let victim_epoch = || peer.load(peer.victim, side::EPOCH);
+    // The peer's epoch and its write index into the victim's ring.
     let mut epoch = 1u64;
     let mut head = 0u64;
     let handshake = |epoch: u64| {
@@ -106,8 +111,10 @@ pub fn fuzz_pump(data: &[u8]) {
     link.check_peer(now);
     let mut sessions: Vec<u64> = Vec::new();
     let mut buf = vec![0u8; 2 * BUF as usize];
+    // An in-place view held open across the next steps: (session, generation).
+    let mut lent: Option<(u64, u64)> = None;
     while let Some(op) = input.u8() {
-        match op % 12 {
+        match op % 14 {
             // Raw bytes anywhere in the victim's receive ring.
             0 => {
                 let off = input.u16() as u64 % cap;
@@ -171,7 +178,7 @@ pub fn fuzz_pump(data: &[u8]) {
             4 => {
                 let word = (input.u8().unwrap_or(0) as usize % 64) * 8;
                 let v = input.u64();
-                region.store_u64(peer_block + word, v, Ordering::Relaxed);
+                w(word, v);
             }
             // The peer restarts (or re-acknowledges) and the victim follows.
             5 => {
@@ -233,6 +240,37 @@ pub fn fuzz_pump(data: &[u8]) {
                     step(&mut link, r);
                 }
                 link.disarm_wakeup();
+            }
+            // The victim reads a session straight from the ring (the direct path).
+            12 => {
+                let ids: Vec<u64> = link.session_ids();
+                if let Some(&id) = ids.get(input.u8().unwrap_or(0) as usize % ids.len().max(1)) {
+                    let n = input.u16() as usize % buf.len() + 1;
+                    let _ = link.read_direct(id, &mut buf[..n]);
+                }
+            }
+            // The victim reads in place (zero-copy): the session's frames are parked in
+            // the ring for it; a view is read through the region, then released now or
+            // held across the next steps (pumps and resets included).
+            13 => {
+                if let Some((id, gen)) = lent.take() {
+                    let _ = link.zc_release(id, gen);
+                } else {
+                    let ids: Vec<u64> = link.session_ids();
+                    if let Some(&id) = ids.get(input.u8().unwrap_or(0) as usize % ids.len().max(1))
+                    {
+                        if let Ok(Some(Taken::Ring { at, len, .. })) = link.zc_take(id) {
+                            // Bounds-checked by the region: a view outside it panics here.
+                            let n = len.min(buf.len());
+                            region.read(at, &mut buf[..n]);
+                            if input.u8().unwrap_or(0) & 1 == 0 {
+                                let _ = link.zc_release(id, link.gen());
+                            } else {
+                                lent = Some((id, link.gen()));
+                            }
+                        }
+                    }
+                }
             }
             // The victim's keeper follows the peer.
             _ => {

@@ -15,14 +15,15 @@
 //!
 //! Each imports only those before it:
 //! - `shm`: the region (every access a bounds-checked copy, never a reference), the
-//!   layout of the header and the side blocks, and the one atomics shim (`shm/sync.rs`)
+//!   [`Doorbell`] trait, the layout of the header and the side blocks, and the one atomics shim (`shm/sync.rs`)
 //!   that every atomic of the crate comes from, so loom sees them all;
 //! - `wire`: frames (`wire/frame.rs`) and the SPSC byte ring (`wire/ring.rs`);
 //! - `link`: one link's state, single-threaded and without locks or threads: the
 //!   handshake and liveness, receive demux, transmit, the sessions and their credit;
 //!   direct reads (`link/fastpath.rs`) and zero-copy parking (`link/park.rs`) are its
 //!   receive modes;
-//! - `runtime`: the only owner of locks, threads (the keeper), spinning and the doorbell;
+//! - `runtime`: the only owner of locks, threads (the keeper), spinning and waiting on
+//!   the doorbell;
 //! - `api`: [`Endpoint`], [`Listener`], [`Session`], zero-copy slots and views,
 //!   [`Readiness`], and the `tokio` and `mio` wrappers.
 //!
@@ -35,9 +36,9 @@
 //! into the session's buffer, then `read`) → `wire/ring.rs` (`Consumer`).
 #![deny(missing_docs)]
 
-// Layers, each importing only those above it in this list: the shared memory, the wire
-// (frames and the byte ring), the link (a state machine over one region), the runtime
-// (locks, threads, the doorbell), the API.
+// Layers, each importing only those before it in this order: shm (the region, the
+// doorbell trait, the layout, the atomics), wire (frames, the byte ring, the mock peer),
+// link (a state machine over one region), runtime (locks, threads, waiting), api.
 mod api;
 mod link;
 mod runtime;
@@ -59,16 +60,18 @@ pub use api::mio;
 #[cfg(feature = "tokio")]
 pub use api::tokio;
 pub use api::zerocopy;
-pub use runtime::doorbell;
+pub use shm::doorbell;
 pub use shm::{layout, region};
 pub use wire::frame;
+#[doc(hidden)]
+pub use wire::mock;
 
 pub use api::connecting::Connecting;
 pub use api::endpoint::{Driver, Endpoint, Listener, Session, SessionOptions};
 pub use api::ready::{IdleWait, Readiness};
 pub use config::{Config, WaitMode};
 pub use link::Stats;
-pub use runtime::doorbell::Doorbell;
 pub use runtime::DriveNext;
+pub use shm::doorbell::Doorbell;
 pub use shm::layout::{Geometry, LayoutError, Role};
 pub use shm::region::SharedRegion;

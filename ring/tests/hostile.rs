@@ -20,7 +20,7 @@ use common::{pattern, write_header, Hostile, HostileSess, Rng};
 use ivring::doorbell::local;
 use ivring::frame::{CreditArgs, Header, Kind, OpenArgs, FLAG_EOR, HEADER_LEN};
 use ivring::layout::{side, GUEST_BLOCK};
-use ivring::{Config, Doorbell, Endpoint, Role, Session, SharedRegion};
+use ivring::{Config, Endpoint, Role, Session, SharedRegion};
 use std::io::{ErrorKind, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -3,8 +3,8 @@
 
 use crate::config::Config;
 use crate::link::{reset_error, step, Link, State, Stats, WriteStep};
-use crate::runtime::doorbell::Doorbell;
 use crate::runtime::{DriveNext, Keeper, KeeperState, Patience, Shared, WaitOn};
+use crate::shm::doorbell::Doorbell;
 use crate::shm::layout::{LayoutError, Role};
 use crate::shm::region::SharedRegion;
 use std::io;

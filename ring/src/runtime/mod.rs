@@ -13,12 +13,11 @@
 //! the keeper leaves it free after its next wakeup.
 
 mod bell;
-pub mod doorbell;
 
 use self::bell::{Bell, CallerWait, Holder};
 use crate::config::{Config, WaitMode};
 use crate::link::{Fault, Link, Stripes};
-use crate::runtime::doorbell::Doorbell;
+use crate::shm::doorbell::Doorbell;
 use crate::shm::layout::{Geometry, LayoutError, Role};
 use crate::shm::region::SharedRegion;
 use crate::shm::sync::{AtomicBool, AtomicUsize, Ordering as StdOrdering};

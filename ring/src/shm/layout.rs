@@ -83,6 +83,13 @@ pub enum Role {
 }
 
 impl Role {
+    /// The other side.
+    pub fn other(self) -> Role {
+        match self {
+            Role::Host => Role::Guest,
+            Role::Guest => Role::Host,
+        }
+    }
     pub(crate) fn own_block(self) -> usize {
         match self {
             Role::Host => HOST_BLOCK,
