@@ -596,6 +596,42 @@ fn ivring_tput(
     Ok((sent as f64 / size as f64 / el, sent as f64 / el))
 }
 
+/// As `ivring_tput` for a stream, with `per_call` writes of `size` bytes given to each
+/// `write_vectored` (published with one store of the head).
+fn ivring_tput_vectored(
+    ep: &Endpoint,
+    size: usize,
+    per_call: usize,
+    secs: f64,
+) -> Result<(f64, f64)> {
+    let mut s = ep.connect(services::PORT_SINK)?;
+    let bufs: Vec<Vec<u8>> = (0..per_call).map(|_| vec![0x5au8; size]).collect();
+    let batch = ((256 << 10) / (size * per_call)).max(1);
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        for _ in 0..batch {
+            let mut io: Vec<std::io::IoSlice<'_>> =
+                bufs.iter().map(|b| std::io::IoSlice::new(b)).collect();
+            let mut rest = &mut io[..];
+            while !rest.is_empty() {
+                let n = s.write_vectored(rest)?;
+                std::io::IoSlice::advance_slices(&mut rest, n);
+            }
+        }
+        sent += (batch * size * per_call) as u64;
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut reply = [0u8; 8];
+    s.read_exact(&mut reply)?;
+    let el = t0.elapsed().as_secs_f64();
+    let got = u64::from_le_bytes(reply);
+    if got != sent {
+        bail!("sink counted {got} bytes, {sent} sent");
+    }
+    Ok((sent as f64 / size as f64 / el, sent as f64 / el))
+}
+
 fn ivring_rtt(ep: &Endpoint, size: usize, secs: f64, message: bool) -> Result<Histogram<u64>> {
     let mut s = ep.connect_with(services::PORT_ECHO, SessionOptions { message })?;
     let out = vec![7u8; size];
@@ -984,6 +1020,46 @@ fn measure_block(
             }
             rows.push(r);
         }
+    }
+    // Small writes handed over 64 at a time (`write_vectored`: one store of the head, one
+    // ring at most, per call), against the same writes one call each and the UNIX socket.
+    let name = "ivring/stream-writev";
+    let (size, per_call) = (64, 64);
+    if !skip(name, size) {
+        log(&format!(
+            "[{m}] {name} {size} B x {per_call} per call (interleaved with single writes and the UNIX socket)"
+        ));
+        let mut vec_w = |t: f64| {
+            let (_, b) = ivring_tput_vectored(ep, size, per_call, t)?;
+            Ok((b * t, t))
+        };
+        let mut single = |t: f64| {
+            let (_, b) = ivring_tput(ep, size, t, false, false)?;
+            Ok((b * t, t))
+        };
+        let mut uds = |t: f64| {
+            let (_, b) = uds_tput(size, t)?;
+            Ok((b * t, t))
+        };
+        let res = interleave(secs, &mut [&mut vec_w, &mut single, &mut uds])?;
+        let (mps, bps) = tput_of(&res[0], size);
+        let (_, sbps) = tput_of(&res[1], size);
+        let (_, ubps) = tput_of(&res[2], size);
+        let mut r = Row {
+            name: name.into(),
+            mode: m.into(),
+            size,
+            sessions: 1,
+            msgs_per_s: Some(mps),
+            bytes_per_s: Some(bps),
+            ratio: Some((bps / ubps.max(1.0), "uds".into())),
+            ..Row::default()
+        };
+        r.extra.push(("per_call".into(), per_call as f64));
+        r.extra
+            .push(("vs_single_writes".into(), bps / sbps.max(1.0)));
+        r.extra.push(("uds_bytes_per_s".into(), ubps));
+        rows.push(r);
     }
     for &size in &RTT_SIZES {
         for (name, message) in [("ivring/rtt/stream", false), ("ivring/rtt/message", true)] {

@@ -165,28 +165,8 @@ impl Inner {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.session.is_message() {
-            // One message of all the slices, as `writev` on a SOCK_SEQPACKET socket.
-            let whole: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
-            return self.poll_write(cx, &whole);
-        }
         poll_io(&self.wakers.write, cx, |p| {
-            let mut total = 0;
-            for b in bufs.iter().filter(|b| !b.is_empty()) {
-                // Spin only for the first slice: after it, what was written is returned.
-                let p = if total == 0 { p } else { Patience::Now };
-                match self.session.write_shared(b, p) {
-                    Ok(n) => {
-                        total += n;
-                        if n < b.len() {
-                            break;
-                        }
-                    }
-                    Err(e) if total > 0 && e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(total)
+            self.session.write_vectored_shared(bufs, p)
         })
     }
 
