@@ -20,6 +20,7 @@ pub mod args;
 pub mod control;
 pub mod fdstore;
 pub mod hub;
+mod links;
 
 use crate::bridge::{relay_async, RelayOptions};
 use crate::error::HostError;
@@ -289,6 +290,7 @@ pub(crate) struct Request {
 struct Daemon {
     opts: DaemonOptions,
     hub: Hub,
+    links: links::Links,
     vms: BTreeMap<String, Vm>,
     store: Arc<fdstore::FdStore>,
 }
@@ -331,6 +333,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
         let (tx, rx) = mpsc::channel::<Request>(64);
         let mut daemon = Daemon {
             hub: Hub::start()?,
+            links: links::Links::start()?,
             store,
             vms: BTreeMap::new(),
             opts,
@@ -398,7 +401,8 @@ impl Daemon {
                     .collect();
                 Ok(json!({
                     "ok": true, "vms": vms, "dir": self.opts.dir,
-                    "threads": thread_count(), "pid": std::process::id(),
+                    "threads": thread_count(), "keeper_threads": keeper_threads(),
+                    "driven_links": self.links.count(), "pid": std::process::id(),
                     "fd_store": self.store.enabled(),
                 }))
             }
@@ -595,7 +599,11 @@ impl Daemon {
                 spec.config(self.opts.heartbeat),
             )
             .map_err(HostError::Layout)?;
-            ep.attach();
+            // No keeper thread: the links thread drives it, with every other VM's.
+            let driver = ep
+                .attach_driven()
+                .ok_or_else(|| anyhow!("vm {}: its endpoint was already attached", spec.name))?;
+            self.links.add(&spec.name, driver, b.clone());
             endpoint = Some(Arc::new(ep));
         }
         self.hub.add(
@@ -921,6 +929,19 @@ async fn serve_client(
 /// Threads of this process.
 pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+/// Threads of this process that are a ring's keeper thread (one per endpoint attached
+/// with `attach`; the daemon's are driven, so none).
+pub fn keeper_threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| {
+        d.filter_map(|t| t.ok())
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim_end() == "ivring-keeper")
+            })
+            .count()
+    })
 }
 
 /// Sends one request to the daemon whose runtime directory is `dir` and returns its
