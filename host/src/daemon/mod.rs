@@ -8,10 +8,12 @@
 //! (`DIR/control.sock`, line-delimited JSON: [`control`]), which `ivring-host vm
 //! add|remove|list|recover` speak.
 //!
-//! Threads: one ([`hub`]) serves every VM's ivshmem socket; one (the caller's, running a
-//! current-thread tokio runtime) serves the control socket, every agent socket and every
-//! relay; and the ring's keeper thread of each VM's endpoint (one per VM, sleeping on the
-//! VM's doorbell between heartbeats: `ivring` spawns it, see the README's figures).
+//! Threads: three, whatever the number of VMs. One ([`hub`]) serves every VM's ivshmem
+//! socket; one ("ivring-links", `links.rs`) runs the keeper of every VM's link, its
+//! endpoint being attached with `attach_driven` (an epoll loop over every link's doorbell
+//! and one set of deadlines for the heartbeats: no thread per link); and one (the
+//! caller's, running a current-thread tokio runtime) serves the control socket, every
+//! agent socket and every relay. See the README's figures.
 //!
 //! The VM list is kept in `DIR/vms.json` (written atomically) and re-created when the
 //! daemon starts: see [`restore`] for what survives a restart.
@@ -678,8 +680,9 @@ impl Daemon {
             let _ = t.await;
         }
         self.hub.remove(name);
-        // The last reference: the keeper stops and the link detaches (the guest sees
-        // the host leave), then the memory is unmapped.
+        // The last reference: the link detaches (the guest sees the host leave), the
+        // links thread's next drive finds the endpoint gone and forgets it, and the memory
+        // is unmapped once it has.
         drop(vm.endpoint);
         drop(vm.bell);
         info!("vm {name}: removed");
