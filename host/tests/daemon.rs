@@ -460,14 +460,20 @@ fn threads_do_not_grow_with_the_vms() {
     }
     // One guest, so that one link is up beside nineteen waiting for theirs.
     let guest = start_guest(&dir.join("t0.ivshmem.sock"));
-    assert!(guest.ep.wait_up(Duration::from_secs(5)), "t0's link comes up");
+    assert!(
+        guest.ep.wait_up(Duration::from_secs(5)),
+        "t0's link comes up"
+    );
     let l = list(&dir);
     assert_eq!(l["threads"].as_u64().unwrap(), threads, "{before} then {l}");
     assert_eq!(l["keeper_threads"], json!(0), "{l}");
     assert_eq!(l["driven_links"], json!(20), "{l}");
     let o = vm(&dir, &["list"]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("0.00 per VM; 20 links driven by one thread"), "{out}");
+    assert!(
+        out.contains("0.00 per VM; 20 links driven by one thread"),
+        "{out}"
+    );
     for i in 0..20 {
         assert!(vm(&dir, &["remove", &format!("t{i}")]).status.success());
     }
