@@ -445,6 +445,11 @@ def main():
     print(f"RESULT memory: {per_vm:.0f} KiB per VM (RSS without shared memory: anon+file, "
           f"{N} VMs minus 0 VMs); threads {m['Threads']} ({(m['Threads'] - base['Threads']) / N:.2f} "
           f"per VM)", flush=True)
+    ls = control({"op": "list"})
+    check(m["Threads"] == base["Threads"] and ls.get("keeper_threads") == 0,
+          f"the daemon's threads do not grow with the VMs (one thread drives every link)",
+          f"{base['Threads']} threads at 0 VMs, {m['Threads']} at {N}; keeper threads "
+          f"{ls.get('keeper_threads')}, links driven {ls.get('driven_links')}")
 
     # Hostile VM.
     run_clients(vms, "calm", HOSTILE_SECS)

@@ -279,6 +279,75 @@ pub(crate) fn group_id(name: &str) -> io::Result<Option<u32>> {
     }
 }
 
+/// An epoll instance (`EPOLL_CLOEXEC`): level-triggered interest in fds, each reported
+/// with a `u64` of the caller's choosing.
+#[derive(Debug)]
+pub(crate) struct Epoll {
+    fd: OwnedFd,
+}
+
+impl Epoll {
+    pub(crate) fn new() -> Result<Epoll> {
+        rustix::event::epoll::create(rustix::event::epoll::CreateFlags::CLOEXEC)
+            .map(|fd| Epoll { fd })
+            .map_err(|e| HostError::io("epoll_create", e))
+    }
+
+    fn flags(readable: bool) -> rustix::event::epoll::EventFlags {
+        if readable {
+            rustix::event::epoll::EventFlags::IN
+        } else {
+            // Nothing asked for: an eventfd then never shows (it has no error or hang-up).
+            rustix::event::epoll::EventFlags::empty()
+        }
+    }
+
+    /// Watches `fd` for readability, reported as `key`.
+    pub(crate) fn add(&self, fd: BorrowedFd<'_>, key: u64) -> io::Result<()> {
+        rustix::event::epoll::add(
+            &self.fd,
+            fd,
+            rustix::event::epoll::EventData::new_u64(key),
+            Epoll::flags(true),
+        )
+        .map_err(io::Error::from)
+    }
+
+    /// Starts (`readable`) or stops watching `fd`'s readability; it stays registered.
+    pub(crate) fn watch(&self, fd: BorrowedFd<'_>, key: u64, readable: bool) -> io::Result<()> {
+        rustix::event::epoll::modify(
+            &self.fd,
+            fd,
+            rustix::event::epoll::EventData::new_u64(key),
+            Epoll::flags(readable),
+        )
+        .map_err(io::Error::from)
+    }
+
+    /// Forgets `fd`.
+    pub(crate) fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        rustix::event::epoll::delete(&self.fd, fd).map_err(io::Error::from)
+    }
+
+    /// Waits until a watched fd is ready or `timeout` passes (`None`: forever; rounded up
+    /// to the millisecond), and puts the keys of the ready fds in `keys` (cleared first; at
+    /// most 128, the rest are reported by the next call). EINTR returns none.
+    pub(crate) fn wait(&self, keys: &mut Vec<u64>, timeout: Option<Duration>) -> Result<()> {
+        keys.clear();
+        let mut events = [MaybeUninit::<rustix::event::epoll::Event>::uninit(); 128];
+        let ts = timeout.map(|l| Timespec {
+            tv_sec: l.as_secs().min(i32::MAX as u64 / 1000) as _,
+            tv_nsec: l.subsec_nanos() as _,
+        });
+        match rustix::event::epoll::wait(&self.fd, &mut events, ts.as_ref()) {
+            Ok((ready, _)) => keys.extend(ready.iter().map(|e| e.data.u64())),
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(HostError::io("epoll_wait", e)),
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -96,7 +96,7 @@ fn tmpdir() -> PathBuf {
 
 /// A simulated guest: joins the VM's socket, echoes every session on port 5.
 struct Guest {
-    _ep: std::sync::Arc<Endpoint>,
+    ep: std::sync::Arc<Endpoint>,
     _client: Client,
 }
 
@@ -119,7 +119,7 @@ fn start_guest(sock: &Path) -> Guest {
         }
     });
     Guest {
-        _ep: ep,
+        ep,
         _client: client,
     }
 }
@@ -235,10 +235,30 @@ fn lifecycle_client_removed_restart_recover() {
     let l = list(&dir);
     assert_eq!(l["vms"][0]["link_up"], json!(true), "{l}");
     assert_eq!(l["vms"][0]["peers"], json!(1), "{l}");
+    // The link is driven by the daemon's links thread: no keeper thread of its own.
+    assert_eq!(l["keeper_threads"], json!(0), "{l}");
+    assert_eq!(l["driven_links"], json!(1), "{l}");
 
     // Removed while the client is connected: the client gets EOF, the sockets go.
     let o = vm(&dir, &["remove", "g1"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The guest sees the host leave (its link resets), and the link is no longer driven.
+    let t = Instant::now();
+    while guest.ep.is_up() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the guest's link stayed up after the VM was removed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t = Instant::now();
+    while list(&dir)["driven_links"] != json!(0) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the removed VM's link is still driven"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     line.clear();
     assert_eq!(
         r.read_line(&mut line).unwrap(),
@@ -425,5 +445,43 @@ fn restart_with_fd_store_keeps_the_guest() {
     assert_eq!(echo("after\n"), "after\n");
     let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap();
     assert!(log.contains("taken up again from the fd store"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn threads_do_not_grow_with_the_vms() {
+    let dir = tmpdir();
+    let _d = start_daemon(&dir);
+    let before = list(&dir);
+    let threads = before["threads"].as_u64().unwrap();
+    for i in 0..20 {
+        let o = vm(&dir, &["add", &format!("t{i}"), "--size", "64K"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    // One guest, so that one link is up beside nineteen waiting for theirs.
+    let guest = start_guest(&dir.join("t0.ivshmem.sock"));
+    assert!(
+        guest.ep.wait_up(Duration::from_secs(5)),
+        "t0's link comes up"
+    );
+    let l = list(&dir);
+    assert_eq!(l["threads"].as_u64().unwrap(), threads, "{before} then {l}");
+    assert_eq!(l["keeper_threads"], json!(0), "{l}");
+    assert_eq!(l["driven_links"], json!(20), "{l}");
+    let o = vm(&dir, &["list"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("0.00 per VM; 20 links driven by one thread"),
+        "{out}"
+    );
+    for i in 0..20 {
+        assert!(vm(&dir, &["remove", &format!("t{i}")]).status.success());
+    }
+    let t = Instant::now();
+    while list(&dir)["driven_links"] != json!(0) {
+        assert!(t.elapsed() < Duration::from_secs(5), "links still driven");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(list(&dir)["threads"].as_u64().unwrap(), threads);
     let _ = std::fs::remove_dir_all(&dir);
 }

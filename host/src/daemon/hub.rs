@@ -76,6 +76,28 @@ impl HubBell {
         self.own.iter().map(|v| v.as_fd())
     }
 
+    /// Vector 0, which the other peers ring: what the driver of the daemon's endpoint
+    /// watches, with [`HubBell::interrupt_fd`] ([`super::links`]).
+    pub(crate) fn vector0_fd(&self) -> BorrowedFd<'_> {
+        self.own[0].as_fd()
+    }
+
+    /// The interrupt ([`Doorbell::interrupt`], joins and leaves): the ring's call for its
+    /// driver sooner than the deadline it gave.
+    pub(crate) fn interrupt_fd(&self) -> BorrowedFd<'_> {
+        self.intr.as_fd()
+    }
+
+    /// Consumes the rings of vector 0 (before a drive that answers them).
+    pub(crate) fn drain_vector0(&self) {
+        self.own[0].drain();
+    }
+
+    /// Consumes the interrupts (before a drive that answers them).
+    pub(crate) fn drain_interrupt(&self) {
+        self.intr.drain();
+    }
+
     /// The ids of the other peers connected now (QEMU, guest-role programs, host programs).
     pub fn peers(&self) -> Vec<u16> {
         lock(&self.peers).keys().copied().collect()

@@ -8,10 +8,12 @@
 //! (`DIR/control.sock`, line-delimited JSON: [`control`]), which `ivring-host vm
 //! add|remove|list|recover` speak.
 //!
-//! Threads: one ([`hub`]) serves every VM's ivshmem socket; one (the caller's, running a
-//! current-thread tokio runtime) serves the control socket, every agent socket and every
-//! relay; and the ring's keeper thread of each VM's endpoint (one per VM, sleeping on the
-//! VM's doorbell between heartbeats: `ivring` spawns it, see the README's figures).
+//! Threads: three, whatever the number of VMs. One ([`hub`]) serves every VM's ivshmem
+//! socket; one ("ivring-links", `links.rs`) runs the keeper of every VM's link, its
+//! endpoint being attached with `attach_driven` (an epoll loop over every link's doorbell
+//! and one set of deadlines for the heartbeats: no thread per link); and one (the
+//! caller's, running a current-thread tokio runtime) serves the control socket, every
+//! agent socket and every relay. See the README's figures.
 //!
 //! The VM list is kept in `DIR/vms.json` (written atomically) and re-created when the
 //! daemon starts: see [`restore`] for what survives a restart.
@@ -20,6 +22,7 @@ pub mod args;
 pub mod control;
 pub mod fdstore;
 pub mod hub;
+mod links;
 
 use crate::bridge::{relay_async, RelayOptions};
 use crate::error::HostError;
@@ -289,6 +292,7 @@ pub(crate) struct Request {
 struct Daemon {
     opts: DaemonOptions,
     hub: Hub,
+    links: links::Links,
     vms: BTreeMap<String, Vm>,
     store: Arc<fdstore::FdStore>,
 }
@@ -331,6 +335,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
         let (tx, rx) = mpsc::channel::<Request>(64);
         let mut daemon = Daemon {
             hub: Hub::start()?,
+            links: links::Links::start()?,
             store,
             vms: BTreeMap::new(),
             opts,
@@ -398,7 +403,8 @@ impl Daemon {
                     .collect();
                 Ok(json!({
                     "ok": true, "vms": vms, "dir": self.opts.dir,
-                    "threads": thread_count(), "pid": std::process::id(),
+                    "threads": thread_count(), "keeper_threads": keeper_threads(),
+                    "driven_links": self.links.count(), "pid": std::process::id(),
                     "fd_store": self.store.enabled(),
                 }))
             }
@@ -595,7 +601,11 @@ impl Daemon {
                 spec.config(self.opts.heartbeat),
             )
             .map_err(HostError::Layout)?;
-            ep.attach();
+            // No keeper thread: the links thread drives it, with every other VM's.
+            let driver = ep
+                .attach_driven()
+                .ok_or_else(|| anyhow!("vm {}: its endpoint was already attached", spec.name))?;
+            self.links.add(&spec.name, driver, b.clone());
             endpoint = Some(Arc::new(ep));
         }
         self.hub.add(
@@ -670,8 +680,9 @@ impl Daemon {
             let _ = t.await;
         }
         self.hub.remove(name);
-        // The last reference: the keeper stops and the link detaches (the guest sees
-        // the host leave), then the memory is unmapped.
+        // The last reference: the link detaches (the guest sees the host leave), the
+        // links thread's next drive finds the endpoint gone and forgets it, and the memory
+        // is unmapped once it has.
         drop(vm.endpoint);
         drop(vm.bell);
         info!("vm {name}: removed");
@@ -921,6 +932,19 @@ async fn serve_client(
 /// Threads of this process.
 pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+/// Threads of this process that are a ring's keeper thread (one per endpoint attached
+/// with `attach`; the daemon's are driven, so none).
+pub fn keeper_threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| {
+        d.filter_map(|t| t.ok())
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim_end() == "ivring-keeper")
+            })
+            .count()
+    })
 }
 
 /// Sends one request to the daemon whose runtime directory is `dir` and returns its
