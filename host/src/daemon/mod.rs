@@ -16,7 +16,8 @@
 //! agent socket and every relay. See the README's figures.
 //!
 //! The VM list is kept in `DIR/vms.json` (written atomically) and re-created when the
-//! daemon starts: see [`restore`] for what survives a restart.
+//! daemon starts: `Daemon::restore` and the README's "What survives a daemon restart"
+//! say what survives a restart.
 
 pub mod args;
 pub mod control;
