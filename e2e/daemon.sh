@@ -62,8 +62,9 @@ wait_for_file "$RUN/control.sock" 10 && e2e_pass daemon/control-socket \
 
 build_initramfs "$initrd" "$GUEST_BIN" "$E2E_DIR/cases/qga.init"
 
-boot() { # the VM on the daemon's socket, one vector (the daemon's default)
-    boot_vm "$name" doorbell "$initrd" --size 4M --sock "$ivs" --vectors 1 --vserial "$vs" \
+boot() { # the VM on the daemon's socket, one vector (the daemon's default); extra args
+          # go to boot_vm (--master: master=on, which needs peer id 0 from the daemon)
+    boot_vm "$name" doorbell "$initrd" --size 4M --sock "$ivs" --vectors 1 --vserial "$vs" "$@" \
         --qemu -chardev --qemu "socket,path=$ctl,server=on,wait=off,id=ctl0" \
         --qemu -device --qemu virtserialport,chardev=ctl0,name=e2e.ctl \
         -- e2e.mode=doorbell >/dev/null
@@ -81,7 +82,9 @@ for round in 1 2; do
     mode=$(stat -c %a "$qga" 2>/dev/null || echo none)
     [ "$mode" = 600 ] && e2e_pass "daemon/agent-socket-0600-$round" \
         || e2e_fail "daemon/agent-socket-0600-$round" "mode $mode"
-    boot
+    # The second VM has master=on (migratable): QEMU refuses to start unless the daemon
+    # gives it peer id 0.
+    if [ "$round" = 2 ]; then boot --master; else boot; fi
     if client check "$qga" 120 > "$E2E_TMP/check-$round.log" 2>&1; then
         e2e_pass "daemon/agent-ping-info-sync-$round"
     else

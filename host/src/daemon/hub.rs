@@ -264,12 +264,22 @@ impl VmServer {
     }
 
     fn add_peer(&mut self, sock: UnixStream) -> io::Result<()> {
-        let last = self.last_id;
-        let id = (1..=u16::MAX)
-            .map(|k| ((u32::from(last) + u32::from(k) - 1) % 65535 + 1) as u16)
-            .find(|id| self.ids().all(|p| p != *id))
-            .ok_or_else(|| io::Error::other("no free peer id"))?;
-        self.last_id = id;
+        // The VM gets id 0 while it is free: the id QEMU requires of an ivshmem-doorbell
+        // device with master=on, the one mode it migrates (README, "Migration, snapshots
+        // and pauses"). The daemon's side has its own id, and nobody else joins a VM's
+        // socket but the guest side, so 0 is free whenever the VM's QEMU starts. Any
+        // further peer rotates through the other ids, as QEMU's own server does.
+        let id = if self.ids().all(|p| p != crate::server::VM_ID) {
+            crate::server::VM_ID
+        } else {
+            let last = self.last_id;
+            let id = (1..=u16::MAX)
+                .map(|k| ((u32::from(last) + u32::from(k) - 1) % 65535 + 1) as u16)
+                .find(|id| self.ids().all(|p| p != *id))
+                .ok_or_else(|| io::Error::other("no free peer id"))?;
+            self.last_id = id;
+            id
+        };
         // Non-blocking: a peer that does not take its messages at once is dropped, and
         // never holds up the other VMs.
         sock.set_nonblocking(true)?;
