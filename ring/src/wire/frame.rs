@@ -406,4 +406,62 @@ mod tests {
             Err(FrameError::BadLength(16))
         );
     }
+
+    /// Flags a frame may not carry, reserved bytes in an Open payload, and what each error
+    /// says (the message is what `Stats::last_error` and the logs show).
+    #[test]
+    fn rejects_flags_and_reserved_payload_bytes_and_says_what() {
+        let hdr = |kind, flags, len| {
+            Header {
+                kind,
+                flags,
+                len,
+                session: 5,
+            }
+            .encode()
+        };
+        let decode = |b: &[u8; HEADER_LEN]| Header::decode(b, 4096, 1 << 20, 1 << 20);
+        assert!(decode(&hdr(Kind::Data, FLAG_EOR, 8)).is_ok());
+        assert_eq!(
+            decode(&hdr(Kind::Data, FLAG_EOR | 2, 8)),
+            Err(FrameError::BadFlags(FLAG_EOR | 2))
+        );
+        assert_eq!(
+            decode(&hdr(Kind::Close, FLAG_EOR, 0)),
+            Err(FrameError::BadFlags(FLAG_EOR))
+        );
+        assert!(decode(&hdr(Kind::Close, 0, 0)).is_ok());
+
+        let open = OpenArgs {
+            port: 7,
+            message: true,
+            buf_alloc: 4096,
+        }
+        .encode();
+        assert!(OpenArgs::decode(&open).is_some());
+        // Each of the three checks alone must refuse the payload.
+        let mut bad_mode = open;
+        bad_mode[4] = 2;
+        let mut bad_reserved = open;
+        bad_reserved[5] = 1;
+        let mut bad_reserved2 = open;
+        bad_reserved2[12] = 1;
+        for (what, b) in [
+            ("mode", bad_mode),
+            ("reserved", bad_reserved),
+            ("reserved2", bad_reserved2),
+        ] {
+            assert_eq!(OpenArgs::decode(&b), None, "{what} byte set");
+        }
+
+        for (e, says) in [
+            (FrameError::BadKind(99), "type 99"),
+            (FrameError::Reserved, "reserved"),
+            (FrameError::BadFlags(2), "flags 0x2"),
+            (FrameError::BadLength(4097), "length 4097"),
+            (FrameError::Overrun, "past the published"),
+        ] {
+            assert!(e.to_string().contains(says), "{e:?}: {e}");
+        }
+    }
 }
