@@ -20,7 +20,6 @@ set -euo pipefail
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
 . "$E2E_DIR/lib.sh"
-ROOT=$(cd "$E2E_DIR/.." && pwd)
 GUEST_BIN=${GUEST_BIN:-}
 HOST_BIN=${HOST_BIN:-}
 while [ $# -gt 0 ]; do
@@ -31,15 +30,7 @@ while [ $# -gt 0 ]; do
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
-if [ -z "$GUEST_BIN" ]; then
-    (cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
-        -p ivring-guest --target x86_64-unknown-linux-gnu)
-    GUEST_BIN=$ROOT/target/x86_64-unknown-linux-gnu/release/ivring-guest
-fi
-if [ -z "$HOST_BIN" ]; then
-    (cd "$ROOT" && cargo build --quiet --release -p ivring-host)
-    HOST_BIN=$ROOT/target/release/ivring-host
-fi
+build_binaries
 
 e2e_init
 t0=$SECONDS

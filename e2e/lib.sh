@@ -95,6 +95,22 @@ wait_for_file() {
 # kvm_works: 0 when a probe boot under KVM reaches the end of kernel init (the panic for
 # the missing root fs) within E2E_KVM_PROBE_TIMEOUT s. Cached for the run in E2E_ACCEL
 # (and a file, for subshells).
+# build_binaries: sets HOST_BIN and GUEST_BIN (static, for the initramfs) to binaries
+# built from this checkout, unless the caller gave them.
+build_binaries() {
+    local root target
+    root=$(cd "$E2E_DIR/.." && pwd); target=${CARGO_TARGET_DIR:-$root/target}
+    if [ -z "${GUEST_BIN:-}" ]; then
+        (cd "$root" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
+            -p ivring-guest --target x86_64-unknown-linux-gnu)
+        GUEST_BIN=$target/x86_64-unknown-linux-gnu/release/ivring-guest
+    fi
+    if [ -z "${HOST_BIN:-}" ]; then
+        (cd "$root" && cargo build --quiet --release -p ivring-host)
+        HOST_BIN=$target/release/ivring-host
+    fi
+}
+
 kvm_works() {
     if [ -z "${E2E_ACCEL:-}" ] && [ -n "$E2E_TMP" ] && [ -s "$E2E_TMP/accel" ]; then
         E2E_ACCEL=$(cat "$E2E_TMP/accel")

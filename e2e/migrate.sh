@@ -32,7 +32,6 @@ set -euo pipefail
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
 . "$E2E_DIR/lib.sh"
-ROOT=$(cd "$E2E_DIR/.." && pwd)
 
 GUEST_BIN=${GUEST_BIN:-}
 HOST_BIN=${HOST_BIN:-}
@@ -48,15 +47,7 @@ done
 ALL_CASES=(blockers sessions qga savevm stopcont plain)
 [ ${#cases[@]} -gt 0 ] || read -r -a cases <<< "${MIG_CASES:-${ALL_CASES[*]}}"
 
-if [ -z "$GUEST_BIN" ]; then
-    (cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
-        -p ivring-guest --target x86_64-unknown-linux-gnu)
-    GUEST_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/x86_64-unknown-linux-gnu/release/ivring-guest
-fi
-if [ -z "$HOST_BIN" ]; then
-    (cd "$ROOT" && cargo build --quiet --release -p ivring-host)
-    HOST_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/ivring-host
-fi
+build_binaries
 
 SIZE=4M
 TIMEOUT=150   # of the guest's and host programs' checks, in s

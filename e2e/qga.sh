@@ -28,7 +28,6 @@ set -euo pipefail
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
 . "$E2E_DIR/lib.sh"
-ROOT=$(cd "$E2E_DIR/.." && pwd)
 
 MODE=doorbell
 REPS=${QGA_REPS:-50}
@@ -46,15 +45,7 @@ while [ $# -gt 0 ]; do
 done
 case $MODE in doorbell|join|plain) ;; *) echo "--mode doorbell|join|plain" >&2; exit 2 ;; esac
 
-if [ -z "$GUEST_BIN" ]; then
-    (cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
-        -p ivring-guest --target x86_64-unknown-linux-gnu)
-    GUEST_BIN=$ROOT/target/x86_64-unknown-linux-gnu/release/ivring-guest
-fi
-if [ -z "$HOST_BIN" ]; then
-    (cd "$ROOT" && cargo build --quiet --release -p ivring-host)
-    HOST_BIN=$ROOT/target/release/ivring-host
-fi
+build_binaries
 command -v qemu-ga >/dev/null || [ -x /usr/sbin/qemu-ga ] || {
     echo "qemu-ga missing: run e2e/setup.sh (installs qemu-guest-agent)" >&2; exit 2; }
 
