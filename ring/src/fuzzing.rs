@@ -12,7 +12,7 @@
 
 use crate::config::Config;
 use crate::link::park::Taken;
-use crate::link::Link;
+use crate::link::{Actions, Link, Stripes};
 use crate::shm::doorbell::Polling;
 use crate::shm::layout::{side, Geometry, Role};
 use crate::shm::region::SharedRegion;
@@ -76,9 +76,12 @@ pub fn fuzz_pump(data: &[u8]) {
         backlog: BACKLOG,
         ..Config::default()
     };
-    let mut link = Link::new(role, region.clone(), geom, cfg);
+    // The link reads no clock: the harness's clock moves only when the fuzz bytes say.
+    let mut now = Instant::now();
+    let mut link = Link::new(role, region.clone(), geom, cfg, now);
     link.listen(PORT);
-    link.attach(Some(0));
+    let mut out = Actions::default();
+    link.attach(Some(0), &mut out);
     // The peer: the crate's mock peer, its words and frames written by the fuzz bytes
     // (its own writes stay inside the ring, wherever its maybe bogus head points).
     let peer = MockPeer::laying_out(
@@ -100,20 +103,21 @@ pub fn fuzz_pump(data: &[u8]) {
         w(side::ACK, victim_epoch());
     };
     handshake(epoch);
-    let now = Instant::now();
-    let step = |link: &mut Link, r: Result<bool, crate::link::Fault>| {
+    let step = |link: &mut Link, r: Result<bool, crate::link::Fault>, out: &mut Actions| {
         if let Err(f) = r {
             if f.needs_local_reset() {
-                link.local_reset(&f.to_string());
+                link.local_reset(&f.to_string(), out);
             }
         }
     };
-    link.check_peer(now);
+    link.check_peer(now, &mut out);
     let mut sessions: Vec<u64> = Vec::new();
     let mut buf = vec![0u8; 2 * BUF as usize];
     // An in-place view held open across the next steps: (session, generation).
     let mut lent: Option<(u64, u64)> = None;
     while let Some(op) = input.u8() {
+        let resets = link.stats().link_resets;
+        let mut out = Actions::default();
         match op % 14 {
             // Raw bytes anywhere in the victim's receive ring.
             0 => {
@@ -168,11 +172,13 @@ pub fn fuzz_pump(data: &[u8]) {
                 w(side::TX_HEAD, head);
             }
             // The victim reads the ring.
+            // The victim reads the ring, some time later (a parked frame may expire).
             3 => {
-                let r = link.pump();
-                step(&mut link, r);
-                let r = link.flush().map(|_| true);
-                step(&mut link, r);
+                now += Duration::from_micros(u64::from(input.u8().unwrap_or(0)) * 20);
+                let r = link.pump(now, &mut out);
+                step(&mut link, r, &mut out);
+                let r = link.flush(&mut out).map(|_| true);
+                step(&mut link, r, &mut out);
             }
             // Any word in the peer's side block.
             4 => {
@@ -189,12 +195,14 @@ pub fn fuzz_pump(data: &[u8]) {
                     w(side::RX_TAIL, 0);
                 }
                 handshake(epoch);
-                link.check_peer(now);
+                link.check_peer(now, &mut out);
             }
             // The victim opens a session.
             6 => {
                 if link.is_up() {
-                    if let Ok(id) = link.open(input.u8().unwrap_or(0) as u32 % 4 + 6, false) {
+                    if let Ok(id) =
+                        link.open(input.u8().unwrap_or(0) as u32 % 4 + 6, false, &mut out)
+                    {
                         sessions.push(id);
                     }
                 }
@@ -204,7 +212,7 @@ pub fn fuzz_pump(data: &[u8]) {
                 let ids: Vec<u64> = link.session_ids();
                 if let Some(&id) = ids.get(input.u8().unwrap_or(0) as usize % ids.len().max(1)) {
                     let n = input.u16() as usize % buf.len() + 1;
-                    let _ = link.read(id, &mut buf[..n]);
+                    let _ = link.read(id, &mut buf[..n], &mut out);
                 }
             }
             // The victim writes to a session (credit-checked), then publishes.
@@ -212,8 +220,8 @@ pub fn fuzz_pump(data: &[u8]) {
                 let ids: Vec<u64> = link.session_ids();
                 if let Some(&id) = ids.get(input.u8().unwrap_or(0) as usize % ids.len().max(1)) {
                     let n = input.u16() as usize % buf.len();
-                    let _ = link.write_frame(id, &buf[..n], false, true);
-                    link.publish();
+                    let _ = link.write_frame(id, &buf[..n], false, true, &mut out);
+                    link.publish(&mut out);
                 }
             }
             // The victim closes, shuts down or accepts a session.
@@ -221,9 +229,9 @@ pub fn fuzz_pump(data: &[u8]) {
                 let ids: Vec<u64> = link.session_ids();
                 if let Some(&id) = ids.get(input.u8().unwrap_or(0) as usize % ids.len().max(1)) {
                     match input.u8().unwrap_or(0) % 3 {
-                        0 => link.close(id),
+                        0 => link.close(id, &mut out),
                         1 => {
-                            let _ = link.shutdown_write(id);
+                            let _ = link.shutdown_write(id, &mut out);
                         }
                         _ => {
                             link.accept(PORT);
@@ -233,11 +241,11 @@ pub fn fuzz_pump(data: &[u8]) {
             }
             // The victim arms its wakeup and space posts (the keeper's sleep path).
             10 => {
-                let r = link.arm_wakeup();
-                step(&mut link, r);
+                let r = link.arm_wakeup(&mut out);
+                step(&mut link, r, &mut out);
                 if link.has_pending() {
-                    let r = link.arm_pending_space();
-                    step(&mut link, r);
+                    let r = link.arm_pending_space(&mut out);
+                    step(&mut link, r, &mut out);
                 }
                 link.disarm_wakeup();
             }
@@ -246,7 +254,7 @@ pub fn fuzz_pump(data: &[u8]) {
                 let ids: Vec<u64> = link.session_ids();
                 if let Some(&id) = ids.get(input.u8().unwrap_or(0) as usize % ids.len().max(1)) {
                     let n = input.u16() as usize % buf.len() + 1;
-                    let _ = link.read_direct(id, &mut buf[..n]);
+                    let _ = link.read_direct(id, &mut buf[..n], &mut out);
                 }
             }
             // The victim reads in place (zero-copy): the session's frames are parked in
@@ -254,17 +262,18 @@ pub fn fuzz_pump(data: &[u8]) {
             // held across the next steps (pumps and resets included).
             13 => {
                 if let Some((id, gen)) = lent.take() {
-                    let _ = link.zc_release(id, gen);
+                    let _ = link.zc_release(id, gen, &mut out);
                 } else {
                     let ids: Vec<u64> = link.session_ids();
                     if let Some(&id) = ids.get(input.u8().unwrap_or(0) as usize % ids.len().max(1))
                     {
-                        if let Ok(Some(Taken::Ring { at, len, .. })) = link.zc_take(id) {
+                        if let Ok(Some(Taken::Ring { at, len, .. })) = link.zc_take(id, &mut out) {
                             // Bounds-checked by the region: a view outside it panics here.
                             let n = len.min(buf.len());
                             region.read(at, &mut buf[..n]);
                             if input.u8().unwrap_or(0) & 1 == 0 {
-                                let _ = link.zc_release(id, link.gen());
+                                let gen = link.gen();
+                                let _ = link.zc_release(id, gen, &mut out);
                             } else {
                                 lent = Some((id, link.gen()));
                             }
@@ -274,11 +283,16 @@ pub fn fuzz_pump(data: &[u8]) {
             }
             // The victim's keeper follows the peer.
             _ => {
-                link.check_peer(now);
+                link.check_peer(now, &mut out);
                 let r = link.beat(now, Some(true)).map(|_| true);
-                step(&mut link, r);
+                step(&mut link, r, &mut out);
             }
         }
         link.check_bounds();
+        // A reset of the link ends every session: every caller must be woken to see it.
+        assert!(
+            link.stats().link_resets == resets || out.wake == Stripes::ALL,
+            "a link reset that wakes only some sessions' callers"
+        );
     }
 }

@@ -18,22 +18,27 @@
 //!   [`Doorbell`] trait, the layout of the header and the side blocks, and the one atomics shim (`shm/sync.rs`)
 //!   that every atomic of the crate comes from, so loom sees them all;
 //! - `wire`: frames (`wire/frame.rs`) and the SPSC byte ring (`wire/ring.rs`);
-//! - `link`: one link's state, single-threaded and without locks or threads: the
-//!   handshake and liveness, receive demux, transmit, the sessions and their credit;
-//!   direct reads (`link/fastpath.rs`) and zero-copy parking (`link/park.rs`) are its
-//!   receive modes;
+//! - `link`: one link's state, single-threaded, without locks, threads or a clock (time
+//!   comes in as an argument): the handshake and liveness (`link/mod.rs`), receiving
+//!   (`link/rx.rs`: demux, reads through the session's buffer or straight from the ring,
+//!   the credit we grant), transmitting (`link/tx.rs`: control frames, Data frames,
+//!   publishing, waiting for space) and zero-copy parking (`link/park.rs`). Each call
+//!   says what must happen next in the `Actions` it is given (ring the peer, wake these
+//!   sessions' callers, wait for ring space); the link does none of it itself;
 //! - `runtime`: the only owner of locks, threads (the keeper), spinning and waiting on
-//!   the doorbell;
+//!   the doorbell; it acts on the link's `Actions`;
 //! - `api`: [`Endpoint`], [`Listener`], [`Session`], zero-copy slots and views,
 //!   [`Readiness`], and the `tokio` and `mio` wrappers.
 //!
 //! One byte, from [`Session::write`](std::io::Write::write) to the peer's
-//! [`Session::read`](std::io::Read::read): `api/endpoint.rs` (`write_stream`) →
-//! `runtime/mod.rs` (`wait_locked_on`: try, spin, sleep) → `link/mod.rs` (`step`,
-//! `write_frame`, `publish`) → `wire/ring.rs` (`Producer`) and `wire/frame.rs` (the
-//! header); on the other side `api/endpoint.rs` (`read_shared`) → `runtime/mod.rs` →
-//! `link/fastpath.rs` (`read_direct`, straight from the ring) or `link/mod.rs` (`pump`
-//! into the session's buffer, then `read`) → `wire/ring.rs` (`Consumer`).
+//! [`Session::read`](std::io::Read::read), is copied in four files: `api/endpoint.rs`
+//! (`write_stream` hands the caller's slice on) → `link/tx.rs` (`step`, `write_frame`:
+//! one frame within the credit, then `publish`) → `wire/ring.rs` (`Producer::push`
+//! copies it into the ring; on the other side `Consumer` finds it) → `link/rx.rs`
+//! (`read_direct` copies it straight into the reader's buffer, or `pump` into the
+//! session's buffer and `read` from there). Beside it, `runtime/mod.rs`
+//! (`wait_locked_on`) decides when a call that found no credit, space or data tries
+//! again, and `wire/frame.rs` is the 16-byte header in front of it.
 #![deny(missing_docs)]
 
 // Layers, each importing only those before it in this order: shm (the region, the

@@ -3,7 +3,7 @@
 
 use crate::api::endpoint::Session;
 use crate::link::reset_error;
-use crate::link::{Notifier, State};
+use crate::link::{Actions, Notifier, State};
 use crate::runtime::Shared;
 use crate::{Endpoint, SessionOptions};
 use std::io;
@@ -100,7 +100,7 @@ impl Connecting {
         }
         // What the peer sent may be the answer: move the ring once, as non-blocking
         // calls do, rather than wait for the keeper.
-        sh.pump_and_wake(&mut link);
+        sh.pump_and_wake(&mut link, Instant::now());
         let Some((id, gen)) = self.opened else {
             if !link.is_up() {
                 if self.up_token.is_none() {
@@ -111,11 +111,12 @@ impl Connecting {
             if let Some(t) = self.up_token.take() {
                 link.cancel_on_up(t);
             }
-            let id = link.open(self.port, self.opts.message)?;
+            let mut out = Actions::default();
+            let id = link.open(self.port, self.opts.message, &mut out)?;
             let gen = link.gen();
             link.session(id)?.notify = Some(self.notify.clone());
             self.opened = Some((id, gen));
-            sh.ring(&mut link);
+            sh.act(&link, out);
             return Ok(None);
         };
         if link.gen() != gen {
@@ -163,8 +164,9 @@ impl Connecting {
         }
         if let Some((id, gen)) = self.opened.take() {
             if link.gen() == gen {
-                link.close(id);
-                self.shared.ring(link);
+                let mut out = Actions::default();
+                link.close(id, &mut out);
+                self.shared.act(link, out);
             }
         }
     }

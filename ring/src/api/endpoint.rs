@@ -2,7 +2,8 @@
 //! the runtime (`crate::runtime`), which drives the link (`crate::link`).
 
 use crate::config::Config;
-use crate::link::{reset_error, step, Link, State, Stats, WriteStep};
+use crate::link::tx::{step, WriteStep};
+use crate::link::{reset_error, Actions, Link, State, Stats};
 use crate::runtime::{DriveNext, Keeper, KeeperState, Patience, Shared, WaitOn};
 use crate::shm::doorbell::Doorbell;
 use crate::shm::layout::{LayoutError, Role};
@@ -134,7 +135,7 @@ impl Endpoint {
     /// Waits until the link is up; `false` on timeout.
     pub fn wait_up(&self, timeout: Duration) -> bool {
         self.shared
-            .wait_for(Some(Instant::now() + timeout), Patience::Wait, |l| {
+            .wait_for(Some(Instant::now() + timeout), Patience::Wait, |l, _| {
                 Ok(l.is_up().then_some(()))
             })
             .is_ok()
@@ -190,7 +191,7 @@ impl Endpoint {
     pub fn connect_with(&self, port: u32, opts: SessionOptions) -> io::Result<Session> {
         let sh = &self.shared;
         let deadline = Instant::now() + sh.cfg.connect_timeout;
-        sh.wait_for(Some(deadline), Patience::Wait, |l| {
+        sh.wait_for(Some(deadline), Patience::Wait, |l, _| {
             Ok(l.is_up().then_some(()))
         })
         .map_err(|e| match e.kind() {
@@ -202,12 +203,13 @@ impl Endpoint {
         })?;
         let (id, gen) = {
             let mut link = sh.lock();
-            let id = link.open(port, opts.message)?;
+            let mut out = Actions::default();
+            let id = link.open(port, opts.message, &mut out)?;
             let gen = link.gen();
-            sh.ring(&mut link);
+            sh.act(&link, out);
             (id, gen)
         };
-        let r = sh.wait_for(Some(deadline), Patience::Wait, |l| {
+        let r = sh.wait_for(Some(deadline), Patience::Wait, |l, _| {
             if l.gen() != gen {
                 return Err(reset_error(l));
             }
@@ -227,8 +229,9 @@ impl Endpoint {
             Err(e) => {
                 let mut link = sh.lock();
                 if link.gen() == gen {
-                    link.close(id);
-                    sh.ring(&mut link);
+                    let mut out = Actions::default();
+                    link.close(id, &mut out);
+                    sh.act(&link, out);
                 }
                 Err(e)
             }
@@ -321,7 +324,7 @@ impl Listener {
             WaitOn::Accept,
             deadline,
             Patience::nonblocking(self.nonblocking),
-            |l| {
+            |l, _| {
                 let gen = l.gen();
                 Ok(l.accept(port)
                     .map(|(id, message)| Session::new(sh.clone(), id, gen, port, message)))
@@ -334,8 +337,9 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         let mut link = self.shared.lock();
-        link.unlisten(self.port);
-        self.shared.ring(&mut link);
+        let mut out = Actions::default();
+        link.unlisten(self.port, &mut out);
+        self.shared.act(&link, out);
     }
 }
 
@@ -434,21 +438,22 @@ impl Session {
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         let mut link = self.shared.lock();
         self.check(&link)?;
+        let mut out = Actions::default();
         if matches!(how, Shutdown::Write | Shutdown::Both) {
-            link.shutdown_write(self.id)?;
+            link.shutdown_write(self.id, &mut out)?;
         }
         if matches!(how, Shutdown::Read | Shutdown::Both) {
             let s = link.session(self.id)?;
             s.rd_shut = true;
             // Discard and credit what is buffered.
             let mut sink = vec![0u8; 64 << 10];
-            while let Some(n) = link.read_discard(self.id, &mut sink)? {
+            while let Some(n) = link.read_discard(self.id, &mut sink, &mut out)? {
                 if n == 0 {
                     break;
                 }
             }
         }
-        self.shared.ring(&mut link);
+        self.shared.act(&link, out);
         Ok(())
     }
 
@@ -459,19 +464,23 @@ impl Session {
     fn write_stream(&self, buf: &[u8], patience: Patience) -> io::Result<usize> {
         let id = self.id;
         let gen = self.gen;
-        self.shared
-            .wait_session(id, Self::deadline(self.write_timeout), patience, |l| {
+        self.shared.wait_session(
+            id,
+            Self::deadline(self.write_timeout),
+            patience,
+            |l, out| {
                 if l.gen() != gen {
                     return Err(reset_error(l));
                 }
-                match step(l, id, buf, false, true)? {
+                match step(l, id, buf, false, true, out)? {
                     WriteStep::Wrote(n) => {
-                        l.publish();
+                        l.publish(out);
                         Ok(Some(n))
                     }
                     WriteStep::Wait => Ok(None),
                 }
-            })
+            },
+        )
     }
 
     /// Writes the slices as consecutive frames and publishes them with one store of the
@@ -487,14 +496,17 @@ impl Session {
         if bufs.iter().all(|b| b.is_empty()) {
             return Ok(0);
         }
-        self.shared
-            .wait_session(id, Self::deadline(self.write_timeout), patience, |l| {
+        self.shared.wait_session(
+            id,
+            Self::deadline(self.write_timeout),
+            patience,
+            |l, out| {
                 if l.gen() != gen {
                     return Err(reset_error(l));
                 }
                 let mut total = 0;
                 for b in bufs.iter().filter(|b| !b.is_empty()) {
-                    match step(l, id, b, false, true) {
+                    match step(l, id, b, false, true, out) {
                         Ok(WriteStep::Wrote(n)) => {
                             total += n;
                             if n < b.len() {
@@ -510,9 +522,10 @@ impl Session {
                 if total == 0 {
                     return Ok(None);
                 }
-                l.publish();
+                l.publish(out);
                 Ok(Some(total))
-            })
+            },
+        )
     }
 
     fn write_message(&self, buf: &[u8], patience: Patience) -> io::Result<usize> {
@@ -521,7 +534,7 @@ impl Session {
         let sh = self.shared.clone();
         let deadline = Self::deadline(self.write_timeout);
         // The whole message's credit first, so the peer can always take all of it.
-        sh.wait_session(id, deadline, patience, |l| {
+        sh.wait_session(id, deadline, patience, |l, _| {
             if l.gen() != gen {
                 return Err(reset_error(l));
             }
@@ -549,14 +562,14 @@ impl Session {
             // A message may not be abandoned half way, yet a peer that granted credit
             // and then stopped reading must not hold us past the deadline: at the
             // deadline with part of the message sent, the session is reset.
-            let r = sh.wait_session(id, deadline, Patience::Wait, |l| {
+            let r = sh.wait_session(id, deadline, Patience::Wait, |l, out| {
                 if l.gen() != gen {
                     return Err(reset_error(l));
                 }
-                match step(l, id, &buf[off..], true, false)? {
+                match step(l, id, &buf[off..], true, false, out)? {
                     WriteStep::Wrote(n) => Ok(Some(n)),
                     WriteStep::Wait => {
-                        l.publish();
+                        l.publish(out);
                         Ok(None)
                     }
                 }
@@ -566,9 +579,10 @@ impl Session {
                 Err(e) => {
                     let mut link = sh.lock();
                     if off > 0 && e.kind() == io::ErrorKind::TimedOut && link.gen() == gen {
-                        link.reset_session(id, "message write timed out half way");
-                        link.publish();
-                        sh.ring(&mut link);
+                        let mut out = Actions::default();
+                        link.reset_session(id, "message write timed out half way", &mut out);
+                        link.publish(&mut out);
+                        sh.act(&link, out);
                     }
                     return Err(e);
                 }
@@ -579,8 +593,9 @@ impl Session {
             }
         }
         let mut link = sh.lock();
-        link.publish();
-        sh.ring(&mut link);
+        let mut out = Actions::default();
+        link.publish(&mut out);
+        sh.act(&link, out);
         Ok(buf.len())
     }
 }
@@ -592,7 +607,7 @@ impl Session {
         let id = self.id;
         let gen = self.gen;
         self.shared
-            .wait_session(id, Self::deadline(self.read_timeout), patience, |l| {
+            .wait_session(id, Self::deadline(self.read_timeout), patience, |l, out| {
                 if l.gen() != gen {
                     // Data and EOF the peer sent before the link reset are still read.
                     return match l.read_ended(gen, id, buf) {
@@ -600,10 +615,10 @@ impl Session {
                         None => Err(reset_error(l)),
                     };
                 }
-                if let Some(n) = l.read_direct(id, buf)? {
+                if let Some(n) = l.read_direct(id, buf, out)? {
                     return Ok(Some(n));
                 }
-                l.read(id, buf)
+                l.read(id, buf, out)
             })
     }
 
@@ -664,8 +679,9 @@ impl Drop for Session {
     fn drop(&mut self) {
         let mut link = self.shared.lock();
         if link.gen() == self.gen {
-            link.close(self.id);
-            self.shared.ring(&mut link);
+            let mut out = Actions::default();
+            link.close(self.id, &mut out);
+            self.shared.act(&link, out);
         } else {
             link.forget_ended(self.gen, self.id);
         }

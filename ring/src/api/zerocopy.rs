@@ -35,7 +35,7 @@
 use crate::api::endpoint::Session;
 use crate::link::park::Taken;
 pub use crate::link::park::PARK_MAX;
-use crate::link::{reset_error, Link};
+use crate::link::{reset_error, Actions, Link};
 use crate::runtime::{Patience, Shared};
 use std::io;
 use std::sync::MutexGuard;
@@ -47,13 +47,17 @@ impl Session {
         let (id, gen) = (self.id, self.gen);
         let deadline = Session::deadline(self.write_timeout);
         let sh: &Shared = &self.shared;
-        let (link, at) =
-            sh.wait_session_locked(id, deadline, Patience::nonblocking(self.nonblocking), |l| {
+        let (link, at) = sh.wait_session_locked(
+            id,
+            deadline,
+            Patience::nonblocking(self.nonblocking),
+            |l, out| {
                 if l.gen() != gen {
                     return Err(reset_error(l));
                 }
-                l.zc_reserve(id, len)
-            })?;
+                l.zc_reserve(id, len, out)
+            },
+        )?;
         Ok(WriteSlot {
             link,
             shared: sh,
@@ -70,13 +74,17 @@ impl Session {
         let (id, gen) = (self.id, self.gen);
         let deadline = Session::deadline(self.read_timeout);
         let sh: &Shared = &self.shared;
-        let (link, taken) =
-            sh.wait_session_locked(id, deadline, Patience::nonblocking(self.nonblocking), |l| {
+        let (link, taken) = sh.wait_session_locked(
+            id,
+            deadline,
+            Patience::nonblocking(self.nonblocking),
+            |l, out| {
                 if l.gen() != gen {
                     return Err(reset_error(l));
                 }
-                l.zc_take(id)
-            })?;
+                l.zc_take(id, out)
+            },
+        )?;
         let region = link.region().clone();
         drop(link);
         let src = match taken {
@@ -148,8 +156,10 @@ impl WriteSlot<'_> {
 
     /// Sends the frame: all `len` bytes of the slot.
     pub fn commit(mut self) {
-        self.link.zc_commit(self.id, self.at, self.len, self.eor);
-        self.shared.ring(&mut self.link);
+        let mut out = Actions::default();
+        self.link
+            .zc_commit(self.id, self.at, self.len, self.eor, &mut out);
+        self.shared.act(&self.link, out);
     }
 }
 
@@ -244,17 +254,14 @@ impl Drop for ReadView<'_> {
         }
         let sh = self.shared;
         let mut link = sh.lock();
-        if let Err(e) = link.zc_release(self.id, self.gen) {
+        let mut out = Actions::default();
+        if let Err(e) = link.zc_release(self.id, self.gen, &mut out) {
             // The session or link is broken; the next call on the session reports it.
             let _ = e;
         }
+        sh.act(&link, out);
         // Keep the receive side moving: the keeper slept while the frame was parked.
-        match link.pump() {
-            Ok(true) => sh.notify(&mut link),
-            Ok(false) => {}
-            Err(f) => sh.fault(&mut link, f),
-        }
-        sh.ring(&mut link);
+        sh.pump_and_wake(&mut link, std::time::Instant::now());
         // The keeper slept unarmed while the frame was parked: it wakes by itself within
         // PARK_MAX / 2, and any caller about to sleep wakes it at once (wait_locked).
     }

@@ -1,18 +1,22 @@
 //! One link's state: the handshake, the two ring halves and every session on them.
+//! Receiving is in `rx.rs`, transmitting in `tx.rs`, zero-copy parking in `park.rs`.
 //!
 //! All of it sits behind one mutex in the runtime (`crate::runtime`); nothing here
-//! blocks, sleeps or imports the runtime or the API.
+//! blocks, sleeps, reads a clock or imports the runtime or the API. What must happen
+//! after a call (ring the peer, wake callers) goes into the [`Actions`] the call is
+//! given, for the runtime to do.
 //! Everything read from shared memory is read once, checked, and used from the local
 //! copy (PROTOCOL.md §6).
 
-mod fastpath;
 pub(crate) mod park;
+pub(crate) mod rx;
+pub(crate) mod tx;
 
 use crate::config::{Config, WaitMode};
 use crate::shm::layout::{side, Geometry, Role, PEER_ID_VALID};
 use crate::shm::region::SharedRegion;
 use crate::shm::sync::Ordering;
-use crate::wire::frame::{self, CreditArgs, Header, Kind, OpenArgs, FLAG_EOR};
+use crate::wire::frame::{Header, Kind, OpenArgs};
 use crate::wire::ring::{BadIndex, Consumer, Producer};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -200,6 +204,23 @@ impl std::fmt::Display for Fault {
     }
 }
 
+/// What the runtime must do after calls into the link, which does no I/O and wakes
+/// nobody itself. Every call that may need something done takes `out` and adds to it;
+/// the runtime acts on it once the call returns (ringing with the lock held, waking
+/// after it is released).
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub(crate) struct Actions {
+    /// Ring the peer's doorbell ([`Link::doorbell_target`]): it asked to be rung for
+    /// what we published or released, or the link state changed.
+    pub ring_peer: bool,
+    /// Wake the callers of these sessions' stripes: frames concerned them (all after a
+    /// reset of the link).
+    pub wake: Stripes,
+    /// A write found the ring full (or control frames queued ahead of it): its caller
+    /// waits for space with the other such writers, woken one at a time.
+    pub wait_space: bool,
+}
+
 pub(crate) struct Link {
     role: Role,
     region: SharedRegion,
@@ -249,14 +270,6 @@ pub(crate) struct Link {
     stats: Stats,
     /// Set once the endpoint is dropped.
     closed: bool,
-    /// Ring the peer once the lock is released.
-    ring_peer: bool,
-    /// Sessions (by id modulo 64) that frames concerned since the endpoint last woke
-    /// their callers; all bits after a reset.
-    touched: Stripes,
-    /// Set when a write found the ring full (or control frames queued ahead of it): the
-    /// caller then waits for space with the other such writers, woken one at a time.
-    waiting_space: bool,
     /// Sessions whose non-blocking writes found the ring full: their notify callbacks
     /// run when space comes back (no frame of theirs may arrive to say so).
     space_notify: Vec<u64>,
@@ -269,7 +282,15 @@ pub(crate) struct Link {
 const MAX_PENDING_CONTROL: usize = 1 << 16;
 
 impl Link {
-    pub fn new(role: Role, region: SharedRegion, geom: Geometry, cfg: Config) -> Link {
+    /// A link over `region`, not attached; `now` starts the heartbeat clocks (the link
+    /// reads no clock: time comes in with the calls that need it).
+    pub fn new(
+        role: Role,
+        region: SharedRegion,
+        geom: Geometry,
+        cfg: Config,
+        now: Instant,
+    ) -> Link {
         let own = role.own_block();
         let peer = role.peer_block();
         let tx = Producer::new(
@@ -286,7 +307,6 @@ impl Link {
             own,
             peer,
         );
-        let now = Instant::now();
         Link {
             role,
             region,
@@ -319,10 +339,7 @@ impl Link {
             pending: VecDeque::new(),
             stats: Stats::default(),
             closed: false,
-            ring_peer: false,
             parked: None,
-            touched: Stripes::default(),
-            waiting_space: false,
             space_notify: Vec::new(),
             up_notify: HashMap::new(),
             next_up_token: 0,
@@ -339,7 +356,7 @@ impl Link {
 
     /// Attaches (or re-attaches after a local reset): zeroes our indices, withdraws our
     /// acknowledgement, then publishes a new epoch (PROTOCOL.md §3).
-    pub fn attach(&mut self, own_id: Option<u16>) {
+    pub fn attach(&mut self, own_id: Option<u16>, out: &mut Actions) {
         self.own_id = own_id;
         self.attached = true;
         self.tx.reset();
@@ -348,7 +365,7 @@ impl Link {
         self.peer_acked = 0;
         self.epoch = next_epoch(self.epoch);
         self.restore_own_words();
-        self.ring_peer = true;
+        out.ring_peer = true;
     }
 
     /// Writes every word this side owns from its local copy (PROTOCOL.md §3): the header
@@ -382,14 +399,14 @@ impl Link {
     }
 
     /// Leaves the link for good: the peer resets its sessions at once.
-    pub fn detach(&mut self) {
-        self.reset_all("endpoint closed");
+    pub fn detach(&mut self, out: &mut Actions) {
+        self.reset_all("endpoint closed", out);
         self.store_own(side::ACK, 0, Ordering::Relaxed);
         self.store_own(side::PEER_ID, 0, Ordering::Relaxed);
         self.epoch = next_epoch(self.epoch);
         // SYNC POINT epoch (as in restore_own_words).
         self.store_own(side::EPOCH, self.epoch, Ordering::Release);
-        self.ring_peer = true;
+        out.ring_peer = true;
         self.closed = true;
         self.attached = false;
         self.notify_up_watchers();
@@ -403,7 +420,7 @@ impl Link {
     }
 
     /// Ends every session with ConnectionReset and forgets every buffered byte.
-    fn reset_all(&mut self, why: &str) {
+    fn reset_all(&mut self, why: &str, out: &mut Actions) {
         if !self.sessions.is_empty() || self.up {
             self.stats.link_resets += 1;
         }
@@ -436,16 +453,16 @@ impl Link {
         }
         self.pending.clear();
         self.parked = None;
-        self.touched = Stripes::ALL;
+        out.wake = Stripes::ALL;
         self.gen += 1;
         self.up = false;
     }
 
     /// A local reset: every session ends, and a new epoch makes the peer start over too.
-    pub fn local_reset(&mut self, why: &str) {
-        self.reset_all(why);
+    pub fn local_reset(&mut self, why: &str, out: &mut Actions) {
+        self.reset_all(why, out);
         let acked = self.peer_acked;
-        self.attach(self.own_id);
+        self.attach(self.own_id, out);
         // Keep acknowledging the peer's current epoch: a live peer only has to see our
         // new epoch and answer it; a dead one never will.
         self.peer_acked = acked;
@@ -456,7 +473,7 @@ impl Link {
 
     /// Follows the peer's epoch and acknowledgement; brings the link up or down.
     /// Returns whether anything changed.
-    pub fn check_peer(&mut self, now: Instant) -> bool {
+    pub fn check_peer(&mut self, now: Instant, out: &mut Actions) -> bool {
         let mut changed = std::mem::take(&mut self.followed_restart);
         if !self.laid_out {
             match Geometry::read_header(&self.region) {
@@ -485,7 +502,7 @@ impl Link {
                             self.stats.last_error = Some(e.to_string());
                         }
                         if self.up {
-                            self.reset_all("host re-laid the region out");
+                            self.reset_all("host re-laid the region out", out);
                         }
                         return true;
                     }
@@ -497,10 +514,10 @@ impl Link {
                 // a peer that closed its sessions and left published those frames first.
                 // A bad index here is the restarted peer's zeroed head: index_fault
                 // follows the epoch it reads then, and that one stands.
-                let _ = self.pump();
+                let _ = self.pump(now, out);
             }
             if self.peer_acked == acked {
-                self.follow_epoch(peer_epoch);
+                self.follow_epoch(peer_epoch, out);
             }
             changed = true;
         }
@@ -528,9 +545,9 @@ impl Link {
     /// the old epoch, brings both ring halves to empty and acknowledges it (PROTOCOL.md
     /// §3). Acts on the one value read by the caller: a peer that moves its epoch again
     /// is followed again, never half-followed.
-    fn follow_epoch(&mut self, peer_epoch: u64) {
+    fn follow_epoch(&mut self, peer_epoch: u64, out: &mut Actions) {
         if self.up || !self.sessions.is_empty() {
-            self.reset_all("peer restarted");
+            self.reset_all("peer restarted", out);
         }
         self.up = false;
         self.tx.reset();
@@ -544,7 +561,7 @@ impl Link {
         // the peer's Acquire load of our ACK: our indices are zero before it sees it.
         self.restore_own_words();
         self.read_peer_id();
-        self.ring_peer = true;
+        out.ring_peer = true;
     }
 
     fn read_peer_id(&mut self) {
@@ -602,13 +619,13 @@ impl Link {
     /// rather than leaving it to `check_peer`'s own read, means a peer that moves its
     /// epoch away and back cannot have a bad index taken for a restart and then the link
     /// brought back up on the old indices.
-    pub(crate) fn index_fault(&mut self, bad: BadIndex) -> Fault {
+    pub(crate) fn index_fault(&mut self, bad: BadIndex, out: &mut Actions) -> Fault {
         // SYNC POINT epoch: Acquire pairs with the peer's Release store in
         // restore_own_words.
         let peer_epoch = self.load_peer(side::EPOCH, Ordering::Acquire);
         if peer_epoch != self.peer_acked {
             // The restarted peer's zeroed index: not the peer's fault.
-            self.follow_epoch(peer_epoch);
+            self.follow_epoch(peer_epoch, out);
             self.followed_restart = true;
             return Fault::PeerRestarted;
         }
@@ -624,311 +641,13 @@ impl Link {
         Fault::Corrupt(what.to_string())
     }
 
-    /// Takes whether the peer should be rung (the caller rings it after the lock).
-    pub fn take_ring(&mut self) -> Option<u16> {
-        if std::mem::take(&mut self.ring_peer) {
-            self.peer_id.or_else(|| {
-                let w = self.load_peer(side::PEER_ID, Ordering::Relaxed);
-                (w & PEER_ID_VALID != 0 && w >> 33 == 0).then_some(w as u16)
-            })
-        } else {
-            None
-        }
-    }
-
-    /// Reads every published frame into the sessions. Returns whether anything arrived.
-    pub fn pump(&mut self) -> Result<bool, Fault> {
-        if !self.up {
-            return Ok(false);
-        }
-        if !self.rx.has_cached() {
-            match self.rx.available() {
-                Ok(0) => return Ok(false),
-                Ok(_) => {}
-                Err(bad) => return Err(self.index_fault(bad)),
-            }
-        }
-        let quarter = self.geom.capacity / 4;
-        // A peer that publishes as fast as we read must not keep us here (holding the
-        // link's lock) for ever: after a ring's worth, stop and let the caller come back.
-        let mut budget = self.geom.capacity;
-        let mut may_park = match self.parked_state() {
-            crate::link::park::ParkState::Lent => return Ok(false),
-            crate::link::park::ParkState::Waiting => return Ok(false),
-            crate::link::park::ParkState::Expired => false,
-            crate::link::park::ParkState::None => true,
-        };
-        loop {
-            let rec = match self.rx.next(self.max_payload) {
-                Ok(Some(rec)) => rec,
-                Ok(None) if budget == 0 => break,
-                Ok(None) => {
-                    // Caught up with what we saw; look once more before stopping.
-                    match self.rx.available() {
-                        Ok(0) => break,
-                        Ok(_) => continue,
-                        Err(bad) => return Err(self.index_fault(bad)),
-                    }
-                }
-                Err(e) => return Err(self.corrupt(e)),
-            };
-            if std::mem::replace(&mut may_park, true) && self.park(&rec) {
-                break;
-            }
-            self.dispatch(&rec.header, rec.payload_at)?;
-            self.rx.consume(&rec.header);
-            budget = budget.saturating_sub(frame::record_len(rec.header.len as usize) as u64);
-            if self.rx.unreleased() >= quarter && self.rx.release() {
-                self.ring_peer = true;
-            }
-        }
-        if self.rx.release() {
-            self.ring_peer = true;
-        }
-        self.flush()?;
-        Ok(true)
-    }
-
-    fn dispatch(&mut self, h: &Header, payload_at: usize) -> Result<(), Fault> {
-        self.touched.add(stripe_of(h.session));
-        self.dispatch_frame(h, payload_at)?;
-        if let Some(n) = self
-            .sessions
-            .get(&h.session)
-            .and_then(|s| s.notify.as_ref())
-        {
-            n();
-        }
-        Ok(())
-    }
-
-    fn dispatch_frame(&mut self, h: &Header, payload_at: usize) -> Result<(), Fault> {
-        let peer_bit = self.role.id_bit() ^ 1;
-        match h.kind {
-            Kind::Pad => unreachable!("consumed by Consumer::next"),
-            Kind::Data => {
-                let len = h.len as usize;
-                let Some(s) = self.sessions.get_mut(&h.session) else {
-                    self.stats.frames_dropped += 1;
-                    return Ok(());
-                };
-                if s.state != State::Open || s.rx_eof {
-                    self.stats.frames_dropped += 1;
-                    return Ok(());
-                }
-                let held = s.received - s.fwd_cnt;
-                if held + len as u64 > s.buf_alloc as u64 {
-                    let id = h.session;
-                    self.reset_session(id, "peer sent past its credit");
-                    return Ok(());
-                }
-                // Empty messages take no credit, so credit alone does not bound the
-                // queue of message lengths: allow as many as one-byte messages could
-                // fill (what an honest peer can already make us hold), no more.
-                let ends_message = s.message && h.flags & FLAG_EOR != 0 && !s.rd_shut;
-                if ends_message && s.msgs.len() >= (s.buf_alloc as usize).max(1) {
-                    let id = h.session;
-                    self.reset_session(id, "peer queued more messages than its credit");
-                    return Ok(());
-                }
-                s.received += len as u64;
-                if s.rd_shut {
-                    // Dropped unread, but credited so the peer is not stalled.
-                    s.fwd_cnt += len as u64;
-                    self.grant_credit(h.session)?;
-                } else {
-                    self.rx.append_payload(payload_at, len, &mut s.rx);
-                    if s.message {
-                        s.partial += len;
-                        if h.flags & FLAG_EOR != 0 {
-                            s.msgs.push_back(s.partial);
-                            s.partial = 0;
-                        }
-                    }
-                }
-            }
-            Kind::Open => {
-                let mut p = [0u8; 16];
-                self.rx.read_payload(payload_at, &mut p);
-                let args = OpenArgs::decode(&p);
-                let seq = h.session >> 1;
-                if args.is_none() || h.session & 1 != peer_bit || seq <= self.highest_peer_seq {
-                    self.stats.frames_dropped += 1;
-                    return Ok(());
-                }
-                let args = args.unwrap_or(OpenArgs {
-                    port: 0,
-                    message: false,
-                    buf_alloc: 0,
-                });
-                self.highest_peer_seq = seq;
-                let fits = self.sessions.len() < self.cfg.max_sessions;
-                let backlog = self.cfg.backlog;
-                match self.listeners.get_mut(&args.port) {
-                    Some(l) if fits && l.backlog.len() < backlog => {
-                        l.backlog.push_back(h.session);
-                        if let Some(n) = &l.notify {
-                            n();
-                        }
-                        let mut s = Sess::new(args.message, self.cfg.buf_size, State::Open);
-                        s.peer_buf_alloc = args.buf_alloc;
-                        self.sessions.insert(h.session, s);
-                        let accept = CreditArgs {
-                            fwd_cnt: 0,
-                            buf_alloc: self.cfg.buf_size,
-                        };
-                        self.send_ctrl(Kind::Accept, h.session, Some(accept.encode()))?;
-                    }
-                    _ => {
-                        self.stats.opens_refused += 1;
-                        self.send_ctrl(Kind::Refuse, h.session, None)?;
-                    }
-                }
-            }
-            Kind::Accept | Kind::Credit => {
-                let mut p = [0u8; 16];
-                self.rx.read_payload(payload_at, &mut p);
-                let Some(s) = self.sessions.get_mut(&h.session) else {
-                    self.stats.frames_dropped += 1;
-                    return Ok(());
-                };
-                let Some(c) = CreditArgs::decode(&p) else {
-                    self.reset_session(h.session, "peer sent a malformed credit");
-                    return Ok(());
-                };
-                match (h.kind, &s.state) {
-                    (Kind::Accept, State::Connecting) if c.fwd_cnt == 0 => {
-                        s.state = State::Open;
-                        s.peer_buf_alloc = c.buf_alloc;
-                    }
-                    (Kind::Credit, State::Open)
-                        if c.fwd_cnt >= s.peer_fwd_cnt && c.fwd_cnt <= s.tx_cnt =>
-                    {
-                        s.peer_fwd_cnt = c.fwd_cnt;
-                        s.peer_buf_alloc = c.buf_alloc;
-                    }
-                    (_, State::Reset(_)) => self.stats.frames_dropped += 1,
-                    _ => self.reset_session(h.session, "peer broke the credit protocol"),
-                }
-            }
-            Kind::Refuse => match self.sessions.get_mut(&h.session) {
-                Some(s) if s.state == State::Connecting => s.state = State::Refused,
-                _ => self.stats.frames_dropped += 1,
-            },
-            Kind::Shutdown | Kind::Close => match self.sessions.get_mut(&h.session) {
-                Some(s) if s.state == State::Open => {
-                    s.rx_eof = true;
-                    if h.kind == Kind::Close {
-                        s.peer_closed = true;
-                    }
-                }
-                _ => self.stats.frames_dropped += 1,
-            },
-            Kind::Reset => match self.sessions.get_mut(&h.session) {
-                Some(s) if matches!(s.state, State::Open | State::Connecting) => {
-                    s.state = State::Reset("peer reset the session".into());
-                    self.stats.session_resets += 1;
-                }
-                _ => self.stats.frames_dropped += 1,
-            },
-        }
-        Ok(())
-    }
-
-    /// Resets one session for a protocol violation; the link and other sessions go on.
-    pub fn reset_session(&mut self, id: u64, why: &str) {
-        if let Some(s) = self.sessions.get_mut(&id) {
-            s.state = State::Reset(why.to_string());
-            s.rx.clear();
-            s.rx_pos = 0;
-            s.msgs.clear();
-            self.stats.session_resets += 1;
-            // Best effort: a full ring queues it.
-            let _ = self.send_ctrl(Kind::Reset, id, None);
-        }
-    }
-
-    /// Sends a control frame now, or queues it behind those already waiting for space.
-    pub fn send_ctrl(
-        &mut self,
-        kind: Kind,
-        session: u64,
-        payload: Option<[u8; 16]>,
-    ) -> Result<(), Fault> {
-        let h = Header {
-            kind,
-            flags: 0,
-            len: if payload.is_some() { 16 } else { 0 },
-            session,
-        };
-        let p = payload.unwrap_or([0; 16]);
-        if self.pending.is_empty() {
-            match self.tx.push(&h, &p[..h.len as usize]) {
-                Ok(true) => {
-                    if self.tx.publish() {
-                        self.ring_peer = true;
-                    }
-                    return Ok(());
-                }
-                Ok(false) => {}
-                Err(bad) => return Err(self.index_fault(bad)),
-            }
-        }
-        if self.pending.len() >= MAX_PENDING_CONTROL {
-            // Only a peer that floods us without reading can get here: stop answering it.
-            self.stats.frames_dropped += 1;
-            return Ok(());
-        }
-        self.pending.push_back((h, p));
-        Ok(())
-    }
-
-    /// Sends queued control frames while the ring has room. `Ok(true)` when none is left.
-    pub fn flush(&mut self) -> Result<bool, Fault> {
-        let mut sent = false;
-        while let Some((h, p)) = self.pending.front() {
-            let (h, p) = (*h, *p);
-            match self.tx.push(&h, &p[..h.len as usize]) {
-                Ok(true) => {
-                    self.pending.pop_front();
-                    sent = true;
-                }
-                Ok(false) => break,
-                Err(bad) => return Err(self.index_fault(bad)),
-            }
-        }
-        if sent && self.tx.publish() {
-            self.ring_peer = true;
-        }
-        Ok(self.pending.is_empty())
-    }
-
-    pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
-    }
-
-    /// Posts the space the first queued control frame needs (see Producer::arm_space).
-    pub fn arm_pending_space(&mut self) -> Result<bool, Fault> {
-        let Some((h, _)) = self.pending.front() else {
-            return Ok(true);
-        };
-        let rec = frame::record_len(h.len as usize);
-        let post = !self.polls();
-        self.tx
-            .arm_space(rec, post)
-            .map_err(|bad| self.index_fault(bad))
-    }
-
-    /// Arms the need-wakeup flag (not when we poll: we promised never to) and re-checks
-    /// the peer's head: `Ok(true)` if data is already there.
-    pub fn arm_wakeup(&mut self) -> Result<bool, Fault> {
-        if !self.up {
-            return Ok(false);
-        }
-        let post = !self.polls();
-        self.rx
-            .arm_wakeup(post)
-            .map_err(|bad| self.index_fault(bad))
+    /// Whom to ring when [`Actions::ring_peer`] says so: the peer's ivshmem id, as last
+    /// read (or read now, before the link is up).
+    pub fn doorbell_target(&self) -> Option<u16> {
+        self.peer_id.or_else(|| {
+            let w = self.load_peer(side::PEER_ID, Ordering::Relaxed);
+            (w & PEER_ID_VALID != 0 && w >> 33 == 0).then_some(w as u16)
+        })
     }
 
     /// Whether this side polls (`WaitMode::Poll`), as it tells the peer in `side::POLLS`.
@@ -936,13 +655,9 @@ impl Link {
         self.cfg.wait == WaitMode::Poll
     }
 
-    pub fn disarm_wakeup(&mut self) {
-        self.rx.disarm_wakeup();
-    }
-
     // ---- session operations (the caller has checked the generation) ----
 
-    pub fn open(&mut self, port: u32, message: bool) -> Result<u64, io::Error> {
+    pub fn open(&mut self, port: u32, message: bool, out: &mut Actions) -> Result<u64, io::Error> {
         if self.sessions.len() >= self.cfg.max_sessions {
             return Err(io::Error::other(format!(
                 "ivring: {} sessions already open on this link (Config::max_sessions)",
@@ -958,117 +673,13 @@ impl Link {
             message,
             buf_alloc: self.cfg.buf_size,
         };
-        self.send_ctrl(Kind::Open, id, Some(args.encode()))
+        self.send_ctrl(Kind::Open, id, Some(args.encode()), out)
             .map_err(|f| self.fault_to_io(f))?;
         Ok(id)
     }
 
     pub fn fault_to_io(&mut self, f: Fault) -> io::Error {
         io::Error::new(io::ErrorKind::ConnectionReset, format!("ivring: {f}"))
-    }
-
-    /// Reads from a session: `Ok(Some(n))` when the read completes, `Ok(None)` to wait.
-    pub fn read(&mut self, id: u64, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        let s = self.session(id)?;
-        if s.rd_shut {
-            return Ok(Some(0));
-        }
-        if !s.readable() {
-            self.grow_window(id).map_err(|f| self.fault_to_io(f))?;
-            return Ok(None);
-        }
-        let (n, consumed) = s.take(buf);
-        s.fwd_cnt += consumed as u64;
-        self.grant_credit(id).map_err(|f| self.fault_to_io(f))?;
-        Ok(Some(n))
-    }
-
-    /// Called when session `id`'s reader runs dry. Doubles its receive buffer (up to
-    /// `max_buf_size`, within the link's growth budget) when the reader consumed nearly a
-    /// whole buffer since it last ran dry (the peer, not the reader, was held back), and
-    /// tells the peer at once (PROTOCOL.md §7).
-    pub(crate) fn grow_window(&mut self, id: u64) -> Result<(), Fault> {
-        let base = self.cfg.buf_size;
-        let max = self.cfg.max_buf_size.max(base);
-        let Some(s) = self.sessions.get(&id) else {
-            return Ok(());
-        };
-        // Message sessions keep theirs: it is also the largest message the peer may send.
-        if s.message || s.buf_alloc >= max || s.state != State::Open || s.rx_eof {
-            return Ok(());
-        }
-        // A reader that never sleeps (it spins, or the peer is always ahead) gains nothing
-        // from a larger buffer, and a buffer larger than the caches loses.
-        let consumed = s.fwd_cnt - s.fwd_at_dry;
-        let granted = s.buf_alloc as u64;
-        if !s.slept || consumed + granted / 8 < granted {
-            if let Some(s) = self.sessions.get_mut(&id) {
-                if s.fwd_cnt != s.fwd_at_dry {
-                    s.fwd_at_dry = s.fwd_cnt;
-                    s.slept = false;
-                }
-            }
-            return Ok(());
-        }
-        // At most once per buffer read by a reader that sleeps: summed, not kept.
-        let budget = 4 * max as u64;
-        let grown: u64 = self
-            .sessions
-            .values()
-            .map(|s| s.buf_alloc.saturating_sub(base) as u64)
-            .sum();
-        let Some(s) = self.sessions.get_mut(&id) else {
-            return Ok(());
-        };
-        s.fwd_at_dry = s.fwd_cnt;
-        s.slept = false;
-        let room = budget.saturating_sub(grown).min(u32::MAX as u64) as u32;
-        let want = s.buf_alloc.saturating_mul(2).min(max);
-        let new = want.min(s.buf_alloc.saturating_add(room));
-        if new <= s.buf_alloc {
-            return Ok(());
-        }
-        s.buf_alloc = new;
-        s.fwd_sent = s.fwd_cnt;
-        let c = CreditArgs {
-            fwd_cnt: s.fwd_cnt,
-            buf_alloc: new,
-        };
-        self.send_ctrl(Kind::Credit, id, Some(c.encode()))
-    }
-
-    /// Sends the peer a Credit for session `id` when one is due (PROTOCOL.md §7).
-    pub(crate) fn grant_credit(&mut self, id: u64) -> Result<(), Fault> {
-        let Some(s) = self.sessions.get_mut(&id) else {
-            return Ok(());
-        };
-        // Grant more credit once a quarter of the buffer has been consumed. That is enough
-        // to never stall the peer: if it is out of credit, everything it sent since our
-        // last grant (a whole buffer) is consumed by the time our buffer is empty.
-        let mut due = s.fwd_cnt - s.fwd_sent >= (s.buf_alloc / 4).max(1) as u64;
-        // A message writer waits for credit for its whole message (up to our whole
-        // buffer), so once we hold nothing, report everything consumed: otherwise up to a
-        // quarter of the buffer stays uncredited and a large message never goes.
-        due |= s.message && s.buffered() == 0 && s.fwd_cnt != s.fwd_sent;
-        if !due || s.state != State::Open || s.rx_eof {
-            return Ok(());
-        }
-        s.fwd_sent = s.fwd_cnt;
-        let c = CreditArgs {
-            fwd_cnt: s.fwd_cnt,
-            buf_alloc: s.buf_alloc,
-        };
-        self.send_ctrl(Kind::Credit, id, Some(c.encode()))
-    }
-
-    /// Reads from a session in [`Link::ended`]: its remaining data, then `Some(0)`.
-    /// `None` when there is no such session (it was reset).
-    pub fn read_ended(&mut self, gen: u64, id: u64, buf: &mut [u8]) -> Option<usize> {
-        let s = self.ended.get_mut(&(gen, id))?;
-        if s.rd_shut {
-            return Some(0);
-        }
-        Some(s.take(buf).0)
     }
 
     /// The state check shared by every session operation.
@@ -1088,123 +699,6 @@ fn session_in(sessions: &mut HashMap<u64, Sess, SessionIds>, id: u64) -> io::Res
             format!("ivring: {why}"),
         )),
         _ => Ok(s),
-    }
-}
-
-impl Link {
-    /// Writes up to one frame of stream data (or one fragment of a message whose credit
-    /// has been checked). `Ok(None)`: no credit or no ring space; wait.
-    pub fn write_frame(
-        &mut self,
-        id: u64,
-        data: &[u8],
-        eor: bool,
-        check_credit: bool,
-    ) -> io::Result<Option<usize>> {
-        let max = self.max_payload;
-        let pending = self.has_pending();
-        let s = session_in(&mut self.sessions, id)?;
-        if s.peer_closed || s.wr_shut {
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "ivring: session closed for writing",
-            ));
-        }
-        let mut n = data.len().min(max);
-        if check_credit {
-            n = n.min(s.credit() as usize);
-            if n == 0 && !data.is_empty() {
-                return Ok(None);
-            }
-        }
-        if pending {
-            return Ok(None);
-        }
-        let h = Header {
-            kind: Kind::Data,
-            flags: if eor && n == data.len() { FLAG_EOR } else { 0 },
-            len: n as u32,
-            session: id,
-        };
-        match self.tx.push(&h, &data[..n]) {
-            Ok(true) => {}
-            Ok(false) => return Ok(None),
-            Err(bad) => {
-                let f = self.index_fault(bad);
-                return Err(self.fault_to_io(f));
-            }
-        }
-        s.tx_cnt += n as u64;
-        Ok(Some(n))
-    }
-
-    /// Stores the head after writes; the peer is rung after the lock if it asked.
-    pub fn publish(&mut self) {
-        if self.tx.unpublished() && self.tx.publish() {
-            self.ring_peer = true;
-        }
-    }
-
-    /// Posts the ring space a frame of `len` payload bytes needs; `Ok(true)` if it is there.
-    pub fn arm_space(&mut self, len: usize) -> Result<bool, Fault> {
-        let rec = frame::record_len(len.min(self.max_payload));
-        let post = !self.polls();
-        let r = self
-            .tx
-            .arm_space(rec, post)
-            .map_err(|bad| self.index_fault(bad));
-        self.waiting_space |= matches!(r, Ok(false));
-        r
-    }
-
-    /// A caller of session `id` is about to sleep, or has slept, waiting for it.
-    pub(crate) fn slept(&mut self, id: u64) {
-        if let Some(s) = self.sessions.get_mut(&id) {
-            s.slept = true;
-        }
-    }
-
-    /// Remembers to call session `id`'s notify callback when ring space comes back (its
-    /// non-blocking write found the ring full).
-    pub(crate) fn notify_on_space(&mut self, id: u64) {
-        if let Some(s) = self.sessions.get_mut(&id) {
-            if s.notify.is_some() && !std::mem::replace(&mut s.space_notify, true) {
-                self.space_notify.push(id);
-            }
-        }
-    }
-
-    /// Ring space came back: runs the callbacks [`Link::notify_on_space`] asked for.
-    pub(crate) fn space_came_back(&mut self) {
-        for id in std::mem::take(&mut self.space_notify) {
-            if let Some(s) = self.sessions.get_mut(&id) {
-                s.space_notify = false;
-                if let Some(n) = &s.notify {
-                    n();
-                }
-            }
-        }
-    }
-
-    /// Ends a session from our side: Close to the peer unless it is already gone.
-    pub fn close(&mut self, id: u64) {
-        if let Some(s) = self.sessions.remove(&id) {
-            if matches!(s.state, State::Open | State::Connecting) && !s.peer_closed && self.up {
-                let _ = self.send_ctrl(Kind::Close, id, None);
-                self.publish();
-            }
-        }
-    }
-
-    pub fn shutdown_write(&mut self, id: u64) -> io::Result<()> {
-        let s = self.session(id)?;
-        if s.wr_shut || s.peer_closed {
-            return Ok(());
-        }
-        s.wr_shut = true;
-        self.send_ctrl(Kind::Shutdown, id, None)
-            .map_err(|f| self.fault_to_io(f))?;
-        Ok(())
     }
 }
 
@@ -1235,23 +729,6 @@ impl Link {
                 "held bytes over credit"
             );
         }
-    }
-}
-
-impl Link {
-    /// Reads and credits buffered data without waiting (used by shutdown(Read)).
-    pub fn read_discard(&mut self, id: u64, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        let s = self.session(id)?;
-        if s.buffered() == 0 && s.msgs.is_empty() {
-            return Ok(None);
-        }
-        let was = s.rd_shut;
-        s.rd_shut = false;
-        let r = self.read(id, buf);
-        if let Ok(s) = self.session(id) {
-            s.rd_shut = was;
-        }
-        r
     }
 }
 
@@ -1334,7 +811,7 @@ pub(crate) fn stripe_of(id: u64) -> usize {
 }
 
 /// A set of wait stripes.
-#[derive(Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
 pub(crate) struct Stripes([u64; STRIPES / 64]);
 
 impl Stripes {
@@ -1363,10 +840,7 @@ impl Stripes {
 }
 
 /// What the runtime and the API see of a link: its state, read-only, and the small
-/// operations they ask of it. What the runtime must do after a call (ring the peer, wake
-/// the callers of the sessions the frames concerned, wait for ring space) is drained
-/// with `take_ring`, `take_touched` and `take_waiting_space`, as a sans-IO connection's
-/// transmits and events are polled.
+/// operations they ask of it.
 impl Link {
     /// The generation: bumped at every reset of all sessions.
     pub(crate) fn gen(&self) -> u64 {
@@ -1417,18 +891,6 @@ impl Link {
         &self.region
     }
 
-    /// The stripes of the sessions that frames concerned since the last call (all after
-    /// a reset, or when no frame named a session).
-    pub(crate) fn take_touched(&mut self) -> Stripes {
-        std::mem::take(&mut self.touched)
-    }
-
-    /// Whether a write since the last call found the ring full (or control frames queued
-    /// ahead of it) and must wait for space.
-    pub(crate) fn take_waiting_space(&mut self) -> bool {
-        std::mem::take(&mut self.waiting_space)
-    }
-
     /// Some listener has a session waiting to be accepted.
     pub(crate) fn backlog_waiting(&self) -> bool {
         self.listeners.values().any(|l| !l.backlog.is_empty())
@@ -1444,10 +906,10 @@ impl Link {
     }
 
     /// Stops listening on `port`, closing the sessions not yet accepted.
-    pub(crate) fn unlisten(&mut self, port: u32) {
+    pub(crate) fn unlisten(&mut self, port: u32, out: &mut Actions) {
         if let Some(l) = self.listeners.remove(&port) {
             for id in l.backlog {
-                self.close(id);
+                self.close(id, out);
             }
         }
     }
@@ -1494,188 +956,4 @@ pub(crate) fn reset_error(l: &Link) -> io::Error {
         .clone()
         .unwrap_or_else(|| "link reset".into());
     io::Error::new(io::ErrorKind::ConnectionReset, format!("ivring: {why}"))
-}
-
-pub(crate) enum WriteStep {
-    Wrote(usize),
-    Wait,
-}
-
-/// One attempt at writing a frame; on a full ring, posts the space needed first.
-pub(crate) fn step(
-    l: &mut Link,
-    id: u64,
-    data: &[u8],
-    eor: bool,
-    credit: bool,
-) -> io::Result<WriteStep> {
-    loop {
-        match l.write_frame(id, data, eor, credit)? {
-            Some(n) => return Ok(WriteStep::Wrote(n)),
-            None => {
-                let s = l.session(id)?;
-                let no_credit = credit && s.credit() == 0;
-                if no_credit || l.has_pending() {
-                    if l.has_pending() {
-                        match l.flush() {
-                            Ok(true) => continue,
-                            Ok(false) => l.waiting_space = !no_credit,
-                            Err(f) => return Err(l.fault_to_io(f)),
-                        }
-                    }
-                    return Ok(WriteStep::Wait);
-                }
-                match l.arm_space(data.len()) {
-                    Ok(true) => continue,
-                    Ok(false) => return Ok(WriteStep::Wait),
-                    Err(f) => return Err(l.fault_to_io(f)),
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod window_tests {
-    use crate::{doorbell::local, Config, Endpoint, Session, SharedRegion, WaitMode};
-    use std::io::{Read, Write};
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    fn pair(cfg: Config) -> (Endpoint, Endpoint) {
-        let region = SharedRegion::heap(4 << 20);
-        let (a, b) = local::pair();
-        let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
-        let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
-        assert!(host.wait_up(Duration::from_secs(60)));
-        (host, guest)
-    }
-
-    /// (our buffer for the session, the peer's view of it).
-    fn windows(rx_ep: &Endpoint, rx: &Session, tx_ep: &Endpoint, tx: &Session) -> (u32, u32) {
-        let ours = rx_ep.shared().lock().sessions[&rx.id()].buf_alloc;
-        let theirs = tx_ep.shared().lock().sessions[&tx.id()].peer_buf_alloc;
-        (ours, theirs)
-    }
-
-    /// Streams `total` bytes host -> guest, read as fast as they come.
-    fn stream(host: &Endpoint, guest: &Endpoint, port: u32, total: usize) -> (u32, u32) {
-        let l = guest.listen(port).unwrap();
-        let mut tx = host.connect(port).unwrap();
-        let mut rx = l.accept().unwrap();
-        let writer = std::thread::spawn(move || {
-            let chunk = vec![3u8; 64 << 10];
-            let mut left = total;
-            while left > 0 {
-                let n = left.min(chunk.len());
-                tx.write_all(&chunk[..n]).unwrap();
-                left -= n;
-            }
-            tx
-        });
-        let mut buf = vec![0u8; 64 << 10];
-        let mut got = 0;
-        while got < total {
-            let n = rx.read(&mut buf).unwrap();
-            assert!(n > 0 && buf[..n].iter().all(|&b| b == 3));
-            got += n;
-        }
-        let tx = writer.join().unwrap();
-        // Credit frames are in flight until the writer's side reads them.
-        std::thread::sleep(Duration::from_millis(50));
-        let _ = tx.shutdown(std::net::Shutdown::Both);
-        let w = windows(guest, &rx, host, &tx);
-        drop((tx, rx));
-        w
-    }
-
-    #[test]
-    fn buffer_grows_for_a_reader_that_keeps_up_and_the_peer_learns_it() {
-        let cfg = Config {
-            wait: WaitMode::Block,
-            ..Config::default()
-        };
-        let (host, guest) = pair(cfg.clone());
-        let (ours, theirs) = stream(&host, &guest, 1, 64 << 20);
-        assert!(ours > cfg.buf_size, "buffer never grew: {ours}");
-        assert!(ours <= cfg.max_buf_size, "grew past the limit: {ours}");
-        assert_eq!(theirs, ours, "the peer was not told");
-    }
-
-    #[test]
-    fn buffer_stays_for_a_reader_that_falls_behind() {
-        let cfg = Config {
-            wait: WaitMode::Block,
-            buf_size: 64 << 10,
-            ..Config::default()
-        };
-        let (host, guest) = pair(cfg.clone());
-        let l = guest.listen(2).unwrap();
-        let mut tx = host.connect(2).unwrap();
-        let mut rx = l.accept().unwrap();
-        let writer = std::thread::spawn(move || {
-            let chunk = vec![5u8; 16 << 10];
-            for _ in 0..64 {
-                tx.write_all(&chunk).unwrap();
-            }
-        });
-        let mut buf = vec![0u8; 4096];
-        // The writer is always ahead: the buffer is never empty when the reader comes.
-        std::thread::sleep(Duration::from_millis(50));
-        for _ in 0..64 {
-            rx.read_exact(&mut buf).unwrap();
-            std::thread::sleep(Duration::from_micros(300));
-        }
-        let ours = guest.shared().lock().sessions[&rx.id()].buf_alloc;
-        assert_eq!(ours, cfg.buf_size, "a slow reader's buffer grew");
-        let mut rest = Vec::new();
-        rx.read_to_end(&mut rest).unwrap();
-        writer.join().unwrap();
-        assert_eq!(rest.len() + 64 * 4096, 64 * (16 << 10));
-    }
-
-    #[test]
-    fn growth_of_all_sessions_stays_within_the_link_budget() {
-        let cfg = Config {
-            wait: WaitMode::Block,
-            buf_size: 8 << 10,
-            max_buf_size: 64 << 10,
-            ..Config::default()
-        };
-        let (host, guest) = pair(cfg.clone());
-        let l = guest.listen(3).unwrap();
-        let mut kept = Vec::new();
-        for _ in 0..12 {
-            let mut tx = host.connect(3).unwrap();
-            let mut rx = l.accept().unwrap();
-            let writer = std::thread::spawn(move || {
-                let chunk = vec![9u8; 8 << 10];
-                for _ in 0..256 {
-                    tx.write_all(&chunk).unwrap();
-                }
-                tx
-            });
-            let mut buf = vec![0u8; 64 << 10];
-            let mut got = 0;
-            while got < 256 * (8 << 10) {
-                got += rx.read(&mut buf).unwrap();
-            }
-            kept.push((writer.join().unwrap(), rx));
-        }
-        let link = guest.shared().lock();
-        let grown: u64 = link
-            .sessions
-            .values()
-            .map(|s| (s.buf_alloc - cfg.buf_size) as u64)
-            .sum();
-        assert!(grown > 0, "no session grew");
-        assert!(
-            grown <= 4 * cfg.max_buf_size as u64,
-            "sessions grew by {grown} in all"
-        );
-        assert!(link
-            .sessions
-            .values()
-            .all(|s| s.buf_alloc <= cfg.max_buf_size));
-    }
 }

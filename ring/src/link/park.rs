@@ -3,7 +3,7 @@
 //! or is copied out as usual after [`PARK_MAX`]. Also the slot reservation of in-place
 //! writes. The API over it is `crate::api::zerocopy`.
 
-use crate::link::{Link, State};
+use crate::link::{Actions, Link, State};
 use crate::wire::frame::{self, Header, Kind, FLAG_EOR, HEADER_LEN};
 use crate::wire::ring::Record;
 use std::io;
@@ -42,7 +42,7 @@ pub(crate) enum Taken {
 }
 
 impl Link {
-    pub(crate) fn parked_state(&mut self) -> ParkState {
+    pub(crate) fn parked_state(&mut self, now: Instant) -> ParkState {
         let Some(p) = &self.parked else {
             return ParkState::None;
         };
@@ -53,7 +53,7 @@ impl Link {
             .sessions
             .get(&p.id)
             .is_some_and(|s| s.in_place && s.state == State::Open);
-        if p.gen == self.gen && wanted && p.since.elapsed() < PARK_MAX {
+        if p.gen == self.gen && wanted && now.saturating_duration_since(p.since) < PARK_MAX {
             ParkState::Waiting
         } else {
             self.parked = None;
@@ -63,7 +63,7 @@ impl Link {
 
     /// Leaves `rec` in the ring for an in-place reader if its session has one and nothing
     /// of the session is buffered before it. Returns whether it was parked.
-    pub(crate) fn park(&mut self, rec: &Record) -> bool {
+    pub(crate) fn park(&mut self, rec: &Record, now: Instant, out: &mut Actions) -> bool {
         let h = &rec.header;
         if h.kind != Kind::Data || h.len == 0 {
             return false;
@@ -82,12 +82,12 @@ impl Link {
             && h.len <= s.buf_alloc
             && (!s.message || h.flags & FLAG_EOR != 0);
         if ok {
-            self.touched.add(crate::link::stripe_of(h.session));
+            out.wake.add(crate::link::stripe_of(h.session));
             self.parked = Some(Parked {
                 id: h.session,
                 header: *h,
                 at: rec.payload_at,
-                since: Instant::now(),
+                since: now,
                 gen: self.gen,
                 lent: false,
             });
@@ -95,7 +95,7 @@ impl Link {
         ok
     }
 
-    pub(crate) fn zc_take(&mut self, id: u64) -> io::Result<Option<Taken>> {
+    pub(crate) fn zc_take(&mut self, id: u64, out: &mut Actions) -> io::Result<Option<Taken>> {
         let s = self.session(id)?;
         s.in_place = true;
         if s.rd_shut {
@@ -107,7 +107,7 @@ impl Link {
                 _ => s.buffered(),
             };
             let mut v = vec![0u8; n];
-            let got = self.read(id, &mut v)?.unwrap_or(0);
+            let got = self.read(id, &mut v, out)?.unwrap_or(0);
             v.truncate(got);
             return Ok(Some(Taken::Owned(v)));
         }
@@ -131,13 +131,13 @@ impl Link {
         if s.rx_eof {
             return Ok(Some(Taken::Eof));
         }
-        self.grow_window(id).map_err(|f| self.fault_to_io(f))?;
+        self.grow_window(id, out).map_err(|f| self.fault_to_io(f))?;
         Ok(None)
     }
 
     /// Consumes the frame lent to a view of session `id`, credits it, hands the ring space
     /// back. A link reset since the view was made leaves nothing to release.
-    pub(crate) fn zc_release(&mut self, id: u64, gen: u64) -> io::Result<()> {
+    pub(crate) fn zc_release(&mut self, id: u64, gen: u64, out: &mut Actions) -> io::Result<()> {
         if gen != self.gen {
             return Ok(());
         }
@@ -149,7 +149,7 @@ impl Link {
         };
         self.rx.consume(&p.header);
         if self.rx.release() {
-            self.ring_peer = true;
+            out.ring_peer = true;
         }
         let len = p.header.len as u64;
         let Some(s) = self.sessions.get_mut(&id) else {
@@ -165,7 +165,7 @@ impl Link {
                 fwd_cnt: s.fwd_cnt,
                 buf_alloc: s.buf_alloc,
             };
-            self.send_ctrl(Kind::Credit, id, Some(c.encode()))
+            self.send_ctrl(Kind::Credit, id, Some(c.encode()), out)
                 .map_err(|f| self.fault_to_io(f))?;
         }
         Ok(())
@@ -173,7 +173,12 @@ impl Link {
 
     /// Finds ring space for one Data frame of `len` bytes within the session's credit:
     /// the region offset of its payload, or `None` to wait.
-    pub(crate) fn zc_reserve(&mut self, id: u64, len: usize) -> io::Result<Option<usize>> {
+    pub(crate) fn zc_reserve(
+        &mut self,
+        id: u64,
+        len: usize,
+        out: &mut Actions,
+    ) -> io::Result<Option<usize>> {
         let max = self.max_payload;
         let s = self.session(id)?;
         if s.peer_closed || s.wr_shut {
@@ -194,21 +199,21 @@ impl Link {
         if s.credit() < len as u64 {
             return Ok(None);
         }
-        if self.has_pending() && !self.flush().map_err(|f| self.fault_to_io(f))? {
-            self.waiting_space = true;
+        if self.has_pending() && !self.flush(out).map_err(|f| self.fault_to_io(f))? {
+            out.wait_space = true;
             return Ok(None);
         }
         let rec = frame::record_len(len);
         loop {
             match self.tx.reserve(rec) {
                 Ok(Some(at)) => return Ok(Some(at + HEADER_LEN)),
-                Ok(None) => match self.arm_space(len) {
+                Ok(None) => match self.arm_space(len, out) {
                     Ok(true) => continue,
                     Ok(false) => return Ok(None),
                     Err(f) => return Err(self.fault_to_io(f)),
                 },
                 Err(bad) => {
-                    let f = self.index_fault(bad);
+                    let f = self.index_fault(bad, out);
                     return Err(self.fault_to_io(f));
                 }
             }
@@ -216,7 +221,14 @@ impl Link {
     }
 
     /// Publishes a slot reserved by `zc_reserve` at `at`, filled with `len` bytes.
-    pub(crate) fn zc_commit(&mut self, id: u64, at: usize, len: usize, eor: bool) {
+    pub(crate) fn zc_commit(
+        &mut self,
+        id: u64,
+        at: usize,
+        len: usize,
+        eor: bool,
+        out: &mut Actions,
+    ) {
         let h = Header {
             kind: Kind::Data,
             flags: if eor { FLAG_EOR } else { 0 },
@@ -228,6 +240,6 @@ impl Link {
         if let Some(s) = self.sessions.get_mut(&id) {
             s.tx_cnt += len as u64;
         }
-        self.publish();
+        self.publish(out);
     }
 }

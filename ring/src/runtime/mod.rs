@@ -16,7 +16,7 @@ mod bell;
 
 use self::bell::{Bell, CallerWait, Holder};
 use crate::config::{Config, WaitMode};
-use crate::link::{Fault, Link, Stripes};
+use crate::link::{Actions, Fault, Link, Stripes};
 use crate::shm::doorbell::Doorbell;
 use crate::shm::layout::{Geometry, LayoutError, Role};
 use crate::shm::region::SharedRegion;
@@ -134,20 +134,37 @@ impl Shared {
         self.link.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Rings the peer if the link asked for it. Called with the lock held: ringing is one
-    /// eventfd write or one MMIO store, and it keeps the order of ring and state simple.
-    pub(crate) fn ring(&self, link: &mut Link) {
-        if let Some(peer) = link.take_ring() {
-            self.doorbell.ring(peer);
+    /// Rings the peer if the link's calls asked for it. Called with the lock held:
+    /// ringing is one eventfd write or one MMIO store, and it keeps the order of ring and
+    /// state simple.
+    pub(crate) fn ring(&self, link: &Link, out: &mut Actions) {
+        if std::mem::take(&mut out.ring_peer) {
+            if let Some(peer) = link.doorbell_target() {
+                self.doorbell.ring(peer);
+            }
+        }
+    }
+
+    /// Does what the link's calls asked for: rings the peer (with the lock held) and
+    /// wakes the callers of the sessions they concerned.
+    pub(crate) fn act(&self, link: &Link, mut out: Actions) {
+        self.ring(link, &mut out);
+        if !out.wake.is_empty() {
+            self.notify_unlocked(Wake {
+                stripes: out.wake,
+                ..Wake::default()
+            });
         }
     }
 
     /// A link fault: every session is reset; a new epoch starts unless the peer's
-    /// restart already started one.
+    /// restart already started one. Rings the peer and wakes every sleeper.
     pub(crate) fn fault(&self, link: &mut Link, f: Fault) {
+        let mut out = Actions::default();
         if f.needs_local_reset() {
-            link.local_reset(&f.to_string());
+            link.local_reset(&f.to_string(), &mut out);
         }
+        self.ring(link, &mut out);
         self.notify_all();
     }
 
@@ -161,16 +178,11 @@ impl Shared {
         }
     }
 
-    /// Wakes the sleepers that progress may concern. Called with the lock held.
-    pub(crate) fn notify(&self, link: &mut Link) {
-        let w = self.to_notify(link);
-        self.notify_unlocked(w);
-    }
-
     /// Which sleepers progress concerns (decided under the lock): the link waiters, the
-    /// accept waiters, and the session stripes the frames since the last call touched.
-    fn to_notify(&self, link: &mut Link) -> Wake {
-        let touched = link.take_touched();
+    /// accept waiters, and the session stripes the frames of the calls behind `out`
+    /// concerned.
+    fn to_notify(&self, link: &Link, out: &mut Actions) -> Wake {
+        let touched = std::mem::take(&mut out.wake);
         Wake {
             link: self.sleepers.load(StdOrdering::Relaxed) > 0,
             accept: self.accept_sleepers.load(StdOrdering::Relaxed) > 0
@@ -258,16 +270,17 @@ impl Shared {
         }
         // Whatever is in the ring goes to its sessions first (ours included); then arm
         // and re-check (the lost-wakeup rule) as the keeper does.
-        if self.pump_and_wake(&mut link) {
+        if self.pump_and_wake(&mut link, Instant::now()) {
             return (link, Led::Progress);
         }
+        let mut out = Actions::default();
         // Control frames queued for ring space go out first: arming below only reports
         // that space is there, and nobody else may be awake to send them.
         if link.has_pending() {
-            match link.flush() {
+            match link.flush(&mut out) {
                 Ok(true) => {
                     link.space_came_back();
-                    self.ring(&mut link);
+                    self.ring(&link, &mut out);
                     self.notify_unlocked(Wake {
                         space: true,
                         ..Wake::default()
@@ -281,13 +294,16 @@ impl Shared {
                 }
             }
         }
-        let armed = match link.arm_wakeup() {
-            Ok(false) if link.has_pending() => link.arm_pending_space(),
+        let armed = match link.arm_wakeup(&mut out) {
+            Ok(false) if link.has_pending() => link.arm_pending_space(&mut out),
             r => r,
         };
         match armed {
             Ok(false) => {}
-            Ok(true) => return (link, Led::Progress),
+            Ok(true) => {
+                self.act(&link, out);
+                return (link, Led::Progress);
+            }
             Err(f) => {
                 self.fault(&mut link, f);
                 return (link, Led::Progress);
@@ -298,7 +314,7 @@ impl Shared {
             *leading = self.bell.caller_take();
             debug_assert!(*leading);
         }
-        self.ring(&mut link);
+        self.ring(&link, &mut out);
         drop(link);
         if flooded {
             std::thread::sleep(Duration::from_millis(1));
@@ -312,11 +328,13 @@ impl Shared {
         // data, we wait again without a hand-off.
         link.disarm_wakeup();
         // What the keeper would do on this wakeup, since it sits out.
-        if self.follow_peer(&mut link, Instant::now()) {
+        let mut out = Actions::default();
+        if self.follow_peer(&mut link, Instant::now(), &mut out) {
+            self.ring(&link, &mut out);
             self.notify_all();
         }
-        if self.send_queued(&mut link) {
-            self.ring(&mut link);
+        if self.send_queued(&mut link, &mut out) {
+            self.ring(&link, &mut out);
             self.notify_unlocked(Wake {
                 space: true,
                 ..Wake::default()
@@ -328,8 +346,8 @@ impl Shared {
     /// Follows the peer on a wakeup: its epoch (a restart), its heartbeat, and what the
     /// transport says of it (the ivshmem server's news that it left). Whether the link
     /// changed (a fault, reported and acted on here, counts).
-    fn follow_peer(&self, link: &mut Link, now: Instant) -> bool {
-        let mut changed = link.check_peer(now);
+    fn follow_peer(&self, link: &mut Link, now: Instant, out: &mut Actions) -> bool {
+        let mut changed = link.check_peer(now, out);
         let present = link.peer_id().and_then(|id| self.doorbell.peer_present(id));
         if let Err(f) = link.beat(now, present) {
             self.fault(link, f);
@@ -340,10 +358,10 @@ impl Shared {
 
     /// Sends control frames queued for ring space; whether space came back for the
     /// writers waiting for it (which concerns only them, not every stripe).
-    fn send_queued(&self, link: &mut Link) -> bool {
+    fn send_queued(&self, link: &mut Link, out: &mut Actions) -> bool {
         let had_pending = link.has_pending();
         if had_pending {
-            if let Err(f) = link.flush() {
+            if let Err(f) = link.flush(out) {
                 self.fault(link, f);
             }
         }
@@ -356,14 +374,19 @@ impl Shared {
 
     /// Reads what the peer sent into the sessions and wakes whom it concerns. Whether the
     /// caller should try again: something arrived, or a fault changed the link.
-    pub(crate) fn pump_and_wake(&self, link: &mut Link) -> bool {
-        match link.pump() {
+    pub(crate) fn pump_and_wake(&self, link: &mut Link, now: Instant) -> bool {
+        let mut out = Actions::default();
+        match link.pump(now, &mut out) {
             Ok(true) => {
-                self.ring(link);
-                self.notify(link);
+                self.ring(link, &mut out);
+                let w = self.to_notify(link, &mut out);
+                self.notify_unlocked(w);
                 true
             }
-            Ok(false) => false,
+            Ok(false) => {
+                self.act(link, out);
+                false
+            }
             Err(f) => {
                 self.fault(link, f);
                 true
@@ -417,7 +440,7 @@ impl Shared {
         id: u64,
         deadline: Option<Instant>,
         patience: Patience,
-        attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
+        attempt: impl FnMut(&mut Link, &mut Actions) -> io::Result<Option<T>>,
     ) -> io::Result<T> {
         self.wait_locked_on(WaitOn::Session(id), deadline, patience, attempt)
             .map(|(_, v)| v)
@@ -429,7 +452,7 @@ impl Shared {
         id: u64,
         deadline: Option<Instant>,
         patience: Patience,
-        attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
+        attempt: impl FnMut(&mut Link, &mut Actions) -> io::Result<Option<T>>,
     ) -> io::Result<(MutexGuard<'_, Link>, T)> {
         self.wait_locked_on(WaitOn::Session(id), deadline, patience, attempt)
     }
@@ -439,7 +462,7 @@ impl Shared {
         &self,
         deadline: Option<Instant>,
         patience: Patience,
-        attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
+        attempt: impl FnMut(&mut Link, &mut Actions) -> io::Result<Option<T>>,
     ) -> io::Result<T> {
         self.wait_locked(deadline, patience, attempt)
             .map(|(_, v)| v)
@@ -450,7 +473,7 @@ impl Shared {
         &self,
         deadline: Option<Instant>,
         patience: Patience,
-        attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
+        attempt: impl FnMut(&mut Link, &mut Actions) -> io::Result<Option<T>>,
     ) -> io::Result<(MutexGuard<'_, Link>, T)> {
         self.wait_locked_on(WaitOn::Link, deadline, patience, attempt)
     }
@@ -461,7 +484,7 @@ impl Shared {
         on: WaitOn,
         deadline: Option<Instant>,
         patience: Patience,
-        mut attempt: impl FnMut(&mut Link) -> io::Result<Option<T>>,
+        mut attempt: impl FnMut(&mut Link, &mut Actions) -> io::Result<Option<T>>,
     ) -> io::Result<(MutexGuard<'_, Link>, T)> {
         // Set at the first miss: reading the clock costs as much as a write.
         let mut spin_until: Option<Option<Instant>> = None;
@@ -476,9 +499,10 @@ impl Shared {
         let mut space_turn = false;
         let mut pumped_once = false;
         let r = loop {
-            let r = attempt(&mut link);
-            let for_space = link.take_waiting_space();
-            self.ring(&mut link);
+            let mut out = Actions::default();
+            let r = attempt(&mut link, &mut out);
+            let for_space = std::mem::take(&mut out.wait_space);
+            self.act(&link, out);
             match r {
                 Ok(Some(v)) => break Ok((link, v)),
                 Ok(None) => {}
@@ -494,7 +518,9 @@ impl Shared {
                 // What the peer sent may be what this call waits for (credit, data): an
                 // event loop's calls move the ring themselves rather than wait for the
                 // keeper. Once: after that the answer is WouldBlock.
-                if !std::mem::replace(&mut pumped_once, true) && self.pump_and_wake(&mut link) {
+                if !std::mem::replace(&mut pumped_once, true)
+                    && self.pump_and_wake(&mut link, Instant::now())
+                {
                     continue;
                 }
                 if let (true, WaitOn::Session(id)) = (for_space, on) {
@@ -532,7 +558,7 @@ impl Shared {
                     spinning = Some(Spinning(&self.spinners));
                 }
                 link.beat_own(now);
-                if link.rx_moved() || self.pump_and_wake(&mut link) {
+                if link.rx_moved() || self.pump_and_wake(&mut link, now) {
                     continue;
                 }
                 drop(link);
@@ -685,7 +711,7 @@ impl Shared {
         // wait on its doorbell.
         let direct_wait = doorbell.can_wait() && cfg.wait != WaitMode::Poll;
         let peer_head = role.peer_block() + crate::shm::layout::side::TX_HEAD;
-        let link = Link::new(role, region.clone(), geom, cfg.clone());
+        let link = Link::new(role, region.clone(), geom, cfg.clone(), Instant::now());
         Ok(Arc::new(Shared {
             link: Mutex::new(link),
             cv: Condvar::new(),
@@ -718,9 +744,10 @@ impl Shared {
     /// Attaches the link (PROTOCOL.md §3).
     pub(crate) fn attach(&self) {
         let mut link = self.lock();
-        link.attach(Some(self.own_id));
-        link.check_peer(Instant::now());
-        self.ring(&mut link);
+        let mut out = Actions::default();
+        link.attach(Some(self.own_id), &mut out);
+        link.check_peer(Instant::now(), &mut out);
+        self.act(&link, out);
     }
 
     /// Starts the keeper thread.
@@ -748,8 +775,9 @@ impl Shared {
             Keeper::Driven => {}
         }
         let mut link = self.lock();
-        link.detach();
-        self.ring(&mut link);
+        let mut out = Actions::default();
+        link.detach(&mut out);
+        self.ring(&link, &mut out);
         self.notify_all();
     }
 }
@@ -848,17 +876,18 @@ impl Shared {
         if !sh.bell.keeper_round() {
             link.disarm_wakeup();
         }
-        let mut changed = sh.follow_peer(&mut link, now);
-        match link.pump() {
+        let mut out = Actions::default();
+        let mut changed = sh.follow_peer(&mut link, now, &mut out);
+        match link.pump(now, &mut out) {
             Ok(p) => changed |= p,
             Err(f) => {
                 sh.fault(&mut link, f);
                 changed = true;
             }
         }
-        let space = sh.send_queued(&mut link);
+        let space = sh.send_queued(&mut link, &mut out);
         let mut wake = if changed {
-            sh.to_notify(&mut link)
+            sh.to_notify(&link, &mut out)
         } else {
             Wake::default()
         };
@@ -911,7 +940,7 @@ impl Shared {
             };
         if let Some(t) = bench {
             sh.bell.set_keeper_benched(true);
-            sh.ring(&mut link);
+            sh.ring(&link, &mut out);
             drop(link);
             sh.notify_unlocked(wake);
             st.benched = true;
@@ -924,7 +953,7 @@ impl Shared {
             // or releases the frame wakes us to arm again; the timeout bounds the rest.
             sh.keeper_unarmed.store(true, StdOrdering::SeqCst);
             sh.bell.keeper_take();
-            sh.ring(&mut link);
+            sh.ring(&link, &mut out);
             drop(link);
             sh.notify_unlocked(wake);
             return KeeperNext::Unarmed(crate::link::park::PARK_MAX / 2);
@@ -932,7 +961,7 @@ impl Shared {
         // Arm, then re-check (the lost-wakeup rule): sleep only if nothing came in since.
         let mut sleep = true;
         match if st.can_wait {
-            link.arm_wakeup()
+            link.arm_wakeup(&mut out)
         } else {
             Ok(false)
         } {
@@ -944,7 +973,7 @@ impl Shared {
             }
         }
         if st.can_wait && link.has_pending() {
-            match link.arm_pending_space() {
+            match link.arm_pending_space(&mut out) {
                 Ok(true) => sleep = false,
                 Ok(false) => {}
                 Err(f) => sh.fault(&mut link, f),
@@ -964,7 +993,7 @@ impl Shared {
         if sleep {
             sh.bell.keeper_take();
         }
-        sh.ring(&mut link);
+        sh.ring(&link, &mut out);
         drop(link);
         sh.notify_unlocked(wake);
         // Doorbells are hints: a peer ringing with nothing to read must not make us spin.

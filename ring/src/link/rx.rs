@@ -1,0 +1,695 @@
+//! Receiving: the pump that demultiplexes the ring into the sessions, reads (through the
+//! session's buffer, or straight from the ring when nothing else is in the way), and the
+//! credit this side grants the peer (PROTOCOL.md §7).
+//!
+//! The direct path: the general one copies every frame twice, `pump` into the session's
+//! buffer, then `read` into the caller's. When the session has nothing buffered and the
+//! next frames in the ring are its own Data frames that fit the caller's buffer,
+//! [`Link::read_direct`] copies them once, straight out of the ring. Anything else
+//! (another session's frame, a control frame, a bad header, a frame past the credit) is
+//! left for `pump`, which handles it exactly as before, so ordering and error handling do
+//! not change.
+
+use crate::link::{Actions, Fault, Link, Sess, State};
+use crate::wire::frame::{self, CreditArgs, Header, Kind, OpenArgs, FLAG_EOR};
+use std::io;
+use std::time::Instant;
+
+impl Link {
+    /// Reads every published frame into the sessions. Returns whether anything arrived.
+    pub fn pump(&mut self, now: Instant, out: &mut Actions) -> Result<bool, Fault> {
+        if !self.up {
+            return Ok(false);
+        }
+        if !self.rx.has_cached() {
+            match self.rx.available() {
+                Ok(0) => return Ok(false),
+                Ok(_) => {}
+                Err(bad) => return Err(self.index_fault(bad, out)),
+            }
+        }
+        let quarter = self.geom.capacity / 4;
+        // A peer that publishes as fast as we read must not keep us here (holding the
+        // link's lock) for ever: after a ring's worth, stop and let the caller come back.
+        let mut budget = self.geom.capacity;
+        let mut may_park = match self.parked_state(now) {
+            crate::link::park::ParkState::Lent => return Ok(false),
+            crate::link::park::ParkState::Waiting => return Ok(false),
+            crate::link::park::ParkState::Expired => false,
+            crate::link::park::ParkState::None => true,
+        };
+        loop {
+            let rec = match self.rx.next(self.max_payload) {
+                Ok(Some(rec)) => rec,
+                Ok(None) if budget == 0 => break,
+                Ok(None) => {
+                    // Caught up with what we saw; look once more before stopping.
+                    match self.rx.available() {
+                        Ok(0) => break,
+                        Ok(_) => continue,
+                        Err(bad) => return Err(self.index_fault(bad, out)),
+                    }
+                }
+                Err(e) => return Err(self.corrupt(e)),
+            };
+            if std::mem::replace(&mut may_park, true) && self.park(&rec, now, out) {
+                break;
+            }
+            self.dispatch(&rec.header, rec.payload_at, out)?;
+            self.rx.consume(&rec.header);
+            budget = budget.saturating_sub(frame::record_len(rec.header.len as usize) as u64);
+            if self.rx.unreleased() >= quarter && self.rx.release() {
+                out.ring_peer = true;
+            }
+        }
+        if self.rx.release() {
+            out.ring_peer = true;
+        }
+        self.flush(out)?;
+        Ok(true)
+    }
+
+    fn dispatch(&mut self, h: &Header, payload_at: usize, out: &mut Actions) -> Result<(), Fault> {
+        out.wake.add(crate::link::stripe_of(h.session));
+        self.dispatch_frame(h, payload_at, out)?;
+        if let Some(n) = self
+            .sessions
+            .get(&h.session)
+            .and_then(|s| s.notify.as_ref())
+        {
+            n();
+        }
+        Ok(())
+    }
+
+    fn dispatch_frame(
+        &mut self,
+        h: &Header,
+        payload_at: usize,
+        out: &mut Actions,
+    ) -> Result<(), Fault> {
+        let peer_bit = self.role.id_bit() ^ 1;
+        match h.kind {
+            Kind::Pad => unreachable!("consumed by Consumer::next"),
+            Kind::Data => {
+                let len = h.len as usize;
+                let Some(s) = self.sessions.get_mut(&h.session) else {
+                    self.stats.frames_dropped += 1;
+                    return Ok(());
+                };
+                if s.state != State::Open || s.rx_eof {
+                    self.stats.frames_dropped += 1;
+                    return Ok(());
+                }
+                let held = s.received - s.fwd_cnt;
+                if held + len as u64 > s.buf_alloc as u64 {
+                    let id = h.session;
+                    self.reset_session(id, "peer sent past its credit", out);
+                    return Ok(());
+                }
+                // Empty messages take no credit, so credit alone does not bound the
+                // queue of message lengths: allow as many as one-byte messages could
+                // fill (what an honest peer can already make us hold), no more.
+                let ends_message = s.message && h.flags & FLAG_EOR != 0 && !s.rd_shut;
+                if ends_message && s.msgs.len() >= (s.buf_alloc as usize).max(1) {
+                    let id = h.session;
+                    self.reset_session(id, "peer queued more messages than its credit", out);
+                    return Ok(());
+                }
+                s.received += len as u64;
+                if s.rd_shut {
+                    // Dropped unread, but credited so the peer is not stalled.
+                    s.fwd_cnt += len as u64;
+                    self.grant_credit(h.session, out)?;
+                } else {
+                    self.rx.append_payload(payload_at, len, &mut s.rx);
+                    if s.message {
+                        s.partial += len;
+                        if h.flags & FLAG_EOR != 0 {
+                            s.msgs.push_back(s.partial);
+                            s.partial = 0;
+                        }
+                    }
+                }
+            }
+            Kind::Open => {
+                let mut p = [0u8; 16];
+                self.rx.read_payload(payload_at, &mut p);
+                let args = OpenArgs::decode(&p);
+                let seq = h.session >> 1;
+                if args.is_none() || h.session & 1 != peer_bit || seq <= self.highest_peer_seq {
+                    self.stats.frames_dropped += 1;
+                    return Ok(());
+                }
+                let args = args.unwrap_or(OpenArgs {
+                    port: 0,
+                    message: false,
+                    buf_alloc: 0,
+                });
+                self.highest_peer_seq = seq;
+                let fits = self.sessions.len() < self.cfg.max_sessions;
+                let backlog = self.cfg.backlog;
+                match self.listeners.get_mut(&args.port) {
+                    Some(l) if fits && l.backlog.len() < backlog => {
+                        l.backlog.push_back(h.session);
+                        if let Some(n) = &l.notify {
+                            n();
+                        }
+                        let mut s = Sess::new(args.message, self.cfg.buf_size, State::Open);
+                        s.peer_buf_alloc = args.buf_alloc;
+                        self.sessions.insert(h.session, s);
+                        let accept = CreditArgs {
+                            fwd_cnt: 0,
+                            buf_alloc: self.cfg.buf_size,
+                        };
+                        self.send_ctrl(Kind::Accept, h.session, Some(accept.encode()), out)?;
+                    }
+                    _ => {
+                        self.stats.opens_refused += 1;
+                        self.send_ctrl(Kind::Refuse, h.session, None, out)?;
+                    }
+                }
+            }
+            Kind::Accept | Kind::Credit => {
+                let mut p = [0u8; 16];
+                self.rx.read_payload(payload_at, &mut p);
+                let Some(s) = self.sessions.get_mut(&h.session) else {
+                    self.stats.frames_dropped += 1;
+                    return Ok(());
+                };
+                let Some(c) = CreditArgs::decode(&p) else {
+                    self.reset_session(h.session, "peer sent a malformed credit", out);
+                    return Ok(());
+                };
+                match (h.kind, &s.state) {
+                    (Kind::Accept, State::Connecting) if c.fwd_cnt == 0 => {
+                        s.state = State::Open;
+                        s.peer_buf_alloc = c.buf_alloc;
+                    }
+                    (Kind::Credit, State::Open)
+                        if c.fwd_cnt >= s.peer_fwd_cnt && c.fwd_cnt <= s.tx_cnt =>
+                    {
+                        s.peer_fwd_cnt = c.fwd_cnt;
+                        s.peer_buf_alloc = c.buf_alloc;
+                    }
+                    (_, State::Reset(_)) => self.stats.frames_dropped += 1,
+                    _ => self.reset_session(h.session, "peer broke the credit protocol", out),
+                }
+            }
+            Kind::Refuse => match self.sessions.get_mut(&h.session) {
+                Some(s) if s.state == State::Connecting => s.state = State::Refused,
+                _ => self.stats.frames_dropped += 1,
+            },
+            Kind::Shutdown | Kind::Close => match self.sessions.get_mut(&h.session) {
+                Some(s) if s.state == State::Open => {
+                    s.rx_eof = true;
+                    if h.kind == Kind::Close {
+                        s.peer_closed = true;
+                    }
+                }
+                _ => self.stats.frames_dropped += 1,
+            },
+            Kind::Reset => match self.sessions.get_mut(&h.session) {
+                Some(s) if matches!(s.state, State::Open | State::Connecting) => {
+                    s.state = State::Reset("peer reset the session".into());
+                    self.stats.session_resets += 1;
+                }
+                _ => self.stats.frames_dropped += 1,
+            },
+        }
+        Ok(())
+    }
+
+    /// Resets one session for a protocol violation; the link and other sessions go on.
+    pub fn reset_session(&mut self, id: u64, why: &str, out: &mut Actions) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.state = State::Reset(why.to_string());
+            s.rx.clear();
+            s.rx_pos = 0;
+            s.msgs.clear();
+            self.stats.session_resets += 1;
+            // Best effort: a full ring queues it.
+            let _ = self.send_ctrl(Kind::Reset, id, None, out);
+        }
+    }
+
+    /// Arms the need-wakeup flag (not when we poll: we promised never to) and re-checks
+    /// the peer's head: `Ok(true)` if data is already there.
+    pub fn arm_wakeup(&mut self, out: &mut Actions) -> Result<bool, Fault> {
+        if !self.up {
+            return Ok(false);
+        }
+        let post = !self.polls();
+        self.rx
+            .arm_wakeup(post)
+            .map_err(|bad| self.index_fault(bad, out))
+    }
+
+    pub fn disarm_wakeup(&mut self) {
+        self.rx.disarm_wakeup();
+    }
+
+    /// Reads from a session: `Ok(Some(n))` when the read completes, `Ok(None)` to wait.
+    pub fn read(
+        &mut self,
+        id: u64,
+        buf: &mut [u8],
+        out: &mut Actions,
+    ) -> io::Result<Option<usize>> {
+        let s = self.session(id)?;
+        if s.rd_shut {
+            return Ok(Some(0));
+        }
+        if !s.readable() {
+            self.grow_window(id, out).map_err(|f| self.fault_to_io(f))?;
+            return Ok(None);
+        }
+        let (n, consumed) = s.take(buf);
+        s.fwd_cnt += consumed as u64;
+        self.grant_credit(id, out)
+            .map_err(|f| self.fault_to_io(f))?;
+        Ok(Some(n))
+    }
+
+    /// Called when session `id`'s reader runs dry. Doubles its receive buffer (up to
+    /// `max_buf_size`, within the link's growth budget) when the reader consumed nearly a
+    /// whole buffer since it last ran dry (the peer, not the reader, was held back), and
+    /// tells the peer at once (PROTOCOL.md §7).
+    pub(crate) fn grow_window(&mut self, id: u64, out: &mut Actions) -> Result<(), Fault> {
+        let base = self.cfg.buf_size;
+        let max = self.cfg.max_buf_size.max(base);
+        let Some(s) = self.sessions.get(&id) else {
+            return Ok(());
+        };
+        // Message sessions keep theirs: it is also the largest message the peer may send.
+        if s.message || s.buf_alloc >= max || s.state != State::Open || s.rx_eof {
+            return Ok(());
+        }
+        // A reader that never sleeps (it spins, or the peer is always ahead) gains nothing
+        // from a larger buffer, and a buffer larger than the caches loses.
+        let consumed = s.fwd_cnt - s.fwd_at_dry;
+        let granted = s.buf_alloc as u64;
+        if !s.slept || consumed + granted / 8 < granted {
+            if let Some(s) = self.sessions.get_mut(&id) {
+                if s.fwd_cnt != s.fwd_at_dry {
+                    s.fwd_at_dry = s.fwd_cnt;
+                    s.slept = false;
+                }
+            }
+            return Ok(());
+        }
+        // At most once per buffer read by a reader that sleeps: summed, not kept.
+        let budget = 4 * max as u64;
+        let grown: u64 = self
+            .sessions
+            .values()
+            .map(|s| s.buf_alloc.saturating_sub(base) as u64)
+            .sum();
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return Ok(());
+        };
+        s.fwd_at_dry = s.fwd_cnt;
+        s.slept = false;
+        let room = budget.saturating_sub(grown).min(u32::MAX as u64) as u32;
+        let want = s.buf_alloc.saturating_mul(2).min(max);
+        let new = want.min(s.buf_alloc.saturating_add(room));
+        if new <= s.buf_alloc {
+            return Ok(());
+        }
+        s.buf_alloc = new;
+        s.fwd_sent = s.fwd_cnt;
+        let c = CreditArgs {
+            fwd_cnt: s.fwd_cnt,
+            buf_alloc: new,
+        };
+        self.send_ctrl(Kind::Credit, id, Some(c.encode()), out)
+    }
+
+    /// Sends the peer a Credit for session `id` when one is due (PROTOCOL.md §7).
+    pub(crate) fn grant_credit(&mut self, id: u64, out: &mut Actions) -> Result<(), Fault> {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return Ok(());
+        };
+        // Grant more credit once a quarter of the buffer has been consumed. That is enough
+        // to never stall the peer: if it is out of credit, everything it sent since our
+        // last grant (a whole buffer) is consumed by the time our buffer is empty.
+        let mut due = s.fwd_cnt - s.fwd_sent >= (s.buf_alloc / 4).max(1) as u64;
+        // A message writer waits for credit for its whole message (up to our whole
+        // buffer), so once we hold nothing, report everything consumed: otherwise up to a
+        // quarter of the buffer stays uncredited and a large message never goes.
+        due |= s.message && s.buffered() == 0 && s.fwd_cnt != s.fwd_sent;
+        if !due || s.state != State::Open || s.rx_eof {
+            return Ok(());
+        }
+        s.fwd_sent = s.fwd_cnt;
+        let c = CreditArgs {
+            fwd_cnt: s.fwd_cnt,
+            buf_alloc: s.buf_alloc,
+        };
+        self.send_ctrl(Kind::Credit, id, Some(c.encode()), out)
+    }
+
+    /// Reads from a session in [`Link::ended`]: its remaining data, then `Some(0)`.
+    /// `None` when there is no such session (it was reset).
+    pub fn read_ended(&mut self, gen: u64, id: u64, buf: &mut [u8]) -> Option<usize> {
+        let s = self.ended.get_mut(&(gen, id))?;
+        if s.rd_shut {
+            return Some(0);
+        }
+        Some(s.take(buf).0)
+    }
+
+    /// Reads this stream session's next frames straight from the ring. `Ok(None)` when
+    /// the general path must handle the read.
+    pub(crate) fn read_direct(
+        &mut self,
+        id: u64,
+        buf: &mut [u8],
+        out: &mut Actions,
+    ) -> io::Result<Option<usize>> {
+        if !self.up || self.parked.is_some() || buf.is_empty() {
+            return Ok(None);
+        }
+        {
+            let s = self.session(id)?;
+            if s.message || s.rd_shut || s.in_place || s.state != State::Open || s.rx_eof {
+                return Ok(None);
+            }
+            if s.buffered() > 0 {
+                return Ok(None);
+            }
+        }
+        let quarter = self.geom.capacity / 4;
+        let mut n = 0;
+        loop {
+            if !self.rx.has_cached() {
+                match self.rx.available() {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            let Ok(Some(rec)) = self.rx.next(self.max_payload) else {
+                break;
+            };
+            let h = rec.header;
+            let len = h.len as usize;
+            if h.kind != Kind::Data || h.session != id || len == 0 || len > buf.len() - n {
+                break;
+            }
+            let Some(s) = self.sessions.get_mut(&id) else {
+                break;
+            };
+            if s.received - s.fwd_cnt + len as u64 > s.buf_alloc as u64 {
+                break; // past its credit: pump resets the session
+            }
+            self.rx.read_payload(rec.payload_at, &mut buf[n..n + len]);
+            self.rx.consume(&h);
+            s.received += len as u64;
+            s.fwd_cnt += len as u64;
+            n += len;
+            if self.rx.unreleased() >= quarter && self.rx.release() {
+                out.ring_peer = true;
+            }
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        if self.rx.release() {
+            out.ring_peer = true;
+        }
+        self.grant_credit(id, out)
+            .map_err(|f| self.fault_to_io(f))?;
+        Ok(Some(n))
+    }
+
+    /// Whether frames arrived that nobody has looked at yet: a spinning caller retries its
+    /// own attempt first (which may take them directly) and pumps only what it left.
+    pub(crate) fn rx_moved(&mut self) -> bool {
+        if !self.up || self.rx.has_cached() {
+            return false;
+        }
+        matches!(self.rx.available(), Ok(n) if n > 0)
+    }
+
+    /// Reads and credits buffered data without waiting (used by shutdown(Read)).
+    pub fn read_discard(
+        &mut self,
+        id: u64,
+        buf: &mut [u8],
+        out: &mut Actions,
+    ) -> io::Result<Option<usize>> {
+        let s = self.session(id)?;
+        if s.buffered() == 0 && s.msgs.is_empty() {
+            return Ok(None);
+        }
+        let was = s.rd_shut;
+        s.rd_shut = false;
+        let r = self.read(id, buf, out);
+        if let Ok(s) = self.session(id) {
+            s.rd_shut = was;
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use crate::{doorbell::local, Config, Endpoint, Session, SharedRegion, WaitMode};
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn pair(cfg: Config) -> (Endpoint, Endpoint) {
+        let region = SharedRegion::heap(4 << 20);
+        let (a, b) = local::pair();
+        let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
+        let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+        assert!(host.wait_up(Duration::from_secs(60)));
+        (host, guest)
+    }
+
+    /// (our buffer for the session, the peer's view of it).
+    fn windows(rx_ep: &Endpoint, rx: &Session, tx_ep: &Endpoint, tx: &Session) -> (u32, u32) {
+        let ours = rx_ep.shared().lock().sessions[&rx.id()].buf_alloc;
+        let theirs = tx_ep.shared().lock().sessions[&tx.id()].peer_buf_alloc;
+        (ours, theirs)
+    }
+
+    /// Streams `total` bytes host -> guest, read as fast as they come.
+    fn stream(host: &Endpoint, guest: &Endpoint, port: u32, total: usize) -> (u32, u32) {
+        let l = guest.listen(port).unwrap();
+        let mut tx = host.connect(port).unwrap();
+        let mut rx = l.accept().unwrap();
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![3u8; 64 << 10];
+            let mut left = total;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                tx.write_all(&chunk[..n]).unwrap();
+                left -= n;
+            }
+            tx
+        });
+        let mut buf = vec![0u8; 64 << 10];
+        let mut got = 0;
+        while got < total {
+            let n = rx.read(&mut buf).unwrap();
+            assert!(n > 0 && buf[..n].iter().all(|&b| b == 3));
+            got += n;
+        }
+        let tx = writer.join().unwrap();
+        // Credit frames are in flight until the writer's side reads them.
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = tx.shutdown(std::net::Shutdown::Both);
+        let w = windows(guest, &rx, host, &tx);
+        drop((tx, rx));
+        w
+    }
+
+    #[test]
+    fn buffer_grows_for_a_reader_that_keeps_up_and_the_peer_learns_it() {
+        let cfg = Config {
+            wait: WaitMode::Block,
+            ..Config::default()
+        };
+        let (host, guest) = pair(cfg.clone());
+        let (ours, theirs) = stream(&host, &guest, 1, 64 << 20);
+        assert!(ours > cfg.buf_size, "buffer never grew: {ours}");
+        assert!(ours <= cfg.max_buf_size, "grew past the limit: {ours}");
+        assert_eq!(theirs, ours, "the peer was not told");
+    }
+
+    #[test]
+    fn buffer_stays_for_a_reader_that_falls_behind() {
+        let cfg = Config {
+            wait: WaitMode::Block,
+            buf_size: 64 << 10,
+            ..Config::default()
+        };
+        let (host, guest) = pair(cfg.clone());
+        let l = guest.listen(2).unwrap();
+        let mut tx = host.connect(2).unwrap();
+        let mut rx = l.accept().unwrap();
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![5u8; 16 << 10];
+            for _ in 0..64 {
+                tx.write_all(&chunk).unwrap();
+            }
+        });
+        let mut buf = vec![0u8; 4096];
+        // The writer is always ahead: the buffer is never empty when the reader comes.
+        std::thread::sleep(Duration::from_millis(50));
+        for _ in 0..64 {
+            rx.read_exact(&mut buf).unwrap();
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        let ours = guest.shared().lock().sessions[&rx.id()].buf_alloc;
+        assert_eq!(ours, cfg.buf_size, "a slow reader's buffer grew");
+        let mut rest = Vec::new();
+        rx.read_to_end(&mut rest).unwrap();
+        writer.join().unwrap();
+        assert_eq!(rest.len() + 64 * 4096, 64 * (16 << 10));
+    }
+
+    #[test]
+    fn growth_of_all_sessions_stays_within_the_link_budget() {
+        let cfg = Config {
+            wait: WaitMode::Block,
+            buf_size: 8 << 10,
+            max_buf_size: 64 << 10,
+            ..Config::default()
+        };
+        let (host, guest) = pair(cfg.clone());
+        let l = guest.listen(3).unwrap();
+        let mut kept = Vec::new();
+        for _ in 0..12 {
+            let mut tx = host.connect(3).unwrap();
+            let mut rx = l.accept().unwrap();
+            let writer = std::thread::spawn(move || {
+                let chunk = vec![9u8; 8 << 10];
+                for _ in 0..256 {
+                    tx.write_all(&chunk).unwrap();
+                }
+                tx
+            });
+            let mut buf = vec![0u8; 64 << 10];
+            let mut got = 0;
+            while got < 256 * (8 << 10) {
+                got += rx.read(&mut buf).unwrap();
+            }
+            kept.push((writer.join().unwrap(), rx));
+        }
+        let link = guest.shared().lock();
+        let grown: u64 = link
+            .sessions
+            .values()
+            .map(|s| (s.buf_alloc - cfg.buf_size) as u64)
+            .sum();
+        assert!(grown > 0, "no session grew");
+        assert!(
+            grown <= 4 * cfg.max_buf_size as u64,
+            "sessions grew by {grown} in all"
+        );
+        assert!(link
+            .sessions
+            .values()
+            .all(|s| s.buf_alloc <= cfg.max_buf_size));
+    }
+}
+
+#[cfg(test)]
+mod direct_tests {
+    use crate::{doorbell::local, Config, Endpoint, SharedRegion, WaitMode};
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    /// A writer that waits for ring space (not credit) in Block mode is woken when the
+    /// reader frees it, not by its 100 ms wait limit.
+    #[test]
+    fn block_mode_writer_wakes_for_ring_space() {
+        let cfg = Config {
+            wait: WaitMode::Block,
+            buf_size: 1 << 20,
+            ..Config::default()
+        };
+        let region = SharedRegion::heap(64 << 10);
+        let (a, b) = local::pair();
+        let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
+        let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+        let l = guest.listen(3).unwrap();
+        let mut tx = host.connect(3).unwrap();
+        let mut rx = l.accept().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            loop {
+                match rx.read(&mut buf).unwrap() {
+                    0 => return n,
+                    k => n += k,
+                }
+            }
+        });
+        let t0 = std::time::Instant::now();
+        let chunk = vec![1u8; 16 << 10];
+        for _ in 0..128 {
+            tx.write_all(&chunk).unwrap();
+        }
+        drop(tx);
+        assert_eq!(reader.join().unwrap(), 128 * chunk.len());
+        let took = t0.elapsed();
+        assert!(took < std::time::Duration::from_secs(2), "took {took:?}");
+    }
+
+    /// Two sessions interleaved in one ring, read with odd buffer sizes in every wait mode:
+    /// the direct path and the general one must hand out the same bytes in order.
+    #[test]
+    fn direct_reads_keep_order_across_sessions() {
+        for wait in [WaitMode::Poll, WaitMode::Block, WaitMode::Adaptive] {
+            let cfg = Config {
+                wait,
+                buf_size: 8 << 10,
+                ..Config::default()
+            };
+            let region = SharedRegion::heap(256 << 10);
+            let (a, b) = local::pair();
+            let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
+            let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+            let l = guest.listen(3).unwrap();
+            let mut tx: Vec<_> = (0..2).map(|_| host.connect(3).unwrap()).collect();
+            let rx: Vec<_> = (0..2).map(|_| l.accept().unwrap()).collect();
+            let readers: Vec<_> = rx
+                .into_iter()
+                .enumerate()
+                .map(|(k, mut r)| {
+                    std::thread::spawn(move || {
+                        let mut got = Vec::new();
+                        let mut buf = vec![0u8; 5000];
+                        let mut i = 0;
+                        loop {
+                            let want = [1, 7, 100, 5000, 64][i % 5];
+                            i += 1;
+                            let n = r.read(&mut buf[..want]).unwrap();
+                            if n == 0 {
+                                return (k, got);
+                            }
+                            got.extend_from_slice(&buf[..n]);
+                        }
+                    })
+                })
+                .collect();
+            let mut sent = [Vec::new(), Vec::new()];
+            for i in 0..3000usize {
+                let k = i % 3 % 2;
+                let n = 1 + (i * 37) % 900;
+                let data: Vec<u8> = (0..n).map(|j| (i * 7 + j + k) as u8).collect();
+                tx[k].write_all(&data).unwrap();
+                sent[k].extend_from_slice(&data);
+            }
+            drop(tx);
+            for r in readers {
+                let (k, got) = r.join().unwrap();
+                assert!(got == sent[k], "session {k} differs in {wait:?}");
+            }
+        }
+    }
+}
