@@ -16,6 +16,7 @@ use crate::config::{Config, WaitMode};
 use crate::shm::layout::{side, Geometry, Role, PEER_ID_VALID};
 use crate::shm::region::SharedRegion;
 use crate::shm::sync::Ordering;
+use crate::wire::frame::FrameError;
 use crate::wire::frame::{Header, Kind, OpenArgs};
 use crate::wire::ring::{BadIndex, Consumer, Producer};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -175,31 +176,61 @@ pub(crate) struct Listen {
 }
 
 /// Why the link stopped: every session of the epoch ends with `ConnectionReset`.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Fault {
     /// The peer published a new epoch (it restarted); the link has already followed it
     /// (sessions reset, indices zeroed, the epoch acknowledged) and waits for the peer.
-    PeerRestarted,
-    /// The peer broke the ring: an index or a record header (counted in
-    /// [`Stats::corruptions`]). Calls for a local reset.
-    Corrupt(String),
-    /// The peer left the ivshmem server or its heartbeat stopped. Calls for a local reset.
-    PeerGone(String),
+    PeerRestarted {
+        /// The peer's new epoch, as read (once) for this decision.
+        epoch: u64,
+    },
+    /// The peer broke the ring (counted in [`Stats::corruptions`]). Calls for a local
+    /// reset.
+    Corrupt(Corruption),
+    /// The peer is gone. Calls for a local reset.
+    PeerGone(Gone),
+}
+
+/// What of the ring the peer broke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Corruption {
+    /// An index of its own (our receive head, or its read tail of our ring) out of range
+    /// of ours.
+    Index(BadIndex),
+    /// A record header in our receive ring.
+    Record(FrameError),
+}
+
+/// How we learned that the peer is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Gone {
+    /// The transport (the ivshmem server) said it left.
+    LeftServer,
+    /// Its heartbeat stood still for this long (`Config::peer_timeout`).
+    HeartbeatStopped(std::time::Duration),
 }
 
 impl Fault {
     /// Whether this side must start a new epoch (the peer did not already).
     pub(crate) fn needs_local_reset(&self) -> bool {
-        !matches!(self, Fault::PeerRestarted)
+        !matches!(self, Fault::PeerRestarted { .. })
     }
 }
 
 impl std::fmt::Display for Fault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Fault::PeerRestarted => f.write_str("peer restarted"),
-            Fault::Corrupt(what) => write!(f, "peer corrupted the ring: {what}"),
-            Fault::PeerGone(why) => f.write_str(why),
+            Fault::PeerRestarted { .. } => f.write_str("peer restarted"),
+            Fault::Corrupt(Corruption::Index(bad)) => write!(
+                f,
+                "peer corrupted the ring: index {} against ours {}",
+                bad.peer_index, bad.own_index
+            ),
+            Fault::Corrupt(Corruption::Record(e)) => write!(f, "peer corrupted the ring: {e}"),
+            Fault::PeerGone(Gone::LeftServer) => f.write_str("peer left the ivshmem server"),
+            Fault::PeerGone(Gone::HeartbeatStopped(t)) => {
+                write!(f, "peer heartbeat stopped for {t:?}")
+            }
         }
     }
 }
@@ -241,6 +272,9 @@ pub(crate) struct Link {
     followed_restart: bool,
     /// The peer epoch we have reset our indices for and acknowledged.
     peer_acked: u64,
+    /// While `check_peer` drains what the peer's old incarnation published: the epoch it
+    /// read, which an index fault inside acts on rather than reading it again.
+    epoch_in_hand: Option<u64>,
     /// Both sides have acknowledged each other's epoch: traffic may flow.
     up: bool,
     /// The host has laid the region out (always true on the host).
@@ -320,6 +354,7 @@ impl Link {
             attached: false,
             followed_restart: false,
             peer_acked: 0,
+            epoch_in_hand: None,
             up: false,
             laid_out: role == Role::Host,
             gen: 1,
@@ -513,8 +548,10 @@ impl Link {
                 // First take what the old incarnation published before it moved its epoch:
                 // a peer that closed its sessions and left published those frames first.
                 // A bad index here is the restarted peer's zeroed head: index_fault
-                // follows the epoch it reads then, and that one stands.
+                // follows the epoch read above (not a second read), and that stands.
+                self.epoch_in_hand = Some(peer_epoch);
                 let _ = self.pump(now, out);
+                self.epoch_in_hand = None;
             }
             if self.peer_acked == acked {
                 self.follow_epoch(peer_epoch, out);
@@ -597,7 +634,7 @@ impl Link {
         match peer_present {
             Some(true) => self.peer_seen_present = true,
             Some(false) if self.peer_seen_present => {
-                return Err(Fault::PeerGone("peer left the ivshmem server".into()));
+                return Err(Fault::PeerGone(Gone::LeftServer));
             }
             _ => {}
         }
@@ -606,9 +643,8 @@ impl Link {
             self.peer_beat = b;
             self.peer_beat_at = now;
         } else if now.duration_since(self.peer_beat_at) > self.cfg.peer_timeout {
-            return Err(Fault::PeerGone(format!(
-                "peer heartbeat stopped for {:?}",
-                self.cfg.peer_timeout
+            return Err(Fault::PeerGone(Gone::HeartbeatStopped(
+                self.cfg.peer_timeout,
             )));
         }
         Ok(())
@@ -621,24 +657,24 @@ impl Link {
     /// brought back up on the old indices.
     pub(crate) fn index_fault(&mut self, bad: BadIndex, out: &mut Actions) -> Fault {
         // SYNC POINT epoch: Acquire pairs with the peer's Release store in
-        // restore_own_words.
-        let peer_epoch = self.load_peer(side::EPOCH, Ordering::Acquire);
+        // restore_own_words (or the one read by check_peer, whose decision this is).
+        let peer_epoch = match self.epoch_in_hand {
+            Some(e) => e,
+            None => self.load_peer(side::EPOCH, Ordering::Acquire),
+        };
         if peer_epoch != self.peer_acked {
             // The restarted peer's zeroed index: not the peer's fault.
             self.follow_epoch(peer_epoch, out);
             self.followed_restart = true;
-            return Fault::PeerRestarted;
+            return Fault::PeerRestarted { epoch: peer_epoch };
         }
-        self.stats.corruptions += 1;
-        Fault::Corrupt(format!(
-            "index {} against ours {}",
-            bad.peer_index, bad.own_index
-        ))
+        self.corrupt(Corruption::Index(bad))
     }
 
-    fn corrupt(&mut self, what: impl std::fmt::Display) -> Fault {
+    /// Counts a corruption; the fault that calls for the local reset.
+    pub(crate) fn corrupt(&mut self, what: Corruption) -> Fault {
         self.stats.corruptions += 1;
-        Fault::Corrupt(what.to_string())
+        Fault::Corrupt(what)
     }
 
     /// Whom to ring when [`Actions::ring_peer`] says so: the peer's ivshmem id, as last

@@ -10,7 +10,7 @@
 //! left for `pump`, which handles it exactly as before, so ordering and error handling do
 //! not change.
 
-use crate::link::{Actions, Fault, Link, Sess, State};
+use crate::link::{Actions, Corruption, Fault, Link, Sess, State};
 use crate::wire::frame::{self, CreditArgs, Header, Kind, OpenArgs, FLAG_EOR};
 use std::io;
 use std::time::Instant;
@@ -50,7 +50,7 @@ impl Link {
                         Err(bad) => return Err(self.index_fault(bad, out)),
                     }
                 }
-                Err(e) => return Err(self.corrupt(e)),
+                Err(e) => return Err(self.corrupt(Corruption::Record(e))),
             };
             if std::mem::replace(&mut may_park, true) && self.park(&rec, now, out) {
                 break;
