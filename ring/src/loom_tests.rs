@@ -1,4 +1,7 @@
 //! Loom models of the ring's memory ordering (PROTOCOL.md §2 indices, §5 wakeups).
+//! The last two run the real link against the crate's mock peer (`wire::mock`), the one
+//! peer the hostile tests and the fuzzer also use: without the sleeper-side WAKEUP fence
+//! in `Consumer::arm_wakeup` the first of them fails with a deadlock (a lost wakeup).
 //!
 //! Run with:
 //!
@@ -152,4 +155,116 @@ fn loom_no_lost_space_wakeup() {
             "lost wakeup: space freed, writer asleep"
         );
     });
+}
+
+/// A doorbell for the link models: a ring sets a flag that `wait_rung` sleeps for, so a
+/// ring that never comes leaves the sleeper blocked for ever, which loom reports as a
+/// deadlock.
+struct ModelBell {
+    rung: loom::sync::Mutex<bool>,
+    cv: loom::sync::Condvar,
+}
+
+impl ModelBell {
+    fn new() -> ModelBell {
+        ModelBell {
+            rung: loom::sync::Mutex::new(false),
+            cv: loom::sync::Condvar::new(),
+        }
+    }
+
+    fn wait_rung(&self) {
+        let mut rung = self.rung.lock().unwrap();
+        while !*rung {
+            rung = self.cv.wait(rung).unwrap();
+        }
+        *rung = false;
+    }
+}
+
+impl crate::Doorbell for ModelBell {
+    fn own_id(&self) -> u16 {
+        0
+    }
+    fn ring(&self, _peer: u16) {
+        *self.rung.lock().unwrap() = true;
+        self.cv.notify_one();
+    }
+    fn wait(&self, _timeout: Option<std::time::Duration>) {
+        self.wait_rung();
+    }
+    fn interrupt(&self) {}
+}
+
+/// The real link (the guest) receiving from the crate's mock peer (the host) as the
+/// keeper does: pump, arm the wakeup (which re-checks), sleep on the doorbell. The peer
+/// opens a session and publishes as an honest writer, ringing only if asked. The link
+/// must get the Open (the session waits in its listener's backlog) and never sleep
+/// through it. With `arm` false the link sleeps without arming, a planted lost wakeup
+/// that the model must catch.
+fn link_receive_model(arm: bool) {
+    use crate::config::{Config, WaitMode};
+    use crate::link::{Actions, Link};
+    use crate::shm::layout::{Geometry, Role, MIN_REGION};
+    use crate::wire::frame::OpenArgs;
+    use crate::wire::mock::MockPeer;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    model(move || {
+        let region = SharedRegion::heap(MIN_REGION);
+        let bell = Arc::new(ModelBell::new());
+        let mut peer = MockPeer::laying_out(region.clone(), Role::Host, bell.clone(), true);
+        let geom = Geometry::for_size(MIN_REGION).unwrap();
+        let cfg = Config {
+            wait: WaitMode::Block,
+            ..Config::default()
+        };
+        let now = Instant::now();
+        let mut link = Link::new(Role::Guest, region, geom, cfg, now);
+        let mut out = Actions::default();
+        assert!(link.listen(7));
+        link.attach(Some(1), &mut out);
+        // The handshake, before the threads: each side acknowledges the other's epoch.
+        peer.restart();
+        peer.follow();
+        link.check_peer(now, &mut out);
+        assert!(peer.follow());
+        link.check_peer(now, &mut out);
+        assert!(link.is_up(), "handshake with the mock peer");
+        // Forget the handshake's rings: only the Open's may wake the link.
+        *bell.rung.lock().unwrap() = false;
+        let opener = thread::spawn(move || {
+            let args = OpenArgs {
+                port: 7,
+                message: false,
+                buf_alloc: 4096,
+            };
+            assert!(peer.push(crate::wire::frame::Kind::Open, 0, 2, &args.encode()));
+            peer.publish_asked();
+        });
+        loop {
+            let mut out = Actions::default();
+            if link.pump(now, &mut out).expect("an honest peer") && link.accept(7).is_some() {
+                break;
+            }
+            if arm && link.arm_wakeup(&mut out).expect("an honest peer") {
+                continue;
+            }
+            bell.wait_rung();
+            link.disarm_wakeup();
+        }
+        opener.join().unwrap();
+    });
+}
+
+#[test]
+fn loom_link_gets_the_mock_peers_open_without_a_lost_wakeup() {
+    link_receive_model(true);
+}
+
+#[test]
+#[should_panic(expected = "deadlock")]
+fn loom_link_model_catches_sleeping_without_arming() {
+    link_receive_model(false);
 }

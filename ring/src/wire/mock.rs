@@ -194,6 +194,23 @@ impl MockPeer {
         self.ring();
     }
 
+    /// Publishes as an honest writer does (PROTOCOL.md §5): stores the head, then rings
+    /// only if the victim asked for it in `RX_NEED_WAKEUP`. Returns whether it rang.
+    pub fn publish_asked(&self) -> bool {
+        self.store(side::TX_HEAD, self.head);
+        // WAKEUP fence (publisher side), as in Producer::publish: either the victim's
+        // re-check after arming sees the new head, or we see its flag.
+        crate::shm::sync::fence(Ordering::SeqCst);
+        let asked = self
+            .region
+            .load_u64(self.victim + side::RX_NEED_WAKEUP, Ordering::Relaxed)
+            != 0;
+        if asked {
+            self.ring();
+        }
+        asked
+    }
+
     /// Reads what the victim sent: learns its Opens, Accepts and Credits.
     pub fn drain(&mut self) {
         let cap = self.cap();
