@@ -157,18 +157,8 @@ impl Link {
         };
         s.received += len;
         s.fwd_cnt += len;
-        // As in Link::read: grant credit once a quarter of the buffer is consumed.
-        let due = s.fwd_cnt - s.fwd_sent >= (s.buf_alloc / 4).max(1) as u64;
-        if due && s.state == State::Open && !s.rx_eof {
-            s.fwd_sent = s.fwd_cnt;
-            let c = frame::CreditArgs {
-                fwd_cnt: s.fwd_cnt,
-                buf_alloc: s.buf_alloc,
-            };
-            self.send_ctrl(Kind::Credit, id, Some(c.encode()), out)
-                .map_err(|f| self.fault_to_io(f))?;
-        }
-        Ok(())
+        // Credit is granted in one place for every receive mode (PROTOCOL.md §7).
+        self.grant_credit(id, out).map_err(|f| self.fault_to_io(f))
     }
 
     /// Finds ring space for one Data frame of `len` bytes within the session's credit:
@@ -241,5 +231,50 @@ impl Link {
             s.tx_cnt += len as u64;
         }
         self.publish(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{doorbell::local, Config, Endpoint, SessionOptions, SharedRegion, WaitMode};
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A message writer waits for credit for its whole message. Small messages read in
+    /// place leave less than a quarter of the buffer uncredited; a large message after
+    /// them needs that too, so once the reader holds nothing, everything it consumed
+    /// must be credited, as for a copying reader (the message rule of `grant_credit`).
+    #[test]
+    fn in_place_reads_credit_a_message_writer_in_full() {
+        let cfg = Config {
+            wait: WaitMode::Block,
+            buf_size: 64 << 10,
+            ..Config::default()
+        };
+        let region = SharedRegion::heap(1 << 20);
+        let (a, b) = local::pair();
+        let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
+        let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+        let l = guest.listen(5).unwrap();
+        let mut tx = host
+            .connect_with(5, SessionOptions { message: true })
+            .unwrap();
+        tx.set_write_timeout(Some(Duration::from_secs(10)));
+        let mut rx = l.accept().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut sizes = Vec::new();
+            while let Some(view) = rx.recv_in_place().unwrap() {
+                sizes.push(view.len());
+            }
+            sizes
+        });
+        let sizes = [5 << 10, 5 << 10, 5 << 10, 60 << 10];
+        for &n in &sizes {
+            tx.write_all(&vec![7u8; n])
+                .unwrap_or_else(|e| panic!("a {n}-byte message: {e}"));
+        }
+        drop(tx);
+        assert_eq!(reader.join().unwrap(), sizes);
     }
 }
