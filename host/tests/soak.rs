@@ -6,8 +6,8 @@
 
 use ivring::{Config, Endpoint, Role};
 use ivring_host::attach::{Attach, HostLink};
-use ivring_host::services::{pattern, StreamHash, PORT_CHECK, PORT_ECHO, PORT_SOURCE};
 use ivring_host::Server;
+use ivring_tools::services::{pattern, StreamHash, PORT_CHECK, PORT_ECHO, PORT_SOURCE};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -72,10 +72,7 @@ impl AsFd for EventFd {
 /// Waits until any of `fds` is readable (or hung up / in error), or `timeout` passes
 /// (`None`: forever). Returns which fds are ready; all false on timeout. Retries EINTR
 /// with the remaining time.
-pub fn poll_readable(
-    fds: &[BorrowedFd<'_>],
-    timeout: Option<Duration>,
-) -> Result<Vec<bool>> {
+pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> Result<Vec<bool>> {
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut pfds: Vec<PollFd<'_>> = fds
         .iter()
@@ -170,11 +167,7 @@ pub fn path_identity(path: &Path) -> Option<(u64, u64)> {
 
 /// Sends one ivshmem message: a little-endian i64, with `fd` attached when given.
 /// Retries EINTR and short writes (the fd goes with the first byte); never raises SIGPIPE.
-pub fn send_msg(
-    sock: BorrowedFd<'_>,
-    val: i64,
-    fd: Option<BorrowedFd<'_>>,
-) -> io::Result<()> {
+pub fn send_msg(sock: BorrowedFd<'_>, val: i64, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
     let bytes = val.to_le_bytes();
     let mut sent = 0;
     let fds = fd.map(|f| [f]);

@@ -1,7 +1,5 @@
 //! Helpers of the command-line binaries: arguments refused in one line, and an error with
-//! its causes on one line. The library's error type is [`HostError`].
-
-pub use ivring_ivshmem::error::{HostError, Result};
+//! its causes on one line.
 
 /// An error and its causes on one line, for a binary's `error:` message. Like anyhow's
 /// `{:#}`, but a cause is left out when the text before already ends with it: our
