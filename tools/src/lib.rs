@@ -2,9 +2,9 @@
 //! binaries: not a library API (the libraries are `ivring-ivshmem`, re-exported by
 //! `ivring-host`, and `ivring-guest`).
 //!
-//! - [`bench`], [`demo`], [`checks`]: `ivring-host bench`, `demo` and `check`, and the
-//!   guest's half of each;
-//! - [`services`]: the echo, source, check and hello services both sides serve;
+//! - [`bench`](mod@bench), [`demo`], [`checks`]: `ivring-host bench`, `demo` and
+//!   `check`, and `ivring-guest check`;
+//! - [`services`]: the test and bench services a peer offers (echo, sink, source, check);
 //! - [`bridge`]: the relays between UNIX sockets and ivring sessions (`ivring-host
 //!   bridge`, `ivring-guest bridge` in [`bridge::guest`]);
 //! - [`daemon`]: `ivring-host daemon` and `ivring-host vm`;
