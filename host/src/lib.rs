@@ -3,9 +3,9 @@
 //!
 //! The library is [`ivring_ivshmem`], re-exported under the paths it always had
 //! (`ivring_host::{Server, Client, HostLink, Attach, PollableSession}`,
-//! `ivring_host::attach::HostLink`, `ivring_host::shm`, ...). The `ivring-host` command and
-//! everything only it needs (bench, demo, checks, services, bridge, daemon: the
-//! publish-less `ivring-tools` crate, clap, anyhow) sit behind the default `cli` feature:
+//! `ivring_host::attach::HostLink`, `ivring_host::shm`, ...). The `ivring-host` command
+//! and everything only it needs (bench, demo, checks, services, bridge, daemon: the
+//! unpublished `ivring-tools` crate, clap, anyhow) sit behind the default `cli` feature:
 //! with `default-features = false` a program links the library and none of those.
 //!
 //! ```
