@@ -131,7 +131,7 @@ show_info() {
 
 # The guest's results after the reset (PROTOCOL.md §3), in every case.
 AFTER=(old-data-intact old-sessions-reset old-sessions-stay-reset new-link-up new-session-checksum new-session-echo new-session-receive)
-# The destination host program's exchange (host/src/checks.rs), without the latency figure.
+# The destination host program's exchange (tools/src/checks.rs), without the latency figure.
 DEST_EXCHANGE=(link-up echo-data eof-after-shutdown send-checksum receive-pattern eof-after-peer-close broken-pipe refused parallel-sessions peer-done)
 TIMES=()
 

@@ -113,7 +113,7 @@ case_doorbell() {
 # `$HOST_BIN check` (services plus the checks against the guest's services); the guest runs
 # cases/ivring.init: `$GUEST_BIN probe`, then `$GUEST_BIN ARGS`, reporting PASS/FAIL lines.
 
-# Expected result lines of the exchange (host/src/checks.rs), on either side.
+# Expected result lines of the exchange (tools/src/checks.rs), on either side.
 EXCHANGE=(link-up echo-data eof-after-shutdown send-checksum receive-pattern eof-after-peer-close broken-pipe refused parallel-sessions latency peer-done)
 RESTART=(old-link-up old-session-reset old-session-write-reset old-session-stays-reset new-peer-up new-peer-id new-session-checksum new-session-echo new-session-receive)
 

@@ -46,7 +46,7 @@ if [ "$vm" = 1 ]; then
   fi
 fi
 suite "cargo test" cargo test --workspace --release
-# The workspace run has ivring's tokio feature (ivring-host enables it); mio is alone.
+# The workspace run has ivring's tokio feature (ivring-tools enables it); mio is alone.
 suite "mio sources" cargo test -p ivring --release --features tokio,mio --test mio_sessions
 suite "doc tests, all features" cargo test -p ivring --release --features tokio,mio --doc
 suite "fuzz findings replayed" cargo test -p ivring --release --features fuzzing \

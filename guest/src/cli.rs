@@ -3,7 +3,7 @@
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use ivring_guest::device;
-use ivring_host::{checks, logging};
+use ivring_tools::{checks, logging};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -66,7 +66,7 @@ pub enum Cmd {
         #[command(flatten)]
         attach: AttachArgs,
         /// The port to listen on.
-        #[arg(long, default_value_t = ivring_host::bridge::PORT_QGA)]
+        #[arg(long, default_value_t = ivring_tools::bridge::PORT_QGA)]
         port: u32,
     },
 }

@@ -19,7 +19,6 @@
 //! ```
 #![deny(missing_docs)]
 
-pub mod bridge;
 pub mod device;
 pub mod doorbell;
 pub mod error;

@@ -4,11 +4,10 @@ use anyhow::{Context, Result};
 use ivring::layout::{side, HOST_BLOCK, PEER_ID_VALID};
 use ivring::{Config, Endpoint, Geometry, Role, SharedRegion};
 use ivring_guest::{device, GuestDevice, OpenOptions};
-use ivring_host::attach::{Attach, HostLink};
-use ivring_host::logging::{self, LinkWatch};
-use ivring_host::shm::human_size;
-use ivring_host::status;
-use ivring_host::{checks, services};
+use ivring_ivshmem::attach::{Attach, HostLink};
+use ivring_ivshmem::shm::human_size;
+use ivring_tools::logging::{self, LinkWatch};
+use ivring_tools::{checks, services, status};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::{info, warn};
@@ -107,7 +106,7 @@ fn open_device(device: Option<String>, no_vfio: bool) -> Result<GuestDevice> {
 }
 
 fn main() {
-    let cli: Cli = ivring_host::error::parse_args_from("ivring-guest", cli::command());
+    let cli: Cli = ivring_tools::cli::parse_args_from("ivring-guest", cli::command());
     logging::init("ivring-guest", cli.verbosity);
     let r = match cli.cmd {
         Cmd::Probe { device, no_vfio } => probe(device, no_vfio),
@@ -125,7 +124,7 @@ fn main() {
         } => bridge(connect, &attach, port),
     };
     if let Err(e) = r {
-        eprintln!("ivring-guest: error: {}", ivring_host::error::one_line(&e));
+        eprintln!("ivring-guest: error: {}", ivring_tools::cli::one_line(&e));
         std::process::exit(1);
     }
 }
@@ -182,7 +181,7 @@ fn status(device: Option<String>, json: bool, root: &std::path::Path) -> Result<
     let device = device.filter(|d| d != "auto");
     let info = device::select(root, device.as_deref())?;
     info.check_bar2()?;
-    let region = ivring_host::shm::map_file_private(&info.path.join("resource2"))?;
+    let region = ivring_ivshmem::shm::map_file_private(&info.path.join("resource2"))?;
     let st = status::read(&region, format!("device {}", info.bdf), status::WATCH);
     if json {
         println!("{}", st.to_json());
@@ -213,14 +212,14 @@ fn check(a: &AttachArgs, args: &checks::CheckArgs) -> Result<()> {
 fn bridge(connect: PathBuf, a: &AttachArgs, port: u32) -> Result<()> {
     let link = GuestLink::open(a, Config::default())?;
     info!("bridge on port {port}; {}", link.why());
-    let mut opts = ivring_guest::bridge::GuestBridgeOptions::new(connect);
+    let mut opts = ivring_tools::bridge::guest::GuestBridgeOptions::new(connect);
     opts.port = port;
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| {
             LinkWatch::new(link.label(a)).run(link.endpoint(), logging::WATCH_PERIOD, &stop)
         });
-        let r = ivring_guest::bridge::run(link.endpoint(), &opts);
+        let r = ivring_tools::bridge::guest::run(link.endpoint(), &opts);
         stop.store(true, Ordering::Relaxed);
         r
     })

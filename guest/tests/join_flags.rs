@@ -3,8 +3,8 @@
 //! vectors (the link polls). The host side is `ivring-host`'s library in this process.
 
 use ivring::{Config, Role};
-use ivring_host::attach::{Attach, HostLink};
-use ivring_host::services;
+use ivring_ivshmem::attach::{Attach, HostLink};
+use ivring_tools::services;
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};

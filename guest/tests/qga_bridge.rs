@@ -12,8 +12,8 @@
 //! Skips (loudly) only when qemu-ga is missing and cannot be installed.
 //! `QGA_REPS=N` changes the repetitions (default 50).
 
-use ivring_host::attach::Attach;
-use ivring_host::bridge::{run_host, HostBridgeOptions};
+use ivring_ivshmem::attach::Attach;
+use ivring_tools::bridge::{run_host, HostBridgeOptions};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;

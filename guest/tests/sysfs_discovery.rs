@@ -506,7 +506,7 @@ fn already_bound_to_vfio_pci_writes_nothing() {
 #[test]
 fn status_reads_the_device_from_outside() {
     use ivring::{Config, Role};
-    use ivring_host::attach::{Attach, HostLink};
+    use ivring_ivshmem::attach::{Attach, HostLink};
     use std::process::Command;
     let fs = FakeSysfs::new();
     let dev = fs.add(Dev::ivshmem("0000:00:04.0", true, 1 << 20));

@@ -2,7 +2,8 @@
 //! `xtask` makes the man page and shell completions from it.
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use ivring_host::{bench, checks, logging, shm};
+use ivring_host::shm;
+use ivring_tools::{bench, checks, logging};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -45,7 +46,7 @@ pub enum Cmd {
         max_peers: u16,
         /// Mode of the socket, in octal (e.g. 0660 with --group for a QEMU running as
         /// another user).
-        #[arg(long, default_value = "0600", value_parser = ivring_host::bridge::parse_mode)]
+        #[arg(long, default_value = "0600", value_parser = ivring_tools::bridge::parse_mode)]
         mode: u32,
         /// Group of the socket (name or number).
         #[arg(long)]
@@ -124,10 +125,10 @@ pub enum Cmd {
         #[arg(long, default_value_t = 1, conflicts_with_all = ["join", "plain"])]
         vectors: usize,
         /// The guest bridge's port.
-        #[arg(long, default_value_t = ivring_host::bridge::PORT_QGA)]
+        #[arg(long, default_value_t = ivring_tools::bridge::PORT_QGA)]
         port: u32,
         /// Mode of the socket, in octal.
-        #[arg(long, default_value = "0600", value_parser = ivring_host::bridge::parse_mode)]
+        #[arg(long, default_value = "0600", value_parser = ivring_tools::bridge::parse_mode)]
         mode: u32,
         /// Group of the socket (name or number).
         #[arg(long)]
@@ -177,10 +178,10 @@ pub enum Cmd {
     },
     /// One process serving every VM on the host: an ivshmem socket and an agent socket per
     /// VM, added and removed while it runs (`ivring-host vm`), under one runtime directory.
-    Daemon(ivring_host::daemon::args::DaemonArgs),
+    Daemon(ivring_tools::daemon::args::DaemonArgs),
     /// Add, remove, list or recover the VMs a running `ivring-host daemon` serves.
     #[command(subcommand)]
-    Vm(ivring_host::daemon::args::VmCmd),
+    Vm(ivring_tools::daemon::args::VmCmd),
 }
 
 /// Who may be trusted with shared memory that is not sealed.

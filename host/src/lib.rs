@@ -1,6 +1,13 @@
 //! Host side of ivring: an ivshmem server and client speaking QEMU's protocol, eventfd
 //! doorbells, and mappings of the shared memory.
 //!
+//! The library is [`ivring_ivshmem`], re-exported under the paths it always had
+//! (`ivring_host::{Server, Client, HostLink, Attach, PollableSession}`,
+//! `ivring_host::attach::HostLink`, `ivring_host::shm`, ...). The `ivring-host` command
+//! and everything only it needs (bench, demo, checks, services, bridge, daemon: the
+//! unpublished `ivring-tools` crate, clap, anyhow) sit behind the default `cli` feature:
+//! with `default-features = false` a program links the library and none of those.
+//!
 //! ```
 //! use ivring::Doorbell;
 //! use ivring_host::{Client, Server};
@@ -24,26 +31,9 @@
 //! ```
 #![deny(missing_docs)]
 
-pub mod attach;
-pub mod bench;
-pub mod bridge;
-pub mod checks;
-pub mod client;
-pub mod daemon;
-pub mod demo;
-pub mod error;
-pub mod logging;
-pub mod notify;
-pub mod pollable;
-pub mod server;
-pub mod services;
-pub mod shm;
-mod shrink;
-pub mod status;
-mod sys;
+pub use ivring_ivshmem::{attach, client, error, pollable, server, shm};
 
-pub use attach::{Attach, HostLink};
-pub use client::{Client, ClientDoorbell, ConnectOptions};
-pub use error::{HostError, Result};
-pub use pollable::PollableSession;
-pub use server::{Server, ServerHandle};
+pub use ivring_ivshmem::{
+    Attach, Client, ClientDoorbell, ConnectOptions, HostError, HostLink, PollableSession, Result,
+    Server, ServerHandle,
+};

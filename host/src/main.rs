@@ -3,8 +3,9 @@
 use anyhow::{bail, Context, Result};
 use ivring::Config;
 use ivring_host::attach::{Attach, HostLink};
-use ivring_host::logging::{self, LinkWatch};
-use ivring_host::{bench, checks, demo, server, services, shm, status, HostError, Server};
+use ivring_host::{server, shm, HostError, Server};
+use ivring_tools::logging::{self, LinkWatch};
+use ivring_tools::{bench, checks, demo, services, status};
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -18,15 +19,15 @@ use cli::{Cli, Cmd, TrustArgs};
 const BIN: &str = "ivring-host";
 
 fn main() {
-    let cli: Cli = ivring_host::error::parse_args_from(BIN, cli::command());
+    let cli: Cli = ivring_tools::cli::parse_args_from(BIN, cli::command());
     logging::init(BIN, cli.verbosity);
     if let Cmd::Bench(args) = &cli.cmd {
         if let Err(problem) = check_bench_args(args) {
-            ivring_host::error::usage_error(BIN, &problem);
+            ivring_tools::cli::usage_error(BIN, &problem);
         }
     }
     if let Err(e) = run(cli) {
-        eprintln!("{BIN}: error: {}", ivring_host::error::one_line(&e));
+        eprintln!("{BIN}: error: {}", ivring_tools::cli::one_line(&e));
         std::process::exit(1);
     }
 }
@@ -196,7 +197,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             server.set_socket_access(mode, gid)?;
             // The socket accepts from here on (the backlog holds early peers).
-            ivring_host::notify::ready(&format!("serving {}", socket.display()));
+            ivring_tools::notify::ready(&format!("serving {}", socket.display()));
             info!(
                 "serving {} on {} ({} vector{}, at most {max_peers} peers, socket mode {mode:04o}); start QEMU with -chardev socket,path={},id=ivs -device ivshmem-doorbell,chardev=ivs,vectors={}",
                 shm::human_size(size),
@@ -271,7 +272,7 @@ fn run(cli: Cli) -> Result<()> {
             if trust.allow_unsealed && !matches!(attach, Attach::JoinWith(..)) {
                 bail!("--allow-unsealed applies to --join only: drop it, or join a server");
             }
-            let mut opts = ivring_host::bridge::HostBridgeOptions::new(listen, attach);
+            let mut opts = ivring_tools::bridge::HostBridgeOptions::new(listen, attach);
             opts.port = port;
             opts.mode = mode;
             // Resolved here, through the name service; the bridge takes the number as is.
@@ -280,7 +281,7 @@ fn run(cli: Cli) -> Result<()> {
                 .map(server::resolve_group)
                 .transpose()?
                 .map(|gid| gid.to_string());
-            ivring_host::bridge::run_host(&opts)
+            ivring_tools::bridge::run_host(&opts)
         }
         Cmd::Check {
             join,
@@ -298,8 +299,8 @@ fn run(cli: Cli) -> Result<()> {
             checks::run(&link, Some(&link.region()), role.into(), &args)
         }
         Cmd::Bench(args) => bench::run(&args),
-        Cmd::Daemon(args) => ivring_host::daemon::args::run_daemon(args),
-        Cmd::Vm(cmd) => ivring_host::daemon::args::run_vm(cmd),
+        Cmd::Daemon(args) => ivring_tools::daemon::args::run_daemon(args),
+        Cmd::Vm(cmd) => ivring_tools::daemon::args::run_vm(cmd),
         Cmd::Status {
             join,
             plain,

@@ -4,7 +4,7 @@
 
 use ivring::{Config, Role};
 use ivring_host::attach::{Attach, HostLink};
-use ivring_host::services;
+use ivring_tools::services;
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

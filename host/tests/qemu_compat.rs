@@ -6,7 +6,8 @@
 
 use ivring::{Config, Doorbell, Role};
 use ivring_host::attach::{Attach, HostLink};
-use ivring_host::{services, Client, ConnectOptions, HostError};
+use ivring_host::{Client, ConnectOptions, HostError};
+use ivring_tools::services;
 use std::io::{IoSlice, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::Shutdown;

@@ -31,9 +31,9 @@
 use ivring::layout::{side, CONTROL_SIZE, GUEST_BLOCK, HOST_BLOCK, MAGIC, PEER_ID_VALID, VERSION};
 use ivring::{Config, Doorbell, Endpoint, Geometry, Role, SessionOptions, SharedRegion};
 use ivring_host::attach::{Attach, HostLink};
-use ivring_host::demo::PORT_HELLO;
-use ivring_host::services::{self, pattern, StreamHash, PORT_CHECK, PORT_ECHO, PORT_SOURCE};
 use ivring_host::{Client, Server, ServerHandle};
+use ivring_tools::demo::PORT_HELLO;
+use ivring_tools::services::{self, pattern, StreamHash, PORT_CHECK, PORT_ECHO, PORT_SOURCE};
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;

@@ -6,8 +6,8 @@
 
 use ivring::{Config, Endpoint, Role};
 use ivring_host::attach::{Attach, HostLink};
-use ivring_host::services::{pattern, StreamHash, PORT_CHECK, PORT_ECHO, PORT_SOURCE};
 use ivring_host::Server;
+use ivring_tools::services::{pattern, StreamHash, PORT_CHECK, PORT_ECHO, PORT_SOURCE};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -154,7 +154,7 @@ fn soak() {
     let ops = AtomicU64::new(0);
     let bytes = AtomicU64::new(0);
     let run = |until: Instant, worker: u64| {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((worker + 1) * 0x1234_5678_9abc_def1));
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (worker + 1).wrapping_mul(0x1234_5678_9abc_def1));
         let mut n = 0;
         while Instant::now() < until {
             let seed = worker << 40 | n;

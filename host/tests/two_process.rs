@@ -4,8 +4,8 @@
 
 use ivring::{Config, Endpoint, Role, Session};
 use ivring_host::attach::{Attach, HostLink};
-use ivring_host::services::{pattern, StreamHash, PORT_CHECK, PORT_ECHO, PORT_SOURCE};
 use ivring_host::{Server, ServerHandle};
+use ivring_tools::services::{pattern, StreamHash, PORT_CHECK, PORT_ECHO, PORT_SOURCE};
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::path::PathBuf;

@@ -22,7 +22,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 #[derive(Clone, Copy, Debug, Default, clap::Args)]
 pub struct Verbosity {
     /// More log detail: -v debug, -vv trace. `RUST_LOG` (e.g. `debug`,
-    /// `ivring_host=trace`) overrides both flags.
+    /// `ivring_ivshmem=trace`) overrides both flags.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
     /// Less: -q warnings and errors only, -qq errors only.

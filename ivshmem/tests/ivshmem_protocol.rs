@@ -2,8 +2,8 @@
 //! a real server, real clients, memfds, eventfds and UNIX sockets in a temp dir.
 
 use ivring::Doorbell;
-use ivring_host::shm::{check_memfd, create_sealed_memfd, validate_size};
-use ivring_host::{Client, ConnectOptions, HostError, Server};
+use ivring_ivshmem::shm::{check_memfd, create_sealed_memfd, validate_size};
+use ivring_ivshmem::{Client, ConnectOptions, HostError, Server};
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -215,7 +215,7 @@ fn bad_sizes_and_vectors_are_refused() {
 fn check_memfd_accepts_only_sealed_memfds() {
     let fd = create_sealed_memfd("t", SIZE).unwrap();
     check_memfd(fd.as_fd()).unwrap();
-    ivring_host::shm::map_memfd(fd.as_fd()).unwrap();
+    ivring_ivshmem::shm::map_memfd(fd.as_fd()).unwrap();
 
     let (r, _w) = std::io::pipe().unwrap();
     let err = check_memfd(r.as_fd()).unwrap_err();
@@ -238,16 +238,16 @@ fn check_memfd_accepts_only_sealed_memfds() {
 fn plain_file_maps_and_is_shared() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shm");
-    let f = ivring_host::shm::open_or_create_file(&path, 1 << 16).unwrap();
+    let f = ivring_ivshmem::shm::open_or_create_file(&path, 1 << 16).unwrap();
     assert_eq!(f.metadata().unwrap().len(), 1 << 16);
-    let r1 = ivring_host::shm::map_file(&path).unwrap();
-    let r2 = ivring_host::shm::map_file(&path).unwrap();
+    let r1 = ivring_ivshmem::shm::map_file(&path).unwrap();
+    let r2 = ivring_ivshmem::shm::map_file(&path).unwrap();
     r1.store_u64(8, 5, Ordering::Release);
     assert_eq!(r2.load_u64(8, Ordering::Acquire), 5);
     // Reopening with another size is refused, and the file keeps its size.
-    assert!(ivring_host::shm::open_or_create_file(&path, 1 << 17).is_err());
+    assert!(ivring_ivshmem::shm::open_or_create_file(&path, 1 << 17).is_err());
     std::fs::write(dir.path().join("small"), b"x").unwrap();
-    let err = ivring_host::shm::map_file(&dir.path().join("small")).unwrap_err();
+    let err = ivring_ivshmem::shm::map_file(&dir.path().join("small")).unwrap_err();
     assert!(matches!(err, HostError::BadSize { .. }), "{err}");
 }
 

@@ -119,12 +119,12 @@ pub struct VmAddArgs {
 
 fn parse_region_size(s: &str) -> Result<u64, String> {
     let n = parse_size(s)?;
-    if crate::shm::is_region_size(n) {
+    if ivring_ivshmem::shm::is_region_size(n) {
         Ok(n)
     } else {
         Err(format!(
             "the shared memory must be a power of two from 64 KiB to 1 GiB (try {})",
-            crate::shm::short_size(crate::shm::nearest_region_size(n))
+            ivring_ivshmem::shm::short_size(ivring_ivshmem::shm::nearest_region_size(n))
         ))
     }
 }
@@ -155,7 +155,7 @@ pub fn run_daemon(a: DaemonArgs) -> Result<()> {
     opts.group = a
         .group
         .as_deref()
-        .map(crate::server::resolve_group)
+        .map(ivring_ivshmem::server::resolve_group)
         .transpose()?;
     opts.heartbeat = Duration::from_millis(a.heartbeat_ms);
     opts.fd_store = a.fd_store;
@@ -237,7 +237,7 @@ pub fn run_vm(c: VmCmd) -> Result<()> {
                 println!(
                     "{:<20} {:>6} {:>5} {:>5} {:>8} {:>8}  {}{}",
                     v["name"].as_str().unwrap_or("?"),
-                    crate::shm::short_size(v["size"].as_u64().unwrap_or(0)),
+                    ivring_ivshmem::shm::short_size(v["size"].as_u64().unwrap_or(0)),
                     v["peers"].to_string(),
                     link,
                     v["sessions"].as_u64().map_or("-".into(), |n| n.to_string()),

@@ -17,10 +17,10 @@
 //! writing, then read until the agent's EOF): qemu-ga 10.0 in `unix-listen` mode exits
 //! when a client resets the connection (closes it with a reply unread).
 
+use super::{relay_async, RelayEnd, RelayOptions};
 use anyhow::{Context, Result};
 use ivring::tokio::AsyncSession;
 use ivring::{Endpoint, Session};
-use ivring_host::bridge::{relay_async, RelayEnd, RelayOptions};
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
@@ -54,7 +54,7 @@ impl GuestBridgeOptions {
     pub fn new(qga: PathBuf) -> GuestBridgeOptions {
         GuestBridgeOptions {
             qga,
-            port: ivring_host::bridge::PORT_QGA,
+            port: super::PORT_QGA,
             sync_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
             relay: RelayOptions {
@@ -72,7 +72,7 @@ pub fn run(endpoint: &Endpoint, opts: &GuestBridgeOptions) -> Result<()> {
         .listen(opts.port)
         .with_context(|| format!("listening on port {}", opts.port))?;
     info!("bridge: port {} -> {}", opts.port, opts.qga.display());
-    ivring_host::notify::ready(&format!("bridge on port {}", opts.port));
+    crate::notify::ready(&format!("bridge on port {}", opts.port));
     if !opts.qga.exists() {
         warn!(
             "agent at {}: {}",

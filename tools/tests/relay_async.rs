@@ -3,7 +3,7 @@
 
 use ivring::tokio::{AsyncListener, AsyncSession};
 use ivring::{doorbell::local, Config, Endpoint, SharedRegion};
-use ivring_host::bridge::{relay_async, RelayOptions};
+use ivring_tools::bridge::{relay_async, RelayOptions};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -7,10 +7,10 @@
 //! cost.
 
 use crate::demo::{record_rtt, rtt_histogram};
-use crate::shm;
 use anyhow::Result;
 use hdrhistogram::Histogram;
 use ivring::SharedRegion;
+use ivring_ivshmem::shm;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::time::Instant;

@@ -26,11 +26,11 @@ pub mod hub;
 mod links;
 
 use crate::bridge::{relay_async, RelayOptions};
-use crate::error::HostError;
 use anyhow::{anyhow, bail, Context, Result};
 use hub::{Hub, HubBell, VmServer};
 use ivring::tokio::AsyncSession;
 use ivring::{Config, Endpoint, Role};
+use ivring_ivshmem::HostError;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io;
@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 /// The daemon's runtime directory by default.
-pub const DEFAULT_DIR: &str = crate::server::RUNTIME_DIR;
+pub const DEFAULT_DIR: &str = ivring_ivshmem::server::RUNTIME_DIR;
 /// The control socket's file name in the runtime directory.
 pub const CONTROL_SOCK: &str = "control.sock";
 /// The VM list's file name in the runtime directory.
@@ -149,13 +149,13 @@ impl VmSpec {
     /// Checks the name and the limits, in one line saying what to change.
     pub fn validate(&self) -> Result<()> {
         check_name(&self.name)?;
-        crate::shm::validate_size("shared memory", self.size)?;
-        if self.vectors == 0 || self.vectors > crate::server::MAX_VECTORS {
+        ivring_ivshmem::shm::validate_size("shared memory", self.size)?;
+        if self.vectors == 0 || self.vectors > ivring_ivshmem::server::MAX_VECTORS {
             bail!(
                 "vm {}: --vectors {}: give 1 to {}",
                 self.name,
                 self.vectors,
-                crate::server::MAX_VECTORS
+                ivring_ivshmem::server::MAX_VECTORS
             );
         }
         if self.max_peers == 0 || self.max_peers > 1024 {
@@ -364,7 +364,7 @@ impl Daemon {
         while let Some(req) = rx.recv().await {
             let answer = match self.handle(&req.body).await {
                 Ok(v) => v,
-                Err(e) => json!({"ok": false, "error": crate::error::one_line(&e)}),
+                Err(e) => json!({"ok": false, "error": crate::cli::one_line(&e)}),
             };
             let _ = req.reply.send(answer);
         }
@@ -455,7 +455,7 @@ impl Daemon {
         let dir = self.opts.dir.clone();
         let (mode, group) = (self.opts.mode(), self.opts.group_str());
         let ivs = ivshmem_socket(&dir, &spec.name);
-        let memfd = crate::sys::create_sealed_memfd(&spec.name, spec.size)?;
+        let memfd = ivring_ivshmem::sys::create_sealed_memfd(&spec.name, spec.size)?;
         let listener = crate::bridge::bind_socket(&ivs, mode, group.as_deref())?;
         listener.set_nonblocking(true)?;
         let mut ports = BTreeMap::new();
@@ -513,7 +513,7 @@ impl Daemon {
             .map(std::os::unix::net::UnixListener::from)
             .ok_or_else(|| anyhow!("the fd store kept its memory but not its socket"))?;
         listener.set_nonblocking(true)?;
-        crate::sys::check_memfd(memfd.as_fd(), "the kept shared memory")?;
+        ivring_ivshmem::sys::check_memfd(memfd.as_fd(), "the kept shared memory")?;
         let mut ports = BTreeMap::new();
         if spec.agent {
             let mut want = vec![spec.agent_port];
@@ -529,9 +529,9 @@ impl Daemon {
             }
         }
         let bell = if spec.agent {
-            let own: Vec<crate::sys::EventFd> = (0..spec.vectors)
+            let own: Vec<ivring_ivshmem::sys::EventFd> = (0..spec.vectors)
                 .map_while(|k| self.store.take(&format!("{name}/bell/{k}")))
-                .map(crate::sys::EventFd::from_owned)
+                .map(ivring_ivshmem::sys::EventFd::from_owned)
                 .collect();
             if own.len() != spec.vectors {
                 bail!("the fd store did not keep all of its doorbell vectors");
@@ -554,9 +554,9 @@ impl Daemon {
             let Some(sock) = self.store.take(&n) else {
                 continue;
             };
-            let vectors: Vec<Arc<crate::sys::EventFd>> = (0..spec.vectors)
+            let vectors: Vec<Arc<ivring_ivshmem::sys::EventFd>> = (0..spec.vectors)
                 .map_while(|k| self.store.take(&fdstore::peer_vec_name(name, id, k)))
-                .map(|fd| Arc::new(crate::sys::EventFd::from_owned(fd)))
+                .map(|fd| Arc::new(ivring_ivshmem::sys::EventFd::from_owned(fd)))
                 .collect();
             if vectors.len() != spec.vectors {
                 warn!("vm {name}: peer {id}: the fd store lost some of its vectors: dropped");
@@ -591,7 +591,7 @@ impl Daemon {
         let (stop, stop_rx) = watch::channel(false);
         let clients = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
-        let region = crate::shm::map_memfd(parts.memfd.as_fd())?;
+        let region = ivring_ivshmem::shm::map_memfd(parts.memfd.as_fd())?;
         let bell = parts.bell;
         let mut endpoint = None;
         if let Some(b) = &bell {
@@ -645,7 +645,7 @@ impl Daemon {
         info!(
             "vm {}: serving {} of shared memory on {}{}",
             spec.name,
-            crate::shm::human_size(spec.size),
+            ivring_ivshmem::shm::human_size(spec.size),
             ivs.display(),
             if spec.agent {
                 format!(
@@ -792,7 +792,7 @@ impl Daemon {
                 Ok(false) => {}
                 Err(e) => warn!(
                     "vm {name}: the fd store's copy is unusable ({}); giving it new memory",
-                    crate::error::one_line(&e)
+                    crate::cli::one_line(&e)
                 ),
             }
             self.store.remove_vm(&name);
@@ -802,7 +802,7 @@ impl Daemon {
                      before this daemon started cannot reach it; restart that VM (or re-plug \
                      its ivshmem device), then `ivring-host vm recover {name}` if it was"
                 ),
-                Err(e) => warn!("vm {name}: not restored: {}", crate::error::one_line(&e)),
+                Err(e) => warn!("vm {name}: not restored: {}", crate::cli::one_line(&e)),
             }
         }
         // Kept fds of VMs no longer listed are let go.

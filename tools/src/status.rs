@@ -1,7 +1,7 @@
 //! What a link looks like from outside: the header and the words each side publishes,
 //! read twice a moment apart (to see which heartbeats move), and the state they add up
 //! to. Reads only: the region handed in should be a private mapping
-//! ([`crate::shm::map_fd_private`]), so that nothing this process does can reach the
+//! ([`ivring_ivshmem::shm::map_fd_private`]), so that nothing this process does can reach the
 //! shared memory.
 
 use ivring::layout::{side, GUEST_BLOCK, HOST_BLOCK, PEER_ID_VALID};
@@ -214,9 +214,17 @@ impl LinkStatus {
         };
         let _ = writeln!(out, "link    {}", self.what);
         let _ = writeln!(out, "state   {state}");
-        let _ = write!(out, "memory  {}", crate::shm::human_size(self.size));
+        let _ = write!(
+            out,
+            "memory  {}",
+            ivring_ivshmem::shm::human_size(self.size)
+        );
         if let Some(c) = self.ring_capacity {
-            let _ = write!(out, " (rings of {} each)", crate::shm::human_size(c));
+            let _ = write!(
+                out,
+                " (rings of {} each)",
+                ivring_ivshmem::shm::human_size(c)
+            );
         }
         let _ = writeln!(out);
         for (name, s) in [("host", &self.host), ("guest", &self.guest)] {

@@ -1,6 +1,6 @@
 //! The daemon's ivshmem servers: every VM's server socket, and every peer connected to
 //! it, served by one thread polling them all (the protocol is in `IVSHMEM.md`, "The
-//! ivshmem server protocol"; [`crate::server::Server`] serves one socket the same way).
+//! ivshmem server protocol"; [`ivring_ivshmem::server::Server`] serves one socket the same way).
 //!
 //! Each VM's server also has one peer inside the daemon, with no socket: the daemon's own
 //! endpoint of that VM's link ([`HubBell`], its [`ivring::Doorbell`]). Its eventfds are
@@ -14,8 +14,8 @@
 //! per connection, and at most `max_peers` of its connections are kept.
 
 use super::fdstore::{self, FdStore};
-use crate::sys::{self, EventFd};
 use ivring::Doorbell;
+use ivring_ivshmem::sys::{self, EventFd};
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -47,17 +47,17 @@ pub struct HubBell {
 
 impl HubBell {
     /// A doorbell for peer `id` with `vectors` fresh eventfds.
-    pub(crate) fn new(id: u16, vectors: usize) -> crate::Result<HubBell> {
+    pub(crate) fn new(id: u16, vectors: usize) -> ivring_ivshmem::Result<HubBell> {
         let own = (0..vectors)
             .map(|_| EventFd::new())
-            .collect::<crate::Result<Vec<_>>>()?;
+            .collect::<ivring_ivshmem::Result<Vec<_>>>()?;
         HubBell::with_vectors(id, own)
     }
 
     /// A doorbell for peer `id` with the eventfds `own` (kept across a daemon restart).
-    pub(crate) fn with_vectors(id: u16, own: Vec<EventFd>) -> crate::Result<HubBell> {
+    pub(crate) fn with_vectors(id: u16, own: Vec<EventFd>) -> ivring_ivshmem::Result<HubBell> {
         if own.is_empty() {
-            return Err(crate::HostError::io(
+            return Err(ivring_ivshmem::HostError::io(
                 "restore the daemon's doorbell",
                 io::Error::other("no vectors"),
             ));
@@ -269,8 +269,8 @@ impl VmServer {
         // and pauses"). The daemon's side has its own id, and nobody else joins a VM's
         // socket but the guest side, so 0 is free whenever the VM's QEMU starts. Any
         // further peer rotates through the other ids, as QEMU's own server does.
-        let id = if self.ids().all(|p| p != crate::server::VM_ID) {
-            crate::server::VM_ID
+        let id = if self.ids().all(|p| p != ivring_ivshmem::server::VM_ID) {
+            ivring_ivshmem::server::VM_ID
         } else {
             let last = self.last_id;
             let id = (1..=u16::MAX)
@@ -387,7 +387,7 @@ pub(crate) struct Hub {
 }
 
 impl Hub {
-    pub fn start() -> crate::Result<Hub> {
+    pub fn start() -> ivring_ivshmem::Result<Hub> {
         let cmds = Arc::new(Mutex::new(Vec::new()));
         let wake = Arc::new(EventFd::new()?);
         let thread = {
@@ -395,7 +395,7 @@ impl Hub {
             std::thread::Builder::new()
                 .name("ivring-hub".into())
                 .spawn(move || run(&cmds, &wake))
-                .map_err(|e| crate::HostError::io("spawn the ivshmem hub thread", e))?
+                .map_err(|e| ivring_ivshmem::HostError::io("spawn the ivshmem hub thread", e))?
         };
         Ok(Hub {
             cmds,

@@ -12,12 +12,12 @@
 
 mod spsc;
 
-use crate::attach::{Attach, HostLink};
 use crate::demo::{pct, record_rtt, rtt_histogram};
 use crate::services;
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use ivring::{Config, Endpoint, IdleWait, Readiness, Role, Session, SessionOptions, WaitMode};
+use ivring_ivshmem::attach::{Attach, HostLink};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;

@@ -1,5 +1,9 @@
-//! Every system call of the host side. Each fd is an [`OwnedFd`] from the moment the
+//! Every system call of the ivshmem side. Each fd is an [`OwnedFd`] from the moment the
 //! kernel hands it to us, so no path leaks or double-closes one.
+//!
+//! Public for programs that serve ivshmem peers themselves (ivring-host's daemon, which
+//! multiplexes many VMs on one thread): eventfds, epoll, sealed memfds and the ivshmem
+//! message with its fd. [`crate::Server`] and [`crate::Client`] need none of it.
 
 use crate::error::{HostError, Result};
 use rustix::event::{PollFd, PollFlags, Timespec};
@@ -18,11 +22,11 @@ use std::time::{Duration, Instant};
 
 /// An eventfd (`EFD_CLOEXEC | EFD_NONBLOCK`): a counter that reads as "rung" when non-zero.
 #[derive(Debug)]
-pub(crate) struct EventFd(OwnedFd);
+pub struct EventFd(OwnedFd);
 
 impl EventFd {
     /// Creates a fresh, unsignalled eventfd.
-    pub(crate) fn new() -> Result<Self> {
+    pub fn new() -> Result<Self> {
         let flags = rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK;
         rustix::event::eventfd(0, flags)
             .map(EventFd)
@@ -31,13 +35,13 @@ impl EventFd {
 
     /// Wraps an eventfd received from a peer. Nothing checks that it is one: writes to
     /// anything else fail, and those failures are ignored like a missing peer.
-    pub(crate) fn from_owned(fd: OwnedFd) -> Self {
+    pub fn from_owned(fd: OwnedFd) -> Self {
         EventFd(fd)
     }
 
     /// Adds 1 to the counter. Never blocks; errors (a full counter, a peer's fd that is
     /// not an eventfd) are dropped, as a doorbell to a missing peer is.
-    pub(crate) fn signal(&self) {
+    pub fn signal(&self) {
         let one = 1u64.to_ne_bytes();
         loop {
             match rustix::io::write(&self.0, &one) {
@@ -48,7 +52,7 @@ impl EventFd {
     }
 
     /// Resets the counter to 0 (consumes pending signals). EAGAIN (not signalled) is fine.
-    pub(crate) fn drain(&self) {
+    pub fn drain(&self) {
         let mut buf = [0u8; 8];
         loop {
             match rustix::io::read(&self.0, &mut buf) {
@@ -68,10 +72,7 @@ impl AsFd for EventFd {
 /// Waits until any of `fds` is readable (or hung up / in error), or `timeout` passes
 /// (`None`: forever). Returns which fds are ready; all false on timeout. Retries EINTR
 /// with the remaining time.
-pub(crate) fn poll_readable(
-    fds: &[BorrowedFd<'_>],
-    timeout: Option<Duration>,
-) -> Result<Vec<bool>> {
+pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> Result<Vec<bool>> {
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut pfds: Vec<PollFd<'_>> = fds
         .iter()
@@ -101,7 +102,7 @@ pub(crate) fn fd_size(fd: BorrowedFd<'_>) -> Result<u64> {
 
 /// A memfd of `size` bytes sealed against shrinking, growing and further sealing, so no
 /// one who receives it can truncate it under a mapping (which would SIGBUS the mapper).
-pub(crate) fn create_sealed_memfd(name: &str, size: u64) -> Result<OwnedFd> {
+pub fn create_sealed_memfd(name: &str, size: u64) -> Result<OwnedFd> {
     // MFD_NOEXEC_SEAL (Linux 6.3) keeps the memory from ever being executed, and newer
     // kernels warn about memfds created without saying either way; older ones refuse the
     // flag with EINVAL.
@@ -119,7 +120,7 @@ pub(crate) fn create_sealed_memfd(name: &str, size: u64) -> Result<OwnedFd> {
 }
 
 /// Checks that `fd` is a memfd (or shmem file) sealed against shrinking.
-pub(crate) fn check_memfd(fd: BorrowedFd<'_>, what: &str) -> Result<()> {
+pub fn check_memfd(fd: BorrowedFd<'_>, what: &str) -> Result<()> {
     match rustix::fs::fcntl_get_seals(fd) {
         Err(Errno::INVAL) => Err(HostError::NotMemfd { what: what.into() }),
         Err(e) => Err(HostError::io(format!("F_GET_SEALS on {what}"), e)),
@@ -158,7 +159,7 @@ pub(crate) fn bind_unix_0600(path: &Path) -> Result<UnixListener> {
 }
 
 /// Device and inode of `path` (not following symlinks), to recognise our own socket file.
-pub(crate) fn path_identity(path: &Path) -> Option<(u64, u64)> {
+pub fn path_identity(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::symlink_metadata(path).ok()?;
     Some((m.dev(), m.ino()))
@@ -166,11 +167,7 @@ pub(crate) fn path_identity(path: &Path) -> Option<(u64, u64)> {
 
 /// Sends one ivshmem message: a little-endian i64, with `fd` attached when given.
 /// Retries EINTR and short writes (the fd goes with the first byte); never raises SIGPIPE.
-pub(crate) fn send_msg(
-    sock: BorrowedFd<'_>,
-    val: i64,
-    fd: Option<BorrowedFd<'_>>,
-) -> io::Result<()> {
+pub fn send_msg(sock: BorrowedFd<'_>, val: i64, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
     let bytes = val.to_le_bytes();
     let mut sent = 0;
     let fds = fd.map(|f| [f]);
@@ -282,12 +279,13 @@ pub(crate) fn group_id(name: &str) -> io::Result<Option<u32>> {
 /// An epoll instance (`EPOLL_CLOEXEC`): level-triggered interest in fds, each reported
 /// with a `u64` of the caller's choosing.
 #[derive(Debug)]
-pub(crate) struct Epoll {
+pub struct Epoll {
     fd: OwnedFd,
 }
 
 impl Epoll {
-    pub(crate) fn new() -> Result<Epoll> {
+    /// Creates an epoll instance watching nothing.
+    pub fn new() -> Result<Epoll> {
         rustix::event::epoll::create(rustix::event::epoll::CreateFlags::CLOEXEC)
             .map(|fd| Epoll { fd })
             .map_err(|e| HostError::io("epoll_create", e))
@@ -303,7 +301,7 @@ impl Epoll {
     }
 
     /// Watches `fd` for readability, reported as `key`.
-    pub(crate) fn add(&self, fd: BorrowedFd<'_>, key: u64) -> io::Result<()> {
+    pub fn add(&self, fd: BorrowedFd<'_>, key: u64) -> io::Result<()> {
         rustix::event::epoll::add(
             &self.fd,
             fd,
@@ -314,7 +312,7 @@ impl Epoll {
     }
 
     /// Starts (`readable`) or stops watching `fd`'s readability; it stays registered.
-    pub(crate) fn watch(&self, fd: BorrowedFd<'_>, key: u64, readable: bool) -> io::Result<()> {
+    pub fn watch(&self, fd: BorrowedFd<'_>, key: u64, readable: bool) -> io::Result<()> {
         rustix::event::epoll::modify(
             &self.fd,
             fd,
@@ -325,14 +323,14 @@ impl Epoll {
     }
 
     /// Forgets `fd`.
-    pub(crate) fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         rustix::event::epoll::delete(&self.fd, fd).map_err(io::Error::from)
     }
 
     /// Waits until a watched fd is ready or `timeout` passes (`None`: forever; rounded up
     /// to the millisecond), and puts the keys of the ready fds in `keys` (cleared first; at
     /// most 128, the rest are reported by the next call). EINTR returns none.
-    pub(crate) fn wait(&self, keys: &mut Vec<u64>, timeout: Option<Duration>) -> Result<()> {
+    pub fn wait(&self, keys: &mut Vec<u64>, timeout: Option<Duration>) -> Result<()> {
         keys.clear();
         let mut events = [MaybeUninit::<rustix::event::epoll::Event>::uninit(); 128];
         let ts = timeout.map(|l| Timespec {

@@ -5,11 +5,11 @@
 //! both ways, EOF, a refused port, a peer killed and restarted, then throughput and
 //! round-trip latency.
 
-use crate::attach::{Attach, HostLink};
 use crate::services::{self, StreamHash};
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use ivring::{Config, Endpoint, Role};
+use ivring_ivshmem::attach::{Attach, HostLink};
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::path::Path;

@@ -13,11 +13,13 @@
 //! requests wait unanswered) until the first client leaves, exactly as a second client of
 //! qemu-ga's own socket does.
 
-use crate::attach::{Attach, HostLink};
+pub mod guest;
+
 use crate::logging::{self, LinkWatch};
 use anyhow::{bail, Context, Result};
 use ivring::tokio::AsyncSession;
 use ivring::{Config, Role};
+use ivring_ivshmem::attach::{Attach, HostLink};
 use std::cell::Cell;
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -196,7 +198,7 @@ pub fn parse_mode(s: &str) -> std::result::Result<u32, String> {
 /// Looks a group up by number, or by name through the system's name service (LDAP and
 /// sssd groups as well as `/etc/group`).
 pub fn resolve_group(g: &str) -> Result<u32> {
-    Ok(crate::server::resolve_group(g)?)
+    Ok(ivring_ivshmem::server::resolve_group(g)?)
 }
 
 /// Binds a listening UNIX socket at `path` with `mode` (and `group`), created with no

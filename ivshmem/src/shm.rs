@@ -153,7 +153,7 @@ impl Drop for PrivateMapping {
 /// Maps the whole of `fd` private (copy-on-write) after validating its size: the pages
 /// show what the other processes write, and nothing written through this mapping (this
 /// crate's readers write nothing) could ever reach them. For looking at a link from
-/// outside ([`crate::status`]). `what` names it in errors.
+/// outside (the `status` commands of ivring-host and ivring-guest). `what` names it in errors.
 pub fn map_fd_private(fd: BorrowedFd<'_>, what: &str) -> Result<SharedRegion> {
     use rustix::mm::{MapFlags, ProtFlags};
     let len = validate_size(what, sys::fd_size(fd)?)?;

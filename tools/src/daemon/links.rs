@@ -25,8 +25,8 @@
 //! doorbell, the next drive returns `None`, and the link's fds are unregistered.
 
 use super::hub::HubBell;
-use crate::sys::{Epoll, EventFd};
 use ivring::Driver;
+use ivring_ivshmem::sys::{Epoll, EventFd};
 use std::collections::BTreeSet;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -70,12 +70,12 @@ pub(crate) struct Links {
 }
 
 impl Links {
-    pub fn start() -> crate::Result<Links> {
+    pub fn start() -> ivring_ivshmem::Result<Links> {
         let epoll = Epoll::new()?;
         let wake = Arc::new(EventFd::new()?);
-        epoll
-            .add(wake.as_fd(), WAKE)
-            .map_err(|e| crate::HostError::io("epoll_ctl the links' command eventfd", e))?;
+        epoll.add(wake.as_fd(), WAKE).map_err(|e| {
+            ivring_ivshmem::HostError::io("epoll_ctl the links' command eventfd", e)
+        })?;
         let cmds = Arc::new(Mutex::new(Vec::new()));
         let driven = Arc::new(AtomicUsize::new(0));
         let lp = Loop {
@@ -91,7 +91,7 @@ impl Links {
         let thread = std::thread::Builder::new()
             .name("ivring-links".into())
             .spawn(move || lp.run())
-            .map_err(|e| crate::HostError::io("spawn the links thread", e))?;
+            .map_err(|e| ivring_ivshmem::HostError::io("spawn the links thread", e))?;
         Ok(Links {
             cmds,
             wake,
