@@ -602,6 +602,59 @@ fn sink_rate(s: &mut Session, sent: u64, size: usize, t0: Instant) -> Result<(f6
     Ok((sent as f64 / size as f64 / el, sent as f64 / el))
 }
 
+/// One session written both ways at once for `secs`: this side writes `size`-byte chunks
+/// on this thread while another reads the peer's (the duplex service's) chunks. Gives
+/// (bytes sent, bytes received, seconds) up to the peer's EOF after its count of what it
+/// read, which must match what was sent.
+fn ivring_duplex(ep: &Endpoint, size: usize, secs: f64) -> Result<(f64, f64, f64)> {
+    let s = ep.connect(services::PORT_DUPLEX)?;
+    (&s).write_all(&(size as u64).to_le_bytes())?;
+    let buf = vec![0x5au8; size];
+    let batch = ((256 << 10) / size).max(1);
+    let t0 = Instant::now();
+    let (sent, (received, tail, el)) = std::thread::scope(|t| -> Result<_> {
+        let reader = t.spawn(|| -> std::io::Result<(u64, [u8; 8], f64)> {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0u64;
+            // The last 8 bytes of the stream: the peer's count.
+            let mut tail = [0u8; 8];
+            loop {
+                let n = (&s).read(&mut buf)?;
+                if n == 0 {
+                    return Ok((total, tail, t0.elapsed().as_secs_f64()));
+                }
+                total += n as u64;
+                if n >= 8 {
+                    tail.copy_from_slice(&buf[n - 8..n]);
+                } else {
+                    tail.rotate_left(n);
+                    tail[8 - n..].copy_from_slice(&buf[..n]);
+                }
+            }
+        });
+        let mut sent = 0u64;
+        let wrote = (|| -> std::io::Result<()> {
+            while t0.elapsed().as_secs_f64() < secs {
+                for _ in 0..batch {
+                    (&s).write_all(&buf)?;
+                }
+                sent += (batch * size) as u64;
+            }
+            s.shutdown(Shutdown::Write)
+        })();
+        let read = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("duplex reader panicked"))?;
+        wrote?;
+        Ok((sent, read?))
+    })?;
+    let counted = u64::from_le_bytes(tail);
+    if received < 8 || counted != sent {
+        bail!("duplex peer counted {counted} bytes, {sent} sent");
+    }
+    Ok((sent as f64, (received - 8) as f64, el))
+}
+
 /// As `ivring_tput` for a stream, with `per_call` writes of `size` bytes given to each
 /// `write_vectored` (published with one store of the head).
 fn ivring_tput_vectored(
@@ -1059,6 +1112,47 @@ fn measure_block(
         r.extra.push(("uds_bytes_per_s".into(), ubps));
         rows.push(r);
     }
+    // One session written both ways at once, against one way alone (the same writes to
+    // the sink), slices interleaved.
+    let name = "ivring/duplex";
+    for size in [64, 64 << 10] {
+        if skip(name, size) {
+            continue;
+        }
+        log(&format!(
+            "[{m}] {name} {size} B both ways at once (interleaved with one way)"
+        ));
+        let mut both = |t: f64| {
+            let (out, back, el) = ivring_duplex(ep, size, t)?;
+            Ok((out + back, out, back, el))
+        };
+        let mut one = |t: f64| {
+            let (_, b) = ivring_tput(ep, size, t, false, false)?;
+            Ok((b * t, 0.0, 0.0, t))
+        };
+        let res = interleave(secs, &mut [&mut both, &mut one])?;
+        let sum = |v: &[(f64, f64, f64, f64)], f: fn(&(f64, f64, f64, f64)) -> f64| {
+            v.iter().map(f).sum::<f64>() / v.iter().map(|x| x.3).sum::<f64>().max(1e-9)
+        };
+        let agg = sum(&res[0], |x| x.0);
+        let out = sum(&res[0], |x| x.1);
+        let back = sum(&res[0], |x| x.2);
+        let one_way = sum(&res[1], |x| x.0);
+        let mut r = Row {
+            name: name.into(),
+            mode: m.into(),
+            size,
+            sessions: 1,
+            msgs_per_s: Some(agg / size as f64),
+            bytes_per_s: Some(agg),
+            ratio: Some((agg / one_way.max(1.0), "one way".into())),
+            ..Row::default()
+        };
+        r.extra.push(("one_way_bytes_per_s".into(), one_way));
+        r.extra.push(("sent_bytes_per_s".into(), out));
+        r.extra.push(("received_bytes_per_s".into(), back));
+        rows.push(r);
+    }
     for &size in &RTT_SIZES {
         for (name, message) in [("ivring/rtt/stream", false), ("ivring/rtt/message", true)] {
             if skip(name, size) {
@@ -1241,12 +1335,51 @@ fn targets(rows: &[Row]) -> Vec<Target> {
     let extra = |r: Option<&Row>, k: &str| {
         r.and_then(|r| r.extra.iter().find(|(n, _)| n == k).map(|x| x.1))
     };
+    for (m, limit) in [("poll", 35.0), ("adaptive", 25.0), ("block", 15.0)] {
+        push(
+            &format!("64 B stream, 1 session, {m}: msgs/s vs UNIX socket"),
+            ratio(find("ivring/stream", m, 64, 1)),
+            limit,
+            true,
+        );
+    }
+    // What the sessions, credits and checks cost against the bare ring.
     push(
-        "64 B stream, 1 session, poll: msgs/s vs UNIX socket",
-        ratio(find("ivring/stream", "poll", 64, 1)),
-        35.0,
+        "64 B stream, poll: msgs/s vs bare SPSC ring",
+        extra(find("ivring/stream", "poll", 64, 1), "vs_spsc_msgs"),
+        0.5,
         true,
     );
+    push(
+        "64 KiB stream, poll: bytes/s vs bare SPSC ring",
+        extra(find("ivring/stream", "poll", 65536, 1), "vs_spsc_bytes"),
+        0.9,
+        true,
+    );
+    push(
+        "64 B round trip, poll: p50 vs bare SPSC ring",
+        extra(find("ivring/rtt/stream", "poll", 64, 1), "vs_spsc"),
+        1.3,
+        false,
+    );
+    push(
+        "64 B round trip, poll: p99 / p50",
+        find("ivring/rtt/stream", "poll", 64, 1)
+            .and_then(|r| r.rtt)
+            .map(|[p50, p99, _]| p99 / p50.max(1.0)),
+        10.0,
+        false,
+    );
+    for m in ["poll", "block", "adaptive"] {
+        for size in [64, 65536] {
+            push(
+                &format!("{size} B both ways at once, {m}: aggregate vs one way"),
+                ratio(find("ivring/duplex", m, size, 1)),
+                1.7,
+                true,
+            );
+        }
+    }
     for m in ["poll", "block", "adaptive"] {
         push(
             &format!("64 KiB stream, {m}: bytes/s vs UNIX socket"),

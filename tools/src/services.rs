@@ -23,6 +23,10 @@ pub const PORT_ZC_SINK: u32 = 6;
 /// As [`PORT_SINK`], with every session on one thread (an event loop over non-blocking
 /// sessions) instead of a thread per session: for many concurrent sessions.
 pub const PORT_LOOP_SINK: u32 = 7;
+/// Both ways at once: reads an 8-byte request (the size of its writes, LE), then writes
+/// `size`-byte chunks back while it reads; at EOF it stops writing and answers with the
+/// count of bytes it read after the request (8 bytes LE, the last of its stream).
+pub const PORT_DUPLEX: u32 = 8;
 
 /// A checksum of a byte stream that does not depend on how the stream was split.
 #[derive(Clone, Debug)]
@@ -108,6 +112,7 @@ pub fn spawn_all(ep: &Endpoint) -> io::Result<()> {
     spawn(ep.listen(PORT_SINK)?, |s| sink(s, false))?;
     spawn(ep.listen(PORT_ZC_SINK)?, zc_sink)?;
     spawn_loop_sink(ep)?;
+    spawn(ep.listen(PORT_DUPLEX)?, duplex)?;
     Ok(())
 }
 
@@ -252,6 +257,37 @@ fn sink(mut s: Session, hash: bool) -> io::Result<()> {
     reply[..8].copy_from_slice(&count.to_le_bytes());
     reply[8..].copy_from_slice(&h.finish().to_le_bytes());
     s.write_all(if hash { &reply } else { &reply[..8] })
+}
+
+fn duplex(s: Session) -> io::Result<()> {
+    let mut req = [0u8; 8];
+    (&s).read_exact(&mut req)?;
+    let size = (u64::from_le_bytes(req) as usize).clamp(1, 1 << 20);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let count = thread::scope(|t| {
+        let writer = t.spawn(|| -> io::Result<()> {
+            let chunk = vec![0xa5u8; size];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                (&s).write_all(&chunk)?;
+            }
+            Ok(())
+        });
+        let mut buf = vec![0u8; 1 << 20];
+        let mut count = 0u64;
+        let read = loop {
+            match (&s).read(&mut buf) {
+                Ok(0) => break Ok(count),
+                Ok(n) => count += n as u64,
+                Err(e) => break Err(e),
+            }
+        };
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let wrote = writer
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("writer panicked")));
+        wrote.and(read)
+    })?;
+    (&s).write_all(&count.to_le_bytes())
 }
 
 fn zc_sink(mut s: Session) -> io::Result<()> {
