@@ -601,6 +601,64 @@ impl Session {
 }
 
 impl Session {
+    /// Reads from whichever of `sessions` (all of one endpoint) has data first, in the order
+    /// the peer sent it, as `recvmsg` on an unconnected socket: the event loop over many
+    /// sessions without a poll of each. A frame that fits `buf` is copied once, straight
+    /// out of the ring. Returns which session (its index in `sessions`) and what a read
+    /// of it returned: bytes, `Ok(0)` at its EOF, or its error (`ConnectionReset`, ...).
+    ///
+    /// A session at its EOF reads `Ok(0)` again each time, as a socket does: an event
+    /// loop takes it out of the set it passes.
+    ///
+    /// Waits up to `timeout` (`None`: for ever; `Some(Duration::ZERO)`: not at all, then
+    /// `WouldBlock`), spinning first as the wait mode says; `TimedOut` when it passes.
+    /// `InvalidInput` when `sessions` is empty or holds sessions of two endpoints.
+    pub fn read_any(
+        sessions: &[&Session],
+        buf: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> io::Result<(usize, io::Result<usize>)> {
+        let Some(first) = sessions.first() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "ivring: read_any takes one or more sessions",
+            ));
+        };
+        let shared = &first.shared;
+        if sessions.iter().any(|s| !Arc::ptr_eq(&s.shared, shared)) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "ivring: read_any takes sessions of one endpoint",
+            ));
+        }
+        let ids: Vec<u64> = sessions.iter().map(|s| s.id).collect();
+        let patience = if timeout == Some(Duration::ZERO) {
+            Patience::Now
+        } else {
+            Patience::Wait
+        };
+        shared
+            .wait_locked_on(
+                WaitOn::Link,
+                Session::deadline(timeout),
+                patience,
+                |l, out| {
+                    // Sessions the link's reset ended: what the peer sent before it, then
+                    // their error, as their own reads give.
+                    for (i, s) in sessions.iter().enumerate() {
+                        if l.gen() != s.gen {
+                            return Ok(Some(match l.read_ended(s.gen, s.id, buf) {
+                                Some(n) => (i, Ok(n)),
+                                None => (i, Err(reset_error(l))),
+                            }));
+                        }
+                    }
+                    Ok(l.read_any(&ids, buf, out))
+                },
+            )
+            .map(|(_, v)| v)
+    }
+
     /// A read through a shared reference, for the async and event-loop wrappers (whose
     /// read and write halves work one session from two tasks).
     pub(crate) fn read_shared(&self, buf: &mut [u8], patience: Patience) -> io::Result<usize> {
@@ -743,6 +801,92 @@ mod tests {
                 assert_eq!(b, pattern(id, pos + i as u64), "byte {}", pos + i as u64);
             }
             pos += n as u64;
+        }
+    }
+
+    /// An event loop over many sessions with `read_any`: stream and message sessions
+    /// interleaved in one ring, frames larger and smaller than the buffer, every byte in
+    /// order per session, every message whole, each EOF reported once, in every mode.
+    #[test]
+    fn read_any_serves_many_sessions_in_order_with_their_eofs() {
+        for wait in [WaitMode::Poll, WaitMode::Block, WaitMode::Adaptive] {
+            let cfg = Config {
+                wait,
+                buf_size: 16 << 10,
+                ..Config::default()
+            };
+            let region = SharedRegion::heap(256 << 10);
+            let (a, b) = local::pair();
+            let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
+            let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+            let l = guest.listen(9).unwrap();
+            // Sessions 0..6: the even ones streams, the odd ones keep messages.
+            let n = 6;
+            let mut tx = Vec::new();
+            let mut rx = Vec::new();
+            for k in 0..n {
+                let opts = crate::SessionOptions {
+                    message: k % 2 == 1,
+                };
+                tx.push(host.connect_with(9, opts).unwrap());
+                rx.push(l.accept().unwrap());
+            }
+            let writer = std::thread::spawn(move || {
+                let mut pos = vec![0u64; tx.len()];
+                for round in 0..400usize {
+                    let k = round * 7 % tx.len();
+                    let len = 1 + round * 131 % 7000;
+                    let data: Vec<u8> = (0..len as u64)
+                        .map(|j| pattern(k as u64, pos[k] + j))
+                        .collect();
+                    tx[k].write_all(&data).unwrap();
+                    pos[k] += len as u64;
+                }
+                pos
+            });
+            // The loop's set: a session leaves it at its EOF (which it would report again).
+            let mut open: Vec<usize> = (0..n).collect();
+            let mut got = vec![Vec::new(); n];
+            let mut eof = vec![false; n];
+            // Messages are at most 7000 bytes: a read of 8 KiB takes each whole.
+            let mut buf = vec![0u8; 8 << 10];
+            // The writer drops its sessions when done: each ends with EOF.
+            while !open.is_empty() {
+                let set: Vec<&crate::Session> = open.iter().map(|&k| &rx[k]).collect();
+                let (i, r) =
+                    crate::Session::read_any(&set, &mut buf, Some(Duration::from_secs(20)))
+                        .unwrap();
+                let k = open[i];
+                match r.unwrap() {
+                    0 => {
+                        eof[k] = true;
+                        open.remove(i);
+                    }
+                    m => {
+                        assert!(!eof[k], "data after EOF on session {k}");
+                        got[k].extend_from_slice(&buf[..m]);
+                    }
+                }
+            }
+            let sent = writer.join().unwrap();
+            for k in 0..n {
+                assert_eq!(got[k].len() as u64, sent[k], "session {k} in {wait:?}");
+                assert!(
+                    got[k]
+                        .iter()
+                        .enumerate()
+                        .all(|(j, &b)| b == pattern(k as u64, j as u64)),
+                    "session {k} bytes in {wait:?}"
+                );
+            }
+            let all: Vec<&crate::Session> = rx.iter().collect();
+            assert!(
+                matches!(
+                    crate::Session::read_any(&all, &mut buf, Some(Duration::ZERO)),
+                    Ok((0, Ok(0)))
+                ),
+                "a session at EOF reads EOF again"
+            );
         }
     }
 

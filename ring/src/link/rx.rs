@@ -359,6 +359,130 @@ impl Link {
         Some(s.take(buf).0)
     }
 
+    /// The next Data of any of the sessions `ids`, in ring order (as `recvmsg` on an
+    /// unconnected socket): the ring's next frames are read in order; a frame of one of
+    /// them that fits `buf` is copied once, straight out of the ring; frames of other
+    /// sessions, control frames and frames that do not fit go to their sessions as
+    /// `pump` sends them, and a session of `ids` that one made readable (its data, EOF or
+    /// reset) is read at once. What a session held before the call (a pump of the keeper
+    /// or of a spinning caller put it there) is read when the ring has nothing more for
+    /// them, or when the session's next frame arrives: one look at each session per
+    /// call that would otherwise wait, not per frame.
+    /// `Some((index in ids, what a read of that session returned))`, `None` to wait. A bad
+    /// header or index is left for `pump`, as in `read_direct`.
+    pub(crate) fn read_any(
+        &mut self,
+        ids: &[u64],
+        buf: &mut [u8],
+        out: &mut Actions,
+    ) -> Option<(usize, io::Result<usize>)> {
+        let got = self.read_any_ring(ids, buf, out);
+        got.or_else(|| self.read_any_held(ids, buf, out))
+    }
+
+    /// The ring half of [`Link::read_any`].
+    fn read_any_ring(
+        &mut self,
+        ids: &[u64],
+        buf: &mut [u8],
+        out: &mut Actions,
+    ) -> Option<(usize, io::Result<usize>)> {
+        if !self.up || self.parked.is_some() || buf.is_empty() {
+            return None;
+        }
+        let quarter = self.geom.capacity / 4;
+        let mut budget = self.geom.capacity;
+        let mut got = None;
+        while budget > 0 && got.is_none() {
+            if !self.rx.has_cached() {
+                match self.rx.available() {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            let Ok(Some(rec)) = self.rx.next(self.max_payload) else {
+                break;
+            };
+            let h = rec.header;
+            let len = h.len as usize;
+            let at = ids.iter().position(|&id| id == h.session);
+            let direct = match (h.kind, at, self.sessions.get(&h.session)) {
+                (Kind::Data, Some(_), Some(s)) => {
+                    len > 0
+                        && len <= buf.len()
+                        && !s.message
+                        && !s.rd_shut
+                        && !s.in_place
+                        && s.state == State::Open
+                        && !s.rx_eof
+                        && s.buffered() == 0
+                        && s.received - s.fwd_cnt + len as u64 <= s.buf_alloc as u64
+                }
+                _ => false,
+            };
+            if let (true, Some(i)) = (direct, at) {
+                self.rx.read_payload(rec.payload_at, &mut buf[..len]);
+                self.rx.consume(&h);
+                if let Some(s) = self.sessions.get_mut(&h.session) {
+                    s.received += len as u64;
+                    s.fwd_cnt += len as u64;
+                }
+                got = Some((
+                    i,
+                    self.grant_credit(h.session, out)
+                        .map(|()| len)
+                        .map_err(|f| self.fault_to_io(f)),
+                ));
+            } else {
+                // As pump: the frame goes to its session (or changes its state).
+                let dispatched = self.dispatch(&h, rec.payload_at, out);
+                // Consumed either way: a frame is never acted on twice.
+                self.rx.consume(&h);
+                if let Err(f) = dispatched {
+                    // A bad index of the peer (met sending a control frame): the keeper's
+                    // next look resets the link and wakes every caller.
+                    return at.map(|i| (i, Err(self.fault_to_io(f))));
+                }
+                if let Some(i) = at {
+                    got = self
+                        .read_any_held(&ids[i..=i], buf, out)
+                        .map(|(_, r)| (i, r));
+                }
+            }
+            budget = budget.saturating_sub(frame::record_len(len) as u64);
+            if self.rx.unreleased() >= quarter && self.rx.release() {
+                out.ring_peer = true;
+            }
+        }
+        if self.rx.release() {
+            out.ring_peer = true;
+        }
+        got
+    }
+
+    /// The first of the sessions `ids` that a read would not wait for: its read.
+    fn read_any_held(
+        &mut self,
+        ids: &[u64],
+        buf: &mut [u8],
+        out: &mut Actions,
+    ) -> Option<(usize, io::Result<usize>)> {
+        for (i, &id) in ids.iter().enumerate() {
+            match self.session(id) {
+                Err(e) => return Some((i, Err(e))),
+                Ok(s) if s.readable() => {
+                    return match self.read(id, buf, out) {
+                        Ok(Some(n)) => Some((i, Ok(n))),
+                        Ok(None) => None,
+                        Err(e) => Some((i, Err(e))),
+                    };
+                }
+                Ok(_) => {}
+            }
+        }
+        None
+    }
+
     /// Reads this stream session's next frames straight from the ring. `Ok(None)` when
     /// the general path must handle the read.
     pub(crate) fn read_direct(
