@@ -3,7 +3,7 @@
 //! The demo, the bench, the tests and the e2e suite run these in the "other" process
 //! (a second host process standing in for the guest, or `ivring-guest` in a VM).
 
-use ivring::{Endpoint, IdleWait, Listener, Readiness, Session};
+use ivring::{Endpoint, Listener, Readiness, Session};
 use std::io::{self, Read, Write};
 use std::sync::{mpsc, Arc};
 use std::thread;
@@ -121,18 +121,17 @@ fn spawn_loop_sink(ep: &Endpoint) -> io::Result<()> {
     let listener = ep.listen(PORT_LOOP_SINK)?;
     let ready = Readiness::new();
     let (tx, rx) = mpsc::channel::<Session>();
-    let idle = IdleWait::new(ep);
     let loop_ready = ready.clone();
     thread::Builder::new()
         .name("ivring-svc-loop".into())
-        .spawn(move || loop_sink(rx, loop_ready, idle))?;
+        .spawn(move || loop_sink(rx, loop_ready))?;
     thread::Builder::new()
         .name(format!("ivring-svc-{PORT_LOOP_SINK}"))
         .spawn(move || loop {
             match listener.accept() {
                 Ok(mut s) => {
                     s.set_nonblocking(true);
-                    if s.set_notify(ready.notifier()).is_err() || tx.send(s).is_err() {
+                    if tx.send(s).is_err() {
                         continue;
                     }
                     ready.fire();
@@ -145,8 +144,9 @@ fn spawn_loop_sink(ep: &Endpoint) -> io::Result<()> {
 }
 
 /// Reads every session it is handed until EOF, then answers with its byte count (8 bytes
-/// LE), all on this thread.
-fn loop_sink(sessions: mpsc::Receiver<Session>, ready: Arc<Readiness>, mut idle: IdleWait) {
+/// LE), all on this thread: `Session::read_any` over the sessions still reading takes the
+/// frames in the order they are in the ring, each copied once.
+fn loop_sink(sessions: mpsc::Receiver<Session>, ready: Arc<Readiness>) {
     struct Sink {
         s: Session,
         count: u64,
@@ -157,7 +157,6 @@ fn loop_sink(sessions: mpsc::Receiver<Session>, ready: Arc<Readiness>, mut idle:
     let mut buf = vec![0u8; 256 << 10];
     loop {
         ready.take();
-        let mut moved = false;
         loop {
             match sessions.try_recv() {
                 Ok(s) => open.push(Sink {
@@ -171,23 +170,12 @@ fn loop_sink(sessions: mpsc::Receiver<Session>, ready: Arc<Readiness>, mut idle:
                 Err(mpsc::TryRecvError::Disconnected) => break,
             }
         }
-        // One read per session and round: in the order the writers take turns, the next
-        // frame in the ring is then most often the session's own, read straight out of
-        // the ring (not first copied into the session's buffer).
+        // The answers of sessions at EOF; what does not fit the credit now goes on a
+        // later round (the sessions are non-blocking).
         open.retain_mut(|k| {
             if !k.eof {
-                match k.s.read(&mut buf) {
-                    Ok(0) => k.eof = true,
-                    Ok(n) => {
-                        k.count += n as u64;
-                        moved = true;
-                        return true;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                    Err(_) => return false,
-                }
+                return true;
             }
-            // The answer; what does not fit the credit now goes on a later round.
             let answer = k.count.to_le_bytes();
             while k.answered < answer.len() {
                 match k.s.write(&answer[k.answered..]) {
@@ -196,16 +184,44 @@ fn loop_sink(sessions: mpsc::Receiver<Session>, ready: Arc<Readiness>, mut idle:
                     Err(_) => return false,
                 }
             }
-            moved = true;
             false
         });
-        if moved {
-            idle.progress();
-        } else if open.is_empty() {
-            // Nothing to poll (even in Poll mode): sleep until a session is handed over.
-            ready.wait(Duration::from_millis(100));
-        } else {
-            idle.idle(&ready, Duration::from_millis(100));
+        let reading: Vec<usize> = (0..open.len()).filter(|&i| !open[i].eof).collect();
+        if reading.is_empty() {
+            // Nothing to read: sleep until a session is handed over (or a moment, for an
+            // answer that waits for credit).
+            let nap = if open.is_empty() { 100 } else { 1 };
+            ready.wait(Duration::from_millis(nap));
+            continue;
+        }
+        let set: Vec<&Session> = reading.iter().map(|&i| &open[i].s).collect();
+        // Read until the set changes (a session ends) or new sessions may be waiting.
+        let mut ended = None;
+        let mut counts = vec![0u64; set.len()];
+        for _ in 0..1024 {
+            match Session::read_any(&set, &mut buf, Some(Duration::from_millis(1))) {
+                Ok((j, Ok(0))) => {
+                    ended = Some((reading[j], true));
+                    break;
+                }
+                Ok((j, Ok(n))) => counts[j] += n as u64,
+                Ok((j, Err(_))) => {
+                    ended = Some((reading[j], false));
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        drop(set);
+        for (j, c) in counts.into_iter().enumerate() {
+            open[reading[j]].count += c;
+        }
+        match ended {
+            Some((i, true)) => open[i].eof = true,
+            Some((i, false)) => {
+                open.remove(i);
+            }
+            None => {}
         }
     }
 }
