@@ -249,12 +249,23 @@ pub fn fuzz_pump(data: &[u8]) {
                 }
                 link.disarm_wakeup();
             }
-            // The victim reads a session straight from the ring (the direct path).
+            // The victim reads a session straight from the ring (the direct path), or the
+            // next data of any of some sessions in ring order (read_any).
             12 => {
                 let ids: Vec<u64> = link.session_ids();
-                if let Some(&id) = ids.get(input.u8().unwrap_or(0) as usize % ids.len().max(1)) {
+                let pick = input.u8().unwrap_or(0);
+                if let Some(&id) = ids.get((pick & 0x7f) as usize % ids.len().max(1)) {
                     let n = input.u16() as usize % buf.len() + 1;
-                    let _ = link.read_direct(id, &mut buf[..n], &mut out);
+                    if pick & 0x80 == 0 {
+                        let _ = link.read_direct(id, &mut buf[..n], &mut out);
+                    } else {
+                        // The sessions from the picked one on (an id not open among them
+                        // answers with its error).
+                        let from = ids.iter().position(|&x| x == id).unwrap_or(0);
+                        let mut set = ids[from..].to_vec();
+                        set.push(id ^ 2);
+                        let _ = link.read_any(&set, &mut buf[..n], &mut out);
+                    }
                 }
             }
             // The victim reads in place (zero-copy): the session's frames are parked in
