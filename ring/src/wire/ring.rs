@@ -476,7 +476,7 @@ impl Consumer {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(test)]
 mod tests {
     //! The two halves over one ring in a heap region, the producer's side block standing
     //! for one side and the consumer's for the other: every index, word and record
