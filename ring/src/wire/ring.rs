@@ -761,6 +761,9 @@ mod tests {
         }
         assert_eq!(p.space_target(64), 1);
         assert_eq!(p.space_target(80), 960 + 64 + 80 - CAP);
+        // arm_space's own count agrees: exactly 64 free, exactly 64 to the end.
+        assert_eq!(p.arm_space(64, true), Ok(true));
+        assert_eq!(p.arm_space(80, false), Ok(false));
         // 992 bytes in: 32 to the end, a 64-byte record needs them too.
         assert!(push_rec(&mut p, 32, 15));
         assert_eq!(p.head_off, 992);
