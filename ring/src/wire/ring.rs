@@ -528,10 +528,19 @@ mod tests {
     }
 
     /// Reads every published record, checks each, consumes it; returns (session, len).
+    /// Bounded: a ring holds at most CAP / 16 records, so a reader that finds more (a
+    /// miscounted index) fails here instead of looping for ever.
     fn drain(c: &mut Consumer) -> Vec<(u64, usize)> {
         c.available().unwrap();
         let mut got = Vec::new();
-        while let Some(rec) = c.next(MAX).unwrap() {
+        loop {
+            assert!(
+                got.len() as u64 <= CAP / 16,
+                "more records than a ring holds"
+            );
+            let Some(rec) = c.next(MAX).unwrap() else {
+                return got;
+            };
             let (want_h, want) = data(rec.header.len as usize, rec.header.session);
             assert_eq!(rec.header, want_h);
             let mut buf = vec![0u8; want.len()];
@@ -543,7 +552,6 @@ mod tests {
             c.consume(&rec.header);
             got.push((rec.header.session, want.len()));
         }
-        got
     }
 
     #[test]
@@ -642,13 +650,17 @@ mod tests {
         c.consume(&rec.header);
         assert!(c.next(MAX).unwrap().is_none());
         // Up to 16 bytes before the ring's end, then a 32-byte record: a 16-byte pad.
-        while p.head_off != CAP - 16 {
+        for _ in 0..8 {
+            if p.head_off == CAP - 16 {
+                break;
+            }
             let rec = (CAP - 16 - p.head_off).min(256);
             assert!(push_rec(&mut p, rec, 1));
             p.publish();
             drain(&mut c);
             c.release();
         }
+        assert_eq!(p.head_off, CAP - 16);
         assert!(push_rec(&mut p, 32, 2));
         assert_eq!(p.head_off, 32);
         p.publish();
