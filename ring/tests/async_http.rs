@@ -3,6 +3,8 @@
 //! peer restart in the middle fails the open connections with `ConnectionReset`, and new
 //! connections work.
 
+mod common;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -166,23 +168,39 @@ async fn many_clients(server: Arc<Endpoint>, clients: Arc<Endpoint>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hyper_server_in_the_guest_role_clients_in_the_host_role() {
+    let _guard = common::watchdog(
+        "hyper_server_in_the_guest_role_clients_in_the_host_role",
+        Duration::from_secs(60),
+    );
     let p = pair();
     many_clients(p.guest, p.host).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hyper_server_in_the_host_role_clients_in_the_guest_role() {
+    let _guard = common::watchdog(
+        "hyper_server_in_the_host_role_clients_in_the_guest_role",
+        Duration::from_secs(60),
+    );
     let p = pair();
     many_clients(p.host, p.guest).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_role_server_restart_resets_open_connections_and_new_ones_work() {
+    let _guard = common::watchdog(
+        "a_guest_role_server_restart_resets_open_connections_and_new_ones_work",
+        Duration::from_secs(60),
+    );
     server_restart(Role::Guest).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_role_server_restart_resets_open_connections_and_new_ones_work() {
+    let _guard = common::watchdog(
+        "a_host_role_server_restart_resets_open_connections_and_new_ones_work",
+        Duration::from_secs(60),
+    );
     server_restart(Role::Host).await;
 }
 

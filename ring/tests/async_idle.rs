@@ -3,6 +3,8 @@
 //! is printed (`--nocapture`); only a generous bound is checked, since the machine's
 //! other work counts too.
 
+mod common;
+
 use ivring::tokio::{AsyncListener, AsyncSession};
 use ivring::{doorbell::local, Config, Endpoint, SharedRegion};
 use std::sync::Arc;
@@ -30,6 +32,10 @@ fn process_cpu() -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_thousand_idle_sessions_cost_almost_nothing() {
+    let _guard = common::watchdog(
+        "four_thousand_idle_sessions_cost_almost_nothing",
+        Duration::from_secs(60),
+    );
     let region = SharedRegion::heap(4 << 20);
     let (a, b) = local::pair();
     let cfg = Config {

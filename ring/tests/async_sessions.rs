@@ -1,6 +1,8 @@
 //! Async sessions and listeners (the `tokio` feature): data both ways, EOF, errors as in
 //! the blocking API, split halves, and cancel safety of read and accept.
 
+mod common;
+
 use ivring::tokio::{AsyncListener, AsyncSession};
 use ivring::{doorbell::local, Config, Endpoint, Role, SessionOptions, SharedRegion};
 use std::future::Future;
@@ -43,6 +45,7 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_in_both_roles() {
+    let _guard = common::watchdog("echo_in_both_roles", Duration::from_secs(60));
     let (host, guest) = pair(1 << 22);
     let (host, guest) = (Arc::new(host), Arc::new(guest));
     for (server, client) in [(guest.clone(), host.clone()), (host, guest)] {
@@ -71,6 +74,10 @@ async fn echo_in_both_roles() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_those_of_the_blocking_api() {
+    let _guard = common::watchdog(
+        "errors_are_those_of_the_blocking_api",
+        Duration::from_secs(60),
+    );
     let (host, guest) = pair(1 << 20);
     // Nobody listens.
     let e = AsyncSession::connect(&host, 99).await.unwrap_err();
@@ -116,6 +123,10 @@ async fn errors_are_those_of_the_blocking_api() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_waits_for_the_peer_to_attach() {
+    let _guard = common::watchdog(
+        "a_connect_waits_for_the_peer_to_attach",
+        Duration::from_secs(60),
+    );
     let region = SharedRegion::heap(1 << 20);
     let (a, b) = local::pair();
     let host = Endpoint::host(region.clone(), Arc::new(a), Config::default()).unwrap();
@@ -137,6 +148,7 @@ async fn a_connect_waits_for_the_peer_to_attach() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_and_vectored_writes() {
+    let _guard = common::watchdog("messages_and_vectored_writes", Duration::from_secs(60));
     let (host, guest) = pair(1 << 20);
     let listener = AsyncListener::bind(&guest, 8).unwrap();
     let opts = SessionOptions { message: true };
@@ -181,6 +193,7 @@ async fn messages_and_vectored_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn halves_reunite() {
+    let _guard = common::watchdog("halves_reunite", Duration::from_secs(60));
     let (host, guest) = pair(1 << 20);
     let listener = AsyncListener::bind(&guest, 4).unwrap();
     let c = AsyncSession::connect(&host, 4).await.unwrap();
@@ -197,6 +210,7 @@ async fn halves_reunite() {
 /// bursts: every cancelled read must have taken nothing, so the bytes arrive whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_read_loses_no_byte() {
+    let _guard = common::watchdog("a_cancelled_read_loses_no_byte", Duration::from_secs(60));
     let (host, guest) = pair(1 << 20);
     let listener = AsyncListener::bind(&guest, 6).unwrap();
     let mut c = AsyncSession::connect(&host, 6).await.unwrap();
@@ -242,6 +256,10 @@ async fn a_cancelled_read_loses_no_byte() {
 /// opened is accepted once, none lost to a cancelled accept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_accept_loses_no_session() {
+    let _guard = common::watchdog(
+        "a_cancelled_accept_loses_no_session",
+        Duration::from_secs(60),
+    );
     const N: u32 = 200;
     let (host, guest) = pair(1 << 21);
     let listener = AsyncListener::bind(&guest, 2).unwrap();
@@ -295,6 +313,10 @@ async fn a_cancelled_accept_loses_no_session() {
 /// whole transfer completes with the reader pausing between reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_waits_for_credit_and_ring_space() {
+    let _guard = common::watchdog(
+        "a_writer_waits_for_credit_and_ring_space",
+        Duration::from_secs(60),
+    );
     let (host, guest) = pair(1 << 18);
     let listener = AsyncListener::bind(&guest, 11).unwrap();
     let mut c = AsyncSession::connect(&host, 11).await.unwrap();
@@ -326,6 +348,7 @@ async fn a_writer_waits_for_credit_and_ring_space() {
 /// A cancelled connect withdraws its open: the listener's accepted session reads EOF.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_connect_is_withdrawn() {
+    let _guard = common::watchdog("a_cancelled_connect_is_withdrawn", Duration::from_secs(60));
     let (host, guest) = pair(1 << 20);
     let listener = AsyncListener::bind(&guest, 12).unwrap();
     // Dropped after its first poll (the open is out), before and after the peer's answer.
@@ -356,6 +379,10 @@ async fn a_cancelled_connect_is_withdrawn() {
 /// session (and may hold the doorbell), async sessions keep moving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_sessions_move_beside_a_blocked_blocking_reader() {
+    let _guard = common::watchdog(
+        "async_sessions_move_beside_a_blocked_blocking_reader",
+        Duration::from_secs(60),
+    );
     use std::io::Read;
     let (host, guest) = pair(1 << 20);
     let blocking_listener = guest.listen(20).unwrap();

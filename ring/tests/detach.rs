@@ -1,5 +1,7 @@
 //! A peer that closes its sessions and leaves at once: what it sent before is delivered.
 
+mod common;
+
 use ivring::{doorbell::local, Config, Endpoint, SessionOptions, SharedRegion};
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
@@ -16,6 +18,10 @@ fn pair() -> (Endpoint, Endpoint) {
 
 #[test]
 fn data_and_eof_before_the_peer_leaves_are_read() {
+    let _guard = common::watchdog(
+        "data_and_eof_before_the_peer_leaves_are_read",
+        Duration::from_secs(60),
+    );
     for _ in 0..20 {
         let (host, guest) = pair();
         let l = guest.listen(7).unwrap();

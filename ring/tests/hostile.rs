@@ -470,6 +470,14 @@ fn hostile_round(h: &mut Hostile, rng: &mut Rng) {
 
 fn run(victim_role: Role) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // After the lock: the other role's run may hold it for a while.
+    let _guard = common::watchdog(
+        match victim_role {
+            Role::Host => "hostile_guest_against_victim_host",
+            Role::Guest => "hostile_host_against_victim_guest",
+        },
+        Duration::from_secs(60),
+    );
     let rounds = rounds();
     let seed = seed() ^ victim_role as u64;
     let rss0 = rss_bytes();

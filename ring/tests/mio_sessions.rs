@@ -1,6 +1,8 @@
 //! Sessions and listeners registered with mio (the `mio` feature): one event loop accepts
 //! 16 sessions and echoes 1 MiB on each, reading and writing only when mio says so.
 
+mod common;
+
 use ivring::mio::{MioListener, MioSession};
 use ivring::{doorbell::local, Config, Endpoint, SharedRegion};
 use mio::{Events, Interest, Poll, Token};
@@ -62,6 +64,7 @@ fn work(e: &mut Echo) -> bool {
 
 #[test]
 fn a_mio_loop_accepts_and_echoes() {
+    let _guard = common::watchdog("a_mio_loop_accepts_and_echoes", Duration::from_secs(60));
     let region = SharedRegion::heap(4 << 20);
     let (a, b) = local::pair();
     let host = Endpoint::host(region.clone(), Arc::new(a), Config::default()).unwrap();

@@ -1,6 +1,8 @@
 //! The non-blocking building blocks under the async and mio types, without a runtime:
 //! `Listener::set_notify` and `Endpoint::connect_nonblocking` / `Connecting`.
 
+mod common;
+
 use ivring::{doorbell::local, Config, Endpoint, Role, SessionOptions, SharedRegion};
 use std::io::{ErrorKind, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,6 +31,10 @@ fn until(mut f: impl FnMut() -> bool) {
 
 #[test]
 fn a_connect_finishes_without_blocking_and_the_listener_is_notified() {
+    let _guard = common::watchdog(
+        "a_connect_finishes_without_blocking_and_the_listener_is_notified",
+        Duration::from_secs(60),
+    );
     let region = SharedRegion::heap(1 << 20);
     let (a, b) = local::pair();
     let host = Endpoint::host(region.clone(), Arc::new(a), Config::default()).unwrap();

@@ -4,9 +4,10 @@
 //!   dropped, never delivered;
 //! - a link reset drops the control frames queued for the old epoch's sessions;
 //! - a peer restart zeroes our read position (no corruption, one reset);
-//! - the direct-read path keeps message boundaries;
+//! - the direct-read path keeps message boundaries (a reader that finds several messages
+//!   already in the ring still gets one per read);
 //! - a Data frame over the frame limit, and a record published only in part, are
-//!   corruption.
+//!   corruption, met by the direct-read path or by `pump` alone (message sessions).
 //!
 //! Every test runs under a watchdog: a wait that never ends fails the run in seconds.
 
@@ -339,23 +340,74 @@ fn messages_are_never_merged() {
     }
 }
 
+/// Messages already in the ring when the reader calls read (published without a ring, so
+/// no keeper took them first) are where the direct-read path would serve them: one
+/// message per read all the same, never two merged into one.
+#[test]
+fn messages_waiting_in_the_ring_are_read_one_per_read() {
+    let _w = watchdog("messages_waiting_in_the_ring_are_read_one_per_read", LIMIT);
+    for wait in [WaitMode::Block, WaitMode::Adaptive, WaitMode::Poll] {
+        let cfg = Config {
+            wait,
+            // The keeper wakes for little else: the reader finds the frames first.
+            heartbeat: Duration::from_millis(500),
+            ..cfg()
+        };
+        let (victim, mut peer) = pair(Role::Host, cfg);
+        let l = victim.listen(PORT).unwrap();
+        let id = peer_opens(&mut peer, Role::Host, PORT, true);
+        let mut s = l.accept_timeout(Duration::from_secs(10)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut buf = vec![0u8; 4096];
+        let mut pos = 0u64;
+        for round in 0..20 {
+            peer.follow();
+            let lens = [10u64, 20, 30];
+            let first = pos;
+            for len in lens {
+                assert!(peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, pos, pos + len)));
+                pos += len;
+            }
+            peer.store(side::TX_HEAD, peer.head);
+            let mut at = first;
+            for len in lens {
+                let n = s.read(&mut buf).unwrap();
+                assert_eq!(
+                    &buf[..n],
+                    &bytes(id, at, at + len)[..],
+                    "{wait:?}, round {round}: messages merged or split"
+                );
+                at += len;
+            }
+        }
+        assert_eq!(victim.stats().corruptions, 0);
+    }
+}
+
 /// A Data frame longer than the frame limit is corruption even where the ring has room
-/// for it; nothing of it is read.
+/// for it; nothing of it is read. On a stream session the direct-read path meets it
+/// first; on a message session (which that path never serves) only `pump` does.
 #[test]
 fn data_over_the_frame_limit_is_corruption() {
     let _w = watchdog("data_over_the_frame_limit_is_corruption", LIMIT);
-    let (victim, mut peer) = pair(Role::Host, cfg());
-    let l = victim.listen(PORT).unwrap();
-    let id = peer_opens(&mut peer, Role::Host, PORT, false);
-    let mut s = l.accept_timeout(Duration::from_secs(10)).unwrap();
-    let len = peer.geom.max_payload() as u64 + 16;
-    assert!((record_len(len as usize) as u64) < peer.cap() / 2);
-    assert!(peer.push(Kind::Data, 0, id, &bytes(id, 0, len)));
-    peer.publish();
-    s.set_read_timeout(Some(Duration::from_secs(10)));
-    let err = s.read(&mut vec![0u8; 1 << 16]).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
-    assert_eq!(victim.stats().corruptions, 1);
+    for message in [false, true] {
+        let (victim, mut peer) = pair(Role::Host, cfg());
+        let l = victim.listen(PORT).unwrap();
+        let id = peer_opens(&mut peer, Role::Host, PORT, message);
+        let mut s = l.accept_timeout(Duration::from_secs(10)).unwrap();
+        let len = peer.geom.max_payload() as u64 + 16;
+        assert!((record_len(len as usize) as u64) < peer.cap() / 2);
+        assert!(peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 0, len)));
+        peer.publish();
+        s.set_read_timeout(Some(Duration::from_secs(10)));
+        let err = s.read(&mut vec![0u8; 1 << 16]).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            ErrorKind::ConnectionReset,
+            "message {message}: {err}"
+        );
+        assert_eq!(victim.stats().corruptions, 1, "message {message}");
+    }
 }
 
 /// A record whose bytes are not all published is corruption, not data: nothing of it is
@@ -363,17 +415,27 @@ fn data_over_the_frame_limit_is_corruption() {
 #[test]
 fn a_record_published_in_part_is_corruption() {
     let _w = watchdog("a_record_published_in_part_is_corruption", LIMIT);
-    let (victim, mut peer) = pair(Role::Host, cfg());
-    let l = victim.listen(PORT).unwrap();
-    let id = peer_opens(&mut peer, Role::Host, PORT, false);
-    let mut s = l.accept_timeout(Duration::from_secs(10)).unwrap();
-    let start = peer.head;
-    assert!(peer.push(Kind::Data, 0, id, &bytes(id, 0, 256)));
-    // Publish the header and half the payload only.
-    peer.store(side::TX_HEAD, start + HEADER_LEN as u64 + 128);
-    peer.ring();
-    s.set_read_timeout(Some(Duration::from_secs(10)));
-    let err = s.read(&mut [0u8; 512]).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
-    assert_eq!(victim.stats().corruptions, 1);
+    // As above: the direct-read path first (stream), or only pump (message).
+    for message in [false, true] {
+        let (victim, mut peer) = pair(Role::Host, cfg());
+        let l = victim.listen(PORT).unwrap();
+        let id = peer_opens(&mut peer, Role::Host, PORT, message);
+        let mut s = l.accept_timeout(Duration::from_secs(10)).unwrap();
+        let start = peer.head;
+        assert!(peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 0, 256)));
+        // Written, never published: a reader that took the Data above would go on to
+        // this one, and a session ended by its peer keeps its data through the reset.
+        assert!(peer.push(Kind::Shutdown, 0, id, &[]));
+        // Publish the header and half the payload only.
+        peer.store(side::TX_HEAD, start + HEADER_LEN as u64 + 128);
+        peer.ring();
+        s.set_read_timeout(Some(Duration::from_secs(10)));
+        let err = s.read(&mut [0u8; 512]).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            ErrorKind::ConnectionReset,
+            "message {message}: {err}"
+        );
+        assert_eq!(victim.stats().corruptions, 1, "message {message}");
+    }
 }

@@ -956,7 +956,14 @@ fn run(victim_role: Role) {
     let mut by_damage: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
     let mut by_scenario: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
     let start = Instant::now();
+    let test = match victim_role {
+        Role::Host => "victim_host_recovers_from_hostile_guests (one round)",
+        Role::Guest => "victim_guest_recovers_from_hostile_hosts (one round)",
+    };
     for r in 0..rounds {
+        // Per round: a round that never ends (a lost wakeup, a peer never declared gone)
+        // fails the run in a minute, however many rounds there are.
+        let _round = common::watchdog(test, Duration::from_secs(60));
         let damage = Damage::for_round(r, seed, &mut rng);
         let scenario = Scenario::pick(&mut rng);
         match round(&mut w, r, scenario, &damage, &mut rng) {
@@ -990,6 +997,7 @@ fn run(victim_role: Role) {
             "round {r}: RSS grew from {rss0} to {rss}"
         );
     }
+    let _end = common::watchdog(test, Duration::from_secs(60));
     let (hostile_sessions, with_data, rewritten) = (
         w.hostile_sessions,
         w.hostile_sessions_with_data,

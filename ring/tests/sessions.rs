@@ -1071,6 +1071,10 @@ fn guest_starting_on_an_overwritten_header_waits_for_the_host_to_repair_it() {
 /// of all the slices.
 #[test]
 fn vectored_writes_keep_order_and_message_boundaries() {
+    let _guard = common::watchdog(
+        "vectored_writes_keep_order_and_message_boundaries",
+        Duration::from_secs(60),
+    );
     let p = pair();
     let (mut h, mut g) = connect(&p, 40, SessionOptions::default());
     // Sizes from empty to larger than the receive buffer, so calls return part way.

@@ -4,6 +4,8 @@
 //! close, ConnectionRefused with no listener, AddrInUse on a second listen, and
 //! ConnectionReset on every old session after either side restarts.
 
+mod common;
+
 use ivring::doorbell::local::{self, LocalDoorbell};
 use ivring::{Config, Endpoint, Listener, Session, SessionOptions, SharedRegion};
 use proptest::prelude::*;
@@ -15,6 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const PATIENCE: Duration = Duration::from_secs(60);
+/// One case under the watchdog: a few dozen operations, each well under a second.
+const CASE_LIMIT: Duration = Duration::from_secs(30);
 /// Unread bytes per direction stay under this, so a write never waits for credit:
 /// 150 KiB plus a quarter buffer of uncredited reads is below the 256 KiB buffer.
 const MAX_UNREAD: usize = 150 << 10;
@@ -384,6 +388,9 @@ proptest! {
 
     #[test]
     fn sessions_follow_the_model(ops in proptest::collection::vec(op(), 1..20)) {
+        // Per case (a failing case is run again while shrinking): a wait that never ends
+        // fails the run in seconds rather than after PATIENCE per wait.
+        let _guard = common::watchdog("sessions_follow_the_model (one case)", CASE_LIMIT);
         let mut w = World::new();
         for op in &ops {
             w.run(op)?;

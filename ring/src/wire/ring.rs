@@ -475,3 +475,548 @@ impl Consumer {
             .store_u64(self.own_block + side::RX_NEED_WAKEUP, 0, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The two halves over one ring in a heap region, the producer's side block standing
+    //! for one side and the consumer's for the other: every index, word and record
+    //! position checked exactly, including the ones a peer's bad index must not move.
+
+    use super::*;
+    use crate::shm::layout::{GUEST_BLOCK, HOST_BLOCK};
+    use crate::wire::frame::FrameError;
+
+    const CAP: u64 = 1024;
+    const DATA: usize = 4096;
+    const MAX: usize = (CAP / 2) as usize;
+    /// The producer's side block (its TX words) and the consumer's (its RX words).
+    const P: usize = HOST_BLOCK;
+    const C: usize = GUEST_BLOCK;
+
+    /// Aborts the test binary if the test is still running after 20 s: a miscounted
+    /// index can make `Consumer::next` itself loop for ever, which must fail the run in
+    /// seconds, not stall it (as `ring/tests/common::watchdog`).
+    fn watchdog(test: &'static str) -> std::sync::mpsc::Sender<()> {
+        let (done, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let limit = std::time::Duration::from_secs(20);
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "{test}: still running after {limit:?}");
+                std::process::abort();
+            }
+        });
+        done
+    }
+
+    fn pair() -> (SharedRegion, Producer, Consumer) {
+        let r = SharedRegion::heap(16 << 10);
+        let p = Producer::new(r.clone(), DATA, CAP, P, C);
+        let c = Consumer::new(r.clone(), DATA, CAP, C, P);
+        (r, p, c)
+    }
+
+    fn word(r: &SharedRegion, at: usize) -> u64 {
+        r.load_u64(at, Ordering::Relaxed)
+    }
+
+    fn set(r: &SharedRegion, at: usize, v: u64) {
+        r.store_u64(at, v, Ordering::Relaxed)
+    }
+
+    fn data(len: usize, session: u64) -> (Header, Vec<u8>) {
+        let h = Header {
+            kind: Kind::Data,
+            flags: 0,
+            len: len as u32,
+            session,
+        };
+        let payload = (0..len)
+            .map(|i| (i as u64 ^ (session * 31)) as u8)
+            .collect();
+        (h, payload)
+    }
+
+    /// Pushes one Data record of `rec` bytes (header included).
+    fn push_rec(p: &mut Producer, rec: u64, session: u64) -> bool {
+        let (h, payload) = data(rec as usize - HEADER_LEN, session);
+        p.push(&h, &payload).unwrap()
+    }
+
+    /// Reads every published record, checks each, consumes it; returns (session, len).
+    /// Bounded: a ring holds at most CAP / 16 records, so a reader that finds more (a
+    /// miscounted index) fails here instead of looping for ever.
+    fn drain(c: &mut Consumer) -> Vec<(u64, usize)> {
+        c.available().unwrap();
+        let mut got = Vec::new();
+        loop {
+            assert!(
+                got.len() as u64 <= CAP / 16,
+                "more records than a ring holds"
+            );
+            let Some(rec) = c.next(MAX).unwrap() else {
+                return got;
+            };
+            let (want_h, want) = data(rec.header.len as usize, rec.header.session);
+            assert_eq!(rec.header, want_h);
+            let mut buf = vec![0u8; want.len()];
+            c.read_payload(rec.payload_at, &mut buf);
+            assert_eq!(buf, want, "payload of {:?}", rec.header);
+            let mut appended = vec![0xee];
+            c.append_payload(rec.payload_at, want.len(), &mut appended);
+            assert_eq!(appended[1..], want[..]);
+            c.consume(&rec.header);
+            got.push((rec.header.session, want.len()));
+        }
+    }
+
+    #[test]
+    fn records_cross_the_ring_end_behind_an_exact_pad() {
+        let _w = watchdog("records_cross_the_ring_end_behind_an_exact_pad");
+        let (r, mut p, mut c) = pair();
+        // Sizes chosen so that records end exactly at the ring's end, leave 16, 32 or
+        // more bytes before it (a pad of each size), and wrap many times.
+        let sizes = [
+            64u64, 128, 512, 304, 16, 32, 496, 512, 48, 512, 16, 400, 112, 512, 512, 80,
+        ];
+        let (mut head, mut tail) = (0u64, 0u64);
+        for round in 0..40u64 {
+            for (i, &rec) in sizes.iter().enumerate() {
+                let id = round * 100 + i as u64;
+                let off = head % CAP;
+                let to_end = CAP - off;
+                let pad = if to_end < rec { to_end } else { 0 };
+                if head + pad + rec - tail > CAP {
+                    // Full: the reader takes everything, then there is room again.
+                    assert!(!push_rec(&mut p, rec, id), "overfilled at {head}");
+                    assert_eq!(p.head, head, "a refused push moved the head");
+                    assert!(p.publish() || !p.unpublished());
+                    let got = drain(&mut c);
+                    assert!(!got.is_empty());
+                    assert_eq!(c.tail, head);
+                    assert_eq!(c.tail_off, head % CAP);
+                    assert_eq!(c.unreleased(), head - tail);
+                    assert!(!c.release());
+                    tail = head;
+                    assert_eq!(word(&r, C + side::RX_TAIL), tail);
+                    assert_eq!(c.unreleased(), 0);
+                }
+                let at = p.reserve(rec as usize).unwrap().expect("room");
+                if pad > 0 {
+                    let mut hb = [0u8; HEADER_LEN];
+                    r.read(DATA + off as usize, &mut hb);
+                    let h = Header::decode(&hb, MAX, pad as usize, pad as usize).unwrap();
+                    assert_eq!((h.kind, h.len as u64), (Kind::Pad, pad - 16));
+                    assert_eq!(at, DATA, "a record after a pad starts at offset 0");
+                } else {
+                    assert_eq!(at, DATA + off as usize);
+                }
+                // reserve alone does not account the record: push it for real.
+                let (h, payload) = data(rec as usize - HEADER_LEN, id);
+                r.write(at, &h.encode());
+                r.write(at + HEADER_LEN, &payload);
+                p.commit(rec as usize);
+                head += pad + rec;
+                assert_eq!(p.head, head);
+                assert_eq!(p.head_off, head % CAP);
+                assert!(p.unpublished());
+            }
+        }
+        p.publish();
+        drain(&mut c);
+        assert_eq!(c.tail, head);
+    }
+
+    #[test]
+    fn push_writes_header_then_payload_and_publish_stores_the_head() {
+        let _w = watchdog("push_writes_header_then_payload_and_publish_stores_the_head");
+        let (r, mut p, mut c) = pair();
+        assert!(!p.unpublished());
+        let (h, payload) = data(40, 9);
+        assert!(p.push(&h, &payload).unwrap());
+        assert_eq!(p.head, 64);
+        assert!(p.unpublished());
+        assert_eq!(word(&r, P + side::TX_HEAD), 0, "published before publish");
+        assert_eq!(c.available().unwrap(), 0);
+        assert!(!c.has_cached());
+        assert!(!p.publish(), "nobody asked to be woken");
+        assert!(!p.unpublished());
+        assert_eq!(word(&r, P + side::TX_HEAD), 64);
+        assert_eq!(c.available().unwrap(), 64);
+        assert!(c.has_cached());
+        assert_eq!(drain(&mut c), vec![(9, 40)]);
+        assert!(!c.has_cached());
+        assert_eq!(c.next(MAX).unwrap().map(|r| r.header), None);
+    }
+
+    #[test]
+    fn a_header_only_record_and_a_header_only_pad_are_read() {
+        let _w = watchdog("a_header_only_record_and_a_header_only_pad_are_read");
+        let (r, mut p, mut c) = pair();
+        let shut = Header {
+            kind: Kind::Shutdown,
+            flags: 0,
+            len: 0,
+            session: 5,
+        };
+        // Alone in the ring: 16 bytes used.
+        assert!(p.push(&shut, &[]).unwrap());
+        p.publish();
+        assert_eq!(c.available().unwrap(), 16);
+        let rec = c.next(MAX).unwrap().expect("the Shutdown");
+        assert_eq!(rec.header, shut);
+        assert_eq!(rec.payload_at, DATA + HEADER_LEN);
+        c.consume(&rec.header);
+        assert!(c.next(MAX).unwrap().is_none());
+        // Up to 16 bytes before the ring's end, then a 32-byte record: a 16-byte pad.
+        for _ in 0..8 {
+            if p.head_off == CAP - 16 {
+                break;
+            }
+            let rec = (CAP - 16 - p.head_off).min(256);
+            assert!(push_rec(&mut p, rec, 1));
+            p.publish();
+            drain(&mut c);
+            c.release();
+        }
+        assert_eq!(p.head_off, CAP - 16);
+        assert!(push_rec(&mut p, 32, 2));
+        assert_eq!(p.head_off, 32);
+        p.publish();
+        assert_eq!(c.available().unwrap(), 48);
+        let rec = c.next(MAX).unwrap().expect("the record after the pad");
+        assert_eq!(rec.payload_at, DATA + HEADER_LEN);
+        assert_eq!(c.tail_off, 0, "the pad is consumed");
+        assert_eq!(c.tail, p.head - 32);
+        c.consume(&rec.header);
+        assert_eq!(c.tail, p.head);
+        let _ = r;
+    }
+
+    #[test]
+    fn a_bad_header_is_an_error_not_a_record() {
+        let _w = watchdog("a_bad_header_is_an_error_not_a_record");
+        let (r, mut p, mut c) = pair();
+        assert!(push_rec(&mut p, 32, 1));
+        p.publish();
+        r.write(DATA, &[42]);
+        c.available().unwrap();
+        assert_eq!(c.next(MAX).err(), Some(FrameError::BadKind(42)));
+    }
+
+    /// Fills the ring exactly (16 records of 64 bytes), nothing released.
+    fn full() -> (SharedRegion, Producer, Consumer) {
+        let (r, mut p, c) = pair();
+        for i in 0..16 {
+            assert!(push_rec(&mut p, 64, i));
+        }
+        assert!(!push_rec(&mut p, 64, 99));
+        assert!(!push_rec(&mut p, 32, 99));
+        assert_eq!(p.reserve(32).unwrap(), None);
+        p.publish();
+        (r, p, c)
+    }
+
+    #[test]
+    fn the_free_space_follows_the_readers_tail_and_rejects_bad_ones() {
+        let _w = watchdog("the_free_space_follows_the_readers_tail_and_rejects_bad_ones");
+        let (r, mut p, _c) = full();
+        assert_eq!(p.head, CAP);
+        let tail_at = C + side::RX_TAIL;
+        let probe = |p: &mut Producer, tail: u64| {
+            set(&r, tail_at, tail);
+            p.cached_tail = 0;
+            p.free(16)
+        };
+        let bad = |tail| {
+            Err(BadIndex {
+                peer_index: tail,
+                own_index: CAP,
+            })
+        };
+        assert_eq!(probe(&mut p, 0), Ok(0), "a full ring is valid");
+        assert_eq!(p.cached_tail, 0);
+        assert_eq!(probe(&mut p, 16), Ok(16));
+        assert_eq!(p.cached_tail, 16);
+        assert_eq!(probe(&mut p, 48), Ok(48));
+        assert_eq!(probe(&mut p, CAP), Ok(CAP), "a tail at our head: empty");
+        assert_eq!(p.cached_tail, CAP);
+        assert_eq!(probe(&mut p, CAP + 16), bad(CAP + 16));
+        assert_eq!(probe(&mut p, 8), bad(8));
+        assert_eq!(probe(&mut p, u64::MAX - 15), bad(u64::MAX - 15));
+        // The cached tail answers without a read while it says enough.
+        set(&r, tail_at, CAP + 16);
+        p.cached_tail = 64;
+        assert_eq!(p.free(64), Ok(64));
+        assert_eq!(p.free(32), Ok(64));
+        assert_eq!(p.free(65), bad(CAP + 16));
+        // Then with our head a whole ring further on: a tail more than a ring behind.
+        set(&r, tail_at, CAP);
+        p.cached_tail = CAP;
+        for i in 0..16 {
+            assert!(push_rec(&mut p, 64, i));
+        }
+        assert_eq!(p.head, 2 * CAP);
+        let own = 2 * CAP;
+        for tail in [CAP - 16, 0, 16] {
+            set(&r, tail_at, tail);
+            p.cached_tail = CAP;
+            assert_eq!(
+                p.free(16),
+                Err(BadIndex {
+                    peer_index: tail,
+                    own_index: own,
+                })
+            );
+        }
+        set(&r, tail_at, CAP + 32);
+        p.cached_tail = CAP;
+        assert_eq!(p.free(16), Ok(32));
+        assert_eq!(p.cached_tail, CAP + 32);
+        set(&r, tail_at, CAP + 40);
+        p.cached_tail = CAP;
+        assert!(p.free(16).is_err(), "unaligned");
+        // A bad index reaches the writer through reserve and push.
+        set(&r, tail_at, 3 * CAP);
+        p.cached_tail = CAP;
+        assert!(p.reserve(64).is_err());
+        assert!(p.push(&data(0, 1).0, &[]).is_err());
+        assert_eq!(p.head, own, "a bad index moved nothing");
+    }
+
+    #[test]
+    fn space_targets_count_the_pad_a_record_needs() {
+        let _w = watchdog("space_targets_count_the_pad_a_record_needs");
+        let (_r, mut p, _c) = pair();
+        assert_eq!(p.space_target(64), 1, "fits now: any tail will do");
+        // 960 bytes in: 64 to the end, a 64-byte record fits exactly, no pad.
+        for i in 0..15 {
+            assert!(push_rec(&mut p, 64, i));
+        }
+        assert_eq!(p.space_target(64), 1);
+        assert_eq!(p.space_target(80), 960 + 64 + 80 - CAP);
+        // arm_space's own count agrees: exactly 64 free, exactly 64 to the end.
+        assert_eq!(p.arm_space(64, true), Ok(true));
+        assert_eq!(p.arm_space(80, false), Ok(false));
+        // 992 bytes in: 32 to the end, a 64-byte record needs them too.
+        assert!(push_rec(&mut p, 32, 15));
+        assert_eq!(p.head_off, 992);
+        assert_eq!(p.space_target(64), 992 + 32 + 64 - CAP);
+        assert_eq!(p.space_target(32), 1);
+        assert_eq!(p.space_target(16), 1);
+    }
+
+    #[test]
+    fn arm_space_posts_what_the_writer_needs_and_the_reader_rings_for_it() {
+        let _w = watchdog("arm_space_posts_what_the_writer_needs_and_the_reader_rings_for_it");
+        let (r, mut p, mut c) = full();
+        let posted = P + side::TX_NEED_SPACE;
+        assert!(!p.space_ready(), "nothing posted");
+        // Not posting (a polling writer): only the re-check.
+        assert_eq!(p.arm_space(64, false), Ok(false));
+        assert_eq!(word(&r, posted), 0);
+        assert_eq!(p.space_posted, 0);
+        assert_eq!(p.arm_space(64, true), Ok(false));
+        assert_eq!(word(&r, posted), 64);
+        assert_eq!(p.space_posted, 64);
+        assert!(!p.space_ready());
+        // The reader consumes one record of 48 bytes' worth... not enough yet.
+        c.available().unwrap();
+        let rec = c.next(MAX).unwrap().unwrap();
+        let mut short = rec.header;
+        short.len = 16;
+        c.consume(&short);
+        assert!(!c.release(), "32 freed, 64 posted");
+        assert_eq!(word(&r, C + side::RX_TAIL), 32);
+        assert!(!p.space_ready());
+        assert_eq!(word(&r, posted), 64, "still posted");
+        set(&r, C + side::RX_TAIL, 48);
+        assert!(!p.space_ready());
+        // Exactly the target.
+        set(&r, C + side::RX_TAIL, 64);
+        assert!(p.space_ready());
+        assert_eq!((p.space_posted, word(&r, posted)), (0, 0), "withdrawn");
+        assert!(!p.space_ready(), "withdrawn: nothing to report again");
+        // Posted again; the whole ring consumed (tail at our head) is ready too.
+        set(&r, C + side::RX_TAIL, 32);
+        assert_eq!(p.arm_space(64, true), Ok(false));
+        set(&r, C + side::RX_TAIL, CAP);
+        assert!(p.space_ready());
+        // A tail past our head is not space.
+        set(&r, C + side::RX_TAIL, 32);
+        assert_eq!(p.arm_space(64, true), Ok(false));
+        set(&r, C + side::RX_TAIL, CAP + 16);
+        assert!(!p.space_ready());
+        assert_eq!(word(&r, posted), 64);
+        // Space already there: the post is withdrawn at once.
+        set(&r, C + side::RX_TAIL, 64);
+        assert_eq!(p.arm_space(64, true), Ok(true));
+        assert_eq!((p.space_posted, word(&r, posted)), (0, 0));
+        set(&r, C + side::RX_TAIL, 48);
+        assert_eq!(p.arm_space(64, true), Ok(false));
+        p.disarm_space();
+        assert_eq!((p.space_posted, word(&r, posted)), (0, 0));
+        // A bad tail is an error here too.
+        set(&r, C + side::RX_TAIL, CAP + 16);
+        assert!(p.arm_space(64, true).is_err());
+    }
+
+    #[test]
+    fn arm_space_counts_the_pad_and_the_reader_rings_at_the_target() {
+        let _w = watchdog("arm_space_counts_the_pad_and_the_reader_rings_at_the_target");
+        let (r, mut p, mut c) = pair();
+        for i in 0..15 {
+            assert!(push_rec(&mut p, 64, i));
+        }
+        assert!(push_rec(&mut p, 32, 15));
+        p.publish();
+        // 992 in, 32 to the end: a 64-byte record needs 96 free, a tail of 64.
+        set(&r, C + side::RX_TAIL, 32);
+        assert_eq!(p.arm_space(64, true), Ok(false), "64 free, 96 needed");
+        assert_eq!(word(&r, P + side::TX_NEED_SPACE), 64);
+        set(&r, C + side::RX_TAIL, 64);
+        assert_eq!(p.arm_space(64, true), Ok(true));
+        // The reader side: release says whether the posted target is met.
+        set(&r, C + side::RX_TAIL, 0);
+        assert_eq!(p.arm_space(64, true), Ok(false));
+        c.available().unwrap();
+        let rec = c.next(MAX).unwrap().unwrap();
+        assert_eq!(rec.header.len, 48);
+        let mut part = rec.header;
+        part.len = 32;
+        c.consume(&part);
+        assert_eq!(c.unreleased(), 48);
+        assert!(!c.release(), "48 < 64");
+        assert_eq!(c.unreleased(), 0);
+        let rec = c.next(MAX);
+        assert!(rec.is_err(), "mid-record: garbage, as expected");
+        part.len = 0;
+        c.consume(&part);
+        assert_eq!(c.tail, 64);
+        assert!(c.release(), "64 reached");
+        c.peer_polls = true;
+        c.consume(&part);
+        assert!(!c.release(), "a polling writer is never rung");
+        assert_eq!(word(&r, C + side::RX_TAIL), 80);
+        c.peer_polls = false;
+        assert!(!c.release(), "nothing new released");
+    }
+
+    #[test]
+    fn the_reader_is_rung_only_when_it_asked() {
+        let _w = watchdog("the_reader_is_rung_only_when_it_asked");
+        let (r, mut p, mut c) = pair();
+        let flag = C + side::RX_NEED_WAKEUP;
+        assert_eq!(c.arm_wakeup(true), Ok(false));
+        assert!(c.wakeup_armed);
+        assert_eq!(word(&r, flag), 1);
+        assert!(!p.publish(), "nothing to publish");
+        assert!(push_rec(&mut p, 32, 1));
+        assert!(p.publish(), "armed: ring it");
+        assert!(!p.publish(), "nothing new");
+        assert_eq!(c.arm_wakeup(true), Ok(true), "data already there");
+        assert!(!c.wakeup_armed);
+        assert_eq!(word(&r, flag), 0);
+        assert!(push_rec(&mut p, 32, 2));
+        assert!(!p.publish(), "not armed");
+        drain(&mut c);
+        assert_eq!(c.arm_wakeup(false), Ok(false));
+        assert_eq!(word(&r, flag), 0, "a polling reader never posts");
+        assert_eq!(c.arm_wakeup(true), Ok(false));
+        p.peer_polls = true;
+        assert!(push_rec(&mut p, 32, 3));
+        assert!(!p.publish(), "the reader polls: no wakeup");
+        assert_eq!(word(&r, P + side::TX_HEAD), 96);
+        c.disarm_wakeup();
+        assert!(!c.wakeup_armed);
+        assert_eq!(word(&r, flag), 0);
+        set(&r, P + side::TX_HEAD, 8);
+        assert!(c.arm_wakeup(true).is_err());
+    }
+
+    #[test]
+    fn the_published_head_is_checked_against_our_tail() {
+        let _w = watchdog("the_published_head_is_checked_against_our_tail");
+        let (r, mut p, mut c) = pair();
+        for i in 0..4 {
+            assert!(push_rec(&mut p, 64, i));
+        }
+        p.publish();
+        drain(&mut c);
+        assert_eq!(c.tail, 256);
+        let head_at = P + side::TX_HEAD;
+        let bad = |head| {
+            Err(BadIndex {
+                peer_index: head,
+                own_index: 256,
+            })
+        };
+        for (head, want) in [
+            (256, Ok(0)),
+            (272, Ok(16)),
+            (256 + CAP, Ok(CAP)),
+            (240, bad(240)),
+            (0, bad(0)),
+            (264, bad(264)),
+            (256 + CAP + 16, bad(256 + CAP + 16)),
+            (u64::MAX - 15, bad(u64::MAX - 15)),
+        ] {
+            set(&r, head_at, head);
+            assert_eq!(c.available(), want, "head {head}");
+            if want.is_ok() {
+                assert_eq!(c.cached_head, head);
+                assert_eq!(c.has_cached(), head != 256);
+            }
+        }
+    }
+
+    #[test]
+    fn words_are_restored_from_the_local_copies_and_reset_to_zero() {
+        let _w = watchdog("words_are_restored_from_the_local_copies_and_reset_to_zero");
+        let (r, mut p, mut c) = full();
+        assert_eq!(p.arm_space(64, true), Ok(false));
+        c.available().unwrap();
+        let rec = c.next(MAX).unwrap().unwrap();
+        c.consume(&rec.header);
+        c.release();
+        assert_eq!(c.arm_wakeup(true), Ok(true));
+        c.wakeup_armed = true;
+        let words = [
+            P + side::TX_HEAD,
+            P + side::TX_NEED_SPACE,
+            C + side::RX_TAIL,
+            C + side::RX_NEED_WAKEUP,
+        ];
+        // A peer scribbles on every word; the owners write theirs back.
+        for w in words {
+            set(&r, w, 0xdead_beef);
+        }
+        p.restore_words();
+        c.restore_words();
+        let got: Vec<u64> = words.iter().map(|&w| word(&r, w)).collect();
+        assert_eq!(got, [CAP, 64, 64, 1]);
+        // Reset: everything back to the empty state of a new epoch.
+        for w in words {
+            set(&r, w, 0xdead_beef);
+        }
+        p.peer_polls = true;
+        c.peer_polls = true;
+        p.reset();
+        c.reset();
+        let got: Vec<u64> = words.iter().map(|&w| word(&r, w)).collect();
+        assert_eq!(got, [0, 0, 0, 0]);
+        assert!(!p.peer_polls && !c.peer_polls);
+        assert_eq!(
+            (p.head, p.head_off, p.cached_tail, p.published),
+            (0, 0, 0, 0)
+        );
+        assert_eq!(p.space_posted, 0);
+        assert_eq!(
+            (c.tail, c.tail_off, c.cached_head, c.released),
+            (0, 0, 0, 0)
+        );
+        assert!(!c.wakeup_armed && !c.has_cached());
+        assert_eq!(p.reserve(64).unwrap(), Some(DATA));
+        assert_eq!(c.available().unwrap(), 0);
+    }
+}

@@ -17,7 +17,13 @@ pub fn watchdog(test: &'static str, limit: std::time::Duration) -> Watchdog {
     let (done, rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
         if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-            eprintln!("{test}: still running after {limit:?}: a wait that never ends");
+            // Straight to the process's stderr: eprintln! here would go to the test's
+            // captured output (a spawned thread inherits the capture), lost at the abort.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "{test}: still running after {limit:?}: a wait that never ends"
+            );
             std::process::abort();
         }
     });
