@@ -60,6 +60,28 @@ pub mod fuzzing;
 #[cfg(all(test, loom))]
 mod loom_tests;
 
+/// For the unit tests that wait: a bug fails them in seconds instead of stalling the run.
+#[cfg(all(test, not(loom)))]
+pub(crate) mod test_watchdog {
+    /// Aborts the test binary, naming `test`, if the guard is still alive after `secs`.
+    pub(crate) fn watchdog(test: &'static str, secs: u64) -> std::sync::mpsc::Sender<()> {
+        let (done, rx) = std::sync::mpsc::channel::<()>();
+        let limit = std::time::Duration::from_secs(secs);
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                // Straight to stderr: the test's captured output is lost at the abort.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "{test}: still running after {limit:?}: a wait that never ends"
+                );
+                std::process::abort();
+            }
+        });
+        done
+    }
+}
+
 #[cfg(all(feature = "mio", target_os = "linux"))]
 pub use api::mio;
 #[cfg(feature = "tokio")]

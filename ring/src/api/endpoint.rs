@@ -809,6 +809,10 @@ mod tests {
     /// order per session, every message whole, each EOF reported once, in every mode.
     #[test]
     fn read_any_serves_many_sessions_in_order_with_their_eofs() {
+        let _watchdog = crate::test_watchdog::watchdog(
+            "read_any_serves_many_sessions_in_order_with_their_eofs",
+            60,
+        );
         for wait in [WaitMode::Poll, WaitMode::Block, WaitMode::Adaptive] {
             let cfg = Config {
                 wait,
@@ -894,6 +898,10 @@ mod tests {
     /// references: every byte arrives, in order, both ways, in every wait mode.
     #[test]
     fn a_session_is_read_and_written_at_once_through_shared_references() {
+        let _watchdog = crate::test_watchdog::watchdog(
+            "a_session_is_read_and_written_at_once_through_shared_references",
+            60,
+        );
         for wait in [WaitMode::Poll, WaitMode::Block, WaitMode::Adaptive] {
             let cfg = Config {
                 wait,

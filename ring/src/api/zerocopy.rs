@@ -283,6 +283,7 @@ mod tests {
 
     #[test]
     fn slots_and_views_round_trip() {
+        let _watchdog = crate::test_watchdog::watchdog("slots_and_views_round_trip", 60);
         let (host, guest) = pair(Config::default());
         let l = guest.listen(7).unwrap();
         let mut s = host.connect(7).unwrap();
@@ -328,6 +329,7 @@ mod tests {
 
     #[test]
     fn message_views_and_limits() {
+        let _watchdog = crate::test_watchdog::watchdog("message_views_and_limits", 60);
         let (host, guest) = pair(Config::default());
         let l = guest.listen(8).unwrap();
         let mut s = host

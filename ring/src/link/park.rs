@@ -247,6 +247,8 @@ mod tests {
     /// must be credited, as for a copying reader (the message rule of `grant_credit`).
     #[test]
     fn in_place_reads_credit_a_message_writer_in_full() {
+        let _watchdog =
+            crate::test_watchdog::watchdog("in_place_reads_credit_a_message_writer_in_full", 60);
         let cfg = Config {
             wait: WaitMode::Block,
             buf_size: 64 << 10,
