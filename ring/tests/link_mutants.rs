@@ -16,7 +16,7 @@ use common::{pattern, watchdog, Hostile, HostileSess};
 use ivring::doorbell::local;
 use ivring::frame::{record_len, CreditArgs, Header, Kind, OpenArgs, FLAG_EOR, HEADER_LEN};
 use ivring::layout::side;
-use ivring::{Config, Endpoint, Listener, Role, Session, SharedRegion, Stats};
+use ivring::{Config, Driver, Endpoint, Listener, Role, Session, SharedRegion, Stats};
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::sync::Arc;
@@ -45,6 +45,9 @@ struct Peer {
     victim_role: Role,
     /// Every frame the victim sent: (kind, session, payload if 16 bytes).
     log: Vec<(Kind, u64, Option<[u8; 16]>)>,
+    /// A victim without a keeper thread moves only when this drives it (or a caller of
+    /// one of its sessions waits).
+    driver: Option<Driver>,
 }
 
 fn pair(role: Role, cfg: Config) -> (Endpoint, Peer) {
@@ -66,8 +69,37 @@ fn pair(role: Role, cfg: Config) -> (Endpoint, Peer) {
         h,
         victim_role: role,
         log: Vec::new(),
+        driver: None,
     };
     (victim, peer)
+}
+
+/// A host victim without a keeper thread, listening on `PORT`, link up: frames the peer
+/// publishes stay in the ring until the test drives it or a reader takes them directly.
+fn driven_pair(cfg: Config) -> (Endpoint, Listener, Peer) {
+    let region = SharedRegion::heap(64 << 10);
+    let (a, b) = local::pair();
+    let mut h = Hostile::new(region.clone(), Role::Guest, Arc::new(b));
+    let victim = Endpoint::unattached(Role::Host, region, Arc::new(a), cfg).unwrap();
+    let l = victim.listen(PORT).unwrap();
+    let mut driver = victim.attach_driven().expect("a driver");
+    h.restart();
+    let t0 = Instant::now();
+    loop {
+        driver.drive(Instant::now());
+        if h.follow() && victim.is_up() {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no handshake");
+        thread::sleep(Duration::from_millis(1));
+    }
+    let peer = Peer {
+        h,
+        victim_role: Role::Host,
+        log: Vec::new(),
+        driver: Some(driver),
+    };
+    (victim, l, peer)
 }
 
 impl Peer {
@@ -87,6 +119,9 @@ impl Peer {
 
     /// Follows the victim and reads what it published into the log.
     fn poll(&mut self) {
+        if let Some(d) = &mut self.driver {
+            d.drive(Instant::now());
+        }
         self.h.follow();
         let h = &mut self.h;
         let cap = h.cap();
@@ -756,4 +791,176 @@ fn reset_ends_open_and_connecting_sessions() {
     });
     assert!(r.is_err(), "connect succeeded after a Reset");
     assert_eq!(victim.stats().session_resets - before.session_resets, 1);
+}
+
+/// Credit goes back once a quarter of the buffer is consumed, not before, and says
+/// exactly what was consumed.
+#[test]
+fn stream_credit_waits_for_a_quarter_of_the_buffer() {
+    let _w = watchdog("stream_credit_waits_for_a_quarter_of_the_buffer", LIMIT);
+    let (victim, mut peer) = pair(Role::Host, cfg());
+    let l = victim.listen(PORT).unwrap();
+    let (id, mut s) = accepted(&l, &mut peer, false);
+    let q = BUF as u64 / 4;
+    let mut at = 0;
+    let mut read = |peer: &mut Peer, n: u64| {
+        peer.push(Kind::Data, 0, id, &bytes(id, at, at + n));
+        peer.sync();
+        let mut buf = vec![0u8; n as usize];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, bytes(id, at, at + n));
+        at += n;
+        peer.sync();
+    };
+    read(&mut peer, q - 1);
+    assert_eq!(
+        peer.credits(id),
+        vec![],
+        "a credit before a quarter was read"
+    );
+    read(&mut peer, 1);
+    let want = CreditArgs {
+        fwd_cnt: q,
+        buf_alloc: BUF,
+    };
+    assert_eq!(peer.credits(id), vec![want], "a quarter read");
+    read(&mut peer, 1);
+    assert_eq!(peer.credits(id), vec![want], "a byte after the credit");
+}
+
+/// A message reader that empties its buffer reports everything consumed at once.
+#[test]
+fn message_credit_goes_back_when_the_buffer_empties() {
+    let _w = watchdog("message_credit_goes_back_when_the_buffer_empties", LIMIT);
+    let (victim, mut peer) = pair(Role::Host, cfg());
+    let l = victim.listen(PORT).unwrap();
+    let (id, mut s) = accepted(&l, &mut peer, true);
+    peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 0, 100));
+    peer.sync();
+    let mut buf = [0u8; 256];
+    assert_eq!(s.read(&mut buf).unwrap(), 100);
+    peer.sync();
+    let want = CreditArgs {
+        fwd_cnt: 100,
+        buf_alloc: BUF,
+    };
+    assert_eq!(peer.credits(id), vec![want]);
+}
+
+/// No credit after the peer said it sends no more.
+#[test]
+fn no_credit_after_the_peers_shutdown() {
+    let _w = watchdog("no_credit_after_the_peers_shutdown", LIMIT);
+    let (victim, mut peer) = pair(Role::Host, cfg());
+    let l = victim.listen(PORT).unwrap();
+    let (id, mut s) = accepted(&l, &mut peer, false);
+    peer.push(Kind::Data, 0, id, &bytes(id, 0, BUF as u64 / 2));
+    peer.push(Kind::Shutdown, 0, id, &[]);
+    peer.sync();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).unwrap();
+    assert_eq!(all, bytes(id, 0, BUF as u64 / 2));
+    peer.sync();
+    assert_eq!(peer.credits(id), vec![]);
+}
+
+/// A reader taking frames straight from the ring (nothing pumped them: the victim has
+/// no keeper thread) gets what pump would give it: a frame past the credit resets the
+/// session, whichever path sees it first.
+#[test]
+fn a_direct_read_does_not_take_data_past_the_credit() {
+    let _w = watchdog("a_direct_read_does_not_take_data_past_the_credit", LIMIT);
+    let (_victim, l, mut peer) = driven_pair(cfg());
+    let (id, mut s) = accepted(&l, &mut peer, false);
+    s.set_read_timeout(Some(Duration::from_secs(5)));
+    // Straight from the ring: exactly the credit.
+    peer.push(Kind::Data, 0, id, &bytes(id, 0, BUF as u64));
+    let mut buf = vec![0u8; 4 * BUF as usize];
+    assert_eq!(s.read(&mut buf).unwrap(), BUF as usize);
+    assert_eq!(buf[..BUF as usize], bytes(id, 0, BUF as u64)[..]);
+    // The victim has not credited it back (the peer has not read its Credit): the
+    // whole buffer is held as far as the peer knows, but it was consumed here, so the
+    // next full buffer fits; one byte more does not.
+    peer.push(
+        Kind::Data,
+        0,
+        id,
+        &bytes(id, BUF as u64, 2 * BUF as u64 + 1),
+    );
+    let e = s.read(&mut buf).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionReset, "read past the credit");
+}
+
+/// A direct read stops at anything that is not this session's next Data frame, and
+/// never runs ahead of bytes already buffered, of message boundaries, of its own
+/// Shutdown(Read) or of the peer's Shutdown.
+#[test]
+fn a_direct_read_takes_only_this_sessions_data_in_order() {
+    let _w = watchdog(
+        "a_direct_read_takes_only_this_sessions_data_in_order",
+        LIMIT,
+    );
+    let (_victim, l, mut peer) = driven_pair(cfg());
+    let (id, mut s) = accepted(&l, &mut peer, false);
+    let (id2, mut s2) = accepted(&l, &mut peer, false);
+    let mut buf = [0u8; 256];
+    // A control frame of this session, then another session's frame, in between.
+    peer.push(Kind::Data, 0, id, &bytes(id, 0, 10));
+    credit(&mut peer, id, 0);
+    peer.push(Kind::Data, 0, id, &bytes(id, 10, 20));
+    peer.push(Kind::Data, 0, id2, &bytes(id2, 0, 10));
+    peer.push(Kind::Data, 0, id, &bytes(id, 20, 30));
+    assert_eq!(
+        s.read(&mut buf).unwrap(),
+        10,
+        "a read crossed a Credit frame"
+    );
+    let mut got = buf[..10].to_vec();
+    while got.len() < 30 {
+        let n = s.read(&mut buf).unwrap();
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, bytes(id, 0, 30));
+    assert_eq!(s2.read(&mut buf).unwrap(), 10);
+    assert_eq!(buf[..10], bytes(id2, 0, 10)[..]);
+    // Bytes pumped into the buffer come before newer ones still in the ring.
+    peer.push(Kind::Data, 0, id, &bytes(id, 30, 40));
+    peer.sync();
+    peer.push(Kind::Data, 0, id, &bytes(id, 40, 50));
+    assert_eq!(s.read(&mut buf).unwrap(), 10);
+    assert_eq!(
+        buf[..10],
+        bytes(id, 30, 40)[..],
+        "ring bytes before buffered ones"
+    );
+    assert_eq!(s.read(&mut buf).unwrap(), 10);
+    assert_eq!(buf[..10], bytes(id, 40, 50)[..]);
+    // After the peer's Shutdown, data it sends anyway is not read.
+    peer.push(Kind::Shutdown, 0, id, &[]);
+    peer.sync();
+    peer.push(Kind::Data, 0, id, &bytes(id, 50, 60));
+    assert_eq!(
+        s.read(&mut buf).unwrap(),
+        0,
+        "data after the peer's Shutdown"
+    );
+    // After our Shutdown(Read), nothing is read.
+    s2.shutdown(Shutdown::Read).unwrap();
+    peer.push(Kind::Data, 0, id2, &bytes(id2, 10, 20));
+    assert_eq!(s2.read(&mut buf).unwrap(), 0, "data after Shutdown(Read)");
+}
+
+/// A message session's reads return one message each, even straight from the ring.
+#[test]
+fn a_message_read_from_the_ring_is_one_message() {
+    let _w = watchdog("a_message_read_from_the_ring_is_one_message", LIMIT);
+    let (_victim, l, mut peer) = driven_pair(cfg());
+    let (id, mut s) = accepted(&l, &mut peer, true);
+    peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 0, 3));
+    peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 3, 6));
+    let mut buf = [0u8; 64];
+    assert_eq!(s.read(&mut buf).unwrap(), 3);
+    assert_eq!(buf[..3], bytes(id, 0, 3)[..]);
+    assert_eq!(s.read(&mut buf).unwrap(), 3);
+    assert_eq!(buf[..3], bytes(id, 3, 6)[..]);
 }
