@@ -904,11 +904,24 @@ fn a_direct_read_takes_only_this_sessions_data_in_order() {
     let (id, mut s) = accepted(&l, &mut peer, false);
     let (id2, mut s2) = accepted(&l, &mut peer, false);
     let mut buf = [0u8; 256];
+    // Another session's frame right after this one's.
+    peer.push(Kind::Data, 0, id, &bytes(id, 0, 10));
+    peer.push(Kind::Data, 0, id2, &bytes(id2, 0, 10));
+    assert_eq!(
+        s.read(&mut buf).unwrap(),
+        10,
+        "a read crossed another session's frame"
+    );
+    assert_eq!(buf[..10], bytes(id, 0, 10)[..]);
+    assert_eq!(s2.read(&mut buf).unwrap(), 10);
+    assert_eq!(buf[..10], bytes(id2, 0, 10)[..]);
+    peer.sync();
+    let (id, mut s) = accepted(&l, &mut peer, false);
     // A control frame of this session, then another session's frame, in between.
     peer.push(Kind::Data, 0, id, &bytes(id, 0, 10));
     credit(&mut peer, id, 0);
     peer.push(Kind::Data, 0, id, &bytes(id, 10, 20));
-    peer.push(Kind::Data, 0, id2, &bytes(id2, 0, 10));
+    peer.push(Kind::Data, 0, id2, &bytes(id2, 10, 20));
     peer.push(Kind::Data, 0, id, &bytes(id, 20, 30));
     assert_eq!(
         s.read(&mut buf).unwrap(),
@@ -922,7 +935,7 @@ fn a_direct_read_takes_only_this_sessions_data_in_order() {
     }
     assert_eq!(got, bytes(id, 0, 30));
     assert_eq!(s2.read(&mut buf).unwrap(), 10);
-    assert_eq!(buf[..10], bytes(id2, 0, 10)[..]);
+    assert_eq!(buf[..10], bytes(id2, 10, 20)[..]);
     // Bytes pumped into the buffer come before newer ones still in the ring.
     peer.push(Kind::Data, 0, id, &bytes(id, 30, 40));
     peer.sync();
@@ -944,9 +957,11 @@ fn a_direct_read_takes_only_this_sessions_data_in_order() {
         0,
         "data after the peer's Shutdown"
     );
+    // Pump that frame away, so the next one is the first in the ring.
+    peer.sync();
     // After our Shutdown(Read), nothing is read.
     s2.shutdown(Shutdown::Read).unwrap();
-    peer.push(Kind::Data, 0, id2, &bytes(id2, 10, 20));
+    peer.push(Kind::Data, 0, id2, &bytes(id2, 20, 30));
     assert_eq!(s2.read(&mut buf).unwrap(), 0, "data after Shutdown(Read)");
 }
 
@@ -963,4 +978,35 @@ fn a_message_read_from_the_ring_is_one_message() {
     assert_eq!(buf[..3], bytes(id, 0, 3)[..]);
     assert_eq!(s.read(&mut buf).unwrap(), 3);
     assert_eq!(buf[..3], bytes(id, 3, 6)[..]);
+}
+
+/// A direct read takes only whole frames that fit what is left of the caller's buffer;
+/// the rest goes through the session's buffer, cut to the caller's size.
+#[test]
+fn a_direct_read_takes_only_frames_that_fit() {
+    let _w = watchdog("a_direct_read_takes_only_frames_that_fit", LIMIT);
+    let (_victim, l, mut peer) = driven_pair(cfg());
+    let (id, mut s) = accepted(&l, &mut peer, false);
+    // A frame larger than the whole buffer.
+    peer.push(Kind::Data, 0, id, &bytes(id, 0, 10));
+    let mut small = [0u8; 4];
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        let n = s.read(&mut small).unwrap();
+        assert!(n > 0 && n <= 4);
+        got.extend_from_slice(&small[..n]);
+    }
+    assert_eq!(got, bytes(id, 0, 10));
+    // Two frames; the second does not fit what the first left.
+    peer.push(Kind::Data, 0, id, &bytes(id, 10, 20));
+    peer.push(Kind::Data, 0, id, &bytes(id, 20, 30));
+    let mut buf = [0u8; 15];
+    assert_eq!(s.read(&mut buf).unwrap(), 10);
+    assert_eq!(buf[..10], bytes(id, 10, 20)[..]);
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        let n = s.read(&mut buf).unwrap();
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, bytes(id, 20, 30));
 }

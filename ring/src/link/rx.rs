@@ -644,6 +644,10 @@ mod direct_tests {
     /// the direct path and the general one must hand out the same bytes in order.
     #[test]
     fn direct_reads_keep_order_across_sessions() {
+        let _w = super::watchdog::watchdog(
+            "direct_reads_keep_order_across_sessions",
+            std::time::Duration::from_secs(30),
+        );
         for wait in [WaitMode::Poll, WaitMode::Block, WaitMode::Adaptive] {
             let cfg = Config {
                 wait,
@@ -691,5 +695,29 @@ mod direct_tests {
                 assert!(got == sent[k], "session {k} differs in {wait:?}");
             }
         }
+    }
+}
+
+/// A guard that aborts the test binary if a test is still running after its limit: a
+/// wait that never ends (found by cargo-mutants: a pump that never takes a cached record)
+/// fails in seconds instead of stalling the run.
+#[cfg(test)]
+mod watchdog {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    pub(super) struct Guard {
+        _done: mpsc::Sender<()>,
+    }
+
+    pub(super) fn watchdog(test: &'static str, limit: Duration) -> Guard {
+        let (done, rx) = mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                eprintln!("{test}: still running after {limit:?}: a wait that never ends");
+                std::process::abort();
+            }
+        });
+        Guard { _done: done }
     }
 }
