@@ -256,6 +256,18 @@ fn counted(victim: &Endpoint, peer: &mut Peer, act: impl FnOnce(&mut Peer)) -> (
     (d, r, o - 1)
 }
 
+/// As [`counted`], for an act that picks a fresh id after the first sentinel (so that the
+/// id's sequence number is above every one seen) and returns it.
+fn counted_id(
+    victim: &Endpoint,
+    peer: &mut Peer,
+    act: impl FnOnce(&mut Peer) -> u64,
+) -> ((u64, u64, u64), u64) {
+    let mut id = 0;
+    let got = counted(victim, peer, |p| id = act(p));
+    (got, id)
+}
+
 /// A session the peer opened to the victim's listener, accepted on both sides.
 fn accepted(l: &Listener, peer: &mut Peer, message: bool) -> (u64, Session) {
     let (id, ok) = peer.open(PORT, message);
@@ -493,10 +505,14 @@ fn bad_opens_are_dropped_unanswered() {
         let (_, ok) = peer.open(PORT, false);
         assert!(ok, "{role:?}: an honest open");
         // The victim's own parity, a fresh sequence number.
-        let own = peer.fresh_id() ^ 1;
-        let got = counted(&victim, &mut peer, |p| p.push(Kind::Open, 0, own, &args));
+        let (got, own) = counted_id(&victim, &mut peer, |p| {
+            let own = p.fresh_id() ^ 1;
+            p.push(Kind::Open, 0, own, &args);
+            own
+        });
         assert_eq!(got, (1, 0, 0), "{role:?}: an open of the victim's parity");
-        // A reserved byte set (port 0 would be refused if it were read).
+        // A reserved byte set (port 0 would be refused if it were read), a fresh
+        // sequence number.
         let mut bad = OpenArgs {
             port: 0,
             message: false,
@@ -504,8 +520,11 @@ fn bad_opens_are_dropped_unanswered() {
         }
         .encode();
         bad[5] = 1;
-        let id = peer.fresh_id();
-        let got = counted(&victim, &mut peer, |p| p.push(Kind::Open, 0, id, &bad));
+        let (got, id) = counted_id(&victim, &mut peer, |p| {
+            let id = p.fresh_id();
+            p.push(Kind::Open, 0, id, &bad);
+            id
+        });
         assert_eq!(got, (1, 0, 0), "{role:?}: malformed open args");
         // The same id again.
         let (old, ok) = peer.open(PORT, false);
