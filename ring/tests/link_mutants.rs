@@ -1029,3 +1029,57 @@ fn a_direct_read_takes_only_frames_that_fit() {
     }
     assert_eq!(got, bytes(id, 20, 30));
 }
+
+/// A peer restart while the link is up is one link reset, counted once, whether or not
+/// sessions are open.
+#[test]
+fn a_peer_restart_is_one_link_reset() {
+    let _w = watchdog("a_peer_restart_is_one_link_reset", LIMIT);
+    for with_session in [false, true] {
+        let (victim, mut peer) = pair(Role::Host, cfg());
+        let l = victim.listen(PORT).unwrap();
+        let _s = with_session.then(|| accepted(&l, &mut peer, false));
+        let before = victim.stats().link_resets;
+        peer.h.restart();
+        let t0 = Instant::now();
+        while !(peer.h.follow() && victim.is_up() && victim.stats().link_resets > before) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "no link reset counted (sessions: {with_session})"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(victim.stats().link_resets, before + 1);
+    }
+}
+
+/// A session the peer finished (Shutdown) before it restarted keeps what was sent: the
+/// reader gets it, then EOF, as from a socket after a FIN. One it did not finish, or one
+/// not yet accepted, is reset.
+#[test]
+fn a_finished_session_outlives_the_peers_restart() {
+    let _w = watchdog("a_finished_session_outlives_the_peers_restart", LIMIT);
+    let (victim, mut peer) = pair(Role::Host, cfg());
+    let l = victim.listen(PORT).unwrap();
+    let (id, mut done) = accepted(&l, &mut peer, false);
+    let (open_id, mut open) = accepted(&l, &mut peer, false);
+    peer.push(Kind::Data, 0, id, &bytes(id, 0, 10));
+    peer.push(Kind::Shutdown, 0, id, &[]);
+    peer.push(Kind::Data, 0, open_id, &bytes(open_id, 0, 10));
+    peer.sync();
+    let before = victim.stats().link_resets;
+    peer.h.restart();
+    let t0 = Instant::now();
+    while !(peer.h.follow() && victim.is_up() && victim.stats().link_resets > before) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no link reset");
+        thread::sleep(Duration::from_millis(1));
+    }
+    let mut all = Vec::new();
+    done.read_to_end(&mut all).unwrap();
+    assert_eq!(all, bytes(id, 0, 10));
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        open.read(&mut buf).unwrap_err().kind(),
+        ErrorKind::ConnectionReset
+    );
+}
