@@ -1,5 +1,5 @@
 //! Tests written against the mutants cargo-mutants left alive in the link's receive path
-//! (`link/rx.rs`, see docs/MUTANTS-link.md): one rule of the per-session state machine
+//! (`link/rx.rs`, see docs/MUTANTS.md): one rule of the per-session state machine
 //! (PROTOCOL.md §3-§4, §7) per test, checked exactly: which frames are dropped and
 //! counted, which reset the session (counted once, with one Reset sent), which are
 //! refused, and at which byte the credit and message limits start.
