@@ -1307,7 +1307,7 @@ fn measure_idle(peer: &Peer, block: &str, secs: f64, log: &dyn Fn(&str)) -> Resu
     })
 }
 
-/// A target of issue 5 and whether it was met.
+/// A speed target of the core and whether it was met.
 struct Target {
     what: String,
     value: f64,
@@ -1512,7 +1512,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             }
             writeln!(out, "{}", table_line(r))?;
         }
-        writeln!(out, "targets (issue 5):")?;
+        writeln!(out, "targets:")?;
         for t in targets(&rows) {
             let met = if t.at_least {
                 t.value >= t.limit
