@@ -12,6 +12,7 @@
 
 use crate::link::{Actions, Corruption, Fault, Link, Sess, State};
 use crate::wire::frame::{self, CreditArgs, Header, Kind, OpenArgs, FLAG_EOR};
+use crate::wire::ring::Record;
 use std::io;
 use std::time::Instant;
 
@@ -380,6 +381,15 @@ impl Link {
         got.or_else(|| self.read_any_held(ids, buf, out))
     }
 
+    /// The ring's next record, if one is published and sound: the direct paths' look at
+    /// the ring. A bad index or header is left for `pump`, which acts on it.
+    fn next_published(&mut self) -> Option<Record> {
+        if !self.rx.has_cached() && !matches!(self.rx.available(), Ok(n) if n > 0) {
+            return None;
+        }
+        self.rx.next(self.max_payload).ok().flatten()
+    }
+
     /// The ring half of [`Link::read_any`].
     fn read_any_ring(
         &mut self,
@@ -394,13 +404,7 @@ impl Link {
         let mut budget = self.geom.capacity;
         let mut got = None;
         while budget > 0 && got.is_none() {
-            if !self.rx.has_cached() {
-                match self.rx.available() {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-            let Ok(Some(rec)) = self.rx.next(self.max_payload) else {
+            let Some(rec) = self.next_published() else {
                 break;
             };
             let h = rec.header;
@@ -505,16 +509,7 @@ impl Link {
         }
         let quarter = self.geom.capacity / 4;
         let mut n = 0;
-        loop {
-            if !self.rx.has_cached() {
-                match self.rx.available() {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-            let Ok(Some(rec)) = self.rx.next(self.max_payload) else {
-                break;
-            };
+        while let Some(rec) = self.next_published() {
             let h = rec.header;
             let len = h.len as usize;
             if h.kind != Kind::Data || h.session != id || len == 0 || len > buf.len() - n {
