@@ -61,7 +61,7 @@ pub mod fuzzing;
 mod loom_tests;
 
 /// For the unit tests that wait: a bug fails them in seconds instead of stalling the run.
-#[cfg(all(test, not(loom)))]
+#[cfg(test)]
 pub(crate) mod test_watchdog {
     /// Aborts the test binary, naming `test`, if the guard is still alive after `secs`.
     pub(crate) fn watchdog(test: &'static str, secs: u64) -> std::sync::mpsc::Sender<()> {
