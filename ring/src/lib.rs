@@ -60,6 +60,27 @@ pub mod fuzzing;
 #[cfg(all(test, loom))]
 mod loom_tests;
 
+#[cfg(all(feature = "mio", target_os = "linux"))]
+pub use api::mio;
+#[cfg(feature = "tokio")]
+pub use api::tokio;
+pub use api::zerocopy;
+pub use shm::doorbell;
+pub use shm::{layout, region};
+pub use wire::frame;
+#[doc(hidden)]
+pub use wire::mock;
+
+pub use api::connecting::Connecting;
+pub use api::endpoint::{Driver, Endpoint, Listener, Session, SessionOptions};
+pub use api::ready::{IdleWait, Readiness};
+pub use config::{Config, WaitMode};
+pub use link::Stats;
+pub use runtime::DriveNext;
+pub use shm::doorbell::Doorbell;
+pub use shm::layout::{Geometry, LayoutError, Role};
+pub use shm::region::SharedRegion;
+
 /// For the unit tests that wait: a bug fails them in seconds instead of stalling the run.
 #[cfg(test)]
 pub(crate) mod test_watchdog {
@@ -81,24 +102,3 @@ pub(crate) mod test_watchdog {
         done
     }
 }
-
-#[cfg(all(feature = "mio", target_os = "linux"))]
-pub use api::mio;
-#[cfg(feature = "tokio")]
-pub use api::tokio;
-pub use api::zerocopy;
-pub use shm::doorbell;
-pub use shm::{layout, region};
-pub use wire::frame;
-#[doc(hidden)]
-pub use wire::mock;
-
-pub use api::connecting::Connecting;
-pub use api::endpoint::{Driver, Endpoint, Listener, Session, SessionOptions};
-pub use api::ready::{IdleWait, Readiness};
-pub use config::{Config, WaitMode};
-pub use link::Stats;
-pub use runtime::DriveNext;
-pub use shm::doorbell::Doorbell;
-pub use shm::layout::{Geometry, LayoutError, Role};
-pub use shm::region::SharedRegion;

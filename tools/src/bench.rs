@@ -790,21 +790,28 @@ fn ivring_sessions_loop(ep: &Endpoint, n: usize, size: usize, secs: f64) -> Resu
     let buf = vec![0x5au8; size];
     let mut sent = vec![0u64; n];
     let t0 = Instant::now();
-    // Write round-robin, one write per session and round (a session that found space
-    // first must not take it all), for `secs`.
+    // Write round-robin, one write per session and round, for `secs`. Each round starts
+    // where the last one found the ring full: starting every round at the first session
+    // would give the space the peer frees to the same first few sessions each time.
+    let mut start = 0;
     while t0.elapsed().as_secs_f64() < secs {
         ready.take();
         let mut moved = false;
-        for (s, sent) in sess.iter_mut().zip(&mut sent) {
-            match s.write(&buf) {
-                Ok(k) => {
-                    *sent += k as u64;
+        let mut first_blocked = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            match sess[i].write(&buf) {
+                Ok(w) => {
+                    sent[i] += w as u64;
                     moved = true;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    first_blocked.get_or_insert(i);
+                }
                 Err(e) => return Err(e.into()),
             }
         }
+        start = first_blocked.unwrap_or((start + 1) % n);
         if moved {
             idle.progress();
         } else {
