@@ -78,6 +78,46 @@ pub struct ClientDoorbell {
     memory_lost: AtomicBool,
 }
 
+/// The server's first three messages (QEMU's ivshmem-spec): the protocol version (0), our
+/// peer id, and the shared memory (-1 with its fd). Our id and the memory's fd.
+fn read_greeting(path: &Path, sock: &UnixStream, deadline: Instant) -> Result<(u16, OwnedFd)> {
+    let proto = |detail: &str| HostError::Protocol {
+        path: path.to_path_buf(),
+        detail: detail.into(),
+    };
+    let next = |what: &str| -> Result<(i64, Option<OwnedFd>)> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !sys::poll_readable(&[sock.as_fd()], Some(left))?[0] {
+            return Err(HostError::HandshakeTimeout {
+                path: path.to_path_buf(),
+            });
+        }
+        sys::recv_msg(sock.as_fd())?.ok_or_else(|| {
+            proto(&format!(
+                "the server closed the connection before sending {what}"
+            ))
+        })
+    };
+    match next("the protocol version")? {
+        (0, None) => {}
+        (version, None) => {
+            return Err(HostError::BadVersion {
+                path: path.to_path_buf(),
+                version,
+            })
+        }
+        _ => return Err(proto("the version message carried an fd")),
+    }
+    let id = match next("our peer id")? {
+        (id, None) => u16::try_from(id).map_err(|_| proto(&format!("bad peer id ({id})")))?,
+        _ => return Err(proto("the peer id message carried an fd")),
+    };
+    match next("the shared memory")? {
+        (-1, Some(fd)) => Ok((id, fd)),
+        _ => Err(proto("expected the shared memory (-1 with an fd)")),
+    }
+}
+
 impl Client {
     /// Joins the ivshmem server at `path` with [`ConnectOptions::default`].
     pub fn connect(path: impl AsRef<Path>) -> Result<Client> {
@@ -93,38 +133,7 @@ impl Client {
         let path = path.as_ref().to_path_buf();
         let sock = Self::connect_socket(&path)?;
         let deadline = Instant::now() + opts.handshake_timeout;
-        let proto = |detail: &str| HostError::Protocol {
-            path: path.clone(),
-            detail: detail.into(),
-        };
-        let next = |what: &str| -> Result<(i64, Option<OwnedFd>)> {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if !sys::poll_readable(&[sock.as_fd()], Some(left))?[0] {
-                return Err(HostError::HandshakeTimeout { path: path.clone() });
-            }
-            sys::recv_msg(sock.as_fd())?.ok_or_else(|| {
-                proto(&format!(
-                    "the server closed the connection before sending {what}"
-                ))
-            })
-        };
-        match next("the protocol version")? {
-            (0, None) => {}
-            (version, None) => {
-                return Err(HostError::BadVersion {
-                    path: path.clone(),
-                    version,
-                })
-            }
-            _ => return Err(proto("the version message carried an fd")),
-        }
-        if next("our peer id")?.1.is_some() {
-            return Err(proto("the peer id message carried an fd"));
-        }
-        let memfd = match next("the shared memory")? {
-            (-1, Some(fd)) => fd,
-            _ => return Err(proto("expected the shared memory (-1 with an fd)")),
-        };
+        let (_, memfd) = read_greeting(&path, &sock, deadline)?;
         if !opts.allow_unsealed {
             sys::check_memfd(memfd.as_fd(), "the ivshmem server's shared memory")?;
         }
@@ -159,38 +168,10 @@ impl Client {
         let path = path.as_ref().to_path_buf();
         let sock = Self::connect_socket(&path)?;
         let deadline = Instant::now() + opts.handshake_timeout;
+        let (id, shm) = read_greeting(&path, &sock, deadline)?;
         let proto = |detail: &str| HostError::Protocol {
             path: path.clone(),
             detail: detail.into(),
-        };
-        let next = |what: &str| -> Result<(i64, Option<OwnedFd>)> {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if !sys::poll_readable(&[sock.as_fd()], Some(left))?[0] {
-                return Err(HostError::HandshakeTimeout { path: path.clone() });
-            }
-            sys::recv_msg(sock.as_fd())?.ok_or_else(|| {
-                proto(&format!(
-                    "the server closed the connection before sending {what}"
-                ))
-            })
-        };
-
-        let (version, fd) = next("the protocol version")?;
-        if fd.is_some() {
-            return Err(proto("the version message carried an fd"));
-        }
-        if version != 0 {
-            return Err(HostError::BadVersion { path, version });
-        }
-        let (id, fd) = next("our peer id")?;
-        let id = match (u16::try_from(id), fd) {
-            (Ok(id), None) => id,
-            _ => return Err(proto(&format!("bad peer id message ({id})"))),
-        };
-        let (minus1, shm) = next("the shared memory")?;
-        let shm = match (minus1, shm) {
-            (-1, Some(fd)) => fd,
-            _ => return Err(proto("expected -1 with the shared-memory fd")),
         };
         let what = format!("from ivshmem server {}", path.display());
         let shrunk = Arc::new(EventFd::new()?);
