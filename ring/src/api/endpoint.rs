@@ -776,6 +776,20 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    /// A host and a guest endpoint over 256 KiB of heap, 16 KiB session buffers.
+    fn heap_pair(wait: WaitMode) -> (Endpoint, Endpoint) {
+        let cfg = Config {
+            wait,
+            buf_size: 16 << 10,
+            ..Config::default()
+        };
+        let region = SharedRegion::heap(256 << 10);
+        let (a, b) = local::pair();
+        let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
+        let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+        (host, guest)
+    }
+
     /// Writes `total` pattern bytes of session `id` through `s`.
     fn send(mut s: &crate::Session, id: u64, total: u64) {
         let mut buf = vec![0u8; 3000];
@@ -814,15 +828,7 @@ mod tests {
             60,
         );
         for wait in [WaitMode::Poll, WaitMode::Block, WaitMode::Adaptive] {
-            let cfg = Config {
-                wait,
-                buf_size: 16 << 10,
-                ..Config::default()
-            };
-            let region = SharedRegion::heap(256 << 10);
-            let (a, b) = local::pair();
-            let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
-            let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+            let (host, guest) = heap_pair(wait);
             let l = guest.listen(9).unwrap();
             // Sessions 0..6: the even ones streams, the odd ones keep messages.
             let n = 6;
@@ -903,15 +909,7 @@ mod tests {
             60,
         );
         for wait in [WaitMode::Poll, WaitMode::Block, WaitMode::Adaptive] {
-            let cfg = Config {
-                wait,
-                buf_size: 16 << 10,
-                ..Config::default()
-            };
-            let region = SharedRegion::heap(256 << 10);
-            let (a, b) = local::pair();
-            let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
-            let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+            let (host, guest) = heap_pair(wait);
             let l = guest.listen(9).unwrap();
             let mut h = host.connect(9).unwrap();
             let mut g = l.accept().unwrap();
