@@ -909,19 +909,7 @@ fn start_loopback(mode: WaitMode, mem: u64) -> Result<Peer> {
         .find(|p| std::fs::create_dir(p).is_ok())
         .context("create a temporary directory")?;
     let sock = dir.join("ivshmem.sock");
-    let cfg = Config {
-        wait: mode,
-        ..Config::default()
-    };
-    let link = HostLink::open(
-        Role::Host,
-        &Attach::Serve {
-            socket: sock.clone(),
-            size: mem,
-            vectors: 1,
-        },
-        cfg,
-    )?;
+    let link = serve_link(&sock, mode, mem)?;
     let exe = std::env::current_exe().context("find own executable")?;
     let child = Command::new(exe)
         .args([
@@ -948,12 +936,13 @@ fn start_loopback(mode: WaitMode, mem: u64) -> Result<Peer> {
     Ok(peer)
 }
 
-fn start_served(sock: &Path, mode: WaitMode, mem: u64) -> Result<Peer> {
+/// The host's side, serving the ivshmem protocol on `sock` with one vector per peer.
+fn serve_link(sock: &Path, mode: WaitMode, mem: u64) -> Result<HostLink> {
     let cfg = Config {
         wait: mode,
         ..Config::default()
     };
-    let link = HostLink::open(
+    Ok(HostLink::open(
         Role::Host,
         &Attach::Serve {
             socket: sock.to_path_buf(),
@@ -961,7 +950,11 @@ fn start_served(sock: &Path, mode: WaitMode, mem: u64) -> Result<Peer> {
             vectors: 1,
         },
         cfg,
-    )?;
+    )?)
+}
+
+fn start_served(sock: &Path, mode: WaitMode, mem: u64) -> Result<Peer> {
+    let link = serve_link(sock, mode, mem)?;
     eprintln!(
         "bench: serving on {}; start the guest (QEMU ivshmem-doorbell on this socket, then `ivring-guest serve`)",
         sock.display()
