@@ -493,21 +493,9 @@ mod tests {
     const P: usize = HOST_BLOCK;
     const C: usize = GUEST_BLOCK;
 
-    /// Aborts the test binary if the test is still running after 20 s: a miscounted
-    /// index can make `Consumer::next` itself loop for ever, which must fail the run in
-    /// seconds, not stall it (as `ring/tests/common::watchdog`).
-    fn watchdog(test: &'static str) -> std::sync::mpsc::Sender<()> {
-        let (done, rx) = std::sync::mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            let limit = std::time::Duration::from_secs(20);
-            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-                use std::io::Write;
-                let _ = writeln!(std::io::stderr(), "{test}: still running after {limit:?}");
-                std::process::abort();
-            }
-        });
-        done
-    }
+    // Each test runs under a 20 s watchdog (`crate::test_watchdog`): a miscounted index
+    // can make `Consumer::next` itself loop for ever, which must fail the run in seconds,
+    // not stall it.
 
     fn pair() -> (SharedRegion, Producer, Consumer) {
         let r = SharedRegion::heap(16 << 10);
@@ -572,7 +560,8 @@ mod tests {
 
     #[test]
     fn records_cross_the_ring_end_behind_an_exact_pad() {
-        let _w = watchdog("records_cross_the_ring_end_behind_an_exact_pad");
+        let _w =
+            crate::test_watchdog::watchdog("records_cross_the_ring_end_behind_an_exact_pad", 20);
         let (r, mut p, mut c) = pair();
         // Sizes chosen so that records end exactly at the ring's end, leave 16, 32 or
         // more bytes before it (a pad of each size), and wrap many times.
@@ -629,7 +618,10 @@ mod tests {
 
     #[test]
     fn push_writes_header_then_payload_and_publish_stores_the_head() {
-        let _w = watchdog("push_writes_header_then_payload_and_publish_stores_the_head");
+        let _w = crate::test_watchdog::watchdog(
+            "push_writes_header_then_payload_and_publish_stores_the_head",
+            20,
+        );
         let (r, mut p, mut c) = pair();
         assert!(!p.unpublished());
         let (h, payload) = data(40, 9);
@@ -651,7 +643,10 @@ mod tests {
 
     #[test]
     fn a_header_only_record_and_a_header_only_pad_are_read() {
-        let _w = watchdog("a_header_only_record_and_a_header_only_pad_are_read");
+        let _w = crate::test_watchdog::watchdog(
+            "a_header_only_record_and_a_header_only_pad_are_read",
+            20,
+        );
         let (r, mut p, mut c) = pair();
         let shut = Header {
             kind: Kind::Shutdown,
@@ -695,7 +690,7 @@ mod tests {
 
     #[test]
     fn a_bad_header_is_an_error_not_a_record() {
-        let _w = watchdog("a_bad_header_is_an_error_not_a_record");
+        let _w = crate::test_watchdog::watchdog("a_bad_header_is_an_error_not_a_record", 20);
         let (r, mut p, mut c) = pair();
         assert!(push_rec(&mut p, 32, 1));
         p.publish();
@@ -719,7 +714,10 @@ mod tests {
 
     #[test]
     fn the_free_space_follows_the_readers_tail_and_rejects_bad_ones() {
-        let _w = watchdog("the_free_space_follows_the_readers_tail_and_rejects_bad_ones");
+        let _w = crate::test_watchdog::watchdog(
+            "the_free_space_follows_the_readers_tail_and_rejects_bad_ones",
+            20,
+        );
         let (r, mut p, _c) = full();
         assert_eq!(p.head, CAP);
         let tail_at = C + side::RX_TAIL;
@@ -786,7 +784,7 @@ mod tests {
 
     #[test]
     fn space_targets_count_the_pad_a_record_needs() {
-        let _w = watchdog("space_targets_count_the_pad_a_record_needs");
+        let _w = crate::test_watchdog::watchdog("space_targets_count_the_pad_a_record_needs", 20);
         let (_r, mut p, _c) = pair();
         assert_eq!(p.space_target(64), 1, "fits now: any tail will do");
         // 960 bytes in: 64 to the end, a 64-byte record fits exactly, no pad.
@@ -808,7 +806,10 @@ mod tests {
 
     #[test]
     fn arm_space_posts_what_the_writer_needs_and_the_reader_rings_for_it() {
-        let _w = watchdog("arm_space_posts_what_the_writer_needs_and_the_reader_rings_for_it");
+        let _w = crate::test_watchdog::watchdog(
+            "arm_space_posts_what_the_writer_needs_and_the_reader_rings_for_it",
+            20,
+        );
         let (r, mut p, mut c) = full();
         let posted = P + side::TX_NEED_SPACE;
         assert!(!p.space_ready(), "nothing posted");
@@ -863,7 +864,10 @@ mod tests {
 
     #[test]
     fn arm_space_counts_the_pad_and_the_reader_rings_at_the_target() {
-        let _w = watchdog("arm_space_counts_the_pad_and_the_reader_rings_at_the_target");
+        let _w = crate::test_watchdog::watchdog(
+            "arm_space_counts_the_pad_and_the_reader_rings_at_the_target",
+            20,
+        );
         let (r, mut p, mut c) = pair();
         for i in 0..15 {
             assert!(push_rec(&mut p, 64, i));
@@ -904,7 +908,7 @@ mod tests {
 
     #[test]
     fn the_reader_is_rung_only_when_it_asked() {
-        let _w = watchdog("the_reader_is_rung_only_when_it_asked");
+        let _w = crate::test_watchdog::watchdog("the_reader_is_rung_only_when_it_asked", 20);
         let (r, mut p, mut c) = pair();
         let flag = C + side::RX_NEED_WAKEUP;
         assert_eq!(c.arm_wakeup(true), Ok(false));
@@ -936,7 +940,8 @@ mod tests {
 
     #[test]
     fn the_published_head_is_checked_against_our_tail() {
-        let _w = watchdog("the_published_head_is_checked_against_our_tail");
+        let _w =
+            crate::test_watchdog::watchdog("the_published_head_is_checked_against_our_tail", 20);
         let (r, mut p, mut c) = pair();
         for i in 0..4 {
             assert!(push_rec(&mut p, 64, i));
@@ -972,7 +977,10 @@ mod tests {
 
     #[test]
     fn words_are_restored_from_the_local_copies_and_reset_to_zero() {
-        let _w = watchdog("words_are_restored_from_the_local_copies_and_reset_to_zero");
+        let _w = crate::test_watchdog::watchdog(
+            "words_are_restored_from_the_local_copies_and_reset_to_zero",
+            20,
+        );
         let (r, mut p, mut c) = full();
         assert_eq!(p.arm_space(64, true), Ok(false));
         c.available().unwrap();
