@@ -299,20 +299,27 @@ impl Link {
             }
             return Ok(());
         }
-        // At most once per buffer read by a reader that sleeps: summed, not kept.
+        // At most once per buffer read by a reader that sleeps: summed, not kept. Each
+        // open stream session may take an equal share of the budget: among many sessions
+        // the first readers to qualify would otherwise take all of it, and their writers
+        // (moving a larger window per wakeup) most of the link.
         let budget = 4 * max as u64;
-        let grown: u64 = self
-            .sessions
-            .values()
-            .map(|s| s.buf_alloc.saturating_sub(base) as u64)
-            .sum();
+        let (grown, streams) = self.sessions.values().fold((0u64, 0u64), |(g, n), s| {
+            let stream = !s.message && s.state == State::Open;
+            (
+                g + s.buf_alloc.saturating_sub(base) as u64,
+                n + u64::from(stream),
+            )
+        });
+        let share = budget / streams.max(1);
         let Some(s) = self.sessions.get_mut(&id) else {
             return Ok(());
         };
         s.fwd_at_dry = s.fwd_cnt;
         s.slept = false;
         let room = budget.saturating_sub(grown).min(u32::MAX as u64) as u32;
-        let want = s.buf_alloc.saturating_mul(2).min(max);
+        let fair = (base as u64 + share).min(u32::MAX as u64) as u32;
+        let want = s.buf_alloc.saturating_mul(2).min(max).min(fair);
         let new = want.min(s.buf_alloc.saturating_add(room));
         if new <= s.buf_alloc {
             return Ok(());
@@ -594,7 +601,11 @@ mod window_tests {
         (ours, theirs)
     }
 
-    /// Streams `total` bytes host -> guest, read as fast as they come.
+    /// Streams `total` bytes host -> guest to a reader that keeps up but wakes late: it
+    /// waits for data (runs dry and sleeps), then pauses as a descheduled thread would
+    /// while the writer fills its buffer, then reads all of it, and waits again. (A reader
+    /// that always wakes at once never holds the writer back, and its buffer need not
+    /// grow: how often that happens depends on the machine.)
     fn stream(host: &Endpoint, guest: &Endpoint, port: u32, total: usize) -> (u32, u32) {
         let l = guest.listen(port).unwrap();
         let mut tx = host.connect(port).unwrap();
@@ -612,15 +623,34 @@ mod window_tests {
         let mut buf = vec![0u8; 64 << 10];
         let mut got = 0;
         while got < total {
+            rx.set_nonblocking(false);
             let n = rx.read(&mut buf).unwrap();
             assert!(n > 0 && buf[..n].iter().all(|&b| b == 3));
             got += n;
+            std::thread::sleep(Duration::from_millis(5));
+            rx.set_nonblocking(true);
+            loop {
+                match rx.read(&mut buf) {
+                    Ok(n) => {
+                        assert!(n > 0 && buf[..n].iter().all(|&b| b == 3));
+                        got += n;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("read: {e}"),
+                }
+            }
         }
         let tx = writer.join().unwrap();
-        // Credit frames are in flight until the writer's side reads them.
-        std::thread::sleep(Duration::from_millis(50));
+        // The last Credit frame is in flight until the writer's side reads it.
+        let mut w = windows(guest, &rx, host, &tx);
+        for _ in 0..1000 {
+            if w.0 == w.1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            w = windows(guest, &rx, host, &tx);
+        }
         let _ = tx.shutdown(std::net::Shutdown::Both);
-        let w = windows(guest, &rx, host, &tx);
         drop((tx, rx));
         w
     }
@@ -674,6 +704,31 @@ mod window_tests {
         rx.read_to_end(&mut rest).unwrap();
         writer.join().unwrap();
         assert_eq!(rest.len() + 64 * 4096, 64 * (16 << 10));
+    }
+
+    /// Among many open sessions one busy reader's buffer grows by at most its equal share
+    /// of the link's growth budget (4 x max_buf_size), not by all of it.
+    #[test]
+    fn one_of_many_sessions_grows_by_its_share_only() {
+        let _watchdog =
+            crate::test_watchdog::watchdog("one_of_many_sessions_grows_by_its_share_only", 60);
+        let cfg = Config {
+            wait: WaitMode::Block,
+            buf_size: 8 << 10,
+            max_buf_size: 64 << 10,
+            ..Config::default()
+        };
+        let (host, guest) = pair(cfg.clone());
+        let l = guest.listen(7).unwrap();
+        // 15 idle sessions and the busy one: a share of 256 KiB / 16 = 16 KiB of growth.
+        let idle: Vec<_> = (0..15)
+            .map(|_| (host.connect(7).unwrap(), l.accept().unwrap()))
+            .collect();
+        let (ours, theirs) = stream(&host, &guest, 1, 2 << 20);
+        assert!(ours > cfg.buf_size, "buffer never grew: {ours}");
+        assert!(ours <= (8 + 16) << 10, "grew past its share: {ours}");
+        assert_eq!(theirs, ours, "the peer was not told");
+        drop(idle);
     }
 
     #[test]
