@@ -1083,3 +1083,33 @@ fn a_finished_session_outlives_the_peers_restart() {
         ErrorKind::ConnectionReset
     );
 }
+
+/// A session the peer reset stays reset across the peer's restart, even one the peer had
+/// shut down before it reset it: only sessions that are open and finished keep their data.
+#[test]
+fn a_session_the_peer_reset_stays_reset_across_its_restart() {
+    let _w = watchdog(
+        "a_session_the_peer_reset_stays_reset_across_its_restart",
+        LIMIT,
+    );
+    let (victim, mut peer) = pair(Role::Host, cfg());
+    let l = victim.listen(PORT).unwrap();
+    let (id, mut s) = accepted(&l, &mut peer, false);
+    peer.push(Kind::Data, 0, id, &bytes(id, 0, 10));
+    peer.push(Kind::Shutdown, 0, id, &[]);
+    peer.push(Kind::Reset, 0, id, &[]);
+    peer.sync();
+    assert_eq!(victim.stats().session_resets, 1);
+    let before = victim.stats().link_resets;
+    peer.h.restart();
+    let t0 = Instant::now();
+    while !(peer.h.follow() && victim.is_up() && victim.stats().link_resets > before) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no link reset");
+        thread::sleep(Duration::from_millis(1));
+    }
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        s.read(&mut buf).unwrap_err().kind(),
+        ErrorKind::ConnectionReset
+    );
+}

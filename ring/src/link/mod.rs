@@ -993,3 +993,268 @@ pub(crate) fn reset_error(l: &Link) -> io::Error {
         .unwrap_or_else(|| "link reset".into());
     io::Error::new(io::ErrorKind::ConnectionReset, format!("ivring: {why}"))
 }
+
+/// The handshake and the liveness rules of `check_peer`, `follow_epoch`, `reset_all` and
+/// `index_fault`, one step at a time: a link driven by hand against the crate's mock peer
+/// over one heap region, no threads and no clock, so that every step is checked exactly
+/// (what `check_peer` returns, what the link acknowledged, what it counted).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shm::doorbell::Polling;
+    use crate::shm::layout::{header, LayoutError, CONTROL_SIZE, VERSION};
+    use crate::wire::mock::{write_header, MockPeer};
+    use std::sync::Arc;
+
+    const REGION: usize = 64 << 10;
+
+    /// A link of `role`, attached, and the peer that plays the other side (a host peer
+    /// lays the region out only if `lay_out`).
+    fn victim_with(role: Role, lay_out: bool) -> (Link, MockPeer) {
+        let region = SharedRegion::heap(REGION);
+        let geom = Geometry::for_size(REGION).unwrap();
+        let peer = MockPeer::laying_out(
+            region.clone(),
+            role.other(),
+            Arc::new(Polling::new()),
+            lay_out,
+        );
+        let mut link = Link::new(role, region, geom, Config::default(), Instant::now());
+        link.attach(Some(0), &mut Actions::default());
+        (link, peer)
+    }
+
+    fn victim(role: Role) -> (Link, MockPeer) {
+        victim_with(role, true)
+    }
+
+    fn check(l: &mut Link) -> bool {
+        l.check_peer(Instant::now(), &mut Actions::default())
+    }
+
+    /// One of the link's own words, as the peer reads it.
+    fn own(l: &Link, word: usize) -> u64 {
+        l.region.load_u64(l.own + word, Ordering::Acquire)
+    }
+
+    /// The peer (re)starts and the link comes up with it.
+    fn up(l: &mut Link, peer: &mut MockPeer) {
+        peer.restart();
+        assert!(check(l), "the peer's new epoch is a change");
+        assert!(peer.follow(), "the link acknowledged the peer's epoch");
+        assert!(check(l), "the peer's acknowledgement is a change");
+        assert!(l.up);
+        assert!(!check(l), "nothing changed");
+    }
+
+    /// Each side acknowledges the other's epoch, and the link comes up only once the peer
+    /// has acknowledged ours; `check_peer` says exactly when something changed.
+    #[test]
+    fn the_link_comes_up_once_both_epochs_are_acknowledged() {
+        for role in [Role::Host, Role::Guest] {
+            let (mut l, mut peer) = victim(role);
+            assert!(!check(&mut l), "{role:?}: no peer yet");
+            assert_eq!(own(&l, side::ACK), 0);
+            peer.restart();
+            assert!(check(&mut l), "{role:?}: the peer's epoch is a change");
+            assert!(!l.up);
+            assert_eq!(own(&l, side::ACK), peer.epoch, "{role:?}");
+            assert!(
+                !check(&mut l),
+                "{role:?}: the peer has not acknowledged ours"
+            );
+            assert!(!l.up);
+            // A stranger's epoch acknowledged is no acknowledgement.
+            peer.store(side::ACK, l.epoch.wrapping_add(1));
+            assert!(!check(&mut l), "{role:?}: a wrong acknowledgement");
+            assert!(!l.up);
+            assert!(peer.follow());
+            assert!(check(&mut l), "{role:?}: the link came up");
+            assert!(l.up);
+            assert!(!check(&mut l), "{role:?}: nothing changed since");
+            assert!(!check(&mut l), "{role:?}: nothing changed since");
+            assert!(l.up);
+            // Coming up the first time resets nothing.
+            assert_eq!(l.stats.link_resets, 0, "{role:?}");
+            assert_eq!(l.stats.last_error, None, "{role:?}");
+            assert_eq!(l.gen, 1, "{role:?}");
+        }
+    }
+
+    /// `POLLS` is read when the link comes up: exactly 1 means the peer polls.
+    #[test]
+    fn the_peers_polls_word_is_read_when_the_link_comes_up() {
+        for (word, polls) in [(0, false), (1, true), (2, false)] {
+            let (mut l, mut peer) = victim(Role::Host);
+            peer.store(side::POLLS, word);
+            up(&mut l, &mut peer);
+            assert_eq!(l.tx.peer_polls, polls, "POLLS = {word}");
+            assert_eq!(l.rx.peer_polls, polls, "POLLS = {word}");
+        }
+    }
+
+    /// The header is the host's own word: a guest that scribbles on it does not stop the
+    /// host from following the guest's epochs (the host repairs it at its next heartbeat).
+    #[test]
+    fn the_host_does_not_read_its_header_back() {
+        let (mut l, mut peer) = victim(Role::Host);
+        l.region.store_u64(header::MAGIC, 0xbad, Ordering::Relaxed);
+        peer.restart();
+        assert!(check(&mut l));
+        assert_eq!(own(&l, side::ACK), peer.epoch);
+        assert!(peer.follow());
+        assert!(check(&mut l));
+        assert!(l.up);
+        assert_eq!(l.stats.last_error, None);
+    }
+
+    /// A guest follows no epoch until the host has laid the region out; a bad header is
+    /// the link's last error.
+    #[test]
+    fn a_guest_waits_for_a_valid_header() {
+        let (mut l, mut peer) = victim_with(Role::Guest, false);
+        assert!(!check(&mut l));
+        peer.restart();
+        assert!(!check(&mut l), "an epoch without a header");
+        assert!(!l.laid_out);
+        assert_eq!(own(&l, side::ACK), 0);
+        l.region.store_u64(header::MAGIC, 0xbad, Ordering::Relaxed);
+        assert!(!check(&mut l), "an epoch beside a bad header");
+        assert_eq!(own(&l, side::ACK), 0);
+        assert_eq!(
+            l.stats.last_error,
+            Some(LayoutError::BadMagic(0xbad).to_string())
+        );
+        write_header(&l.region, &l.geom);
+        assert!(check(&mut l), "the header is there: the epoch is followed");
+        assert!(l.laid_out);
+        assert_eq!(own(&l, side::ACK), peer.epoch);
+        assert!(peer.follow());
+        assert!(check(&mut l));
+        assert!(l.up);
+    }
+
+    /// A host that restarts with a header this guest cannot use: the guest resets the
+    /// link and follows no epoch until the header is right again.
+    #[test]
+    fn a_guest_follows_no_epoch_over_a_bad_header() {
+        let (mut l, mut peer) = victim(Role::Guest);
+        up(&mut l, &mut peer);
+        let old = peer.epoch;
+        let bad = VERSION + 1;
+        l.region.store_u64(
+            header::VERSION,
+            bad as u64 | (CONTROL_SIZE as u64) << 32,
+            Ordering::Relaxed,
+        );
+        peer.restart();
+        assert!(check(&mut l), "the link went down");
+        assert!(!l.up);
+        assert!(!l.laid_out);
+        assert_eq!(l.stats.link_resets, 1);
+        assert_eq!(
+            l.stats.last_error.as_deref(),
+            Some("host re-laid the region out")
+        );
+        assert_eq!(own(&l, side::ACK), old, "the new epoch is not acknowledged");
+        assert!(!check(&mut l), "nothing changed");
+        assert_eq!(own(&l, side::ACK), old);
+        assert_eq!(
+            l.stats.last_error,
+            Some(LayoutError::BadVersion(bad).to_string())
+        );
+        write_header(&l.region, &l.geom);
+        assert!(check(&mut l));
+        assert_eq!(own(&l, side::ACK), peer.epoch);
+        assert!(peer.follow());
+        assert!(check(&mut l));
+        assert!(l.up);
+        assert_eq!(l.stats.link_resets, 1);
+    }
+
+    /// A peer restart while the link is up resets it once, even with no session open.
+    #[test]
+    fn a_peer_restart_resets_an_up_link() {
+        let (mut l, mut peer) = victim(Role::Host);
+        up(&mut l, &mut peer);
+        peer.restart();
+        assert!(check(&mut l));
+        assert!(!l.up);
+        assert_eq!(own(&l, side::ACK), peer.epoch);
+        assert_eq!(l.stats.link_resets, 1);
+        assert_eq!(l.stats.last_error.as_deref(), Some("peer restarted"));
+        assert_eq!(l.gen, 2);
+        assert!(peer.follow());
+        assert!(check(&mut l));
+        assert!(l.up);
+        assert_eq!(l.stats.link_resets, 1);
+    }
+
+    /// What the peer published before it moved its epoch (as a leaving peer does: its head
+    /// stays) is read before the epoch is followed, sessions or not.
+    #[test]
+    fn frames_published_before_an_epoch_move_are_read() {
+        let (mut l, mut peer) = victim(Role::Host);
+        up(&mut l, &mut peer);
+        assert!(peer.push(Kind::Data, 0, 1001 << 1 | 1, b"last words"));
+        peer.publish();
+        peer.epoch += 1;
+        peer.store(side::ACK, 0);
+        peer.store(side::EPOCH, peer.epoch);
+        assert!(check(&mut l));
+        assert!(!l.up);
+        assert_eq!(
+            l.stats.frames_dropped, 1,
+            "the frame was read (and dropped)"
+        );
+        assert_eq!(own(&l, side::ACK), peer.epoch);
+        assert_eq!(l.stats.link_resets, 1);
+    }
+
+    /// A local reset counts a link reset only if it ended something: an up link or
+    /// sessions.
+    #[test]
+    fn a_local_reset_of_a_down_link_counts_no_link_reset() {
+        let (mut l, mut peer) = victim(Role::Host);
+        l.local_reset("first", &mut Actions::default());
+        assert_eq!(l.stats.link_resets, 0);
+        assert_eq!(l.stats.last_error.as_deref(), Some("first"));
+        up(&mut l, &mut peer);
+        l.local_reset("second", &mut Actions::default());
+        assert_eq!(l.stats.link_resets, 1);
+        assert_eq!(l.stats.last_error.as_deref(), Some("second"));
+        assert!(!l.up);
+    }
+
+    /// A bad index is corruption while the peer's epoch stands, and the peer's restart
+    /// (followed at once, nothing counted) once it has moved.
+    #[test]
+    fn a_bad_index_is_corruption_unless_the_epoch_moved() {
+        let garbage = 3 * Geometry::for_size(REGION).unwrap().capacity;
+        let (mut l, mut peer) = victim(Role::Host);
+        up(&mut l, &mut peer);
+        peer.store(side::TX_HEAD, garbage);
+        let got = l.pump(Instant::now(), &mut Actions::default());
+        assert!(
+            matches!(got, Err(Fault::Corrupt(Corruption::Index(_)))),
+            "{got:?}"
+        );
+        assert_eq!(l.stats.corruptions, 1);
+        assert_eq!(own(&l, side::ACK), peer.epoch);
+
+        let (mut l, mut peer) = victim(Role::Host);
+        up(&mut l, &mut peer);
+        peer.epoch += 1;
+        peer.store(side::TX_HEAD, garbage);
+        peer.store(side::ACK, 0);
+        peer.store(side::EPOCH, peer.epoch);
+        let got = l.pump(Instant::now(), &mut Actions::default());
+        assert_eq!(got, Err(Fault::PeerRestarted { epoch: peer.epoch }));
+        assert_eq!(l.stats.corruptions, 0);
+        assert_eq!(l.stats.link_resets, 1);
+        assert_eq!(own(&l, side::ACK), peer.epoch);
+        assert!(!l.up);
+        assert!(check(&mut l), "check_peer reports the followed restart");
+        assert!(!check(&mut l));
+    }
+}
