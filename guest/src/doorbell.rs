@@ -7,7 +7,7 @@ use ivring::Doorbell;
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
 use rustix::time::Timespec;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// First sleep of a polling wait.
@@ -33,8 +33,6 @@ pub struct GuestDoorbell {
     wake: Wake,
     /// Private eventfd that [`Doorbell::interrupt`] signals to end a wait.
     interrupt: OwnedFd,
-    /// A wait saw a vector rung and returned without reading it: the next wait reads it.
-    rung_unread: AtomicBool,
 }
 
 impl std::fmt::Debug for GuestDoorbell {
@@ -73,7 +71,6 @@ impl GuestDoorbell {
                 backoff_ns: AtomicU64::new(POLL_MIN.as_nanos() as u64),
             },
             interrupt: new_eventfd()?,
-            rung_unread: AtomicBool::new(false),
         })
     }
 
@@ -84,7 +81,6 @@ impl GuestDoorbell {
             regs,
             wake: Wake::Msix(vfio),
             interrupt: new_eventfd()?,
-            rung_unread: AtomicBool::new(false),
         })
     }
 
@@ -99,9 +95,9 @@ impl GuestDoorbell {
         }
     }
 
-    /// Polls the given fds plus the interrupt eventfd, for at most `timeout`; drains the
-    /// interrupt eventfd if it became readable. Whether any of `fds` did (left unread).
-    fn poll_fds(&self, fds: &[&OwnedFd], timeout: Option<Duration>) -> bool {
+    /// Polls the given fds plus the interrupt eventfd, for at most `timeout`; then drains
+    /// whatever became readable, so pending rings are consumed.
+    fn poll_fds(&self, fds: &[&OwnedFd], timeout: Option<Duration>) {
         let mut pfds: Vec<PollFd<'_>> = fds
             .iter()
             .map(|fd| PollFd::new(*fd, PollFlags::IN))
@@ -120,12 +116,14 @@ impl GuestDoorbell {
                 _ => break,
             }
         }
+        // Drain only what is readable: a read of an empty eventfd is a wasted syscall on
+        // the path of every blocked round trip.
         let ready: Vec<bool> = pfds.iter().map(|p| !p.revents().is_empty()).collect();
         drop(pfds);
-        if ready.last() == Some(&true) {
-            drain(&self.interrupt);
+        let all = fds.iter().copied().chain(std::iter::once(&self.interrupt));
+        for (fd, _) in all.zip(ready).filter(|(_, r)| *r) {
+            drain(fd);
         }
-        ready[..fds.len()].iter().any(|&r| r)
     }
 }
 
@@ -143,17 +141,8 @@ impl Doorbell for GuestDoorbell {
     fn wait(&self, timeout: Option<Duration>) {
         match &self.wake {
             Wake::Msix(vfio) => {
-                // The read that clears a ring waits for the next call, off the round
-                // trip (the peer is busy answering then); that call returns at once, so
-                // its caller looks at shared memory again after it and no ring is lost.
-                if self.rung_unread.swap(false, Ordering::Relaxed) {
-                    vfio.vectors().iter().for_each(drain);
-                    return;
-                }
                 let fds: Vec<&OwnedFd> = vfio.vectors().iter().collect();
-                if self.poll_fds(&fds, timeout) {
-                    self.rung_unread.store(true, Ordering::Relaxed);
-                }
+                self.poll_fds(&fds, timeout);
             }
             Wake::Polling { backoff_ns } => {
                 let cur = Duration::from_nanos(backoff_ns.load(Ordering::Relaxed));
