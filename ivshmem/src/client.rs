@@ -76,9 +76,6 @@ pub struct ClientDoorbell {
     server_alive: AtomicBool,
     /// The memory was shrunk under us and replaced by private memory: the link is over.
     memory_lost: AtomicBool,
-    /// A wait saw vector 0 rung and returned without reading it: the next wait reads it
-    /// and returns at once (see [`Doorbell::wait`] below).
-    rung_unread: AtomicBool,
 }
 
 /// The server's first three messages (QEMU's ivshmem-spec): the protocol version (0), our
@@ -240,7 +237,6 @@ impl Client {
             changed: Condvar::new(),
             server_alive: AtomicBool::new(alive),
             memory_lost: AtomicBool::new(false),
-            rung_unread: AtomicBool::new(false),
         });
         let stop = Arc::new(EventFd::new()?);
         let thread = {
@@ -500,21 +496,14 @@ impl Doorbell for ClientDoorbell {
             }
             return;
         };
-        // The read that clears a ring waits for the next call: on a round trip it would
-        // sit between the peer's ring and our answer, while on the next call it costs
-        // nothing (the peer is busy answering). That call reads and returns at once, so
-        // its caller looks at shared memory again after the read: a ring the read
-        // consumes is never lost. (Returning early is in the contract.)
-        if self.rung_unread.swap(false, Ordering::Relaxed) {
-            own0.drain();
-            return;
-        }
         // A poll error (EINTR is retried inside) leaves us returning early, which the
         // contract allows.
+        // Drain only what is readable: a read of an empty eventfd is a wasted syscall on
+        // the path of every blocked round trip.
         match sys::poll_readable(&[own0.as_fd(), self.intr.as_fd()], timeout) {
             Ok(ready) => {
                 if ready.first() == Some(&true) {
-                    self.rung_unread.store(true, Ordering::Relaxed);
+                    own0.drain();
                 }
                 if ready.get(1) == Some(&true) {
                     self.intr.drain();

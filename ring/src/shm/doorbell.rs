@@ -15,9 +15,7 @@ pub trait Doorbell: Send + Sync {
     fn ring(&self, peer: u16);
 
     /// Blocks until our doorbell rings, [`Doorbell::interrupt`] is called, or `timeout`
-    /// passes (`None`: no limit). Consumes pending rings, now or at the start of the next
-    /// call, which then returns at once (its caller looks at shared memory again after
-    /// it, so no ring is lost). May return early for no reason.
+    /// passes (`None`: no limit). Consumes pending rings. May return early for no reason.
     fn wait(&self, timeout: Option<Duration>);
 
     /// Makes a current or the next [`Doorbell::wait`] return at once (from another thread).
