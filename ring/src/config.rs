@@ -28,7 +28,7 @@ pub struct Config {
     /// reader sleeps for data and then reads a whole buffer before running dry again (the
     /// peer was held back by the buffer's size: the bandwidth-delay product of a link
     /// whose wakeups are slow); the growth of all sessions of a link together stays
-    /// under four times this.
+    /// under four times this, each open stream session taking at most an equal share.
     pub max_buf_size: u32,
     /// Most sessions open at once on this link.
     pub max_sessions: usize,
