@@ -594,6 +594,16 @@ mod window_tests {
         (host, guest)
     }
 
+    /// Blocking sessions with 8 KiB buffers growing to 64 KiB: a growth budget of 256 KiB.
+    fn small_buffers() -> Config {
+        Config {
+            wait: WaitMode::Block,
+            buf_size: 8 << 10,
+            max_buf_size: 64 << 10,
+            ..Config::default()
+        }
+    }
+
     /// (our buffer for the session, the peer's view of it).
     fn windows(rx_ep: &Endpoint, rx: &Session, tx_ep: &Endpoint, tx: &Session) -> (u32, u32) {
         let ours = rx_ep.shared().lock().sessions[&rx.id()].buf_alloc;
@@ -712,12 +722,7 @@ mod window_tests {
     fn one_of_many_sessions_grows_by_its_share_only() {
         let _watchdog =
             crate::test_watchdog::watchdog("one_of_many_sessions_grows_by_its_share_only", 60);
-        let cfg = Config {
-            wait: WaitMode::Block,
-            buf_size: 8 << 10,
-            max_buf_size: 64 << 10,
-            ..Config::default()
-        };
+        let cfg = small_buffers();
         let (host, guest) = pair(cfg.clone());
         let l = guest.listen(7).unwrap();
         // 15 idle sessions and the busy one: a share of 256 KiB / 16 = 16 KiB of growth.
@@ -737,12 +742,7 @@ mod window_tests {
             "growth_of_all_sessions_stays_within_the_link_budget",
             60,
         );
-        let cfg = Config {
-            wait: WaitMode::Block,
-            buf_size: 8 << 10,
-            max_buf_size: 64 << 10,
-            ..Config::default()
-        };
+        let cfg = small_buffers();
         let (host, guest) = pair(cfg.clone());
         let l = guest.listen(3).unwrap();
         let mut kept = Vec::new();
