@@ -12,6 +12,7 @@
 
 use crate::config::Config;
 use crate::link::park::Taken;
+use crate::link::tx::Framed;
 use crate::link::{Actions, Link, Stripes};
 use crate::shm::doorbell::Polling;
 use crate::shm::layout::{side, Geometry, Role};
@@ -115,6 +116,8 @@ pub fn fuzz_pump(data: &[u8]) {
     let mut buf = vec![0u8; 2 * BUF as usize];
     // An in-place view held open across the next steps: (session, generation).
     let mut lent: Option<(u64, u64)> = None;
+    // Frames reserved by an unlocked write, their payload not yet copied.
+    let mut copying: Vec<(crate::wire::ring::CopySlot, usize)> = Vec::new();
     while let Some(op) = input.u8() {
         let resets = link.stats().link_resets;
         let mut out = Actions::default();
@@ -215,13 +218,21 @@ pub fn fuzz_pump(data: &[u8]) {
                     let _ = link.read(id, &mut buf[..n], &mut out);
                 }
             }
-            // The victim writes to a session (credit-checked), then publishes.
+            // The victim writes to a session (credit-checked), then publishes; or reserves
+            // the frame and copies its payload a step later (a reset may come between).
             8 => {
+                for (slot, n) in copying.drain(..) {
+                    link.region().write(slot.at, &buf[..n]);
+                    link.finish_copy(slot, &mut out);
+                }
                 let ids: Vec<u64> = link.session_ids();
                 if let Some(&id) = ids.get(input.u8().unwrap_or(0) as usize % ids.len().max(1)) {
-                    let n = input.u16() as usize % buf.len();
-                    let _ = link.write_frame(id, &buf[..n], false, true, &mut out);
-                    link.publish(&mut out);
+                    let pick = input.u16() as usize;
+                    let n = (pick >> 1) % buf.len();
+                    match link.write_frame(id, &buf[..n], false, true, pick & 1 == 1, &mut out) {
+                        Ok(Some(Framed::Reserved(slot, n))) => copying.push((slot, n)),
+                        _ => link.publish(&mut out),
+                    }
                 }
             }
             // The victim closes, shuts down or accepts a session.

@@ -886,7 +886,10 @@ fn leave_mid_write(h: &mut Hostile, rng: &mut Rng) {
     let len = 256 + 16 * rng.below(200) as usize;
     let rec = ivring::frame::record_len(len) as u64;
     let off = h.head % cap;
-    if cap - off < rec || h.head.wrapping_sub(vt) + rec > cap {
+    // The victim's tail can be ahead of our head (it has not followed our restart yet):
+    // then there is no room to count.
+    let used = h.head.checked_sub(vt);
+    if cap - off < rec || used.is_none_or(|used| used + rec > cap) {
         return;
     }
     let id = h.sessions.keys().next().copied().unwrap_or(1 << 1);

@@ -2,7 +2,7 @@
 //! the runtime (`crate::runtime`), which drives the link (`crate::link`).
 
 use crate::config::Config;
-use crate::link::tx::{step, WriteStep};
+use crate::link::tx::{step, Framed, WriteStep, COPY_UNLOCKED_MIN};
 use crate::link::{reset_error, Actions, Link, State, Stats};
 use crate::runtime::{DriveNext, Keeper, KeeperState, Patience, Shared, WaitOn};
 use crate::shm::doorbell::Doorbell;
@@ -464,7 +464,8 @@ impl Session {
     fn write_stream(&self, buf: &[u8], patience: Patience) -> io::Result<usize> {
         let id = self.id;
         let gen = self.gen;
-        self.shared.wait_session(
+        let unlocked = buf.len() >= COPY_UNLOCKED_MIN;
+        let framed = self.shared.wait_session(
             id,
             Self::deadline(self.write_timeout),
             patience,
@@ -472,15 +473,29 @@ impl Session {
                 if l.gen() != gen {
                     return Err(reset_error(l));
                 }
-                match step(l, id, buf, false, true, out)? {
-                    WriteStep::Wrote(n) => {
-                        l.publish(out);
-                        Ok(Some(n))
+                match step(l, id, buf, false, true, unlocked, out)? {
+                    WriteStep::Wrote(f) => {
+                        if let Framed::Copied(_) = f {
+                            l.publish(out);
+                        }
+                        Ok(Some(f))
                     }
                     WriteStep::Wait => Ok(None),
                 }
             },
-        )
+        )?;
+        Ok(self.finish_frame(framed, buf))
+    }
+
+    /// Copies a reserved frame's payload (outside the lock); the bytes written.
+    fn finish_frame(&self, framed: Framed, buf: &[u8]) -> usize {
+        match framed {
+            Framed::Copied(n) => n,
+            Framed::Reserved(slot, n) => {
+                self.shared.copy_reserved(slot, &buf[..n]);
+                n
+            }
+        }
     }
 
     /// Writes the slices as consecutive frames and publishes them with one store of the
@@ -506,14 +521,16 @@ impl Session {
                 }
                 let mut total = 0;
                 for b in bufs.iter().filter(|b| !b.is_empty()) {
-                    match step(l, id, b, false, true, out) {
-                        Ok(WriteStep::Wrote(n)) => {
+                    // Every frame copied under the lock: the slices go out with one
+                    // store of the head.
+                    match step(l, id, b, false, true, false, out) {
+                        Ok(WriteStep::Wrote(Framed::Copied(n))) => {
                             total += n;
                             if n < b.len() {
                                 break;
                             }
                         }
-                        Ok(WriteStep::Wait) => break,
+                        Ok(WriteStep::Wait | WriteStep::Wrote(Framed::Reserved(..))) => break,
                         // What was written is reported; the error comes again next call.
                         Err(_) if total > 0 => break,
                         Err(e) => return Err(e),
@@ -566,8 +583,16 @@ impl Session {
                 if l.gen() != gen {
                     return Err(reset_error(l));
                 }
-                match step(l, id, &buf[off..], true, false, out)? {
-                    WriteStep::Wrote(n) => Ok(Some(n)),
+                match step(
+                    l,
+                    id,
+                    &buf[off..],
+                    true,
+                    false,
+                    buf.len() - off >= COPY_UNLOCKED_MIN,
+                    out,
+                )? {
+                    WriteStep::Wrote(f) => Ok(Some(f)),
                     WriteStep::Wait => {
                         l.publish(out);
                         Ok(None)
@@ -575,7 +600,7 @@ impl Session {
                 }
             });
             let n = match r {
-                Ok(n) => n,
+                Ok(f) => self.finish_frame(f, &buf[off..]),
                 Err(e) => {
                     let mut link = sh.lock();
                     if off > 0 && e.kind() == io::ErrorKind::TimedOut && link.gen() == gen {

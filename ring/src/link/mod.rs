@@ -250,6 +250,9 @@ pub(crate) struct Actions {
     /// A write found the ring full (or control frames queued ahead of it): its caller
     /// waits for space with the other such writers, woken one at a time.
     pub wait_space: bool,
+    /// The ring takes records again after a reset's stale copies finished: wake the
+    /// writers waiting for space.
+    pub space_back: bool,
 }
 
 pub(crate) struct Link {

@@ -3,7 +3,24 @@
 
 use crate::link::{session_in, Actions, Fault, Link, State, MAX_PENDING_CONTROL};
 use crate::wire::frame::{self, Header, Kind, FLAG_EOR};
+use crate::wire::ring::{CopyDone, CopySlot};
 use std::io;
+
+/// Writes from this size up copy their payload into the ring outside the runtime's lock
+/// (the frame is reserved under it, [`Link::finish_copy`] publishes it): a 64 KiB copy
+/// takes microseconds, which the reads and the other writers of the endpoint need not
+/// wait for. Below it the second pass through the lock would cost more than the copy.
+pub(crate) const COPY_UNLOCKED_MIN: usize = 16 << 10;
+
+/// What [`Link::write_frame`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framed {
+    /// Wrote this many payload bytes.
+    Copied(usize),
+    /// Reserved a frame of this many payload bytes: the caller copies them to the slot,
+    /// then calls [`Link::finish_copy`].
+    Reserved(CopySlot, usize),
+}
 
 impl Link {
     /// Sends a control frame now, or queues it behind those already waiting for space.
@@ -79,15 +96,17 @@ impl Link {
     }
 
     /// Writes up to one frame of stream data (or one fragment of a message whose credit
-    /// has been checked). `Ok(None)`: no credit or no ring space; wait.
-    pub fn write_frame(
+    /// has been checked). `Ok(None)`: no credit or no ring space; wait. With `unlocked`,
+    /// the payload is left for the caller to copy ([`Framed::Reserved`]).
+    pub(crate) fn write_frame(
         &mut self,
         id: u64,
         data: &[u8],
         eor: bool,
         check_credit: bool,
+        unlocked: bool,
         out: &mut Actions,
-    ) -> io::Result<Option<usize>> {
+    ) -> io::Result<Option<Framed>> {
         let max = self.max_payload;
         let pending = self.has_pending();
         let s = session_in(&mut self.sessions, id)?;
@@ -113,16 +132,36 @@ impl Link {
             len: n as u32,
             session: id,
         };
-        match self.tx.push(&h, &data[..n]) {
-            Ok(true) => {}
-            Ok(false) => return Ok(None),
+        let framed = if unlocked {
+            self.tx
+                .reserve_copy(&h)
+                .map(|slot| slot.map(|slot| Framed::Reserved(slot, n)))
+        } else {
+            self.tx
+                .push(&h, &data[..n])
+                .map(|done| done.then_some(Framed::Copied(n)))
+        };
+        match framed {
+            Ok(Some(f)) => {
+                s.tx_cnt += n as u64;
+                Ok(Some(f))
+            }
+            Ok(None) => Ok(None),
             Err(bad) => {
                 let f = self.index_fault(bad, out);
-                return Err(self.fault_to_io(f));
+                Err(self.fault_to_io(f))
             }
         }
-        s.tx_cnt += n as u64;
-        Ok(Some(n))
+    }
+
+    /// The payload of a frame [`Link::write_frame`] reserved is in the ring: the last
+    /// copy to finish stores the head (and rings the peer if it asked).
+    pub(crate) fn finish_copy(&mut self, slot: CopySlot, out: &mut Actions) {
+        match self.tx.finish_copy(slot) {
+            CopyDone::Publish => self.publish(out),
+            CopyDone::Running => {}
+            CopyDone::SpaceBack => out.space_back = true,
+        }
     }
 
     /// Stores the head after writes; the peer is rung after the lock if it asked.
@@ -202,7 +241,7 @@ impl Link {
 }
 
 pub(crate) enum WriteStep {
-    Wrote(usize),
+    Wrote(Framed),
     Wait,
 }
 
@@ -213,11 +252,12 @@ pub(crate) fn step(
     data: &[u8],
     eor: bool,
     credit: bool,
+    unlocked: bool,
     out: &mut Actions,
 ) -> io::Result<WriteStep> {
     loop {
-        match l.write_frame(id, data, eor, credit, out)? {
-            Some(n) => return Ok(WriteStep::Wrote(n)),
+        match l.write_frame(id, data, eor, credit, unlocked, out)? {
+            Some(f) => return Ok(WriteStep::Wrote(f)),
             None => {
                 let s = l.session(id)?;
                 let no_credit = credit && s.credit() == 0;

@@ -21,6 +21,7 @@ use crate::shm::doorbell::Doorbell;
 use crate::shm::layout::{Geometry, LayoutError, Role};
 use crate::shm::region::SharedRegion;
 use crate::shm::sync::{AtomicBool, AtomicUsize, Ordering as StdOrdering};
+use crate::wire::ring::CopySlot;
 use crossbeam_utils::CachePadded;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -149,12 +150,23 @@ impl Shared {
     /// wakes the callers of the sessions they concerned.
     pub(crate) fn act(&self, link: &Link, mut out: Actions) {
         self.ring(link, &mut out);
-        if !out.wake.is_empty() {
+        if !out.wake.is_empty() || out.space_back {
             self.notify_unlocked(Wake {
                 stripes: out.wake,
+                space_all: out.space_back,
                 ..Wake::default()
             });
         }
+    }
+
+    /// Copies the payload of a frame reserved by `Link::write_frame` (without the lock:
+    /// the bytes are ours until the head is stored), then finishes it under the lock.
+    pub(crate) fn copy_reserved(&self, slot: CopySlot, payload: &[u8]) {
+        self.region.write(slot.at, payload);
+        let mut link = self.lock();
+        let mut out = Actions::default();
+        link.finish_copy(slot, &mut out);
+        self.act(&link, out);
     }
 
     /// A link fault: every session is reset; a new epoch starts unless the peer's

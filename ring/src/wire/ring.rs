@@ -40,6 +40,35 @@ pub(crate) struct Producer {
     /// The reader said it polls (side::POLLS, read once per epoch): publish without the
     /// wakeup fence.
     pub(crate) peer_polls: bool,
+    /// Payload copies into committed records still running outside the link's lock
+    /// ([`Producer::reserve_copy`]): the head is stored only once none is, so the reader
+    /// never sees a record before its bytes.
+    copies: u32,
+    /// Counts resets: a copy reserved in an earlier round finishes into nothing.
+    round: u64,
+    /// Copies of an earlier round still running: their bytes land where the new round
+    /// writes, so nothing is reserved until they are done.
+    stale_copies: u32,
+}
+
+/// A record whose header is written and whose payload is copied outside the lock: where
+/// the payload goes and which round of the ring reserved it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CopySlot {
+    pub(crate) at: usize,
+    round: u64,
+}
+
+/// What finishing a payload copy leaves to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CopyDone {
+    /// No copy is left: store the head.
+    Publish,
+    /// Other copies are running; the last stores the head.
+    Running,
+    /// The last copy of an earlier round (before a reset) is done: the ring takes
+    /// records again, so wake the writers waiting for space.
+    SpaceBack,
 }
 
 /// The reading half: owns `RX_TAIL` and `RX_NEED_WAKEUP` in its side block.
@@ -80,11 +109,16 @@ impl Producer {
             published: 0,
             space_posted: 0,
             peer_polls: false,
+            copies: 0,
+            round: 0,
+            stale_copies: 0,
         }
     }
 
     /// Brings this half to the empty state of a new link epoch and stores index 0.
     pub(crate) fn reset(&mut self) {
+        self.stale_copies += std::mem::take(&mut self.copies);
+        self.round += 1;
         self.head = 0;
         self.head_off = 0;
         self.cached_tail = 0;
@@ -145,6 +179,9 @@ impl Producer {
     pub(crate) fn reserve(&mut self, rec: usize) -> Result<Option<usize>, BadIndex> {
         let rec = rec as u64;
         debug_assert!(rec.is_multiple_of(RECORD_ALIGN) && rec <= self.cap / 2);
+        if self.stale_copies > 0 {
+            return Ok(None);
+        }
         let to_end = self.cap - self.head_off;
         let need = if to_end < rec { to_end + rec } else { rec };
         if self.free(need)? < need {
@@ -196,6 +233,41 @@ impl Producer {
         Ok(true)
     }
 
+    /// Writes a frame's header and commits its record, leaving the payload to be copied
+    /// to [`CopySlot::at`] by the caller without the link's lock (a long copy then holds
+    /// up neither the other writers nor the reads); [`Producer::finish_copy`] follows.
+    pub(crate) fn reserve_copy(&mut self, h: &Header) -> Result<Option<CopySlot>, BadIndex> {
+        let rec = frame::record_len(h.len as usize);
+        let Some(at) = self.reserve(rec)? else {
+            return Ok(None);
+        };
+        self.region.write(at, &h.encode());
+        self.commit(rec);
+        self.copies += 1;
+        Ok(Some(CopySlot {
+            at: at + HEADER_LEN,
+            round: self.round,
+        }))
+    }
+
+    /// A payload copy is done: what follows for the ring.
+    pub(crate) fn finish_copy(&mut self, slot: CopySlot) -> CopyDone {
+        if slot.round != self.round {
+            self.stale_copies = self.stale_copies.saturating_sub(1);
+            return if self.stale_copies == 0 {
+                CopyDone::SpaceBack
+            } else {
+                CopyDone::Running
+            };
+        }
+        self.copies = self.copies.saturating_sub(1);
+        if self.copies == 0 {
+            CopyDone::Publish
+        } else {
+            CopyDone::Running
+        }
+    }
+
     /// Whether anything is committed but not yet stored to shared memory.
     pub(crate) fn unpublished(&self) -> bool {
         self.head != self.published
@@ -205,7 +277,8 @@ impl Producer {
     /// reader asked to be woken.
     #[inline]
     pub(crate) fn publish(&mut self) -> bool {
-        if self.head == self.published {
+        if self.head == self.published || self.copies > 0 {
+            // With copies running, the last to finish stores the head.
             return false;
         }
         self.published = self.head;
@@ -231,6 +304,11 @@ impl Producer {
     /// With `post` false (a polling writer, which promised never to post) it only
     /// re-checks.
     pub(crate) fn arm_space(&mut self, rec: usize, post: bool) -> Result<bool, BadIndex> {
+        if self.stale_copies > 0 {
+            // No space until the last stale copy is done ([`Producer::finish_copy`] says
+            // so to whoever wakes the writers waiting for space).
+            return Ok(false);
+        }
         let target = self.space_target(rec);
         if post {
             self.space_posted = target;
@@ -1026,5 +1104,56 @@ mod tests {
         assert!(!c.wakeup_armed && !c.has_cached());
         assert_eq!(p.reserve(64).unwrap(), Some(DATA));
         assert_eq!(c.available().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_record_copied_outside_the_lock_is_published_after_the_last_copy() {
+        let _w = crate::test_watchdog::watchdog(
+            "a_record_copied_outside_the_lock_is_published_after_the_last_copy",
+            20,
+        );
+        let (r, mut p, mut c) = pair();
+        let (h1, big) = data(200, 1);
+        let slot1 = p.reserve_copy(&h1).unwrap().expect("room");
+        // A small record behind it, copied at once, and a second reserved one.
+        assert!(push_rec(&mut p, 64, 2));
+        let (h3, big3) = data(100, 3);
+        let slot3 = p.reserve_copy(&h3).unwrap().expect("room");
+        assert!(!p.publish(), "copies running: nothing stored");
+        assert_eq!(word(&r, P + side::TX_HEAD), 0);
+        assert!(p.unpublished());
+        r.write(slot3.at, &big3);
+        assert_eq!(p.finish_copy(slot3), CopyDone::Running);
+        assert!(!p.publish());
+        assert_eq!(c.available().unwrap(), 0, "the reader sees nothing yet");
+        r.write(slot1.at, &big);
+        assert_eq!(p.finish_copy(slot1), CopyDone::Publish);
+        p.publish();
+        assert_eq!(drain(&mut c), [(1, 200), (2, 48), (3, 100)]);
+    }
+
+    #[test]
+    fn a_copy_running_across_a_reset_holds_the_ring_until_it_is_done() {
+        let _w = crate::test_watchdog::watchdog(
+            "a_copy_running_across_a_reset_holds_the_ring_until_it_is_done",
+            20,
+        );
+        let (r, mut p, mut c) = pair();
+        let (h, big) = data(200, 1);
+        let stale = p.reserve_copy(&h).unwrap().expect("room");
+        p.reset();
+        c.reset();
+        // The stale copy still writes where the new round's first record would go.
+        assert_eq!(p.reserve(64).unwrap(), None);
+        assert_eq!(p.arm_space(64, true), Ok(false));
+        assert!(!push_rec(&mut p, 64, 2));
+        r.write(stale.at, &big);
+        assert_eq!(p.finish_copy(stale), CopyDone::SpaceBack);
+        // Nothing of the old round is published; the new round starts at index 0.
+        assert!(!p.publish());
+        assert_eq!(word(&r, P + side::TX_HEAD), 0);
+        assert!(push_rec(&mut p, 64, 2));
+        p.publish();
+        assert_eq!(drain(&mut c), [(2, 48)]);
     }
 }
