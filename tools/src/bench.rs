@@ -11,6 +11,7 @@
 //! wait mode's block of ivring figures, and ratios use that block's baselines.
 
 mod spsc;
+mod uds_threads;
 
 use crate::demo::{pct, record_rtt, rtt_histogram};
 use crate::services;
@@ -121,6 +122,13 @@ pub struct Row {
     pub ratio: Option<(f64, String)>,
     /// Other figures (name, value).
     pub extra: Vec<(String, f64)>,
+}
+
+impl Row {
+    /// The extra figure named `name`.
+    fn extra_value(&self, name: &str) -> Option<f64> {
+        self.extra.iter().find(|(k, _)| k == name).map(|x| x.1)
+    }
 }
 
 /// A row as one JSON object, fields in a fixed order: the figures, `ratio` and
@@ -451,8 +459,12 @@ fn rtt_row(name: &str, mode: &str, size: usize, v: &Histogram<u64>) -> Row {
 }
 
 /// The baselines of one block.
+#[derive(Default)]
 struct Baselines {
     rows: Vec<Row>,
+    /// The baselines measured once per run (in the first block, among whose rows they
+    /// print), for this block's ratios too.
+    per_run: Vec<Row>,
 }
 
 impl Baselines {
@@ -461,13 +473,41 @@ impl Baselines {
             .iter()
             .find(|r| r.name == name && r.size == size && r.rtt.is_some() == rtt)
     }
+
+    /// A many-session baseline measured once per run.
+    fn find_per_run(&self, name: &str, size: usize, sessions: usize) -> Option<&Row> {
+        self.per_run
+            .iter()
+            .find(|r| r.name == name && r.size == size && r.sessions == sessions)
+    }
 }
 
-fn measure_baselines(block: &str, secs: f64, log: &dyn Fn(&str)) -> Result<Baselines> {
+/// Seconds of each many-session figure, and of its UNIX socket baseline (the same slices).
+fn sessions_secs(secs: f64) -> f64 {
+    secs.max(0.5)
+}
+
+/// The baselines of `block`; with `per_run` empty, the once-per-run ones too, kept there.
+fn measure_baselines(
+    block: &str,
+    secs: f64,
+    per_run: &mut Vec<Row>,
+    log: &dyn Fn(&str),
+) -> Result<Baselines> {
     let mut rows = Vec::new();
     log(&format!(
-        "[{block}] baselines: memcpy, UNIX socket, bare SPSC ring, eventfd, cache line"
+        "[{block}] baselines: memcpy, UNIX socket, bare SPSC ring (and with a lock per write), \
+         eventfd, cache line"
     ));
+    let tput_row = |name: &str, size: usize, (m, b): (f64, f64)| Row {
+        name: name.into(),
+        mode: "-".into(),
+        size,
+        sessions: 1,
+        msgs_per_s: Some(m),
+        bytes_per_s: Some(b),
+        ..Row::default()
+    };
     for &size in &SIZES {
         let b = memcpy_rate(size, secs / 2.0);
         rows.push(Row {
@@ -489,16 +529,16 @@ fn measure_baselines(block: &str, secs: f64, log: &dyn Fn(&str)) -> Result<Basel
             bytes_per_s: Some(b),
             ..Row::default()
         });
-        let (m, b) = spsc::tput(size, secs)?;
-        rows.push(Row {
-            name: "baseline/spsc".into(),
-            mode: "-".into(),
+        rows.push(tput_row(
+            "baseline/spsc",
             size,
-            sessions: 1,
-            msgs_per_s: Some(m),
-            bytes_per_s: Some(b),
-            ..Row::default()
-        });
+            spsc::tput(size, secs, spsc::Producer::Bare)?,
+        ));
+        rows.push(tput_row(
+            "baseline/spsc-locked",
+            size,
+            spsc::tput(size, secs, spsc::Producer::Locked)?,
+        ));
     }
     for &size in &RTT_SIZES {
         rows.push(rtt_row("baseline/uds", "-", size, &uds_rtt(size, secs)?));
@@ -509,7 +549,23 @@ fn measure_baselines(block: &str, secs: f64, log: &dyn Fn(&str)) -> Result<Basel
     for r in &mut rows {
         r.block = block.into();
     }
-    Ok(Baselines { rows })
+    if per_run.is_empty() {
+        // Once per run: the scheduler's cost is the same in every wait mode, and 512
+        // threads take a while to start.
+        log(&format!(
+            "[{block}] baseline: {} UNIX socket pairs, a thread each side (interleaved with one pair)",
+            uds_threads::PAIRS
+        ));
+        for mut r in uds_threads::measure(sessions_secs(secs))? {
+            r.block = block.into();
+            per_run.push(r.clone());
+            rows.push(r);
+        }
+    }
+    Ok(Baselines {
+        rows,
+        per_run: per_run.clone(),
+    })
 }
 
 // ------------------------------------------------------------------- interleaved pairs
@@ -1062,6 +1118,13 @@ fn measure_block(
                     r.extra.push(("vs_spsc_bytes".into(), bps / sb));
                 }
             }
+            // The ceiling of a design whose sessions share one ring producer.
+            if let Some(lm) = base
+                .find("baseline/spsc-locked", size, false)
+                .and_then(|b| b.msgs_per_s)
+            {
+                r.extra.push(("vs_spsc_locked_msgs".into(), mps / lm));
+            }
             if zc {
                 let (_, cbps) = tput_of(&res[2], size);
                 r.extra.push(("copy_bytes_per_s".into(), cbps));
@@ -1212,7 +1275,7 @@ fn measure_block(
              thread each side (interleaved with one session)"
         ));
         let out = interleave(
-            secs.max(0.5),
+            sessions_secs(secs),
             &mut [
                 &mut |t| ivring_sessions(ep, 1, 4096, t),
                 &mut |t| ivring_sessions(ep, n, 4096, t),
@@ -1246,6 +1309,20 @@ fn measure_block(
             r.extra.push(("slowest_fastest".into(), fair));
             r.extra.push(("vs_one_session".into(), bps / one.max(1.0)));
             r.extra.push(("one_session_bytes_per_s".into(), one));
+            // The same many threads over UNIX sockets: what the scheduler leaves them.
+            let uds = base
+                .find_per_run("baseline/uds-threads", uds_threads::SIZE, n)
+                .filter(|_| name == "ivring/sessions");
+            if let Some(u) = uds {
+                for (from, to) in [
+                    ("vs_one_session", "uds_threads_vs_one"),
+                    ("slowest_fastest", "uds_threads_slowest_fastest"),
+                ] {
+                    if let Some(v) = u.extra_value(from) {
+                        r.extra.push((to.into(), v));
+                    }
+                }
+            }
             rows.push(r);
         }
     }
@@ -1313,6 +1390,8 @@ struct Target {
     value: f64,
     limit: f64,
     at_least: bool,
+    /// What a simpler design gets on this machine, in the same units: (which, figure).
+    ceiling: Option<(&'static str, f64)>,
 }
 
 fn targets(rows: &[Row]) -> Vec<Target> {
@@ -1321,13 +1400,18 @@ fn targets(rows: &[Row]) -> Vec<Target> {
             .find(|r| r.name == name && r.mode == mode && r.size == size && r.sessions == sessions)
     };
     let mut t = Vec::new();
-    let mut push = |what: &str, v: Option<f64>, limit: f64, at_least: bool| {
+    let mut push = |what: &str,
+                    v: Option<f64>,
+                    limit: f64,
+                    at_least: bool,
+                    ceiling: Option<(&'static str, f64)>| {
         if let Some(value) = v {
             t.push(Target {
                 what: what.into(),
                 value,
                 limit,
                 at_least,
+                ceiling,
             });
         }
     };
@@ -1335,12 +1419,26 @@ fn targets(rows: &[Row]) -> Vec<Target> {
     let extra = |r: Option<&Row>, k: &str| {
         r.and_then(|r| r.extra.iter().find(|(n, _)| n == k).map(|x| x.1))
     };
+    // The poll block's locked ring over another of its 64 B baselines (measured one after
+    // the other): a shared ring producer's ceiling in that baseline's units.
+    let locked_over = |name: &str| {
+        let msgs = |name: &str| {
+            rows.iter()
+                .find(|r| r.name == name && r.block == "poll" && r.size == 64 && r.rtt.is_none())
+                .and_then(|r| r.msgs_per_s)
+        };
+        Some((
+            "bare ring + one mutex per write",
+            msgs("baseline/spsc-locked")? / msgs(name)?,
+        ))
+    };
     for (m, limit) in [("poll", 35.0), ("adaptive", 25.0), ("block", 15.0)] {
         push(
             &format!("64 B stream, 1 session, {m}: msgs/s vs UNIX socket"),
             ratio(find("ivring/stream", m, 64, 1)),
             limit,
             true,
+            locked_over("baseline/uds").filter(|_| m == "poll"),
         );
     }
     // What the sessions, credits and checks cost against the bare ring.
@@ -1349,18 +1447,21 @@ fn targets(rows: &[Row]) -> Vec<Target> {
         extra(find("ivring/stream", "poll", 64, 1), "vs_spsc_msgs"),
         0.5,
         true,
+        locked_over("baseline/spsc"),
     );
     push(
         "64 KiB stream, poll: bytes/s vs bare SPSC ring",
         extra(find("ivring/stream", "poll", 65536, 1), "vs_spsc_bytes"),
         0.9,
         true,
+        None,
     );
     push(
         "64 B round trip, poll: p50 vs bare SPSC ring",
         extra(find("ivring/rtt/stream", "poll", 64, 1), "vs_spsc"),
         1.3,
         false,
+        None,
     );
     push(
         "64 B round trip, poll: p99 / p50",
@@ -1369,6 +1470,7 @@ fn targets(rows: &[Row]) -> Vec<Target> {
             .map(|[p50, p99, _]| p99 / p50.max(1.0)),
         10.0,
         false,
+        None,
     );
     for m in ["poll", "block", "adaptive"] {
         for size in [64, 65536] {
@@ -1377,6 +1479,7 @@ fn targets(rows: &[Row]) -> Vec<Target> {
                 ratio(find("ivring/duplex", m, size, 1)),
                 1.7,
                 true,
+                None,
             );
         }
     }
@@ -1386,12 +1489,14 @@ fn targets(rows: &[Row]) -> Vec<Target> {
             ratio(find("ivring/stream", m, 65536, 1)),
             4.0,
             true,
+            None,
         );
         push(
             &format!("64 KiB zero-copy vs copying, {m}"),
             extra(find("ivring/zerocopy", m, 65536, 1), "vs_copy"),
             2.0,
             true,
+            None,
         );
     }
     push(
@@ -1399,29 +1504,41 @@ fn targets(rows: &[Row]) -> Vec<Target> {
         ratio(find("ivring/rtt/stream", "poll", 64, 1)),
         2.5,
         false,
+        None,
     );
     push(
         "64 B round trip, block: p50 vs eventfd ping-pong",
         ratio(find("ivring/rtt/stream", "block", 64, 1)),
         1.2,
         false,
+        None,
     );
     for m in ["adaptive", "block", "poll"] {
         for (name, how) in [
             ("ivring/sessions", "a thread per session"),
             ("ivring/sessions-loop", "one thread each side"),
         ] {
+            // A thread per session against as many over UNIX sockets (the loop rows have
+            // no such baseline).
+            let uds = |k: &str| {
+                Some((
+                    "UNIX sockets, a thread per pair",
+                    extra(find(name, m, 4096, 256), k)?,
+                ))
+            };
             push(
                 &format!("256 sessions at 4 KiB, {m}, {how}: aggregate vs one session"),
                 extra(find(name, m, 4096, 256), "vs_one_session"),
                 0.7,
                 true,
+                uds("uds_threads_vs_one"),
             );
             push(
                 &format!("256 sessions at 4 KiB, {m}, {how}: slowest/fastest"),
                 extra(find(name, m, 4096, 256), "slowest_fastest"),
                 0.5,
                 true,
+                uds("uds_threads_slowest_fastest"),
             );
         }
     }
@@ -1434,6 +1551,7 @@ fn targets(rows: &[Row]) -> Vec<Target> {
             extra(Some(r), "cpu_pct_of_core"),
             1.0,
             false,
+            None,
         );
     }
     t
@@ -1456,12 +1574,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut rows = Vec::new();
     let mut modes = args.modes.clone();
     modes.dedup();
+    let mut per_run = Vec::new();
     for (i, &mode) in modes.iter().enumerate() {
         let m = mode_name(mode);
         let base = if args.no_baselines {
-            Baselines { rows: Vec::new() }
+            Baselines::default()
         } else {
-            measure_baselines(m, secs, &log)?
+            measure_baselines(m, secs, &mut per_run, &log)?
         };
         let peer = match &args.serve {
             None => start_loopback(mode, mem)?,
@@ -1521,12 +1640,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             };
             writeln!(
                 out,
-                "  {:<4} {:<58} {:>8.2} (target {} {})",
+                "  {:<4} {:<58} {:>8.2} (target {} {}){}",
                 if met { "MET" } else { "MISS" },
                 t.what,
                 t.value,
                 if t.at_least { ">=" } else { "<=" },
-                t.limit
+                t.limit,
+                t.ceiling
+                    .map_or(String::new(), |(what, v)| format!(" ({what}: {v:.2})"))
             )?;
         }
     }

@@ -4,7 +4,8 @@
 //! and the payload padded to 16, as ivring's; there are no sessions, credits, wakeups or
 //! checks beyond what keeps the two threads in step. Its figures are what the memory
 //! allows: ivring's ratio to them is what the sessions, credits and the hostile-peer checks
-//! cost.
+//! cost. `baseline/spsc-locked` is the same ring with an uncontended mutex around each
+//! write: what a design whose sessions share one ring producer cannot beat.
 
 use crate::demo::{record_rtt, rtt_histogram};
 use anyhow::Result;
@@ -13,6 +14,7 @@ use ivring::SharedRegion;
 use ivring_ivshmem::shm;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
+use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
 /// Largest payload of one record (as ivring's frame limit on a 16 MiB region).
@@ -197,10 +199,20 @@ fn memory(size: u64) -> Result<SharedRegion> {
     Ok(shm::map_memfd(fd.as_fd())?)
 }
 
+/// What the writer pays around each write, besides the ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Producer {
+    /// The ring's only writer: nothing (`baseline/spsc`).
+    Bare,
+    /// An uncontended `Mutex` taken and released around each write (`baseline/spsc-locked`):
+    /// the least that writers sharing one ring producer (the sessions of a link) pay.
+    Locked,
+}
+
 /// Writes of `size` bytes for `secs`, each published with its own store: (writes/s, bytes/s).
-pub fn tput(size: usize, secs: f64) -> Result<(f64, f64)> {
+pub fn tput(size: usize, secs: f64, producer: Producer) -> Result<(f64, f64)> {
     let region = memory(16 << 20)?;
-    let mut writer = Writer::new(Ring::new(region.clone(), 0, 16 << 20));
+    let writer = Writer::new(Ring::new(region.clone(), 0, 16 << 20));
     let mut reader = Reader::new(Ring {
         region,
         head_at: writer.ring.head_at,
@@ -208,6 +220,7 @@ pub fn tput(size: usize, secs: f64) -> Result<(f64, f64)> {
         data: writer.ring.data,
         cap: writer.ring.cap,
     });
+    let mut writer = Mutex::new(writer);
     let sink = std::thread::spawn(move || {
         let mut buf = Vec::with_capacity(MAX_RECORD);
         let mut got = 0u64;
@@ -225,12 +238,29 @@ pub fn tput(size: usize, secs: f64) -> Result<(f64, f64)> {
     let mut sent = 0u64;
     let batch = ((256 << 10) / size).max(1);
     while t0.elapsed().as_secs_f64() < secs {
-        for _ in 0..batch {
-            writer.send(KIND_DATA, &payload);
+        match producer {
+            Producer::Bare => {
+                // No lock: `get_mut` only checks the poison flag, once per batch.
+                let w = writer.get_mut().unwrap_or_else(PoisonError::into_inner);
+                for _ in 0..batch {
+                    w.send(KIND_DATA, &payload);
+                }
+            }
+            Producer::Locked => {
+                for _ in 0..batch {
+                    writer
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .send(KIND_DATA, &payload);
+                }
+            }
         }
         sent += (batch * size) as u64;
     }
-    writer.send(KIND_STOP, &[]);
+    writer
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner)
+        .send(KIND_STOP, &[]);
     let got = sink
         .join()
         .map_err(|_| anyhow::anyhow!("spsc reader panicked"))?;
@@ -290,10 +320,16 @@ pub fn rtt(size: usize, secs: f64) -> Result<Histogram<u64>> {
 
 #[cfg(test)]
 mod tests {
+    use super::Producer;
+
     #[test]
     fn moves_every_byte_and_answers_every_round_trip() {
         for size in [64, 4096, 64 << 10, 1 << 20] {
-            let (mps, bps) = super::tput(size, 0.05).unwrap();
+            let (mps, bps) = super::tput(size, 0.05, Producer::Bare).unwrap();
+            assert!(mps > 0.0 && bps > 0.0);
+        }
+        for size in [64, 1 << 20] {
+            let (mps, bps) = super::tput(size, 0.05, Producer::Locked).unwrap();
             assert!(mps > 0.0 && bps > 0.0);
         }
         for size in [64, 64 << 10] {
