@@ -6,50 +6,19 @@
 //! over the fastest's) is what the scheduler does to that many threads here: the reference
 //! for a design with a thread per session.
 
-use super::{aggregate, interleave, Row};
+use super::{aggregate, interleave, Row, StartGate};
 use anyhow::{bail, Result};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Pairs of the many-pair figure: as many as ivring's largest session count.
 pub const PAIRS: usize = 256;
 /// Write size, as ivring's many-session figures.
 pub const SIZE: usize = 4096;
-
-/// The writers' start: a barrier, as `ivring_sessions` starts its writers, timed at its
-/// release. The barrier's wakeups queue through one lock; a timing thread among them was
-/// seen waking up to 1.4 s after the first of 256 writers had started, and counted their
-/// head start in the figure.
-struct StartGate {
-    all: Barrier,
-    at: OnceLock<Instant>,
-}
-
-impl StartGate {
-    /// A gate for `n` threads.
-    fn new(n: usize) -> StartGate {
-        StartGate {
-            all: Barrier::new(n),
-            at: OnceLock::new(),
-        }
-    }
-
-    /// Waits until all `n` threads have called this.
-    fn wait(&self) {
-        if self.all.wait().is_leader() {
-            let _ = self.at.set(Instant::now());
-        }
-    }
-
-    /// Waits, without taking part, for the moment the threads were let go.
-    fn started(&self) -> Instant {
-        *self.at.wait()
-    }
-}
 
 /// `n` pairs streaming `size`-byte writes for `secs`: (aggregate bytes/s, slowest/fastest),
 /// up to the last reader's end of stream, as `ivring_sessions` counts to the last sink's
