@@ -1223,7 +1223,17 @@ fn measure_block(
             let (_, b) = ivring_tput(ep, size, t, false, false)?;
             Ok((b * t, 0.0, 0.0, t))
         };
-        let res = interleave(secs, &mut [&mut both, &mut one])?;
+        // The bare ring both ways and one way, in the same slices: what the machine's CPUs
+        // allow a full-duplex stream (two CPUs run four busy threads).
+        let mut ring_both = |t: f64| Ok((spsc::duplex(size, t)? * t, 0.0, 0.0, t));
+        let mut ring_one = |t: f64| {
+            let (_, b) = spsc::tput(size, t, spsc::Producer::Bare)?;
+            Ok((b * t, 0.0, 0.0, t))
+        };
+        let res = interleave(
+            secs,
+            &mut [&mut both, &mut one, &mut ring_both, &mut ring_one],
+        )?;
         let sum = |v: &[(f64, f64, f64, f64)], f: fn(&(f64, f64, f64, f64)) -> f64| {
             v.iter().map(f).sum::<f64>() / v.iter().map(|x| x.3).sum::<f64>().max(1e-9)
         };
@@ -1231,6 +1241,7 @@ fn measure_block(
         let out = sum(&res[0], |x| x.1);
         let back = sum(&res[0], |x| x.2);
         let one_way = sum(&res[1], |x| x.0);
+        let ring_ratio = sum(&res[2], |x| x.0) / sum(&res[3], |x| x.0).max(1.0);
         let mut r = Row {
             name: name.into(),
             mode: m.into(),
@@ -1244,6 +1255,7 @@ fn measure_block(
         r.extra.push(("one_way_bytes_per_s".into(), one_way));
         r.extra.push(("sent_bytes_per_s".into(), out));
         r.extra.push(("received_bytes_per_s".into(), back));
+        r.extra.push(("spsc_duplex_vs_one_way".into(), ring_ratio));
         rows.push(r);
     }
     for &size in &RTT_SIZES {
@@ -1509,7 +1521,8 @@ fn targets(rows: &[Row]) -> Vec<Target> {
                 ratio(find("ivring/duplex", m, size, 1)),
                 1.7,
                 true,
-                None,
+                extra(find("ivring/duplex", m, size, 1), "spsc_duplex_vs_one_way")
+                    .map(|v| ("bare ring both ways vs one way", v)),
             );
         }
     }

@@ -269,6 +269,19 @@ pub fn tput(size: usize, secs: f64, producer: Producer) -> Result<(f64, f64)> {
     Ok((sent as f64 / size as f64 / el, sent as f64 / el))
 }
 
+/// Both ways at once: two rings, each with its own writer and reader thread (four busy
+/// threads on the bench's two CPUs, as ivring's duplex figure has), `size`-byte writes
+/// for `secs`: the aggregate bytes/s. Over [`tput`]'s one way it is what two CPUs allow
+/// a full-duplex stream.
+pub fn duplex(size: usize, secs: f64) -> Result<f64> {
+    let back = std::thread::spawn(move || tput(size, secs, Producer::Bare));
+    let (_, out) = tput(size, secs, Producer::Bare)?;
+    let (_, back) = back
+        .join()
+        .map_err(|_| anyhow::anyhow!("spsc duplex thread panicked"))??;
+    Ok(out + back)
+}
+
 /// Round trips of `size` bytes over two rings for `secs`: the times in ns.
 pub fn rtt(size: usize, secs: f64) -> Result<Histogram<u64>> {
     let half = 8 << 20;
