@@ -34,7 +34,9 @@
 //! [`Session::read`](std::io::Read::read), is copied in four files: `api/endpoint.rs`
 //! (`write_stream` hands the caller's slice on) → `link/tx.rs` (`step`, `write_frame`:
 //! one frame within the credit, then `publish`) → `wire/ring.rs` (`Producer::push`
-//! copies it into the ring; on the other side `Consumer` finds it) → `link/rx.rs`
+//! copies it into the ring; a write of 16 KiB or more takes `Producer::reserve_copy`
+//! instead and copies after the runtime's lock is released, the head stored once the
+//! copy is done; on the other side `Consumer` finds it) → `link/rx.rs`
 //! (`read_direct` copies it straight into the reader's buffer, or `pump` into the
 //! session's buffer and `read` from there). Beside it, `runtime/mod.rs`
 //! (`wait_locked_on`) decides when a call that found no credit, space or data tries
