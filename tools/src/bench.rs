@@ -510,25 +510,8 @@ fn measure_baselines(
     };
     for &size in &SIZES {
         let b = memcpy_rate(size, secs / 2.0);
-        rows.push(Row {
-            name: "baseline/memcpy".into(),
-            mode: "-".into(),
-            size,
-            sessions: 1,
-            msgs_per_s: Some(b / size as f64),
-            bytes_per_s: Some(b),
-            ..Row::default()
-        });
-        let (m, b) = uds_tput(size, secs)?;
-        rows.push(Row {
-            name: "baseline/uds".into(),
-            mode: "-".into(),
-            size,
-            sessions: 1,
-            msgs_per_s: Some(m),
-            bytes_per_s: Some(b),
-            ..Row::default()
-        });
+        rows.push(tput_row("baseline/memcpy", size, (b / size as f64, b)));
+        rows.push(tput_row("baseline/uds", size, uds_tput(size, secs)?));
         rows.push(tput_row(
             "baseline/spsc",
             size,
@@ -782,6 +765,15 @@ fn aggregate(per_session: &[u64], took: Duration) -> (f64, f64) {
     let min = *per_session.iter().min().unwrap_or(&0) as f64;
     let max = *per_session.iter().max().unwrap_or(&1) as f64;
     (total as f64 / took.as_secs_f64(), min / max.max(1.0))
+}
+
+/// The mean of each half of the slices' (value, value) pairs.
+pub(crate) fn mean_pair(v: &[(f64, f64)]) -> (f64, f64) {
+    let k = v.len().max(1) as f64;
+    (
+        v.iter().map(|x| x.0).sum::<f64>() / k,
+        v.iter().map(|x| x.1).sum::<f64>() / k,
+    )
 }
 
 /// The writers' start of the many-session figures: a barrier, timed at its release (by the
@@ -1324,20 +1316,13 @@ fn measure_block(
                 &mut |t| ivring_sessions_loop(ep, n, 4096, t),
             ],
         )?;
-        let mean = |v: &[(f64, f64)]| {
-            let k = v.len().max(1) as f64;
-            (
-                v.iter().map(|x| x.0).sum::<f64>() / k,
-                v.iter().map(|x| x.1).sum::<f64>() / k,
-            )
-        };
-        let (one, _) = mean(&out[0]);
+        let (one, _) = mean_pair(&out[0]);
         one_slices.extend_from_slice(&out[0]);
         for (name, slices) in [
             ("ivring/sessions", &out[1]),
             ("ivring/sessions-loop", &out[2]),
         ] {
-            let (bps, fair) = mean(slices);
+            let (bps, fair) = mean_pair(slices);
             let mut r = Row {
                 name: name.into(),
                 mode: m.into(),

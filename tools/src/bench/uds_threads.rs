@@ -6,7 +6,7 @@
 //! over the fastest's) is what the scheduler does to that many threads here: the reference
 //! for a design with a thread per session.
 
-use super::{aggregate, interleave, Row, StartGate};
+use super::{aggregate, interleave, mean_pair, Row, StartGate};
 use anyhow::{bail, Result};
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -87,15 +87,8 @@ pub fn measure(secs: f64) -> Result<Vec<Row>> {
         secs,
         &mut [&mut |t| pairs(1, SIZE, t), &mut |t| pairs(PAIRS, SIZE, t)],
     )?;
-    let mean = |v: &[(f64, f64)]| {
-        let k = v.len().max(1) as f64;
-        (
-            v.iter().map(|x| x.0).sum::<f64>() / k,
-            v.iter().map(|x| x.1).sum::<f64>() / k,
-        )
-    };
-    let (one, _) = mean(&out[0]);
-    let (many, fair) = mean(&out[1]);
+    let (one, _) = mean_pair(&out[0]);
+    let (many, fair) = mean_pair(&out[1]);
     let row = |n: usize, bps: f64| Row {
         name: "baseline/uds-threads".into(),
         mode: "-".into(),
