@@ -144,8 +144,8 @@ fn spawn_loop_sink(ep: &Endpoint) -> io::Result<()> {
 }
 
 /// Reads every session it is handed until EOF, then answers with its byte count (8 bytes
-/// LE), all on this thread: `Session::read_any` over the sessions still reading takes the
-/// frames in the order they are in the ring, each copied once.
+/// LE), all on this thread: `Session::read_any_many` over the sessions still reading takes
+/// the frames in the order they are in the ring, each copied once, many to a call.
 fn loop_sink(sessions: mpsc::Receiver<Session>, ready: Arc<Readiness>) {
     struct Sink {
         s: Session,
@@ -155,6 +155,7 @@ fn loop_sink(sessions: mpsc::Receiver<Session>, ready: Arc<Readiness>) {
     }
     let mut open: Vec<Sink> = Vec::new();
     let mut buf = vec![0u8; 256 << 10];
+    let mut got = Vec::new();
     loop {
         ready.take();
         loop {
@@ -198,18 +199,24 @@ fn loop_sink(sessions: mpsc::Receiver<Session>, ready: Arc<Readiness>) {
         // Read until the set changes (a session ends) or new sessions may be waiting.
         let mut ended = None;
         let mut counts = vec![0u64; set.len()];
-        for _ in 0..1024 {
-            match Session::read_any(&set, &mut buf, Some(Duration::from_millis(1))) {
-                Ok((j, Ok(0))) => {
-                    ended = Some((reading[j], true));
-                    break;
+        'reads: for _ in 0..1024 {
+            if Session::read_any_many(&set, &mut buf, &mut got, Some(Duration::from_millis(1)))
+                .is_err()
+            {
+                break;
+            }
+            for (j, r) in got.drain(..) {
+                match r {
+                    Ok(0) => {
+                        ended = Some((reading[j], true));
+                        break 'reads;
+                    }
+                    Ok(n) => counts[j] += n as u64,
+                    Err(_) => {
+                        ended = Some((reading[j], false));
+                        break 'reads;
+                    }
                 }
-                Ok((j, Ok(n))) => counts[j] += n as u64,
-                Ok((j, Err(_))) => {
-                    ended = Some((reading[j], false));
-                    break;
-                }
-                Err(_) => break,
             }
         }
         drop(set);

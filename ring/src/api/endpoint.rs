@@ -643,6 +643,37 @@ impl Session {
         buf: &mut [u8],
         timeout: Option<Duration>,
     ) -> io::Result<(usize, io::Result<usize>)> {
+        let mut got = Vec::with_capacity(1);
+        Self::read_any_up_to(sessions, buf, 1, &mut got, timeout)?;
+        got.pop()
+            .ok_or_else(|| io::Error::other("ivring: read_any returned nothing"))
+    }
+
+    /// As [`Session::read_any`], many frames at once, as `recvmmsg`: every frame of
+    /// `sessions` in ring order that fits what is left of `buf`, up to the first that a
+    /// batch cannot take (it does not fit, or it ends its session: the next call returns
+    /// it). `got` is cleared, then gets one (index in `sessions`, read) per result, in
+    /// order; the bytes of each `Ok(n)` follow those of the results before it in `buf`.
+    /// Returns how many results there are (at least one). One lock, one index store and
+    /// one doorbell for the whole batch: an event loop over many sessions moves small
+    /// frames at the cost of one session's large reads.
+    pub fn read_any_many(
+        sessions: &[&Session],
+        buf: &mut [u8],
+        got: &mut Vec<(usize, io::Result<usize>)>,
+        timeout: Option<Duration>,
+    ) -> io::Result<usize> {
+        Self::read_any_up_to(sessions, buf, usize::MAX, got, timeout)
+    }
+
+    fn read_any_up_to(
+        sessions: &[&Session],
+        buf: &mut [u8],
+        max: usize,
+        got: &mut Vec<(usize, io::Result<usize>)>,
+        timeout: Option<Duration>,
+    ) -> io::Result<usize> {
+        got.clear();
         let Some(first) = sessions.first() else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -672,16 +703,18 @@ impl Session {
                     // their error, as their own reads give.
                     for (i, s) in sessions.iter().enumerate() {
                         if l.gen() != s.gen {
-                            return Ok(Some(match l.read_ended(s.gen, s.id, buf) {
+                            got.push(match l.read_ended(s.gen, s.id, buf) {
                                 Some(n) => (i, Ok(n)),
                                 None => (i, Err(reset_error(l))),
-                            }));
+                            });
+                            return Ok(Some(1));
                         }
                     }
-                    Ok(l.read_any(&ids, buf, out))
+                    l.read_any(&ids, buf, max, got, out);
+                    Ok((!got.is_empty()).then_some(got.len()))
                 },
             )
-            .map(|(_, v)| v)
+            .map(|(_, n)| n)
     }
 
     /// A read through a shared reference, for the async and event-loop wrappers (whose
@@ -852,11 +885,91 @@ mod tests {
             "read_any_serves_many_sessions_in_order_with_their_eofs",
             60,
         );
+        read_any_loop(6, false);
+    }
+
+    /// As above with `read_any_many`, over more sessions than a set scans for its ids:
+    /// every byte in order, every message whole and alone, each EOF once at the end.
+    #[test]
+    fn read_any_many_batches_frames_of_many_sessions_and_keeps_messages_whole() {
+        let _watchdog = crate::test_watchdog::watchdog(
+            "read_any_many_batches_frames_of_many_sessions_and_keeps_messages_whole",
+            60,
+        );
+        read_any_loop(20, true);
+    }
+
+    /// Frames of many sessions already in the ring come out of `read_any_many` many to a
+    /// call, each session's bytes in order, never more than the buffer holds.
+    #[test]
+    fn read_any_many_takes_what_is_waiting_in_few_calls() {
+        let _watchdog =
+            crate::test_watchdog::watchdog("read_any_many_takes_what_is_waiting_in_few_calls", 60);
         for wait in [WaitMode::Poll, WaitMode::Block, WaitMode::Adaptive] {
             let (host, guest) = heap_pair(wait);
             let l = guest.listen(9).unwrap();
-            // Sessions 0..6: the even ones streams, the odd ones keep messages.
-            let n = 6;
+            let n = 20;
+            let mut tx = Vec::new();
+            let mut rx = Vec::new();
+            for _ in 0..n {
+                tx.push(host.connect(9).unwrap());
+                rx.push(l.accept().unwrap());
+            }
+            // Three rounds of 1000 bytes to each: 60 frames, within every window.
+            for round in 0..3u64 {
+                for (k, s) in tx.iter_mut().enumerate() {
+                    let data: Vec<u8> = (0..1000)
+                        .map(|j| pattern(k as u64, round * 1000 + j))
+                        .collect();
+                    s.write_all(&data).unwrap();
+                }
+            }
+            let set: Vec<&crate::Session> = rx.iter().collect();
+            let mut got = vec![Vec::new(); n];
+            let mut results = Vec::new();
+            // Room for two and a half frames.
+            let mut buf = vec![0u8; 2500];
+            let mut calls = 0;
+            while got.iter().map(Vec::len).sum::<usize>() < 3 * 1000 * n {
+                let count = crate::Session::read_any_many(
+                    &set,
+                    &mut buf,
+                    &mut results,
+                    Some(Duration::from_secs(20)),
+                )
+                .unwrap();
+                calls += 1;
+                assert!(count >= 1, "a batch returns at least one result");
+                let mut at = 0;
+                for (i, r) in results.drain(..) {
+                    let m = r.unwrap();
+                    got[i].extend_from_slice(&buf[at..at + m]);
+                    at += m;
+                }
+                assert!(at <= buf.len(), "{at} bytes in a buffer of {}", buf.len());
+            }
+            assert!(
+                calls < 3 * n,
+                "{calls} calls for {} frames in {wait:?}",
+                3 * n
+            );
+            for (k, g) in got.iter().enumerate() {
+                assert!(
+                    g.iter()
+                        .enumerate()
+                        .all(|(j, &b)| b == pattern(k as u64, j as u64)),
+                    "session {k} bytes in {wait:?}"
+                );
+            }
+        }
+    }
+
+    /// An event loop reads `n` sessions (even ones streams, odd ones messages) with
+    /// `read_any`, or with `read_any_many` when `batch`, in each wait mode.
+    fn read_any_loop(n: usize, batch: bool) {
+        for wait in [WaitMode::Poll, WaitMode::Block, WaitMode::Adaptive] {
+            let (host, guest) = heap_pair(wait);
+            let l = guest.listen(9).unwrap();
             let mut tx = Vec::new();
             let mut rx = Vec::new();
             for k in 0..n {
@@ -868,6 +981,7 @@ mod tests {
             }
             let writer = std::thread::spawn(move || {
                 let mut pos = vec![0u64; tx.len()];
+                let mut lens = vec![Vec::new(); tx.len()];
                 for round in 0..400usize {
                     let k = round * 7 % tx.len();
                     let len = 1 + round * 131 % 7000;
@@ -876,34 +990,57 @@ mod tests {
                         .collect();
                     tx[k].write_all(&data).unwrap();
                     pos[k] += len as u64;
+                    lens[k].push(len);
                 }
-                pos
+                (pos, lens)
             });
             // The loop's set: a session leaves it at its EOF (which it would report again).
             let mut open: Vec<usize> = (0..n).collect();
             let mut got = vec![Vec::new(); n];
+            let mut msg_lens = vec![Vec::new(); n];
             let mut eof = vec![false; n];
             // Messages are at most 7000 bytes: a read of 8 KiB takes each whole.
             let mut buf = vec![0u8; 8 << 10];
+            let mut results = Vec::new();
             // The writer drops its sessions when done: each ends with EOF.
             while !open.is_empty() {
                 let set: Vec<&crate::Session> = open.iter().map(|&k| &rx[k]).collect();
-                let (i, r) =
-                    crate::Session::read_any(&set, &mut buf, Some(Duration::from_secs(20)))
-                        .unwrap();
-                let k = open[i];
-                match r.unwrap() {
-                    0 => {
-                        eof[k] = true;
-                        open.remove(i);
-                    }
-                    m => {
-                        assert!(!eof[k], "data after EOF on session {k}");
-                        got[k].extend_from_slice(&buf[..m]);
+                let timeout = Some(Duration::from_secs(20));
+                if batch {
+                    let count =
+                        crate::Session::read_any_many(&set, &mut buf, &mut results, timeout)
+                            .unwrap();
+                    assert_eq!(count, results.len());
+                    assert!(count >= 1, "a batch returns at least one result");
+                } else {
+                    results.clear();
+                    results.push(crate::Session::read_any(&set, &mut buf, timeout).unwrap());
+                }
+                let mut at = 0;
+                let mut ended = Vec::new();
+                for (i, r) in results.drain(..) {
+                    let k = open[i];
+                    assert!(!eof[k], "a result after EOF on session {k}");
+                    match r.unwrap() {
+                        0 => {
+                            eof[k] = true;
+                            ended.push(i);
+                        }
+                        m => {
+                            got[k].extend_from_slice(&buf[at..at + m]);
+                            if k % 2 == 1 {
+                                msg_lens[k].push(m);
+                            }
+                            at += m;
+                        }
                     }
                 }
+                ended.sort_unstable();
+                for i in ended.into_iter().rev() {
+                    open.remove(i);
+                }
             }
-            let sent = writer.join().unwrap();
+            let (sent, lens) = writer.join().unwrap();
             for k in 0..n {
                 assert_eq!(got[k].len() as u64, sent[k], "session {k} in {wait:?}");
                 assert!(
@@ -913,12 +1050,15 @@ mod tests {
                         .all(|(j, &b)| b == pattern(k as u64, j as u64)),
                     "session {k} bytes in {wait:?}"
                 );
+                if k % 2 == 1 {
+                    assert_eq!(msg_lens[k], lens[k], "session {k}'s messages in {wait:?}");
+                }
             }
             let all: Vec<&crate::Session> = rx.iter().collect();
             assert!(
                 matches!(
                     crate::Session::read_any(&all, &mut buf, Some(Duration::ZERO)),
-                    Ok((0, Ok(0)))
+                    Ok((_, Ok(0)))
                 ),
                 "a session at EOF reads EOF again"
             );

@@ -314,6 +314,9 @@ pub(crate) struct Link {
     /// token: called when it comes up and when the endpoint closes.
     up_notify: HashMap<u64, Notifier>,
     next_up_token: u64,
+    /// Where `read_any` starts looking at what its sessions hold: one past the session it
+    /// served from there last.
+    held_turn: usize,
 }
 
 const MAX_PENDING_CONTROL: usize = 1 << 16;
@@ -381,6 +384,7 @@ impl Link {
             space_notify: Vec::new(),
             up_notify: HashMap::new(),
             next_up_token: 0,
+            held_turn: 0,
         }
     }
 

@@ -10,9 +10,10 @@
 //! left for `pump`, which handles it exactly as before, so ordering and error handling do
 //! not change.
 
-use crate::link::{Actions, Corruption, Fault, Link, Sess, State};
+use crate::link::{Actions, Corruption, Fault, Link, Sess, SessionIds, State};
 use crate::wire::frame::{self, CreditArgs, Header, Kind, OpenArgs, FLAG_EOR};
 use crate::wire::ring::Record;
+use std::collections::HashMap;
 use std::io;
 use std::time::Instant;
 
@@ -368,24 +369,35 @@ impl Link {
     }
 
     /// The next Data of any of the sessions `ids`, in ring order (as `recvmsg` on an
-    /// unconnected socket): the ring's next frames are read in order; a frame of one of
-    /// them that fits `buf` is copied once, straight out of the ring; frames of other
-    /// sessions, control frames and frames that do not fit go to their sessions as
-    /// `pump` sends them, and a session of `ids` that one made readable (its data, EOF or
-    /// reset) is read at once. What a session held before the call (a pump of the keeper
-    /// or of a spinning caller put it there) is read when the ring has nothing more for
-    /// them, or when the session's next frame arrives: one look at each session per
-    /// call that would otherwise wait, not per frame.
-    /// `Some((index in ids, what a read of that session returned))`, `None` to wait. A bad
-    /// header or index is left for `pump`, as in `read_direct`.
+    /// unconnected socket), and with `max` above one the frames after it (as `recvmmsg`):
+    /// results go to `got` as (index in `ids`, what a read of that session returned), the
+    /// bytes of each `Ok(n)` next in `buf`, after those of the results before it. Empty
+    /// `got`: wait.
+    ///
+    /// The ring's next frames are read in order; a frame of one of `ids` that fits what is
+    /// left of `buf` is copied once, straight out of the ring; frames of other sessions
+    /// and control frames go to their sessions as `pump` sends them. A frame of one of
+    /// `ids` that the direct copy cannot take (it does not fit, it ends the session, the
+    /// session holds earlier data) ends a batch that has results, unread; as the first,
+    /// it goes to its session and that session is read at once. What sessions held
+    /// before the call (a pump of the keeper or of a spinning caller put it there) is read
+    /// when the ring has nothing more for them, starting one session further each time so
+    /// that none is served last for ever. A bad header or index is left for `pump`, as in
+    /// `read_direct`.
     pub(crate) fn read_any(
         &mut self,
         ids: &[u64],
         buf: &mut [u8],
+        max: usize,
+        got: &mut Vec<(usize, io::Result<usize>)>,
         out: &mut Actions,
-    ) -> Option<(usize, io::Result<usize>)> {
-        let got = self.read_any_ring(ids, buf, out);
-        got.or_else(|| self.read_any_held(ids, buf, out))
+    ) {
+        got.clear();
+        let mut index = SetIndex::new(ids, self.sessions.hasher().clone());
+        let used = self.read_any_ring(&mut index, buf, max, got, out);
+        if got.is_empty() {
+            self.read_any_held(ids, &mut buf[used..], max, got, out);
+        }
     }
 
     /// The ring's next record, if one is published and sound: the direct paths' look at
@@ -397,30 +409,32 @@ impl Link {
         self.rx.next(self.max_payload).ok().flatten()
     }
 
-    /// The ring half of [`Link::read_any`].
+    /// The ring half of [`Link::read_any`]: the bytes of `buf` its results took.
     fn read_any_ring(
         &mut self,
-        ids: &[u64],
+        ids: &mut SetIndex<'_>,
         buf: &mut [u8],
+        max: usize,
+        got: &mut Vec<(usize, io::Result<usize>)>,
         out: &mut Actions,
-    ) -> Option<(usize, io::Result<usize>)> {
+    ) -> usize {
         if !self.up || self.parked.is_some() || buf.is_empty() {
-            return None;
+            return 0;
         }
         let quarter = self.geom.capacity / 4;
         let mut budget = self.geom.capacity;
-        let mut got = None;
-        while budget > 0 && got.is_none() {
+        let mut used = 0;
+        while budget > 0 && got.len() < max && used < buf.len() {
             let Some(rec) = self.next_published() else {
                 break;
             };
             let h = rec.header;
             let len = h.len as usize;
-            let at = ids.iter().position(|&id| id == h.session);
+            let at = ids.position(h.session);
             let direct = match (h.kind, at, self.sessions.get(&h.session)) {
                 (Kind::Data, Some(_), Some(s)) => {
                     len > 0
-                        && len <= buf.len()
+                        && len <= buf.len() - used
                         && !s.message
                         && !s.rd_shut
                         && !s.in_place
@@ -432,18 +446,24 @@ impl Link {
                 _ => false,
             };
             if let (true, Some(i)) = (direct, at) {
-                self.rx.read_payload(rec.payload_at, &mut buf[..len]);
+                self.rx
+                    .read_payload(rec.payload_at, &mut buf[used..used + len]);
                 self.rx.consume(&h);
                 if let Some(s) = self.sessions.get_mut(&h.session) {
                     s.received += len as u64;
                     s.fwd_cnt += len as u64;
                 }
-                got = Some((
-                    i,
-                    self.grant_credit(h.session, out)
-                        .map(|()| len)
-                        .map_err(|f| self.fault_to_io(f)),
-                ));
+                used += len;
+                match self.grant_credit(h.session, out) {
+                    Ok(()) => got.push((i, Ok(len))),
+                    Err(f) => {
+                        got.push((i, Err(self.fault_to_io(f))));
+                        break;
+                    }
+                }
+            } else if at.is_some() && !got.is_empty() {
+                // It changes a session of the set: the next call starts with it.
+                break;
             } else {
                 // As pump: the frame goes to its session (or changes its state).
                 let dispatched = self.dispatch(&h, rec.payload_at, out);
@@ -452,12 +472,17 @@ impl Link {
                 if let Err(f) = dispatched {
                     // A bad index of the peer (met sending a control frame): the keeper's
                     // next look resets the link and wakes every caller.
-                    return at.map(|i| (i, Err(self.fault_to_io(f))));
+                    if let Some(i) = at {
+                        got.push((i, Err(self.fault_to_io(f))));
+                    }
+                    break;
                 }
                 if let Some(i) = at {
-                    got = self
-                        .read_any_held(&ids[i..=i], buf, out)
-                        .map(|(_, r)| (i, r));
+                    let id = h.session;
+                    if let Some(r) = self.read_held(id, &mut buf[used..], out) {
+                        got.push((i, r));
+                        break;
+                    }
                 }
             }
             budget = budget.saturating_sub(frame::record_len(len) as u64);
@@ -468,30 +493,68 @@ impl Link {
         if self.rx.release() {
             out.ring_peer = true;
         }
-        got
+        used
     }
 
-    /// The first of the sessions `ids` that a read would not wait for: its read.
+    /// Session `id`'s read if it would not wait.
+    fn read_held(
+        &mut self,
+        id: u64,
+        buf: &mut [u8],
+        out: &mut Actions,
+    ) -> Option<io::Result<usize>> {
+        match self.session(id) {
+            Err(e) => Some(Err(e)),
+            Ok(s) if s.readable() => match self.read(id, buf, out) {
+                Ok(Some(n)) => Some(Ok(n)),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            },
+            Ok(_) => None,
+        }
+    }
+
+    /// What sessions of `ids` held before the call, from the session after the one served
+    /// first last time: the first that a read would not wait for, and with `max` above
+    /// one the stream data of those after it, while `buf` has room.
     fn read_any_held(
         &mut self,
         ids: &[u64],
         buf: &mut [u8],
+        max: usize,
+        got: &mut Vec<(usize, io::Result<usize>)>,
         out: &mut Actions,
-    ) -> Option<(usize, io::Result<usize>)> {
-        for (i, &id) in ids.iter().enumerate() {
-            match self.session(id) {
-                Err(e) => return Some((i, Err(e))),
-                Ok(s) if s.readable() => {
-                    return match self.read(id, buf, out) {
-                        Ok(Some(n)) => Some((i, Ok(n))),
-                        Ok(None) => None,
-                        Err(e) => Some((i, Err(e))),
-                    };
+    ) {
+        let n = ids.len();
+        let from = self.held_turn % n.max(1);
+        let mut used = 0;
+        for i in (from..n).chain(0..from) {
+            if got.len() >= max || used >= buf.len() {
+                break;
+            }
+            let id = ids[i];
+            if !got.is_empty() {
+                // After the first, only stream data that is there: a message could be cut
+                // by what is left of `buf`, and an end or error is the next call's.
+                match self.sessions.get(&id) {
+                    Some(s) if !s.message && s.buffered() > 0 && !s.rd_shut => {}
+                    _ => continue,
                 }
-                Ok(_) => {}
+            }
+            if let Some(r) = self.read_held(id, &mut buf[used..], out) {
+                if got.is_empty() {
+                    self.held_turn = i + 1;
+                }
+                let last = !matches!(r, Ok(k) if k > 0);
+                if let Ok(k) = r {
+                    used += k;
+                }
+                got.push((i, r));
+                if last {
+                    break;
+                }
             }
         }
-        None
     }
 
     /// Reads this stream session's next frames straight from the ring. `Ok(None)` when
@@ -575,6 +638,43 @@ impl Link {
             s.rd_shut = was;
         }
         r
+    }
+}
+
+/// Where a session id stands in the set a `read_any` call was given: a scan for the first
+/// frame, a map from the second on when the set is large (a batch looks up every frame).
+struct SetIndex<'a> {
+    ids: &'a [u64],
+    looked: bool,
+    hasher: SessionIds,
+    map: Option<HashMap<u64, usize, SessionIds>>,
+}
+
+impl<'a> SetIndex<'a> {
+    /// Sets up to this size are scanned: a map costs more to build than it saves.
+    const SCAN_MAX: usize = 16;
+
+    fn new(ids: &'a [u64], hasher: SessionIds) -> Self {
+        SetIndex {
+            ids,
+            looked: false,
+            hasher,
+            map: None,
+        }
+    }
+
+    fn position(&mut self, id: u64) -> Option<usize> {
+        if self.ids.len() <= Self::SCAN_MAX || !std::mem::replace(&mut self.looked, true) {
+            return self.ids.iter().position(|&x| x == id);
+        }
+        let (ids, hasher) = (self.ids, &self.hasher);
+        let map = self.map.get_or_insert_with(|| {
+            let mut map = HashMap::with_capacity_and_hasher(ids.len(), hasher.clone());
+            // Inserted last to first: an id given twice maps to its first place, as the scan.
+            map.extend(ids.iter().enumerate().rev().map(|(i, &x)| (x, i)));
+            map
+        });
+        map.get(&id).copied()
     }
 }
 
