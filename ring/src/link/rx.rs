@@ -611,6 +611,11 @@ impl Link {
         Ok(Some(n))
     }
 
+    /// How far the ring has been read (it starts again at zero when the peer restarts).
+    pub(crate) fn rx_position(&self) -> u64 {
+        self.rx.position()
+    }
+
     /// Whether frames arrived that nobody has looked at yet: a spinning caller retries its
     /// own attempt first (which may take them directly) and pumps only what it left.
     pub(crate) fn rx_moved(&mut self) -> bool {

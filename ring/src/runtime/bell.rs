@@ -146,6 +146,11 @@ impl Bell {
         self.caller_takes.load(Ordering::Relaxed)
     }
 
+    /// Whether the keeper sits out.
+    pub(crate) fn keeper_benched(&self) -> bool {
+        self.keeper_benched.load(Ordering::Relaxed)
+    }
+
     /// The keeper sits out (before it parks, with the lock held) or is back (after).
     pub(crate) fn set_keeper_benched(&self, benched: bool) {
         self.keeper_benched.store(benched, Ordering::Relaxed);

@@ -60,6 +60,9 @@ pub(crate) struct Shared {
     /// The keeper sleeps without asking the peer to ring (spinners, or a frame parked for
     /// an in-place reader): whoever stops spinning or releases the frame wakes it.
     pub(crate) keeper_unarmed: AtomicBool,
+    /// Someone woke the keeper because it relies on it: its next round reads the ring,
+    /// even if callers were reading it (see `readers_ahead` in `keeper_round`).
+    keeper_recalled: AtomicBool,
     /// Who waits on the doorbell (`bell.rs`).
     bell: Bell,
     keeper_thread: OnceLock<Thread>,
@@ -239,9 +242,23 @@ impl Shared {
         }
     }
 
+    /// Callers asleep on a condvar, of every kind: they rely on whoever reads the ring.
+    fn condvar_sleepers(&self) -> usize {
+        [
+            &self.sleepers,
+            &self.accept_sleepers,
+            &self.stripe_sleepers,
+            &self.space_sleepers,
+        ]
+        .iter()
+        .map(|n| n.load(StdOrdering::Relaxed))
+        .sum()
+    }
+
     /// Wakes the keeper: its thread, or a driven keeper's driver (through the doorbell,
     /// which the driver watches).
     fn unpark_keeper(&self) {
+        self.keeper_recalled.store(true, StdOrdering::SeqCst);
         if let Some(t) = self.keeper_thread.get() {
             t.unpark();
         } else if self.driven.load(StdOrdering::Relaxed) {
@@ -538,6 +555,14 @@ impl Shared {
                 if let (true, WaitOn::Session(id)) = (for_space, on) {
                     link.notify_on_space(id);
                 }
+                // The caller now waits for a callback, which only the keeper runs: its
+                // next round reads the ring even though callers were reading it, and
+                // one that sits out meanwhile comes back to it now.
+                if self.bell.keeper_benched() {
+                    self.unpark_keeper();
+                } else {
+                    self.keeper_recalled.store(true, StdOrdering::SeqCst);
+                }
                 break Err(io::ErrorKind::WouldBlock.into());
             }
             let now = Instant::now();
@@ -607,6 +632,14 @@ impl Shared {
                 // the session's callback.
                 if let (true, WaitOn::Session(id)) = (for_space, on) {
                     link.notify_on_space(id);
+                }
+                // The caller now waits for a callback, which only the keeper runs: its
+                // next round reads the ring even though callers were reading it, and
+                // one that sits out meanwhile comes back to it now.
+                if self.bell.keeper_benched() {
+                    self.unpark_keeper();
+                } else {
+                    self.keeper_recalled.store(true, StdOrdering::SeqCst);
                 }
                 break Err(io::ErrorKind::WouldBlock.into());
             } else {
@@ -743,6 +776,7 @@ impl Shared {
             region,
             peer_head,
             keeper_unarmed: AtomicBool::new(false),
+            keeper_recalled: AtomicBool::new(false),
             bell: Bell::new(),
             keeper_thread: OnceLock::new(),
             driven: AtomicBool::new(false),
@@ -819,6 +853,8 @@ pub(crate) struct KeeperState {
     /// Whether the last wait was sitting out, and the callers' takes of the bell then.
     benched: bool,
     last_takes: u64,
+    /// Where the ring's reader stood when the last round ended.
+    rx_seen: u64,
     /// A driven keeper: when its last doorbell wait began, and its timeout.
     waiting: Option<(Instant, Duration)>,
 }
@@ -866,6 +902,7 @@ impl KeeperState {
             woke_early: false,
             benched: false,
             last_takes: 0,
+            rx_seen: 0,
             waiting: None,
         }
     }
@@ -890,13 +927,32 @@ impl Shared {
         }
         let mut out = Actions::default();
         let mut changed = sh.follow_peer(&mut link, now, &mut out);
-        match link.pump(now, &mut out) {
-            Ok(p) => changed |= p,
-            Err(f) => {
-                sh.fault(&mut link, f);
-                changed = true;
+        // Callers took frames from the ring since our last round: they are reading it
+        // (their direct reads copy once, a pump here would copy twice and take the lock
+        // from them). Sit out a moment and leave the ring to them, unless someone waits
+        // on us: a caller asleep on a condvar, control frames waiting for ring space (the
+        // peer's writers wait for those credits), or a caller that went to wait for a
+        // callback since. A caller that must sleep later takes the bell or recalls us,
+        // and the nap bounds what nobody reads.
+        let recalled = sh.keeper_recalled.swap(false, StdOrdering::SeqCst);
+        let readers_moved =
+            std::mem::replace(&mut st.rx_seen, link.rx_position()) != link.rx_position();
+        let readers_ahead = readers_moved
+            && !changed
+            && !recalled
+            && !link.has_pending()
+            && !link.has_parked()
+            && sh.condvar_sleepers() == 0;
+        if !readers_ahead {
+            match link.pump(now, &mut out) {
+                Ok(p) => changed |= p,
+                Err(f) => {
+                    sh.fault(&mut link, f);
+                    changed = true;
+                }
             }
         }
+        st.rx_seen = link.rx_position();
         let space = sh.send_queued(&mut link, &mut out);
         let mut wake = if changed {
             sh.to_notify(&link, &mut out)
@@ -921,35 +977,36 @@ impl Shared {
         };
         let takes = sh.bell.caller_takes();
         let callers_lead = std::mem::replace(&mut st.last_takes, takes) != takes;
-        let bench =
-            if sh.bell.holder() == Holder::Caller || (callers_lead && st.benched && !changed) {
-                // Between two of the callers' waits nobody is on the bell, and what does not
-                // recall us (accepts, notify callbacks, frames waiting for space) must not
-                // wait long: while callers come and go, nap briefly; while one caller keeps
-                // the bell (an idle link), sleep as long as the heartbeat allows.
-                let others = sh.accept_sleepers.load(StdOrdering::Relaxed) > 0
-                    || sh.notifiers.load(StdOrdering::Relaxed)
-                    || link.has_pending()
-                    || link.has_parked();
-                Some(if others && callers_lead {
-                    HANDOFF_MAX
-                } else {
-                    sh.cfg.heartbeat
-                })
-            } else if wanted != 0 {
-                // Wake them so that one takes the bell now rather than after its timeout.
-                // Bit b stands for stripes b, b + 64, b + 128, ...
-                for b in (0..64).filter(|b| wanted & 1 << b != 0) {
-                    for stripe in (b..crate::link::STRIPES).step_by(64) {
-                        wake.stripes.add(stripe);
-                    }
-                }
-                wake.link |= wanted & 1 != 0 && sh.sleepers.load(StdOrdering::Relaxed) > 0;
-                wake.accept |= wanted & 1 != 0 && sh.accept_sleepers.load(StdOrdering::Relaxed) > 0;
-                Some(HANDOFF_MAX)
+        let bench = if readers_ahead && wanted == 0 {
+            Some(HANDOFF_MAX)
+        } else if sh.bell.holder() == Holder::Caller || (callers_lead && st.benched && !changed) {
+            // Between two of the callers' waits nobody is on the bell, and what does not
+            // recall us (accepts, notify callbacks, frames waiting for space) must not
+            // wait long: while callers come and go, nap briefly; while one caller keeps
+            // the bell (an idle link), sleep as long as the heartbeat allows.
+            let others = sh.accept_sleepers.load(StdOrdering::Relaxed) > 0
+                || sh.notifiers.load(StdOrdering::Relaxed)
+                || link.has_pending()
+                || link.has_parked();
+            Some(if others && callers_lead {
+                HANDOFF_MAX
             } else {
-                None
-            };
+                sh.cfg.heartbeat
+            })
+        } else if wanted != 0 {
+            // Wake them so that one takes the bell now rather than after its timeout.
+            // Bit b stands for stripes b, b + 64, b + 128, ...
+            for b in (0..64).filter(|b| wanted & 1 << b != 0) {
+                for stripe in (b..crate::link::STRIPES).step_by(64) {
+                    wake.stripes.add(stripe);
+                }
+            }
+            wake.link |= wanted & 1 != 0 && sh.sleepers.load(StdOrdering::Relaxed) > 0;
+            wake.accept |= wanted & 1 != 0 && sh.accept_sleepers.load(StdOrdering::Relaxed) > 0;
+            Some(HANDOFF_MAX)
+        } else {
+            None
+        };
         if let Some(t) = bench {
             sh.bell.set_keeper_benched(true);
             sh.ring(&link, &mut out);

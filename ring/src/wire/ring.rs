@@ -369,6 +369,11 @@ pub(crate) struct Record {
 }
 
 impl Consumer {
+    /// How far it has read: the local tail (no shared word is read).
+    pub(crate) fn position(&self) -> u64 {
+        self.tail
+    }
+
     pub(crate) fn new(
         region: SharedRegion,
         data: usize,
