@@ -1113,3 +1113,118 @@ fn a_session_the_peer_reset_stays_reset_across_its_restart() {
         ErrorKind::ConnectionReset
     );
 }
+
+/// What one `read_any_many` call returned: (session id, bytes or EOF), and the bytes.
+fn batch(set: &[&Session], buf: &mut [u8]) -> (Vec<(u64, usize)>, Vec<u8>) {
+    let mut got = Vec::new();
+    let n = Session::read_any_many(set, buf, &mut got, Some(Duration::ZERO)).unwrap();
+    assert_eq!(n, got.len());
+    let mut at = 0;
+    let mut out = Vec::new();
+    for (i, r) in got {
+        let k = r.unwrap();
+        out.push((set[i].id(), k));
+        at += k;
+    }
+    (out, buf[..at].to_vec())
+}
+
+/// Straight from the ring (nothing pumped the frames: the victim has no keeper thread),
+/// a batch takes the set's stream frames in ring order and ends, unread, at the first
+/// frame that would change a session of the set: a message, a Shutdown, a frame that
+/// does not fit. Those come one to a call, as `read_any` gives them.
+#[test]
+fn a_batch_takes_stream_frames_and_stops_at_what_changes_a_session() {
+    let _w = watchdog(
+        "a_batch_takes_stream_frames_and_stops_at_what_changes_a_session",
+        LIMIT,
+    );
+    let (_victim, l, mut peer) = driven_pair(cfg());
+    let (a, sa) = accepted(&l, &mut peer, false);
+    let (b, sb) = accepted(&l, &mut peer, false);
+    let (m, sm) = accepted(&l, &mut peer, true);
+    let (c, sc) = accepted(&l, &mut peer, false);
+    peer.push(Kind::Data, 0, a, &bytes(a, 0, 10));
+    peer.push(Kind::Data, 0, b, &bytes(b, 0, 20));
+    peer.push(Kind::Data, 0, a, &bytes(a, 10, 30));
+    peer.push(Kind::Data, FLAG_EOR, m, &bytes(m, 0, 5));
+    peer.push(Kind::Data, FLAG_EOR, m, &bytes(m, 5, 12));
+    peer.push(Kind::Data, 0, c, &bytes(c, 0, 40));
+    peer.push(Kind::Shutdown, 0, b, &[]);
+    peer.push(Kind::Data, 0, c, &bytes(c, 40, 50));
+    let set = [&sa, &sb, &sm, &sc];
+    let mut buf = vec![0u8; 1000];
+    let (got, data) = batch(&set, &mut buf);
+    assert_eq!(got, vec![(a, 10), (b, 20), (a, 20)], "the first batch");
+    let want: Vec<u8> = [bytes(a, 0, 10), bytes(b, 0, 20), bytes(a, 10, 30)].concat();
+    assert_eq!(data, want);
+    // Each message alone, whole.
+    assert_eq!(batch(&set, &mut buf), (vec![(m, 5)], bytes(m, 0, 5)));
+    assert_eq!(batch(&set, &mut buf), (vec![(m, 7)], bytes(m, 5, 12)));
+    // C's frame, then the batch ends at B's Shutdown; B's EOF comes alone.
+    assert_eq!(batch(&set, &mut buf), (vec![(c, 40)], bytes(c, 0, 40)));
+    assert_eq!(batch(&set, &mut buf), (vec![(b, 0)], vec![]));
+    let set = [&sa, &sm, &sc];
+    assert_eq!(batch(&set, &mut buf), (vec![(c, 10)], bytes(c, 40, 50)));
+    // Frames that fit what is left of the buffer, then one that does not: it ends the
+    // batch; alone, it goes through its session's buffer, cut to the caller's size.
+    peer.push(Kind::Data, 0, c, &bytes(c, 50, 80));
+    peer.push(Kind::Data, 0, a, &bytes(a, 30, 130));
+    peer.push(Kind::Data, 0, c, &bytes(c, 80, 90));
+    let mut small = vec![0u8; 60];
+    assert_eq!(batch(&set, &mut small), (vec![(c, 30)], bytes(c, 50, 80)));
+    assert_eq!(batch(&set, &mut small), (vec![(a, 60)], bytes(a, 30, 90)));
+    // A's rest is held now, C's frame is next in the ring: the ring comes first.
+    assert_eq!(batch(&set, &mut small), (vec![(c, 10)], bytes(c, 80, 90)));
+    assert_eq!(batch(&set, &mut small), (vec![(a, 40)], bytes(a, 90, 130)));
+    // Nothing waits: WouldBlock.
+    let mut got = Vec::new();
+    let e = Session::read_any_many(&set, &mut buf, &mut got, Some(Duration::ZERO)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::WouldBlock);
+    assert!(got.is_empty());
+}
+
+/// What sessions hold (a pump put it there) is served from one session further each
+/// call, so that the first of the set cannot take every turn; a batch adds the other
+/// sessions' held stream bytes after the first while the buffer has room.
+#[test]
+fn held_data_is_served_in_turn_and_batched() {
+    let _w = watchdog("held_data_is_served_in_turn_and_batched", LIMIT);
+    let (_victim, l, mut peer) = driven_pair(cfg());
+    let (a, sa) = accepted(&l, &mut peer, false);
+    let (b, sb) = accepted(&l, &mut peer, false);
+    let (c, sc) = accepted(&l, &mut peer, false);
+    let set = [&sa, &sb, &sc];
+    let mut one = [0u8; 4];
+    let mut buf = vec![0u8; 1000];
+    // One read_any at a time, the held data of all three sessions: a different session
+    // each call.
+    for id in [a, b, c] {
+        peer.push(Kind::Data, 0, id, &bytes(id, 0, 8));
+    }
+    // Pumped into the sessions' buffers by the driven round that sees the sentinel.
+    peer.sync();
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let (i, r) = Session::read_any(&set, &mut one, Some(Duration::ZERO)).unwrap();
+        assert_eq!(r.unwrap(), 4);
+        order.push(set[i].id());
+    }
+    order.sort_unstable();
+    assert_eq!(order, vec![a, b, c], "each session once in three calls");
+    // The rest, 4 bytes each, in one batch.
+    let (got, _) = batch(&set, &mut buf);
+    let mut ids: Vec<u64> = got
+        .iter()
+        .map(|&(id, n)| {
+            assert_eq!(n, 4);
+            id
+        })
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        vec![a, b, c],
+        "one batch takes every session's held bytes"
+    );
+}
