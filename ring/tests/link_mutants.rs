@@ -1228,3 +1228,41 @@ fn held_data_is_served_in_turn_and_batched() {
         "one batch takes every session's held bytes"
     );
 }
+
+/// An empty Data frame is nobody's EOF: a batch never reports it as a read of 0 bytes;
+/// and a session's end held after a pump comes in a call of its own, not after another
+/// session's bytes.
+#[test]
+fn a_batch_reports_no_empty_frame_and_no_end_after_data() {
+    let _w = watchdog(
+        "a_batch_reports_no_empty_frame_and_no_end_after_data",
+        LIMIT,
+    );
+    let (_victim, l, mut peer) = driven_pair(cfg());
+    let (a, sa) = accepted(&l, &mut peer, false);
+    let (c, sc) = accepted(&l, &mut peer, false);
+    let set = [&sa, &sc];
+    let mut buf = vec![0u8; 1000];
+    peer.push(Kind::Data, 0, a, &[]);
+    peer.push(Kind::Data, 0, a, &bytes(a, 0, 5));
+    let (got, data) = batch(&set, &mut buf);
+    assert!(
+        got.iter().all(|&(_, n)| n > 0),
+        "an empty frame read as EOF: {got:?}"
+    );
+    assert_eq!(data, bytes(a, 0, 5));
+    // Held: A's bytes, C's end (the driven round that sees the sentinel pumps them).
+    peer.push(Kind::Data, 0, a, &bytes(a, 5, 9));
+    peer.push(Kind::Shutdown, 0, c, &[]);
+    peer.sync();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let (got, _) = batch(&set, &mut buf);
+        assert_eq!(got.len(), 1, "an end batched with data: {got:?}");
+        seen.extend(got);
+    }
+    seen.sort_unstable();
+    let mut want = vec![(a, 4), (c, 0)];
+    want.sort_unstable();
+    assert_eq!(seen, want);
+}
