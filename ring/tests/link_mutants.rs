@@ -1266,3 +1266,32 @@ fn a_batch_reports_no_empty_frame_and_no_end_after_data() {
     want.sort_unstable();
     assert_eq!(seen, want);
 }
+
+/// While a zero-copy view holds a frame in place, the frames behind it wait: a batch of
+/// other sessions takes none of them (nor the held frame) until the view is dropped.
+#[test]
+fn a_batch_waits_behind_a_frame_held_in_place() {
+    let _w = watchdog("a_batch_waits_behind_a_frame_held_in_place", LIMIT);
+    let (_victim, l, mut peer) = driven_pair(cfg());
+    let (x, mut sx) = accepted(&l, &mut peer, false);
+    let (y, sy) = accepted(&l, &mut peer, false);
+    peer.push(Kind::Data, 0, x, &bytes(x, 0, 100));
+    peer.push(Kind::Data, 0, y, &bytes(y, 0, 10));
+    let mut buf = vec![0u8; 1000];
+    {
+        let view = sx.recv_in_place().unwrap().expect("x's frame");
+        assert!(view.is_in_place());
+        let mut got = Vec::new();
+        let e =
+            Session::read_any_many(&[&sy], &mut buf, &mut got, Some(Duration::ZERO)).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            ErrorKind::WouldBlock,
+            "read past a frame held in place"
+        );
+        let mut seen = Vec::new();
+        view.copy_to(&mut seen);
+        assert_eq!(seen, bytes(x, 0, 100));
+    }
+    assert_eq!(batch(&[&sy], &mut buf), (vec![(y, 10)], bytes(y, 0, 10)));
+}
