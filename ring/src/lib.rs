@@ -26,7 +26,9 @@
 //!   says what must happen next in the `Actions` it is given (ring the peer, wake these
 //!   sessions' callers, wait for ring space); the link does none of it itself;
 //! - `runtime`: the only owner of locks, threads (the keeper), spinning and waiting on
-//!   the doorbell; it acts on the link's `Actions`;
+//!   the doorbell; it acts on the link's `Actions`. The keeper reads the ring for callers
+//!   that do not (sleepers, callbacks, queued control frames) and keeps out of the way
+//!   of callers that read it themselves;
 //! - `api`: [`Endpoint`], [`Listener`], [`Session`], zero-copy slots and views,
 //!   [`Readiness`], and the `tokio` and `mio` wrappers.
 //!
@@ -37,7 +39,8 @@
 //! copies it into the ring; a write of 16 KiB or more takes `Producer::reserve_copy`
 //! instead and copies after the runtime's lock is released, the head stored once the
 //! copy is done; on the other side `Consumer` finds it) → `link/rx.rs`
-//! (`read_direct` copies it straight into the reader's buffer, or `pump` into the
+//! (`read_direct` copies it straight into the reader's buffer, `read_any` into an event
+//! loop's buffer with the frames of other sessions after it, or `pump` into the
 //! session's buffer and `read` from there). Beside it, `runtime/mod.rs`
 //! (`wait_locked_on`) decides when a call that found no credit, space or data tries
 //! again, and `wire/frame.rs` is the 16-byte header in front of it.
