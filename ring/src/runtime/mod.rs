@@ -255,6 +255,17 @@ impl Shared {
         .sum()
     }
 
+    /// A caller returns `WouldBlock` and waits for a callback, which only the keeper runs:
+    /// the keeper's next round reads the ring even though callers were reading it, and a
+    /// keeper that sits out meanwhile comes back to it now.
+    fn recall_keeper_for_callbacks(&self) {
+        if self.bell.keeper_benched() {
+            self.unpark_keeper();
+        } else {
+            self.keeper_recalled.store(true, StdOrdering::SeqCst);
+        }
+    }
+
     /// Wakes the keeper: its thread, or a driven keeper's driver (through the doorbell,
     /// which the driver watches).
     fn unpark_keeper(&self) {
@@ -555,14 +566,7 @@ impl Shared {
                 if let (true, WaitOn::Session(id)) = (for_space, on) {
                     link.notify_on_space(id);
                 }
-                // The caller now waits for a callback, which only the keeper runs: its
-                // next round reads the ring even though callers were reading it, and
-                // one that sits out meanwhile comes back to it now.
-                if self.bell.keeper_benched() {
-                    self.unpark_keeper();
-                } else {
-                    self.keeper_recalled.store(true, StdOrdering::SeqCst);
-                }
+                self.recall_keeper_for_callbacks();
                 break Err(io::ErrorKind::WouldBlock.into());
             }
             let now = Instant::now();
@@ -633,14 +637,7 @@ impl Shared {
                 if let (true, WaitOn::Session(id)) = (for_space, on) {
                     link.notify_on_space(id);
                 }
-                // The caller now waits for a callback, which only the keeper runs: its
-                // next round reads the ring even though callers were reading it, and
-                // one that sits out meanwhile comes back to it now.
-                if self.bell.keeper_benched() {
-                    self.unpark_keeper();
-                } else {
-                    self.keeper_recalled.store(true, StdOrdering::SeqCst);
-                }
+                self.recall_keeper_for_callbacks();
                 break Err(io::ErrorKind::WouldBlock.into());
             } else {
                 // Nobody pumps the ring while we sleep but the keeper: it must be armed.
