@@ -932,9 +932,7 @@ impl Shared {
         // callback since. A caller that must sleep later takes the bell or recalls us,
         // and the nap bounds what nobody reads.
         let recalled = sh.keeper_recalled.swap(false, StdOrdering::SeqCst);
-        let readers_moved =
-            std::mem::replace(&mut st.rx_seen, link.rx_position()) != link.rx_position();
-        let readers_ahead = readers_moved
+        let readers_ahead = st.rx_seen != link.rx_position()
             && !changed
             && !recalled
             && !link.has_pending()
