@@ -544,6 +544,16 @@ fn measure_baselines(
             per_run.push(r.clone());
             rows.push(r);
         }
+        log(&format!(
+            "[{block}] baseline: {} bare rings, a thread each side that sleeps when the ring \
+             is full or empty (interleaved with one ring)",
+            uds_threads::PAIRS
+        ));
+        for mut r in spsc::measure_threads(sessions_secs(secs))? {
+            r.block = block.into();
+            per_run.push(r.clone());
+            rows.push(r);
+        }
     }
     Ok(Baselines {
         rows,
@@ -1336,17 +1346,24 @@ fn measure_block(
             r.extra.push(("slowest_fastest".into(), fair));
             r.extra.push(("vs_one_session".into(), bps / one.max(1.0)));
             r.extra.push(("one_session_bytes_per_s".into(), one));
-            // The same many threads over UNIX sockets: what the scheduler leaves them.
-            let uds = base
-                .find_per_run("baseline/uds-threads", uds_threads::SIZE, n)
-                .filter(|_| name == "ivring/sessions");
-            if let Some(u) = uds {
+            // The same many threads over UNIX sockets, and over bare rings of their own:
+            // what the scheduler leaves them, with and without the kernel in the path.
+            for (baseline, prefix) in [
+                ("baseline/uds-threads", "uds_threads"),
+                ("baseline/spsc-threads", "spsc_threads"),
+            ] {
+                let Some(b) = base
+                    .find_per_run(baseline, uds_threads::SIZE, n)
+                    .filter(|_| name == "ivring/sessions")
+                else {
+                    continue;
+                };
                 for (from, to) in [
-                    ("vs_one_session", "uds_threads_vs_one"),
-                    ("slowest_fastest", "uds_threads_slowest_fastest"),
+                    ("vs_one_session", "vs_one"),
+                    ("slowest_fastest", "slowest_fastest"),
                 ] {
-                    if let Some(v) = u.extra_value(from) {
-                        r.extra.push((to.into(), v));
+                    if let Some(v) = b.extra_value(from) {
+                        r.extra.push((format!("{prefix}_{to}"), v));
                     }
                 }
             }
@@ -1546,11 +1563,11 @@ fn targets(rows: &[Row]) -> Vec<Target> {
             ("ivring/sessions", "a thread per session"),
             ("ivring/sessions-loop", "one thread each side"),
         ] {
-            // A thread per session against as many over UNIX sockets (the loop rows have
-            // no such baseline).
-            let uds = |k: &str| {
+            // A thread per session against as many bare rings with a thread at each end
+            // (the loop rows have no such baseline; the UNIX socket pairs are in the JSON).
+            let bare = |k: &str| {
                 Some((
-                    "UNIX sockets, a thread per pair",
+                    "bare rings, a sleeping thread at each end",
                     extra(find(name, m, 4096, 256), k)?,
                 ))
             };
@@ -1559,14 +1576,14 @@ fn targets(rows: &[Row]) -> Vec<Target> {
                 extra(find(name, m, 4096, 256), "vs_one_session"),
                 0.7,
                 true,
-                uds("uds_threads_vs_one"),
+                bare("spsc_threads_vs_one"),
             );
             push(
                 &format!("256 sessions at 4 KiB, {m}, {how}: slowest/fastest"),
                 extra(find(name, m, 4096, 256), "slowest_fastest"),
                 0.5,
                 true,
-                uds("uds_threads_slowest_fastest"),
+                bare("spsc_threads_slowest_fastest"),
             );
         }
     }

@@ -6,16 +6,21 @@
 //! allows: ivring's ratio to them is what the sessions, credits and the hostile-peer checks
 //! cost. `baseline/spsc-locked` is the same ring with an uncontended mutex around each
 //! write: what a design whose sessions share one ring producer cannot beat.
+//! `baseline/spsc-threads` is 256 such rings, each with a writer and a reader thread that
+//! sleep when it is full or empty: what a thread per session gets over shared memory when
+//! the sessions share nothing.
 
+use super::{aggregate, interleave, mean_pair, uds_threads, Row, StartGate};
 use crate::demo::{record_rtt, rtt_histogram};
 use anyhow::Result;
 use hdrhistogram::Histogram;
 use ivring::SharedRegion;
 use ivring_ivshmem::shm;
 use std::os::fd::AsFd;
-use std::sync::atomic::Ordering;
-use std::sync::{Mutex, PoisonError};
-use std::time::Instant;
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
 
 /// Largest payload of one record (as ivring's frame limit on a 16 MiB region).
 const MAX_RECORD: usize = 64 << 10;
@@ -50,6 +55,19 @@ impl Ring {
     }
 }
 
+impl Ring {
+    /// The same ring, for the thread at its other end.
+    fn other_end(&self) -> Ring {
+        Ring {
+            region: self.region.clone(),
+            head_at: self.head_at,
+            tail_at: self.tail_at,
+            data: self.data,
+            cap: self.cap,
+        }
+    }
+}
+
 fn record_len(len: usize) -> u64 {
     16 + ((len as u64 + 15) & !15)
 }
@@ -66,6 +84,44 @@ struct Writer {
     ring: Ring,
     head: u64,
     cached_tail: u64,
+    /// Sleep instead of spinning when the ring is full (`baseline/spsc-threads`).
+    ends: Option<Arc<Ends>>,
+}
+
+/// The two ends of a ring whose threads sleep instead of spinning: each says it is about
+/// to sleep, looks once more, and sleeps; the other side, after moving its index, wakes
+/// a side that said so. The flag is stored, then the index loaded, with a SeqCst fence
+/// between (and the other way round on the other side): at least one of the two sees the
+/// other's store, so no wakeup is lost.
+#[derive(Default)]
+struct Ends {
+    reader_asleep: AtomicBool,
+    writer_asleep: AtomicBool,
+    reader: OnceLock<Thread>,
+    writer: OnceLock<Thread>,
+}
+
+impl Ends {
+    /// Wakes the side behind `asleep` (after our index store) if it said it sleeps.
+    fn wake(asleep: &AtomicBool, who: &OnceLock<Thread>) {
+        fence(Ordering::SeqCst);
+        if asleep.load(Ordering::Relaxed) && asleep.swap(false, Ordering::Relaxed) {
+            if let Some(t) = who.get() {
+                t.unpark();
+            }
+        }
+    }
+
+    /// Sleeps on `asleep` unless `ready` (an index load) says there is no need.
+    fn sleep(asleep: &AtomicBool, who: &OnceLock<Thread>, ready: impl Fn() -> bool) {
+        let _ = who.set(std::thread::current());
+        asleep.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if !ready() {
+            std::thread::park();
+        }
+        asleep.store(false, Ordering::Relaxed);
+    }
 }
 
 impl Writer {
@@ -74,6 +130,7 @@ impl Writer {
             ring,
             head: 0,
             cached_tail: 0,
+            ends: None,
         }
     }
 
@@ -86,7 +143,16 @@ impl Writer {
                 .region
                 .load_u64(self.ring.tail_at, Ordering::Acquire);
             if self.ring.cap - (self.head - self.cached_tail) < need {
-                wait(&mut spins);
+                match &self.ends {
+                    None => wait(&mut spins),
+                    Some(e) => Ends::sleep(&e.writer_asleep, &e.writer, || {
+                        let tail = self
+                            .ring
+                            .region
+                            .load_u64(self.ring.tail_at, Ordering::Acquire);
+                        self.ring.cap - (self.head - tail) >= need
+                    }),
+                }
             }
         }
     }
@@ -126,6 +192,9 @@ impl Writer {
         self.ring
             .region
             .store_u64(self.ring.head_at, self.head, Ordering::Release);
+        if let Some(e) = &self.ends {
+            Ends::wake(&e.reader_asleep, &e.reader);
+        }
     }
 }
 
@@ -134,6 +203,7 @@ struct Reader {
     tail: u64,
     cached_head: u64,
     released: u64,
+    ends: Option<Arc<Ends>>,
 }
 
 impl Reader {
@@ -143,6 +213,7 @@ impl Reader {
             tail: 0,
             cached_head: 0,
             released: 0,
+            ends: None,
         }
     }
 
@@ -153,6 +224,9 @@ impl Reader {
             self.ring
                 .region
                 .store_u64(self.ring.tail_at, self.tail, Ordering::Release);
+            if let Some(e) = &self.ends {
+                Ends::wake(&e.writer_asleep, &e.writer);
+            }
         }
     }
 
@@ -168,7 +242,15 @@ impl Reader {
                     .region
                     .load_u64(self.ring.head_at, Ordering::Acquire);
                 if self.cached_head == self.tail {
-                    wait(&mut spins);
+                    match &self.ends {
+                        None => wait(&mut spins),
+                        Some(e) => Ends::sleep(&e.reader_asleep, &e.reader, || {
+                            self.ring
+                                .region
+                                .load_u64(self.ring.head_at, Ordering::Acquire)
+                                != self.tail
+                        }),
+                    }
                     continue;
                 }
             }
@@ -213,13 +295,7 @@ pub enum Producer {
 pub fn tput(size: usize, secs: f64, producer: Producer) -> Result<(f64, f64)> {
     let region = memory(16 << 20)?;
     let writer = Writer::new(Ring::new(region.clone(), 0, 16 << 20));
-    let mut reader = Reader::new(Ring {
-        region,
-        head_at: writer.ring.head_at,
-        tail_at: writer.ring.tail_at,
-        data: writer.ring.data,
-        cap: writer.ring.cap,
-    });
+    let mut reader = Reader::new(writer.ring.other_end());
     let mut writer = Mutex::new(writer);
     let sink = std::thread::spawn(move || {
         let mut buf = Vec::with_capacity(MAX_RECORD);
@@ -288,20 +364,8 @@ pub fn rtt(size: usize, secs: f64) -> Result<Histogram<u64>> {
     let region = memory(2 * half as u64)?;
     let mut ping = Writer::new(Ring::new(region.clone(), 0, half));
     let mut pong_in = Reader::new(Ring::new(region.clone(), half, half));
-    let mut echo_in = Reader::new(Ring {
-        region: region.clone(),
-        head_at: ping.ring.head_at,
-        tail_at: ping.ring.tail_at,
-        data: ping.ring.data,
-        cap: ping.ring.cap,
-    });
-    let mut echo_out = Writer::new(Ring {
-        region,
-        head_at: pong_in.ring.head_at,
-        tail_at: pong_in.ring.tail_at,
-        data: pong_in.ring.data,
-        cap: pong_in.ring.cap,
-    });
+    let mut echo_in = Reader::new(ping.ring.other_end());
+    let mut echo_out = Writer::new(pong_in.ring.other_end());
     let echo = std::thread::spawn(move || {
         let mut buf = Vec::with_capacity(size);
         loop {
@@ -331,6 +395,102 @@ pub fn rtt(size: usize, secs: f64) -> Result<Histogram<u64>> {
     Ok(v)
 }
 
+/// Ring bytes per pair of `baseline/spsc-threads`: as much as an ivring session's
+/// receive buffer (its credit) when it opens.
+const PAIR_RING: usize = 256 << 10;
+
+/// `baseline/spsc-threads`: `n` bare rings in one sealed memfd, each with a writer and a
+/// reader thread that sleep (park) when the ring is full or empty and wake each other
+/// after moving an index, streaming `size`-byte writes for `secs`, started and counted as
+/// `ivring/sessions` is: (aggregate bytes/s, slowest/fastest). The rings share nothing
+/// but the two CPUs: against one pair it is what the scheduler leaves a thread per session
+/// over shared memory, with no kernel in the data path.
+fn threads(n: usize, size: usize, secs: f64) -> Result<(f64, f64)> {
+    let region = memory((n * PAIR_RING) as u64)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let go = Arc::new(StartGate::new(n));
+    let thread = || std::thread::Builder::new().stack_size(256 << 10);
+    let mut ends = Vec::with_capacity(n);
+    for i in 0..n {
+        let both = Arc::new(Ends::default());
+        let mut w = Writer::new(Ring::new(region.clone(), i * PAIR_RING, PAIR_RING));
+        let mut r = Reader::new(w.ring.other_end());
+        w.ends = Some(both.clone());
+        r.ends = Some(both);
+        let reader = thread().spawn(move || -> (u64, Instant) {
+            let mut buf = Vec::with_capacity(MAX_RECORD);
+            let mut got = 0u64;
+            loop {
+                buf.clear();
+                if r.next(&mut buf) == KIND_STOP {
+                    return (got, Instant::now());
+                }
+                got += std::hint::black_box(&buf).len() as u64;
+            }
+        })?;
+        let (stop, go) = (stop.clone(), go.clone());
+        let writer = thread().spawn(move || -> u64 {
+            let payload = vec![0x5au8; size];
+            let mut sent = 0u64;
+            go.wait();
+            while !stop.load(Ordering::Relaxed) {
+                w.send(KIND_DATA, &payload);
+                sent += size as u64;
+            }
+            w.send(KIND_STOP, &[]);
+            sent
+        })?;
+        ends.push((writer, reader));
+    }
+    let t0 = go.started();
+    std::thread::sleep(
+        (t0 + Duration::from_secs_f64(secs)).saturating_duration_since(Instant::now()),
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut per = Vec::with_capacity(n);
+    let mut last = t0;
+    for (w, r) in ends {
+        let sent = w
+            .join()
+            .map_err(|_| anyhow::anyhow!("spsc writer thread panicked"))?;
+        let (got, done) = r
+            .join()
+            .map_err(|_| anyhow::anyhow!("spsc reader thread panicked"))?;
+        anyhow::ensure!(got == sent, "spsc reader got {got} of {sent}");
+        per.push(got);
+        last = last.max(done);
+    }
+    Ok(aggregate(&per, last.duration_since(t0)))
+}
+
+/// One pair and [`uds_threads::PAIRS`] pairs of [`threads`] over `secs` each,
+/// interleaved as `baseline/uds-threads` is: their two rows.
+pub fn measure_threads(secs: f64) -> Result<Vec<Row>> {
+    let (pairs, size) = (uds_threads::PAIRS, uds_threads::SIZE);
+    let out = interleave(
+        secs,
+        &mut [&mut |t| threads(1, size, t), &mut |t| {
+            threads(pairs, size, t)
+        }],
+    )?;
+    let (one, _) = mean_pair(&out[0]);
+    let (many, fair) = mean_pair(&out[1]);
+    let row = |n: usize, bps: f64| Row {
+        name: "baseline/spsc-threads".into(),
+        mode: "-".into(),
+        size,
+        sessions: n,
+        msgs_per_s: Some(bps / size as f64),
+        bytes_per_s: Some(bps),
+        ..Row::default()
+    };
+    let mut r = row(pairs, many);
+    r.extra.push(("slowest_fastest".into(), fair));
+    r.extra.push(("vs_one_session".into(), many / one.max(1.0)));
+    r.extra.push(("one_session_bytes_per_s".into(), one));
+    Ok(vec![row(1, one), r])
+}
+
 #[cfg(test)]
 mod tests {
     use super::Producer;
@@ -348,5 +508,12 @@ mod tests {
         for size in [64, 64 << 10] {
             assert!(!super::rtt(size, 0.05).unwrap().is_empty());
         }
+    }
+
+    #[test]
+    fn sleeping_pairs_deliver_what_they_wrote() {
+        // `threads` checks every reader's count against its writer's.
+        let (bps, fair) = super::threads(16, 4096, 0.05).unwrap();
+        assert!(bps > 0.0 && (0.0..=1.0).contains(&fair));
     }
 }
