@@ -1128,3 +1128,57 @@ fn vectored_writes_keep_order_and_message_boundaries() {
     let n = g.read(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"next");
 }
+
+/// While a reader streams straight from the ring (the keeper sits out behind it), a
+/// thread blocked in `accept` still gets each new session: the Open stops the reader's
+/// direct reads when it reaches the ring's tail, and the reader's side pumps it.
+#[test]
+fn accept_goes_on_while_a_reader_streams_ahead_of_the_keeper() {
+    let _guard = common::watchdog(
+        "accept_goes_on_while_a_reader_streams_ahead_of_the_keeper",
+        Duration::from_secs(120),
+    );
+    for wait in [WaitMode::Block, WaitMode::Adaptive, WaitMode::Poll] {
+        let p = pair_with(
+            1 << 20,
+            Config {
+                wait,
+                connect_timeout: PATIENCE,
+                ..Config::default()
+            },
+        );
+        let (mut w, mut r) = connect(&p, 11, SessionOptions::default());
+        const OPENS: usize = 20;
+        let l = p.guest.listen(12).unwrap();
+        let acceptor = thread::spawn(move || {
+            (0..OPENS)
+                .map(|_| l.accept_timeout(PATIENCE).map(|s| s.id()))
+                .collect::<std::io::Result<Vec<u64>>>()
+        });
+        const TOTAL: usize = 8 << 20;
+        let writer = thread::spawn(move || {
+            let data = bytes(30, TOTAL);
+            for c in data.chunks(4096) {
+                w.write_all(c).unwrap();
+            }
+            w
+        });
+        let reader = thread::spawn(move || read_exact_timeout(&mut r, TOTAL));
+        let mut opened = Vec::new();
+        for _ in 0..OPENS {
+            let s = p
+                .host
+                .connect(12)
+                .unwrap_or_else(|e| panic!("{wait:?}: {e}"));
+            opened.push(s.id());
+            thread::sleep(Duration::from_millis(2));
+        }
+        let accepted = acceptor.join().unwrap().unwrap();
+        assert_eq!(accepted, opened, "{wait:?}: accepted other sessions");
+        assert!(
+            reader.join().unwrap() == bytes(30, TOTAL),
+            "{wait:?}: bytes differ"
+        );
+        drop(writer.join().unwrap());
+    }
+}

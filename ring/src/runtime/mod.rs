@@ -242,17 +242,17 @@ impl Shared {
         }
     }
 
-    /// Callers asleep on a condvar, of every kind: they rely on whoever reads the ring.
+    /// Callers asleep on a condvar that rely on whoever reads the ring. Not those in
+    /// `accept`: an Open stops the direct reads of the callers that read the ring ahead
+    /// of the keeper when it reaches the ring's tail, and a caller that finds it there
+    /// pumps it (or sleeps on a condvar, which recalls the keeper). A server with
+    /// listeners always has threads in `accept`; counting them kept the keeper copying
+    /// every frame a second time behind the readers.
     fn condvar_sleepers(&self) -> usize {
-        [
-            &self.sleepers,
-            &self.accept_sleepers,
-            &self.stripe_sleepers,
-            &self.space_sleepers,
-        ]
-        .iter()
-        .map(|n| n.load(StdOrdering::Relaxed))
-        .sum()
+        [&self.sleepers, &self.stripe_sleepers, &self.space_sleepers]
+            .iter()
+            .map(|n| n.load(StdOrdering::Relaxed))
+            .sum()
     }
 
     /// A caller returns `WouldBlock` and waits for a callback, which only the keeper runs:
