@@ -317,6 +317,9 @@ pub(crate) struct Link {
     /// Where `read_any` starts looking at what its sessions hold: one past the session it
     /// served from there last.
     held_turn: usize,
+    /// The map of the last large set `read_any` was given: an event loop passes the same
+    /// set call after call, and building the map took more than the lookups it served.
+    pub(crate) set_cache: Option<rx::SetCache>,
 }
 
 const MAX_PENDING_CONTROL: usize = 1 << 16;
@@ -385,6 +388,7 @@ impl Link {
             up_notify: HashMap::new(),
             next_up_token: 0,
             held_turn: 0,
+            set_cache: None,
         }
     }
 

@@ -393,8 +393,10 @@ impl Link {
         out: &mut Actions,
     ) {
         got.clear();
-        let mut index = SetIndex::new(ids, self.sessions.hasher().clone());
+        let cache = self.set_cache.take();
+        let mut index = SetIndex::new(ids, self.sessions.hasher().clone(), cache);
         let used = self.read_any_ring(&mut index, buf, max, got, out);
+        self.set_cache = index.into_cache();
         if got.is_empty() {
             self.read_any_held(ids, &mut buf[used..], max, got, out);
         }
@@ -646,40 +648,65 @@ impl Link {
     }
 }
 
-/// Where a session id stands in the set a `read_any` call was given: a scan for the first
-/// frame, a map from the second on when the set is large (a batch looks up every frame).
+/// Where a session id stands in the set a `read_any` call was given: a scan when the set
+/// is small; else a map, built at the second lookup of a call (a batch looks up every
+/// frame) and kept for the next call given the same set.
 struct SetIndex<'a> {
     ids: &'a [u64],
     looked: bool,
     hasher: SessionIds,
-    map: Option<HashMap<u64, usize, SessionIds>>,
+    /// The last call's map, and whether it is this set's (compared once, when needed).
+    cache: Option<SetCache>,
+    cache_fits: Option<bool>,
+}
+
+/// A set of session ids and the place of each in it (an id given twice: its first).
+pub(crate) struct SetCache {
+    ids: Vec<u64>,
+    map: HashMap<u64, usize, SessionIds>,
 }
 
 impl<'a> SetIndex<'a> {
     /// Sets up to this size are scanned: a map costs more to build than it saves.
     const SCAN_MAX: usize = 16;
 
-    fn new(ids: &'a [u64], hasher: SessionIds) -> Self {
+    fn new(ids: &'a [u64], hasher: SessionIds, cache: Option<SetCache>) -> Self {
         SetIndex {
             ids,
             looked: false,
             hasher,
-            map: None,
+            cache,
+            cache_fits: None,
         }
     }
 
     fn position(&mut self, id: u64) -> Option<usize> {
-        if self.ids.len() <= Self::SCAN_MAX || !std::mem::replace(&mut self.looked, true) {
+        if self.ids.len() <= Self::SCAN_MAX {
             return self.ids.iter().position(|&x| x == id);
         }
-        let (ids, hasher) = (self.ids, &self.hasher);
-        let map = self.map.get_or_insert_with(|| {
-            let mut map = HashMap::with_capacity_and_hasher(ids.len(), hasher.clone());
+        let ids = self.ids;
+        let fits = *self
+            .cache_fits
+            .get_or_insert_with(|| self.cache.as_ref().is_some_and(|c| c.ids == ids));
+        if !fits && !std::mem::replace(&mut self.looked, true) {
+            return ids.iter().position(|&x| x == id);
+        }
+        if !fits {
+            let mut map = HashMap::with_capacity_and_hasher(ids.len(), self.hasher.clone());
             // Inserted last to first: an id given twice maps to its first place, as the scan.
             map.extend(ids.iter().enumerate().rev().map(|(i, &x)| (x, i)));
-            map
-        });
-        map.get(&id).copied()
+            self.cache = Some(SetCache {
+                ids: ids.to_vec(),
+                map,
+            });
+            self.cache_fits = Some(true);
+        }
+        self.cache.as_ref().and_then(|c| c.map.get(&id).copied())
+    }
+
+    /// The map to keep for the next call: this call's, or the one it was given.
+    fn into_cache(self) -> Option<SetCache> {
+        self.cache
     }
 }
 
@@ -982,5 +1009,43 @@ mod direct_tests {
                 assert!(got == sent[k], "session {k} differs in {wait:?}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod set_index_tests {
+    use super::{SessionIds, SetIndex};
+
+    /// Places as a scan gives them (an id given twice: its first), whether the map was
+    /// built in this call, kept from the last call for the same set, or not taken for
+    /// another set.
+    #[test]
+    fn a_kept_map_serves_its_own_set_only() {
+        let hasher = SessionIds::new();
+        let a: Vec<u64> = (0..40).map(|i| i * 2 + 1).chain([11]).collect();
+        let scan = |set: &[u64], id: u64| set.iter().position(|&x| x == id);
+        let check = |ix: &mut SetIndex<'_>, set: &[u64]| {
+            for id in [11, 1, 79, 80, 41, 3] {
+                assert_eq!(ix.position(id), scan(set, id), "id {id}");
+            }
+        };
+        let mut ix = SetIndex::new(&a, hasher.clone(), None);
+        check(&mut ix, &a);
+        let kept = ix.into_cache();
+        assert!(kept.is_some(), "no map kept for a large set");
+        // The same set: the kept map, from the first lookup on.
+        let mut ix = SetIndex::new(&a, hasher.clone(), kept);
+        check(&mut ix, &a);
+        // A set as long, in another order: its own places, not the kept map's.
+        let b: Vec<u64> = a.iter().rev().copied().collect();
+        let mut ix = SetIndex::new(&b, hasher.clone(), ix.into_cache());
+        check(&mut ix, &b);
+        // And back: the map kept is now b's.
+        let mut ix = SetIndex::new(&a, hasher.clone(), ix.into_cache());
+        check(&mut ix, &a);
+        // A small set is scanned, whatever is kept.
+        let small = [79, 1, 79];
+        let mut ix = SetIndex::new(&small, hasher, ix.into_cache());
+        check(&mut ix, &small);
     }
 }
