@@ -85,6 +85,12 @@ pub(crate) struct Shared {
 /// it: if no caller took it by then, the keeper takes it back.
 const HANDOFF_MAX: Duration = Duration::from_millis(1);
 
+/// How long the keeper sits out at most while callers read the ring ahead of it. What
+/// nobody recalls it for waits this long: with 1 ms, a stream both ways in block mode
+/// moved 0.35-0.50x one way's bytes against 0.58-0.67x with a keeper that never sat
+/// out; with 100 us, 0.49-0.58x, and the event loop over 256 sessions kept its gain.
+const READERS_AHEAD_NAP: Duration = Duration::from_micros(100);
+
 /// Which sleepers to wake.
 #[derive(Clone, Copy, Default)]
 struct Wake {
@@ -973,7 +979,7 @@ impl Shared {
         let takes = sh.bell.caller_takes();
         let callers_lead = std::mem::replace(&mut st.last_takes, takes) != takes;
         let bench = if readers_ahead && wanted == 0 {
-            Some(HANDOFF_MAX)
+            Some(READERS_AHEAD_NAP)
         } else if sh.bell.holder() == Holder::Caller || (callers_lead && st.benched && !changed) {
             // Between two of the callers' waits nobody is on the bell, and what does not
             // recall us (accepts, notify callbacks, frames waiting for space) must not
