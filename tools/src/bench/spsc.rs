@@ -10,7 +10,7 @@
 //! sleep when it is full or empty: what a thread per session gets over shared memory when
 //! the sessions share nothing.
 
-use super::{aggregate, interleave, mean_pair, uds_threads, Row, StartGate};
+use super::{uds_threads, Row, StartGate};
 use crate::demo::{record_rtt, rtt_histogram};
 use anyhow::Result;
 use hdrhistogram::Histogram;
@@ -20,7 +20,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::Thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Largest payload of one record (as ivring's frame limit on a 16 MiB region).
 const MAX_RECORD: usize = 64 << 10;
@@ -417,19 +417,19 @@ fn threads(n: usize, size: usize, secs: f64) -> Result<(f64, f64)> {
         let mut r = Reader::new(w.ring.other_end());
         w.ends = Some(both.clone());
         r.ends = Some(both);
-        let reader = thread().spawn(move || -> (u64, Instant) {
+        let reader = thread().spawn(move || -> std::io::Result<(u64, Instant)> {
             let mut buf = Vec::with_capacity(MAX_RECORD);
             let mut got = 0u64;
             loop {
                 buf.clear();
                 if r.next(&mut buf) == KIND_STOP {
-                    return (got, Instant::now());
+                    return Ok((got, Instant::now()));
                 }
                 got += std::hint::black_box(&buf).len() as u64;
             }
         })?;
         let (stop, go) = (stop.clone(), go.clone());
-        let writer = thread().spawn(move || -> u64 {
+        let writer = thread().spawn(move || -> std::io::Result<u64> {
             let payload = vec![0x5au8; size];
             let mut sent = 0u64;
             go.wait();
@@ -438,57 +438,17 @@ fn threads(n: usize, size: usize, secs: f64) -> Result<(f64, f64)> {
                 sent += size as u64;
             }
             w.send(KIND_STOP, &[]);
-            sent
+            Ok(sent)
         })?;
         ends.push((writer, reader));
     }
-    let t0 = go.started();
-    std::thread::sleep(
-        (t0 + Duration::from_secs_f64(secs)).saturating_duration_since(Instant::now()),
-    );
-    stop.store(true, Ordering::Relaxed);
-    let mut per = Vec::with_capacity(n);
-    let mut last = t0;
-    for (w, r) in ends {
-        let sent = w
-            .join()
-            .map_err(|_| anyhow::anyhow!("spsc writer thread panicked"))?;
-        let (got, done) = r
-            .join()
-            .map_err(|_| anyhow::anyhow!("spsc reader thread panicked"))?;
-        anyhow::ensure!(got == sent, "spsc reader got {got} of {sent}");
-        per.push(got);
-        last = last.max(done);
-    }
-    Ok(aggregate(&per, last.duration_since(t0)))
+    uds_threads::run_pairs("spsc", &go, &stop, secs, ends)
 }
 
 /// One pair and [`uds_threads::PAIRS`] pairs of [`threads`] over `secs` each,
 /// interleaved as `baseline/uds-threads` is: their two rows.
 pub fn measure_threads(secs: f64) -> Result<Vec<Row>> {
-    let (pairs, size) = (uds_threads::PAIRS, uds_threads::SIZE);
-    let out = interleave(
-        secs,
-        &mut [&mut |t| threads(1, size, t), &mut |t| {
-            threads(pairs, size, t)
-        }],
-    )?;
-    let (one, _) = mean_pair(&out[0]);
-    let (many, fair) = mean_pair(&out[1]);
-    let row = |n: usize, bps: f64| Row {
-        name: "baseline/spsc-threads".into(),
-        mode: "-".into(),
-        size,
-        sessions: n,
-        msgs_per_s: Some(bps / size as f64),
-        bytes_per_s: Some(bps),
-        ..Row::default()
-    };
-    let mut r = row(pairs, many);
-    r.extra.push(("slowest_fastest".into(), fair));
-    r.extra.push(("vs_one_session".into(), many / one.max(1.0)));
-    r.extra.push(("one_session_bytes_per_s".into(), one));
-    Ok(vec![row(1, one), r])
+    uds_threads::one_and_many("baseline/spsc-threads", secs, threads)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Pairs of the many-pair figure: as many as ivring's largest session count.
@@ -56,22 +57,42 @@ fn pairs(n: usize, size: usize, secs: f64) -> Result<(f64, f64)> {
             Ok(sent)
         })?);
     }
+    let ends = writers.into_iter().zip(readers).collect();
+    run_pairs("uds", &go, &stop, secs, ends)
+}
+
+/// The pairs' writer and reader threads: bytes written; bytes read and when the last came.
+pub(super) type PairThreads = (
+    JoinHandle<std::io::Result<u64>>,
+    JoinHandle<std::io::Result<(u64, Instant)>>,
+);
+
+/// Lets the pairs run for `secs` from the moment their writers were let go, stops them,
+/// checks that each reader got what its writer wrote: (aggregate bytes/s, slowest/fastest)
+/// up to the last reader's end.
+pub(super) fn run_pairs(
+    what: &str,
+    go: &StartGate,
+    stop: &AtomicBool,
+    secs: f64,
+    ends: Vec<PairThreads>,
+) -> Result<(f64, f64)> {
     let t0 = go.started();
     std::thread::sleep(
         (t0 + Duration::from_secs_f64(secs)).saturating_duration_since(Instant::now()),
     );
     stop.store(true, Ordering::Relaxed);
-    let mut per = Vec::with_capacity(n);
+    let mut per = Vec::with_capacity(ends.len());
     let mut last = t0;
-    for (w, r) in writers.into_iter().zip(readers) {
+    for (w, r) in ends {
         let sent = w
             .join()
-            .map_err(|_| anyhow::anyhow!("uds writer thread panicked"))??;
+            .map_err(|_| anyhow::anyhow!("{what} writer thread panicked"))??;
         let (got, done) = r
             .join()
-            .map_err(|_| anyhow::anyhow!("uds reader thread panicked"))??;
+            .map_err(|_| anyhow::anyhow!("{what} reader thread panicked"))??;
         if got != sent {
-            bail!("uds reader got {got} of {sent}");
+            bail!("{what} reader got {got} of {sent}");
         }
         per.push(got);
         last = last.max(done);
@@ -83,6 +104,16 @@ fn pairs(n: usize, size: usize, secs: f64) -> Result<(f64, f64)> {
 /// ivring's many-session figures are with one session's (the same slices, so that
 /// slowest/fastest, which grows with the slice, compares): their two rows.
 pub fn measure(secs: f64) -> Result<Vec<Row>> {
+    one_and_many("baseline/uds-threads", secs, pairs)
+}
+
+/// As [`measure`], for any `pairs(n, size, secs)` giving (aggregate bytes/s,
+/// slowest/fastest): the rows of one pair and of [`PAIRS`] pairs, named `name`.
+pub(super) fn one_and_many(
+    name: &str,
+    secs: f64,
+    pairs: fn(usize, usize, f64) -> Result<(f64, f64)>,
+) -> Result<Vec<Row>> {
     let out = interleave(
         secs,
         &mut [&mut |t| pairs(1, SIZE, t), &mut |t| pairs(PAIRS, SIZE, t)],
@@ -90,7 +121,7 @@ pub fn measure(secs: f64) -> Result<Vec<Row>> {
     let (one, _) = mean_pair(&out[0]);
     let (many, fair) = mean_pair(&out[1]);
     let row = |n: usize, bps: f64| Row {
-        name: "baseline/uds-threads".into(),
+        name: name.into(),
         mode: "-".into(),
         size: SIZE,
         sessions: n,
