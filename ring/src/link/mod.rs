@@ -319,7 +319,7 @@ pub(crate) struct Link {
     held_turn: usize,
     /// The map of the last large set `read_any` was given: an event loop passes the same
     /// set call after call, and building the map took more than the lookups it served.
-    pub(crate) set_cache: Option<rx::SetCache>,
+    set_cache: Option<rx::SetCache>,
 }
 
 const MAX_PENDING_CONTROL: usize = 1 << 16;

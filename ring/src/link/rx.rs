@@ -661,7 +661,7 @@ struct SetIndex<'a> {
 }
 
 /// A set of session ids and the place of each in it (an id given twice: its first).
-pub(crate) struct SetCache {
+pub(super) struct SetCache {
     ids: Vec<u64>,
     map: HashMap<u64, usize, SessionIds>,
 }
