@@ -320,9 +320,18 @@ pub(crate) struct Link {
     /// The map of the last large set `read_any` was given: an event loop passes the same
     /// set call after call, and building the map took more than the lookups it served.
     set_cache: Option<rx::SetCache>,
+    /// Receive buffers of ended sessions, emptied, for the next sessions to open: a new
+    /// session's first window otherwise lands in freshly mapped pages, and the kernel's
+    /// page clearing took half the CPU while 256 new sessions started.
+    spare_rx: Vec<Vec<u8>>,
+    spare_rx_bytes: usize,
 }
 
 const MAX_PENDING_CONTROL: usize = 1 << 16;
+/// Most receive buffers of ended sessions a link keeps for new ones.
+const SPARE_RX_BUFFERS: usize = 1024;
+/// Most bytes the kept buffers hold, in windows of `Config::max_buf_size`.
+const SPARE_RX_WINDOWS: usize = 32;
 
 impl Link {
     /// A link over `region`, not attached; `now` starts the heartbeat clocks (the link
@@ -389,7 +398,35 @@ impl Link {
             next_up_token: 0,
             held_turn: 0,
             set_cache: None,
+            spare_rx: Vec::new(),
+            spare_rx_bytes: 0,
         }
+    }
+
+    /// A new session of the link, with a spare receive buffer if one is kept.
+    fn new_session(&mut self, message: bool, state: State) -> Sess {
+        let mut s = Sess::new(message, self.cfg.buf_size, state);
+        if let Some(rx) = self.spare_rx.pop() {
+            self.spare_rx_bytes -= rx.capacity();
+            s.rx = rx;
+        }
+        s
+    }
+
+    /// Keeps an ended session's receive buffer for a new one, up to
+    /// [`SPARE_RX_BUFFERS`] buffers holding at most [`SPARE_RX_WINDOWS`] of the largest
+    /// window in all: what many sessions held at once stays for the next many, and a
+    /// burst long past holds no more than that.
+    fn keep_rx(&mut self, mut s: Sess) {
+        let cap = s.rx.capacity();
+        let budget = SPARE_RX_WINDOWS * self.cfg.max_buf_size.max(self.cfg.buf_size) as usize;
+        if cap == 0 || self.spare_rx.len() >= SPARE_RX_BUFFERS || self.spare_rx_bytes + cap > budget
+        {
+            return;
+        }
+        s.rx.clear();
+        self.spare_rx_bytes += cap;
+        self.spare_rx.push(std::mem::take(&mut s.rx));
     }
 
     fn load_peer(&self, word: usize, order: Ordering) -> u64 {
@@ -489,9 +526,12 @@ impl Link {
             .flat_map(|l| l.backlog.iter().copied())
             .collect();
         let gen = self.gen;
-        for (id, s) in self.sessions.drain() {
+        let all: Vec<(u64, Sess)> = self.sessions.drain().collect();
+        for (id, s) in all {
             if s.state == State::Open && s.rx_eof && !queued.contains(&id) {
                 self.ended.insert((gen, id), s);
+            } else {
+                self.keep_rx(s);
             }
         }
         for l in self.listeners.values_mut() {
@@ -713,8 +753,8 @@ impl Link {
         }
         let id = self.next_seq << 1 | self.role.id_bit();
         self.next_seq += 1;
-        self.sessions
-            .insert(id, Sess::new(message, self.cfg.buf_size, State::Connecting));
+        let s = self.new_session(message, State::Connecting);
+        self.sessions.insert(id, s);
         let args = OpenArgs {
             port,
             message,
@@ -991,7 +1031,9 @@ impl Link {
     /// Forgets a session the peer had finished when the link reset, once its reader is
     /// gone.
     pub(crate) fn forget_ended(&mut self, gen: u64, id: u64) {
-        self.ended.remove(&(gen, id));
+        if let Some(s) = self.ended.remove(&(gen, id)) {
+            self.keep_rx(s);
+        }
     }
 }
 
@@ -1235,6 +1277,100 @@ mod tests {
         assert_eq!(l.stats.link_resets, 1);
         assert_eq!(l.stats.last_error.as_deref(), Some("second"));
         assert!(!l.up);
+    }
+
+    /// What the peer sent on a session the link accepted, left unread in its buffer.
+    fn accepted_with_data(l: &mut Link, peer: &mut MockPeer, seq: u64, bytes: usize) -> u64 {
+        const PORT: u32 = 7;
+        let _ = l.listen(PORT);
+        let id = seq << 1 | l.role.other().id_bit();
+        let args = OpenArgs {
+            port: PORT,
+            message: false,
+            buf_alloc: 1 << 20,
+        };
+        assert!(peer.push(Kind::Open, 0, id, &args.encode()));
+        peer.publish();
+        let mut out = Actions::default();
+        l.pump(Instant::now(), &mut out).unwrap();
+        assert_eq!(l.accept(PORT), Some((id, false)));
+        let mut sent = 0;
+        while sent < bytes {
+            let n = (bytes - sent).min(1024);
+            if peer.push(Kind::Data, 0, id, &vec![7u8; n]) {
+                sent += n;
+            } else {
+                peer.publish();
+                l.pump(Instant::now(), &mut out).unwrap();
+                peer.drain();
+            }
+        }
+        peer.publish();
+        l.pump(Instant::now(), &mut out).unwrap();
+        assert_eq!(l.sessions[&id].buffered(), bytes);
+        id
+    }
+
+    /// A closed session's receive buffer, emptied, serves the next session to open, and
+    /// one the peer opens: no new session starts its window in fresh pages.
+    #[test]
+    fn an_ended_sessions_receive_buffer_serves_the_next_session() {
+        let (mut l, mut peer) = victim(Role::Host);
+        up(&mut l, &mut peer);
+        let mut out = Actions::default();
+        let first = accepted_with_data(&mut l, &mut peer, 1, 100 << 10);
+        let cap = l.sessions[&first].rx.capacity();
+        assert!(cap >= 100 << 10);
+        l.close(first, &mut out);
+        assert_eq!((l.spare_rx.len(), l.spare_rx_bytes), (1, cap));
+        let mine = l.open(9, false, &mut out).unwrap();
+        assert_eq!(l.sessions[&mine].rx.capacity(), cap, "the kept buffer");
+        assert_eq!(l.sessions[&mine].buffered(), 0, "emptied");
+        assert_eq!((l.spare_rx.len(), l.spare_rx_bytes), (0, 0));
+        let other = l.open(9, false, &mut out).unwrap();
+        assert_eq!(l.sessions[&other].rx.capacity(), 0, "none left to share");
+        // A session the peer opens takes one too; and a link reset keeps the buffers of
+        // the sessions it ends.
+        l.close(mine, &mut out);
+        let theirs = accepted_with_data(&mut l, &mut peer, 2, 10 << 10);
+        assert!(l.sessions[&theirs].rx.capacity() >= cap);
+        l.local_reset("test", &mut out);
+        assert!(l.sessions.is_empty());
+        assert_eq!(l.spare_rx.len(), 1, "the one with a buffer");
+        assert!(l.spare_rx_bytes >= cap);
+    }
+
+    /// The kept buffers are bounded in number and in bytes; what does not fit is freed.
+    #[test]
+    fn kept_receive_buffers_are_bounded() {
+        let (mut l, _peer) = victim(Role::Host);
+        let with = |cap: usize| {
+            let mut s = Sess::new(false, 1 << 10, State::Open);
+            s.rx = Vec::with_capacity(cap);
+            s
+        };
+        for _ in 0..SPARE_RX_BUFFERS + 10 {
+            l.keep_rx(with(16));
+        }
+        assert_eq!(l.spare_rx.len(), SPARE_RX_BUFFERS);
+        l.keep_rx(with(0));
+        assert_eq!(
+            l.spare_rx.len(),
+            SPARE_RX_BUFFERS,
+            "an empty buffer is not kept"
+        );
+
+        let (mut l, _peer) = victim(Role::Host);
+        let window = l.cfg.max_buf_size as usize;
+        for _ in 0..SPARE_RX_WINDOWS + 3 {
+            l.keep_rx(with(window));
+        }
+        assert_eq!(l.spare_rx.len(), SPARE_RX_WINDOWS);
+        assert!(l.spare_rx_bytes <= SPARE_RX_WINDOWS * window);
+        assert_eq!(
+            l.spare_rx_bytes,
+            l.spare_rx.iter().map(|b| b.capacity()).sum::<usize>()
+        );
     }
 
     /// A bad index is corruption while the peer's epoch stands, and the peer's restart

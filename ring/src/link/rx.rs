@@ -10,7 +10,7 @@
 //! left for `pump`, which handles it exactly as before, so ordering and error handling do
 //! not change.
 
-use crate::link::{Actions, Corruption, Fault, Link, Sess, SessionIds, State};
+use crate::link::{Actions, Corruption, Fault, Link, SessionIds, State};
 use crate::wire::frame::{self, CreditArgs, Header, Kind, OpenArgs, FLAG_EOR};
 use crate::wire::ring::Record;
 use std::collections::HashMap;
@@ -157,7 +157,7 @@ impl Link {
                         if let Some(n) = &l.notify {
                             n();
                         }
-                        let mut s = Sess::new(args.message, self.cfg.buf_size, State::Open);
+                        let mut s = self.new_session(args.message, State::Open);
                         s.peer_buf_alloc = args.buf_alloc;
                         self.sessions.insert(h.session, s);
                         let accept = CreditArgs {

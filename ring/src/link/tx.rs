@@ -219,6 +219,7 @@ impl Link {
                 let _ = self.send_ctrl(Kind::Close, id, None, out);
                 self.publish(out);
             }
+            self.keep_rx(s);
         }
     }
 
