@@ -29,6 +29,9 @@ pub struct Config {
     /// peer was held back by the buffer's size: the bandwidth-delay product of a link
     /// whose wakeups are slow); the growth of all sessions of a link together stays
     /// under four times this, each open stream session taking at most an equal share.
+    /// The buffers of ended sessions are kept, emptied, for the next sessions to open: at
+    /// most 32 times this in all (128 MiB at the defaults), so a link holds after a burst
+    /// of sessions no more than that burst's buffers.
     pub max_buf_size: u32,
     /// Most sessions open at once on this link.
     pub max_sessions: usize,
