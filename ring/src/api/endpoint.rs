@@ -605,9 +605,13 @@ impl Session {
                     let mut link = sh.lock();
                     if off > 0 && e.kind() == io::ErrorKind::TimedOut && link.gen() == gen {
                         let mut out = Actions::default();
-                        link.reset_session(id, "message write timed out half way", &mut out);
-                        link.publish(&mut out);
-                        sh.act(&link, out);
+                        match link.reset_session(id, "message write timed out half way", &mut out) {
+                            Ok(()) => {
+                                link.publish(&mut out);
+                                sh.act(&link, out);
+                            }
+                            Err(f) => sh.fault(&mut link, f),
+                        }
                     }
                     return Err(e);
                 }

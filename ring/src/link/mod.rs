@@ -1056,6 +1056,7 @@ mod tests {
     use super::*;
     use crate::shm::doorbell::Polling;
     use crate::shm::layout::{header, LayoutError, CONTROL_SIZE, VERSION};
+    use crate::wire::frame::CreditArgs;
     use crate::wire::mock::{write_header, MockPeer};
     use std::sync::Arc;
 
@@ -1309,6 +1310,44 @@ mod tests {
         l.pump(Instant::now(), &mut out).unwrap();
         assert_eq!(l.sessions[&id].buffered(), bytes);
         id
+    }
+
+    /// A session reset whose Reset frame finds our ring broken by a peer that restarted:
+    /// following the restart zeroes the ring under the pump, which must stop there with
+    /// the restart, not consume the frame it held into the new epoch's ring (the index
+    /// then ran behind and the next read underflowed: found by the fuzzer).
+    #[test]
+    fn a_session_reset_that_meets_a_restart_stops_the_pump() {
+        let (mut l, mut peer) = victim(Role::Host);
+        up(&mut l, &mut peer);
+        let mut out = Actions::default();
+        let id = accepted_with_data(&mut l, &mut peer, 1, 0);
+        // Our ring full (the peer reads nothing), so the Reset must look at its tail.
+        while l
+            .write_frame(id, &[1], false, true, false, &mut out)
+            .unwrap()
+            .is_some()
+        {}
+        l.publish(&mut out);
+        assert!(!l.has_pending());
+        // A credit for bytes we never sent breaks the session's protocol; a frame behind it.
+        let bad = CreditArgs {
+            fwd_cnt: l.sessions[&id].tx_cnt + 1,
+            buf_alloc: 1 << 20,
+        };
+        assert!(peer.push(Kind::Credit, 0, id, &bad.encode()));
+        assert!(peer.push(Kind::Data, 0, id, b"after"));
+        peer.publish();
+        // The peer restarts meanwhile: its tail of our ring is zeroed, not where we are.
+        peer.epoch += 1;
+        peer.store(side::RX_TAIL, 3);
+        peer.store(side::EPOCH, peer.epoch);
+        let got = l.pump(Instant::now(), &mut out);
+        assert_eq!(got, Err(Fault::PeerRestarted { epoch: peer.epoch }));
+        assert!(!l.up);
+        assert_eq!(l.rx_position(), 0, "the new epoch's ring, from its start");
+        assert_eq!(l.stats.session_resets, 1);
+        assert!(check(&mut l), "check_peer reports the followed restart");
     }
 
     /// A closed session's receive buffer, emptied, serves the next session to open, and

@@ -106,7 +106,7 @@ impl Link {
                 let held = s.received - s.fwd_cnt;
                 if held + len as u64 > s.buf_alloc as u64 {
                     let id = h.session;
-                    self.reset_session(id, "peer sent past its credit", out);
+                    self.reset_session(id, "peer sent past its credit", out)?;
                     return Ok(());
                 }
                 // Empty messages take no credit, so credit alone does not bound the
@@ -115,7 +115,7 @@ impl Link {
                 let ends_message = s.message && h.flags & FLAG_EOR != 0 && !s.rd_shut;
                 if ends_message && s.msgs.len() >= (s.buf_alloc as usize).max(1) {
                     let id = h.session;
-                    self.reset_session(id, "peer queued more messages than its credit", out);
+                    self.reset_session(id, "peer queued more messages than its credit", out)?;
                     return Ok(());
                 }
                 s.received += len as u64;
@@ -180,7 +180,7 @@ impl Link {
                     return Ok(());
                 };
                 let Some(c) = CreditArgs::decode(&p) else {
-                    self.reset_session(h.session, "peer sent a malformed credit", out);
+                    self.reset_session(h.session, "peer sent a malformed credit", out)?;
                     return Ok(());
                 };
                 match (h.kind, &s.state) {
@@ -195,7 +195,7 @@ impl Link {
                         s.peer_buf_alloc = c.buf_alloc;
                     }
                     (_, State::Reset(_)) => self.stats.frames_dropped += 1,
-                    _ => self.reset_session(h.session, "peer broke the credit protocol", out),
+                    _ => self.reset_session(h.session, "peer broke the credit protocol", out)?,
                 }
             }
             Kind::Refuse => match self.sessions.get_mut(&h.session) {
@@ -223,16 +223,19 @@ impl Link {
     }
 
     /// Resets one session for a protocol violation; the link and other sessions go on.
-    pub fn reset_session(&mut self, id: u64, why: &str, out: &mut Actions) {
+    ///
+    /// A full ring queues the Reset; a broken one is the link's fault, returned: the ring
+    /// may have been reset under the caller (a pump must stop reading at once).
+    pub fn reset_session(&mut self, id: u64, why: &str, out: &mut Actions) -> Result<(), Fault> {
         if let Some(s) = self.sessions.get_mut(&id) {
             s.state = State::Reset(why.to_string());
             s.rx.clear();
             s.rx_pos = 0;
             s.msgs.clear();
             self.stats.session_resets += 1;
-            // Best effort: a full ring queues it.
-            let _ = self.send_ctrl(Kind::Reset, id, None, out);
+            self.send_ctrl(Kind::Reset, id, None, out)?;
         }
+        Ok(())
     }
 
     /// Arms the need-wakeup flag (not when we poll: we promised never to) and re-checks
