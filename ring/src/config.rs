@@ -30,8 +30,8 @@ pub struct Config {
     /// whose wakeups are slow); the growth of all sessions of a link together stays
     /// under four times this, each open stream session taking at most an equal share.
     /// The buffers of ended sessions are kept, emptied, for the next sessions to open: at
-    /// most 32 times this in all (128 MiB at the defaults), so a link holds after a burst
-    /// of sessions no more than that burst's buffers.
+    /// most 32 times this in all (128 MiB at the defaults), and freed after 10 s in which
+    /// no session took or gave one back, so a burst of sessions long past holds nothing.
     pub max_buf_size: u32,
     /// Most sessions open at once on this link.
     pub max_sessions: usize,

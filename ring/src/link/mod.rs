@@ -325,6 +325,9 @@ pub(crate) struct Link {
     /// page clearing took half the CPU while 256 new sessions started.
     spare_rx: Vec<Vec<u8>>,
     spare_rx_bytes: usize,
+    /// A buffer was kept or taken since the last heartbeat; when that last happened.
+    spare_rx_used: bool,
+    spare_rx_quiet_since: Instant,
 }
 
 const MAX_PENDING_CONTROL: usize = 1 << 16;
@@ -332,6 +335,9 @@ const MAX_PENDING_CONTROL: usize = 1 << 16;
 const SPARE_RX_BUFFERS: usize = 1024;
 /// Most bytes the kept buffers hold, in windows of `Config::max_buf_size`.
 const SPARE_RX_WINDOWS: usize = 32;
+/// Kept buffers that no session took or gave back for this long are freed: a burst of
+/// sessions long past gives its memory back.
+const SPARE_RX_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Link {
     /// A link over `region`, not attached; `now` starts the heartbeat clocks (the link
@@ -400,6 +406,8 @@ impl Link {
             set_cache: None,
             spare_rx: Vec::new(),
             spare_rx_bytes: 0,
+            spare_rx_used: false,
+            spare_rx_quiet_since: now,
         }
     }
 
@@ -408,6 +416,7 @@ impl Link {
         let mut s = Sess::new(message, self.cfg.buf_size, state);
         if let Some(rx) = self.spare_rx.pop() {
             self.spare_rx_bytes -= rx.capacity();
+            self.spare_rx_used = true;
             s.rx = rx;
         }
         s
@@ -426,7 +435,21 @@ impl Link {
         }
         s.rx.clear();
         self.spare_rx_bytes += cap;
+        self.spare_rx_used = true;
         self.spare_rx.push(std::mem::take(&mut s.rx));
+    }
+
+    /// At each heartbeat: frees the kept buffers once none was kept or taken for
+    /// [`SPARE_RX_IDLE`].
+    fn age_spare_rx(&mut self, now: Instant) {
+        if std::mem::take(&mut self.spare_rx_used) {
+            self.spare_rx_quiet_since = now;
+        } else if !self.spare_rx.is_empty()
+            && now.duration_since(self.spare_rx_quiet_since) >= SPARE_RX_IDLE
+        {
+            self.spare_rx = Vec::new();
+            self.spare_rx_bytes = 0;
+        }
     }
 
     fn load_peer(&self, word: usize, order: Ordering) -> u64 {
@@ -671,6 +694,7 @@ impl Link {
             self.heartbeat = self.heartbeat.wrapping_add(1);
             self.last_beat = now;
             self.restore_own_words();
+            self.age_spare_rx(now);
         }
     }
 
@@ -1377,6 +1401,32 @@ mod tests {
         assert!(l.sessions.is_empty());
         assert_eq!(l.spare_rx.len(), 1, "the one with a buffer");
         assert!(l.spare_rx_bytes >= cap);
+    }
+
+    /// Kept buffers that no session took or gave back for `SPARE_RX_IDLE` are freed at a
+    /// heartbeat; any use starts the wait again.
+    #[test]
+    fn kept_receive_buffers_are_freed_once_unused() {
+        let (mut l, _peer) = victim(Role::Host);
+        let hb = l.cfg.heartbeat;
+        let mut s = Sess::new(false, 1 << 10, State::Open);
+        s.rx = Vec::with_capacity(4096);
+        l.keep_rx(s);
+        let t0 = l.last_beat + hb;
+        l.beat_own(t0);
+        assert_eq!(l.spare_rx.len(), 1, "just kept");
+        l.beat_own(t0 + SPARE_RX_IDLE - hb);
+        assert_eq!(l.spare_rx.len(), 1, "not unused long enough");
+        // Taken and given back: the wait starts again.
+        let taken = l.new_session(false, State::Open);
+        l.keep_rx(taken);
+        let t1 = t0 + SPARE_RX_IDLE;
+        l.beat_own(t1);
+        l.beat_own(t1 + SPARE_RX_IDLE - hb);
+        assert_eq!(l.spare_rx.len(), 1);
+        l.beat_own(t1 + SPARE_RX_IDLE);
+        assert!(l.spare_rx.is_empty(), "freed");
+        assert_eq!(l.spare_rx_bytes, 0);
     }
 
     /// The kept buffers are bounded in number and in bytes; what does not fit is freed.
