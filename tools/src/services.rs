@@ -7,7 +7,7 @@ use ivring::{Endpoint, Listener, Readiness, Session};
 use std::io::{self, Read, Write};
 use std::sync::{mpsc, Arc};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Echoes every byte (or message) back until EOF, then closes.
 pub const PORT_ECHO: u32 = 1;
@@ -254,28 +254,63 @@ fn spawn(listener: Listener, serve: fn(Session) -> io::Result<()>) -> io::Result
 /// The 1 MiB read buffers of the echo and sink threads, kept between sessions: a
 /// thread per session that allocated and zeroed its own spent more of the first
 /// 250 ms of 256 new sessions clearing pages than moving bytes, and the figures are of
-/// the transport, not of the allocator.
+/// the transport, not of the allocator. A buffer nobody took for
+/// [`READ_BUF_IDLE`] is freed (a guest serving the bench once must not hold what its
+/// busiest moment needed for good).
 struct ReadBuf(Vec<u8>);
 
-static READ_BUFS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+/// Kept buffers, each with when it was given back; the most recent last.
+static READ_BUFS: std::sync::Mutex<Vec<(Vec<u8>, Instant)>> = std::sync::Mutex::new(Vec::new());
 const READ_BUF: usize = 1 << 20;
 /// Most buffers kept (a thread per session of the many-session figures).
 const READ_BUFS_KEPT: usize = 512;
+/// How long a kept buffer may go untaken before it is freed.
+const READ_BUF_IDLE: Duration = Duration::from_secs(10);
 
 impl ReadBuf {
     fn take() -> ReadBuf {
-        let kept = READ_BUFS.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        ReadBuf(kept.unwrap_or_else(|| vec![0u8; READ_BUF]))
+        let kept = kept_read_bufs().pop();
+        ReadBuf(kept.map_or_else(|| vec![0u8; READ_BUF], |(b, _)| b))
     }
 }
 
 impl Drop for ReadBuf {
     fn drop(&mut self) {
-        let mut kept = READ_BUFS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = kept_read_bufs();
         if kept.len() < READ_BUFS_KEPT {
-            kept.push(std::mem::take(&mut self.0));
+            kept.push((std::mem::take(&mut self.0), Instant::now()));
+            drop(kept);
+            start_read_buf_reaper();
         }
     }
+}
+
+fn kept_read_bufs() -> std::sync::MutexGuard<'static, Vec<(Vec<u8>, Instant)>> {
+    READ_BUFS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Frees the buffers of `kept` given back `idle` or longer before `now`; how many.
+fn free_idle_read_bufs(kept: &mut Vec<(Vec<u8>, Instant)>, now: Instant, idle: Duration) -> usize {
+    // The oldest come first: takes pop the most recent.
+    let stale = kept
+        .iter()
+        .take_while(|(_, at)| now.saturating_duration_since(*at) >= idle)
+        .count();
+    kept.drain(..stale);
+    stale
+}
+
+/// One thread per process, started with the first kept buffer, frees idle ones.
+fn start_read_buf_reaper() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let _ = thread::Builder::new()
+            .name("ivring-readbufs".into())
+            .spawn(|| loop {
+                thread::sleep(READ_BUF_IDLE / 2);
+                free_idle_read_bufs(&mut kept_read_bufs(), Instant::now(), READ_BUF_IDLE);
+            });
+    });
 }
 
 fn echo(mut s: Session) -> io::Result<()> {
@@ -388,5 +423,22 @@ mod tests {
         data[500] ^= 1;
         c.update(&data);
         assert_ne!(a.finish(), c.finish());
+    }
+
+    #[test]
+    fn idle_read_buffers_are_freed_oldest_first() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut kept: Vec<(Vec<u8>, Instant)> =
+            [0, 3, 8].iter().map(|&s| (vec![s as u8], at(s))).collect();
+        // Nothing is idle long enough yet.
+        assert_eq!(free_idle_read_bufs(&mut kept, at(9), READ_BUF_IDLE), 0);
+        assert_eq!(kept.len(), 3);
+        // The two oldest are; the one given back at 8 s stays, and is the one taken.
+        assert_eq!(free_idle_read_bufs(&mut kept, at(13), READ_BUF_IDLE), 2);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].0, vec![8]);
+        assert_eq!(free_idle_read_bufs(&mut kept, at(100), READ_BUF_IDLE), 1);
+        assert!(kept.is_empty());
     }
 }
