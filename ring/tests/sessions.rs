@@ -881,6 +881,67 @@ fn writers_share_a_full_ring() {
     }
 }
 
+/// Writers queued on the lock leave the ring's head to the last of them (one store for
+/// many frames): when they all stop at once, after rounds of contended 4 KiB writes,
+/// every frame of every round must still be published. A frame left behind is never
+/// read (nothing else moves that head), and its reader times out.
+#[test]
+fn writers_that_stop_together_leave_no_frame_unpublished() {
+    let _guard = common::watchdog(
+        "writers_that_stop_together_leave_no_frame_unpublished",
+        Duration::from_secs(120),
+    );
+    for wait in [WaitMode::Block, WaitMode::Adaptive, WaitMode::Poll] {
+        let cfg = Config {
+            wait,
+            ..Config::default()
+        };
+        let p = pair_with(4 << 20, cfg);
+        let listener = p.guest.listen(43).unwrap();
+        const SESSIONS: usize = 12;
+        const ROUNDS: usize = 40;
+        const FRAMES: usize = 3;
+        const LEN: usize = 4096;
+        let start = Arc::new(std::sync::Barrier::new(SESSIONS));
+        let mut threads = Vec::new();
+        for i in 0..SESSIONS {
+            let mut h = p.host.connect(43).unwrap();
+            let mut g = listener.accept_timeout(PATIENCE).unwrap();
+            // Short enough to fail in seconds, long enough for a loaded machine.
+            g.set_read_timeout(Some(Duration::from_secs(20)));
+            h.set_write_timeout(Some(PATIENCE));
+            let start = start.clone();
+            let (done_tx, done_rx) = mpsc::channel::<()>();
+            threads.push(thread::spawn(move || {
+                let chunk = bytes(i as u64, LEN);
+                for _ in 0..ROUNDS {
+                    start.wait();
+                    for _ in 0..FRAMES {
+                        h.write_all(&chunk).unwrap();
+                    }
+                    // The next round starts only once every reader has every byte.
+                    done_rx.recv().unwrap();
+                }
+                h
+            }));
+            threads.push(thread::spawn(move || {
+                let mut buf = vec![0u8; FRAMES * LEN];
+                for round in 0..ROUNDS {
+                    g.read_exact(&mut buf).unwrap_or_else(|e| {
+                        panic!("{wait:?} session {i} round {round}: {e} (a frame unpublished)")
+                    });
+                    assert!(buf.chunks(LEN).all(|c| c == bytes(i as u64, LEN)));
+                    done_tx.send(()).unwrap();
+                }
+                g
+            }));
+        }
+        for t in threads {
+            let _ = t.join().unwrap();
+        }
+    }
+}
+
 /// A non-blocking writer that found the ring full (of another session's frames, so no
 /// frame of its own will come back) is told when the space returns.
 #[test]

@@ -465,21 +465,23 @@ impl Session {
         let id = self.id;
         let gen = self.gen;
         let unlocked = buf.len() >= COPY_UNLOCKED_MIN;
+        let mut turn = self.shared.publish_turn();
         let framed = self.shared.wait_session(
             id,
             Self::deadline(self.write_timeout),
             patience,
             |l, out| {
-                if l.gen() != gen {
-                    return Err(reset_error(l));
+                let r = if l.gen() != gen {
+                    Err(reset_error(l))
+                } else {
+                    step(l, id, buf, false, true, unlocked, out)
+                };
+                let copied = matches!(r, Ok(WriteStep::Wrote(Framed::Copied(_))));
+                if !turn.skip(copied) {
+                    l.publish(out);
                 }
-                match step(l, id, buf, false, true, unlocked, out)? {
-                    WriteStep::Wrote(f) => {
-                        if let Framed::Copied(_) = f {
-                            l.publish(out);
-                        }
-                        Ok(Some(f))
-                    }
+                match r? {
+                    WriteStep::Wrote(f) => Ok(Some(f)),
                     WriteStep::Wait => Ok(None),
                 }
             },

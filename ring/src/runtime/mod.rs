@@ -79,6 +79,9 @@ pub(crate) struct Shared {
     /// useless.
     space_cv: Condvar,
     space_sleepers: AtomicUsize,
+    /// Stream writes on their way to the lock that have not yet decided whether to
+    /// publish ([`PublishTurn`]).
+    stream_writers: CachePadded<AtomicUsize>,
 }
 
 /// How long the keeper sits out at most after leaving the bell to a caller that wanted
@@ -100,6 +103,56 @@ struct Wake {
     /// Ring space came back: wake one writer waiting for it (all: `space_all`).
     space: bool,
     space_all: bool,
+}
+
+/// A stream write's turn to publish the ring's head. Each write stores the head and
+/// then waits, lock held, for the store to reach the peer's CPU (the fence of the
+/// wakeup rule), and the peer's reader loads the moved line: with many writers queued
+/// on the lock, a head per frame cost each side a fifth of its time. So a write that
+/// finds another counted in behind it leaves the head to that one, which publishes
+/// both, or leaves them to the next: the last of a queue always publishes.
+///
+/// A write counts itself in before it takes the lock ([`Shared::publish_turn`]) and out
+/// at its first decision, under the lock. A write that skips relies on a count that can
+/// only stand for a write still to decide, which takes the lock after it (every wait
+/// starts with an attempt): one that waits, fails or copies outside the lock publishes
+/// at once (`skip` returns false for it).
+pub(crate) struct PublishTurn<'a> {
+    writers: &'a AtomicUsize,
+    counted: bool,
+}
+
+impl<'a> PublishTurn<'a> {
+    fn new(writers: &'a AtomicUsize) -> PublishTurn<'a> {
+        // Relaxed: one variable, decided on under the lock. A count the holder sees
+        // stands for a decision still to come under the lock, after the holder's frames
+        // (the mutex orders those); one it does not see yet only makes it publish.
+        writers.fetch_add(1, StdOrdering::Relaxed);
+        PublishTurn {
+            writers,
+            counted: true,
+        }
+    }
+
+    /// Decides, with the lock held, whether this write may leave its frame unpublished:
+    /// `wrote` says it wrote a frame that the head must cover.
+    pub(crate) fn skip(&mut self, wrote: bool) -> bool {
+        let others = if std::mem::take(&mut self.counted) {
+            self.writers.fetch_sub(1, StdOrdering::Relaxed) - 1
+        } else {
+            self.writers.load(StdOrdering::Relaxed)
+        };
+        wrote && others > 0
+    }
+}
+
+impl Drop for PublishTurn<'_> {
+    fn drop(&mut self) {
+        // Every wait makes an attempt, which decides: only a panic gets here counted.
+        if self.counted {
+            self.writers.fetch_sub(1, StdOrdering::Relaxed);
+        }
+    }
 }
 
 /// Where some sessions' callers sleep.
@@ -142,6 +195,11 @@ impl Drop for Spinning<'_> {
 impl Shared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Link> {
         self.link.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A stream write's turn to publish: take it before the lock.
+    pub(crate) fn publish_turn(&self) -> PublishTurn<'_> {
+        PublishTurn::new(&self.stream_writers)
     }
 
     /// Rings the peer if the link's calls asked for it. Called with the lock held:
@@ -787,6 +845,7 @@ impl Shared {
             direct_wait: AtomicBool::new(direct_wait),
             space_cv: Condvar::new(),
             space_sleepers: AtomicUsize::new(0),
+            stream_writers: CachePadded::new(AtomicUsize::new(0)),
         }))
     }
 
@@ -1152,5 +1211,31 @@ fn keeper(sh: Arc<Shared>) {
             KeeperNext::Again => st.woke_early = false,
             KeeperNext::Stopped => return,
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_skips_its_publish_only_for_one_counted_in_behind_it() {
+        let writers = AtomicUsize::new(0);
+        let mut a = PublishTurn::new(&writers);
+        let mut b = PublishTurn::new(&writers);
+        // `a` wrote with `b` still to decide: `b` publishes both.
+        assert!(a.skip(true));
+        // A retry of `a` is not counted: with `b` still to decide it may skip again.
+        assert!(a.skip(true));
+        // `b` is the last: it publishes.
+        assert!(!b.skip(true));
+        assert!(!a.skip(true));
+        // A write that did not write (it waits, fails or copies outside the lock)
+        // never skips, whoever is behind it.
+        let mut c = PublishTurn::new(&writers);
+        let _d = PublishTurn::new(&writers);
+        assert!(!c.skip(false));
+        drop(_d);
+        assert_eq!(writers.load(StdOrdering::Relaxed), 0);
     }
 }
