@@ -881,10 +881,12 @@ fn writers_share_a_full_ring() {
     }
 }
 
-/// Writers queued on the lock leave the ring's head to the last of them (one store for
-/// many frames): when they all stop at once, after rounds of contended 4 KiB writes,
-/// every frame of every round must still be published. A frame left behind is never
-/// read (nothing else moves that head), and its reader times out.
+/// A stream write that finds a thread waiting for the lock leaves the ring's head to it
+/// (one store for many frames), and whoever releases the lock with nobody waiting
+/// publishes: when the writers all stop at once, after rounds of 4 KiB writes contended
+/// by each other and by threads that only take the lock, every frame of every round must
+/// still be published. A frame left behind is never read (nothing else moves that
+/// head), and its reader times out.
 #[test]
 fn writers_that_stop_together_leave_no_frame_unpublished() {
     let _guard = common::watchdog(
@@ -936,9 +938,29 @@ fn writers_that_stop_together_leave_no_frame_unpublished() {
                 g
             }));
         }
-        for t in threads {
-            let _ = t.join().unwrap();
-        }
+        // Threads that only take the lock and let it go: the writers often find one of
+        // them waiting, and leave the head to it.
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::black_box(p.host.stats());
+                    }
+                });
+            }
+            // Stops the lookers however the joins end (a reader that timed out panics).
+            struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+            impl Drop for StopOnDrop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Relaxed);
+                }
+            }
+            let _stop = StopOnDrop(&stop);
+            for t in threads {
+                let _ = t.join().unwrap();
+            }
+        });
     }
 }
 

@@ -465,23 +465,26 @@ impl Session {
         let id = self.id;
         let gen = self.gen;
         let unlocked = buf.len() >= COPY_UNLOCKED_MIN;
-        let mut turn = self.shared.publish_turn();
-        let framed = self.shared.wait_session(
+        let sh = &self.shared;
+        let framed = sh.wait_session(
             id,
             Self::deadline(self.write_timeout),
             patience,
             |l, out| {
-                let r = if l.gen() != gen {
-                    Err(reset_error(l))
-                } else {
-                    step(l, id, buf, false, true, unlocked, out)
-                };
-                let copied = matches!(r, Ok(WriteStep::Wrote(Framed::Copied(_))));
-                if !turn.skip(copied) {
-                    l.publish(out);
+                if l.gen() != gen {
+                    return Err(reset_error(l));
                 }
-                match r? {
-                    WriteStep::Wrote(f) => Ok(Some(f)),
+                match step(l, id, buf, false, true, unlocked, out)? {
+                    WriteStep::Wrote(f) => {
+                        // With a thread waiting for the lock, the head is left to it
+                        // (`LinkGuard`): many queued writers, one store.
+                        if let Framed::Copied(_) = f {
+                            if !sh.leave_head() {
+                                l.publish(out);
+                            }
+                        }
+                        Ok(Some(f))
+                    }
                     WriteStep::Wait => Ok(None),
                 }
             },

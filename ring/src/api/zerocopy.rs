@@ -35,10 +35,9 @@
 use crate::api::endpoint::Session;
 use crate::link::park::Taken;
 pub use crate::link::park::PARK_MAX;
-use crate::link::{reset_error, Actions, Link};
+use crate::link::{reset_error, Actions};
 use crate::runtime::{Patience, Shared};
 use std::io;
-use std::sync::MutexGuard;
 impl Session {
     /// Reserves ring space for one frame of `len` bytes (1 to [`crate::Endpoint::max_frame`],
     /// within the peer's receive buffer), waiting for credit and space as `write` does.
@@ -108,7 +107,7 @@ impl Session {
 
 /// Ring space for one frame, filled in place and then committed (see the module docs).
 pub struct WriteSlot<'a> {
-    link: MutexGuard<'a, Link>,
+    link: crate::runtime::LinkGuard<'a>,
     shared: &'a Shared,
     id: u64,
     /// Region offset of the payload.

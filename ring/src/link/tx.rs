@@ -164,6 +164,11 @@ impl Link {
         }
     }
 
+    /// Whether frames are written that the head does not cover yet.
+    pub(crate) fn has_unpublished(&self) -> bool {
+        self.tx.unpublished()
+    }
+
     /// Stores the head after writes; the peer is rung after the lock if it asked.
     pub fn publish(&mut self, out: &mut Actions) {
         if self.tx.unpublished() && self.tx.publish() {

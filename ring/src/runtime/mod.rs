@@ -24,6 +24,7 @@ use crate::shm::sync::{AtomicBool, AtomicUsize, Ordering as StdOrdering};
 use crate::wire::ring::CopySlot;
 use crossbeam_utils::CachePadded;
 use std::io;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -79,10 +80,15 @@ pub(crate) struct Shared {
     /// useless.
     space_cv: Condvar,
     space_sleepers: AtomicUsize,
-    /// Stream writes on their way to the lock that have not yet decided whether to
-    /// publish ([`PublishTurn`]).
-    stream_writers: CachePadded<AtomicUsize>,
+    /// Threads that found the link lock taken and have not got it yet ([`LinkGuard`]).
+    lock_waiters: CachePadded<AtomicUsize>,
 }
+
+/// Threads waiting for the lock from which a stream write leaves the head to them
+/// ([`LinkGuard`]). One is often the keeper or a reader, which a lone writer's stream
+/// of small writes would then wait on for every head: 64 B writes lost a fifth of
+/// their rate with one.
+const LEAVE_HEAD_WAITERS: usize = 2;
 
 /// How long the keeper sits out at most after leaving the bell to a caller that wanted
 /// it: if no caller took it by then, the keeper takes it back.
@@ -105,52 +111,62 @@ struct Wake {
     space_all: bool,
 }
 
-/// A stream write's turn to publish the ring's head. Each write stores the head and
-/// then waits, lock held, for the store to reach the peer's CPU (the fence of the
-/// wakeup rule), and the peer's reader loads the moved line: with many writers queued
-/// on the lock, a head per frame cost each side a fifth of its time. So a write that
-/// finds another counted in behind it leaves the head to that one, which publishes
-/// both, or leaves them to the next: the last of a queue always publishes.
-///
-/// A write counts itself in before it takes the lock ([`Shared::publish_turn`]) and out
-/// at its first decision, under the lock. A write that skips relies on a count that can
-/// only stand for a write still to decide, which takes the lock after it (every wait
-/// starts with an attempt): one that waits, fails or copies outside the lock publishes
-/// at once (`skip` returns false for it).
-pub(crate) struct PublishTurn<'a> {
-    writers: &'a AtomicUsize,
-    counted: bool,
+/// The link, locked. A stream write that finds another thread waiting for the lock
+/// leaves the ring's head unpublished ([`Shared::leave_head`]); whoever releases the
+/// lock with nobody waiting publishes it, here. Each head store is followed, lock held,
+/// by the wakeup rule's fence, which waits for the store to reach the reader's CPU, and
+/// the reader loads the moved line: with many writers queued on the lock, a head per
+/// frame cost each side a fifth of its time. One writer alone finds nobody waiting and
+/// publishes every frame at once, as before.
+pub(crate) struct LinkGuard<'a> {
+    shared: &'a Shared,
+    /// `None` only inside [`LinkGuard::wait_on`], while a condvar holds the guard.
+    link: Option<MutexGuard<'a, Link>>,
 }
 
-impl<'a> PublishTurn<'a> {
-    fn new(writers: &'a AtomicUsize) -> PublishTurn<'a> {
-        // Relaxed: one variable, decided on under the lock. A count the holder sees
-        // stands for a decision still to come under the lock, after the holder's frames
-        // (the mutex orders those); one it does not see yet only makes it publish.
-        writers.fetch_add(1, StdOrdering::Relaxed);
-        PublishTurn {
-            writers,
-            counted: true,
+impl Deref for LinkGuard<'_> {
+    type Target = Link;
+    fn deref(&self) -> &Link {
+        match &self.link {
+            Some(l) => l,
+            None => unreachable!("a link guard is used only while it holds the lock"),
         }
     }
+}
 
-    /// Decides, with the lock held, whether this write may leave its frame unpublished:
-    /// `wrote` says it wrote a frame that the head must cover.
-    pub(crate) fn skip(&mut self, wrote: bool) -> bool {
-        let others = if std::mem::take(&mut self.counted) {
-            self.writers.fetch_sub(1, StdOrdering::Relaxed) - 1
-        } else {
-            self.writers.load(StdOrdering::Relaxed)
-        };
-        wrote && others > 0
+impl DerefMut for LinkGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Link {
+        match &mut self.link {
+            Some(l) => l,
+            None => unreachable!("a link guard is used only while it holds the lock"),
+        }
     }
 }
 
-impl Drop for PublishTurn<'_> {
+impl Drop for LinkGuard<'_> {
     fn drop(&mut self) {
-        // Every wait makes an attempt, which decides: only a panic gets here counted.
-        if self.counted {
-            self.writers.fetch_sub(1, StdOrdering::Relaxed);
+        if let Some(mut l) = self.link.take() {
+            self.shared.publish_on_release(&mut l);
+        }
+    }
+}
+
+impl<'a> LinkGuard<'a> {
+    /// Sleeps on `cv` for at most `limit`, the lock released meanwhile (and released as
+    /// any other release is: the head published if nobody waits for the lock).
+    fn wait_on(mut self, cv: &Condvar, limit: Duration) -> LinkGuard<'a> {
+        let shared = self.shared;
+        let Some(mut l) = self.link.take() else {
+            unreachable!("a link guard is used only while it holds the lock")
+        };
+        shared.publish_on_release(&mut l);
+        let l = cv
+            .wait_timeout(l, limit)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+        LinkGuard {
+            shared,
+            link: Some(l),
         }
     }
 }
@@ -193,13 +209,42 @@ impl Drop for Spinning<'_> {
 }
 
 impl Shared {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Link> {
-        self.link.lock().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn lock(&self) -> LinkGuard<'_> {
+        let link = match self.link.try_lock() {
+            Ok(l) => l,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                // Counted while waiting: the holder may leave the head to us (Relaxed:
+                // a holder that sees the count reads it before its release, which our
+                // acquire follows, so it cannot see our decrement; one that does not
+                // see it yet publishes).
+                self.lock_waiters.fetch_add(1, StdOrdering::Relaxed);
+                let l = self.link.lock().unwrap_or_else(|e| e.into_inner());
+                self.lock_waiters.fetch_sub(1, StdOrdering::Relaxed);
+                l
+            }
+        };
+        LinkGuard {
+            shared: self,
+            link: Some(link),
+        }
     }
 
-    /// A stream write's turn to publish: take it before the lock.
-    pub(crate) fn publish_turn(&self) -> PublishTurn<'_> {
-        PublishTurn::new(&self.stream_writers)
+    /// Whether a stream write (lock held) may leave the head it moved unpublished: a
+    /// thread waiting for the lock takes it after us and publishes at its release, or
+    /// leaves it to the next.
+    pub(crate) fn leave_head(&self) -> bool {
+        self.lock_waiters.load(StdOrdering::Relaxed) >= LEAVE_HEAD_WAITERS
+    }
+
+    /// At each release of the lock: publishes what writes left unpublished, unless a
+    /// thread waits for the lock (then it does, at its own release).
+    fn publish_on_release(&self, link: &mut Link) {
+        if link.has_unpublished() && !self.leave_head() {
+            let mut out = Actions::default();
+            link.publish(&mut out);
+            self.ring(link, &mut out);
+        }
     }
 
     /// Rings the peer if the link's calls asked for it. Called with the lock held:
@@ -358,11 +403,11 @@ impl Shared {
     /// for nothing), so pause first, as the keeper does.
     fn lead<'a>(
         &'a self,
-        mut link: MutexGuard<'a, Link>,
+        mut link: LinkGuard<'a>,
         limit: Duration,
         flooded: bool,
         leading: &mut bool,
-    ) -> (MutexGuard<'a, Link>, Led) {
+    ) -> (LinkGuard<'a>, Led) {
         // A frame parked for an in-place reader stays in the ring until it is released:
         // the ring would look readable for ever. Its release wakes the condvar sleepers.
         if !self.direct_wait() || !link.is_up() || link.has_parked() {
@@ -557,7 +602,7 @@ impl Shared {
         deadline: Option<Instant>,
         patience: Patience,
         attempt: impl FnMut(&mut Link, &mut Actions) -> io::Result<Option<T>>,
-    ) -> io::Result<(MutexGuard<'_, Link>, T)> {
+    ) -> io::Result<(LinkGuard<'_>, T)> {
         self.wait_locked_on(WaitOn::Session(id), deadline, patience, attempt)
     }
 
@@ -578,7 +623,7 @@ impl Shared {
         deadline: Option<Instant>,
         patience: Patience,
         attempt: impl FnMut(&mut Link, &mut Actions) -> io::Result<Option<T>>,
-    ) -> io::Result<(MutexGuard<'_, Link>, T)> {
+    ) -> io::Result<(LinkGuard<'_>, T)> {
         self.wait_locked_on(WaitOn::Link, deadline, patience, attempt)
     }
 
@@ -589,7 +634,7 @@ impl Shared {
         deadline: Option<Instant>,
         patience: Patience,
         mut attempt: impl FnMut(&mut Link, &mut Actions) -> io::Result<Option<T>>,
-    ) -> io::Result<(MutexGuard<'_, Link>, T)> {
+    ) -> io::Result<(LinkGuard<'_>, T)> {
         // Set at the first miss: reading the clock costs as much as a write.
         let mut spin_until: Option<Option<Instant>> = None;
         let mut link = self.lock();
@@ -759,10 +804,7 @@ impl Shared {
                 if let WaitOn::Session(id) = on {
                     link.slept(id);
                 }
-                link = cv
-                    .wait_timeout(link, limit)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                link = link.wait_on(cv, limit);
                 n.fetch_sub(1, StdOrdering::Relaxed);
                 if on_stripe {
                     self.stripe_sleepers.fetch_sub(1, StdOrdering::Relaxed);
@@ -845,7 +887,7 @@ impl Shared {
             direct_wait: AtomicBool::new(direct_wait),
             space_cv: Condvar::new(),
             space_sleepers: AtomicUsize::new(0),
-            stream_writers: CachePadded::new(AtomicUsize::new(0)),
+            lock_waiters: CachePadded::new(AtomicUsize::new(0)),
         }))
     }
 
@@ -1211,31 +1253,5 @@ fn keeper(sh: Arc<Shared>) {
             KeeperNext::Again => st.woke_early = false,
             KeeperNext::Stopped => return,
         }
-    }
-}
-
-#[cfg(all(test, not(loom)))]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_write_skips_its_publish_only_for_one_counted_in_behind_it() {
-        let writers = AtomicUsize::new(0);
-        let mut a = PublishTurn::new(&writers);
-        let mut b = PublishTurn::new(&writers);
-        // `a` wrote with `b` still to decide: `b` publishes both.
-        assert!(a.skip(true));
-        // A retry of `a` is not counted: with `b` still to decide it may skip again.
-        assert!(a.skip(true));
-        // `b` is the last: it publishes.
-        assert!(!b.skip(true));
-        assert!(!a.skip(true));
-        // A write that did not write (it waits, fails or copies outside the lock)
-        // never skips, whoever is behind it.
-        let mut c = PublishTurn::new(&writers);
-        let _d = PublishTurn::new(&writers);
-        assert!(!c.skip(false));
-        drop(_d);
-        assert_eq!(writers.load(StdOrdering::Relaxed), 0);
     }
 }
