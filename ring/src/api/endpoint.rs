@@ -479,7 +479,7 @@ impl Session {
                         // With a thread waiting for the lock, the head is left to it
                         // (`LinkGuard`): many queued writers, one store.
                         if let Framed::Copied(_) = f {
-                            if !sh.leave_head() {
+                            if !sh.leave_head(l) {
                                 l.publish(out);
                             }
                         }

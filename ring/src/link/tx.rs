@@ -169,6 +169,11 @@ impl Link {
         self.tx.unpublished()
     }
 
+    /// Bytes of frames written that the head does not cover yet.
+    pub(crate) fn unpublished_len(&self) -> u64 {
+        self.tx.unpublished_len()
+    }
+
     /// Stores the head after writes; the peer is rung after the lock if it asked.
     pub fn publish(&mut self, out: &mut Actions) {
         if self.tx.unpublished() && self.tx.publish() {

@@ -90,6 +90,10 @@ pub(crate) struct Shared {
 /// their rate with one.
 const LEAVE_HEAD_WAITERS: usize = 2;
 
+/// Most bytes left unpublished for waiters: a lock that stays contended (many writers)
+/// must not hold the reader back until the ring is full. 16 frames of 4 KiB.
+const LEAVE_HEAD_MAX: u64 = 64 << 10;
+
 /// How long the keeper sits out at most after leaving the bell to a caller that wanted
 /// it: if no caller took it by then, the keeper takes it back.
 const HANDOFF_MAX: Duration = Duration::from_millis(1);
@@ -232,15 +236,16 @@ impl Shared {
 
     /// Whether a stream write (lock held) may leave the head it moved unpublished: a
     /// thread waiting for the lock takes it after us and publishes at its release, or
-    /// leaves it to the next.
-    pub(crate) fn leave_head(&self) -> bool {
-        self.lock_waiters.load(StdOrdering::Relaxed) >= LEAVE_HEAD_WAITERS
+    /// leaves it to the next (up to [`LEAVE_HEAD_MAX`] bytes).
+    pub(crate) fn leave_head(&self, link: &Link) -> bool {
+        link.unpublished_len() < LEAVE_HEAD_MAX
+            && self.lock_waiters.load(StdOrdering::Relaxed) >= LEAVE_HEAD_WAITERS
     }
 
     /// At each release of the lock: publishes what writes left unpublished, unless a
     /// thread waits for the lock (then it does, at its own release).
     fn publish_on_release(&self, link: &mut Link) {
-        if link.has_unpublished() && !self.leave_head() {
+        if link.has_unpublished() && !self.leave_head(link) {
             let mut out = Actions::default();
             link.publish(&mut out);
             self.ring(link, &mut out);

@@ -273,6 +273,11 @@ impl Producer {
         self.head != self.published
     }
 
+    /// Bytes written that the stored head does not cover yet.
+    pub(crate) fn unpublished_len(&self) -> u64 {
+        self.head - self.published
+    }
+
     /// Stores the head so the reader sees every committed record, and says whether the
     /// reader asked to be woken.
     #[inline]
