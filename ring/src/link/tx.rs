@@ -164,11 +164,6 @@ impl Link {
         }
     }
 
-    /// Whether frames are written that the head does not cover yet.
-    pub(crate) fn has_unpublished(&self) -> bool {
-        self.tx.unpublished()
-    }
-
     /// Bytes of frames written that the head does not cover yet.
     pub(crate) fn unpublished_len(&self) -> u64 {
         self.tx.unpublished_len()

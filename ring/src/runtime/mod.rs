@@ -245,7 +245,7 @@ impl Shared {
     /// At each release of the lock: publishes what writes left unpublished, unless a
     /// thread waits for the lock (then it does, at its own release).
     fn publish_on_release(&self, link: &mut Link) {
-        if link.has_unpublished() && !self.leave_head(link) {
+        if link.unpublished_len() > 0 && !self.leave_head(link) {
             let mut out = Actions::default();
             link.publish(&mut out);
             self.ring(link, &mut out);
