@@ -800,7 +800,10 @@ impl Link {
 }
 
 /// [`Link::session`] on the map alone, so that the ring can be borrowed beside it.
-fn session_in(sessions: &mut HashMap<u64, Sess, SessionIds>, id: u64) -> io::Result<&mut Sess> {
+pub(super) fn session_in(
+    sessions: &mut HashMap<u64, Sess, SessionIds>,
+    id: u64,
+) -> io::Result<&mut Sess> {
     let s = sessions
         .get_mut(&id)
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "ivring: session is closed"))?;

@@ -10,9 +10,9 @@
 //! left for `pump`, which handles it exactly as before, so ordering and error handling do
 //! not change.
 
-use crate::link::{Actions, Corruption, Fault, Link, SessionIds, State};
+use crate::link::{session_in, Actions, Corruption, Fault, Link, Sess, SessionIds, State};
 use crate::wire::frame::{self, CreditArgs, Header, Kind, OpenArgs, FLAG_EOR};
-use crate::wire::ring::Record;
+use crate::wire::ring::{Consumer, Record};
 use std::collections::HashMap;
 use std::io;
 use std::time::Instant;
@@ -271,8 +271,10 @@ impl Link {
         }
         let (n, consumed) = s.take(buf);
         s.fwd_cnt += consumed as u64;
-        self.grant_credit(id, out)
-            .map_err(|f| self.fault_to_io(f))?;
+        if credit_due(s) {
+            self.grant_credit(id, out)
+                .map_err(|f| self.fault_to_io(f))?;
+        }
         Ok(Some(n))
     }
 
@@ -342,15 +344,7 @@ impl Link {
         let Some(s) = self.sessions.get_mut(&id) else {
             return Ok(());
         };
-        // Grant more credit once a quarter of the buffer has been consumed. That is enough
-        // to never stall the peer: if it is out of credit, everything it sent since our
-        // last grant (a whole buffer) is consumed by the time our buffer is empty.
-        let mut due = s.fwd_cnt - s.fwd_sent >= (s.buf_alloc / 4).max(1) as u64;
-        // A message writer waits for credit for its whole message (up to our whole
-        // buffer), so once we hold nothing, report everything consumed: otherwise up to a
-        // quarter of the buffer stays uncredited and a large message never goes.
-        due |= s.message && s.buffered() == 0 && s.fwd_cnt != s.fwd_sent;
-        if !due || s.state != State::Open || s.rx_eof {
+        if !credit_due(s) {
             return Ok(());
         }
         s.fwd_sent = s.fwd_cnt;
@@ -408,10 +402,7 @@ impl Link {
     /// The ring's next record, if one is published and sound: the direct paths' look at
     /// the ring. A bad index or header is left for `pump`, which acts on it.
     fn next_published(&mut self) -> Option<Record> {
-        if !self.rx.has_cached() && !matches!(self.rx.available(), Ok(n) if n > 0) {
-            return None;
-        }
-        self.rx.next(self.max_payload).ok().flatten()
+        next_published_in(&mut self.rx, self.max_payload)
     }
 
     /// The ring half of [`Link::read_any`]: the bytes of `buf` its results took.
@@ -573,26 +564,23 @@ impl Link {
         if !self.up || self.parked.is_some() || buf.is_empty() {
             return Ok(None);
         }
-        {
-            let s = self.session(id)?;
-            if s.message || s.rd_shut || s.in_place || s.state != State::Open || s.rx_eof {
-                return Ok(None);
-            }
-            if s.buffered() > 0 {
-                return Ok(None);
-            }
-        }
         let quarter = self.geom.capacity / 4;
+        let max_payload = self.max_payload;
+        // One lookup for the whole call: the ring and the session map are borrowed apart.
+        let s = session_in(&mut self.sessions, id)?;
+        if s.message || s.rd_shut || s.in_place || s.state != State::Open || s.rx_eof {
+            return Ok(None);
+        }
+        if s.buffered() > 0 {
+            return Ok(None);
+        }
         let mut n = 0;
-        while let Some(rec) = self.next_published() {
+        while let Some(rec) = next_published_in(&mut self.rx, max_payload) {
             let h = rec.header;
             let len = h.len as usize;
             if h.kind != Kind::Data || h.session != id || len == 0 || len > buf.len() - n {
                 break;
             }
-            let Some(s) = self.sessions.get_mut(&id) else {
-                break;
-            };
             if s.received - s.fwd_cnt + len as u64 > s.buf_alloc as u64 {
                 break; // past its credit: pump resets the session
             }
@@ -608,11 +596,14 @@ impl Link {
         if n == 0 {
             return Ok(None);
         }
+        let due = credit_due(s);
         if self.rx.release() {
             out.ring_peer = true;
         }
-        self.grant_credit(id, out)
-            .map_err(|f| self.fault_to_io(f))?;
+        if due {
+            self.grant_credit(id, out)
+                .map_err(|f| self.fault_to_io(f))?;
+        }
         Ok(Some(n))
     }
 
@@ -649,6 +640,27 @@ impl Link {
         }
         r
     }
+}
+
+/// [`Link::next_published`] on the ring alone, so that a session can be borrowed beside it.
+fn next_published_in(rx: &mut Consumer, max_payload: usize) -> Option<Record> {
+    if !rx.has_cached() && !matches!(rx.available(), Ok(n) if n > 0) {
+        return None;
+    }
+    rx.next(max_payload).ok().flatten()
+}
+
+/// Whether session `s` owes its peer a Credit (PROTOCOL.md §7): once a quarter of its
+/// buffer has been consumed since the last one. That is enough to never stall the peer:
+/// if it is out of credit, everything it sent since our last grant (a whole buffer) is
+/// consumed by the time our buffer is empty. A message writer waits for credit for its
+/// whole message (up to our whole buffer), so once we hold nothing, everything consumed
+/// is reported: otherwise up to a quarter of the buffer stays uncredited and a large
+/// message never goes.
+fn credit_due(s: &Sess) -> bool {
+    let due = s.fwd_cnt - s.fwd_sent >= (s.buf_alloc / 4).max(1) as u64
+        || (s.message && s.buffered() == 0 && s.fwd_cnt != s.fwd_sent);
+    due && s.state == State::Open && !s.rx_eof
 }
 
 /// Where a session id stands in the set a `read_any` call was given: a scan when the set
