@@ -632,7 +632,11 @@ impl Shared {
         self.wait_locked_on(WaitOn::Link, deadline, patience, attempt)
     }
 
-    /// The wait loop; `accept` waits never poll for ever and sleep on `accept_cv`.
+    /// Runs `attempt` once under the lock, and on a miss waits in [`Shared::wait_loop`];
+    /// `accept` waits never poll for ever and sleep on `accept_cv`. The first attempt is
+    /// kept apart from the loop: a 64-byte write or read that succeeds at once spent a
+    /// tenth of its time moving the loop's state through the stack.
+    #[inline]
     pub(crate) fn wait_locked_on<T>(
         &self,
         on: WaitOn,
@@ -640,9 +644,33 @@ impl Shared {
         patience: Patience,
         mut attempt: impl FnMut(&mut Link, &mut Actions) -> io::Result<Option<T>>,
     ) -> io::Result<(LinkGuard<'_>, T)> {
+        let mut link = self.lock();
+        let mut out = Actions::default();
+        let r = attempt(&mut link, &mut out);
+        let for_space = std::mem::take(&mut out.wait_space);
+        self.act(&link, out);
+        match r {
+            Ok(Some(v)) => Ok((link, v)),
+            Err(e) => Err(e),
+            Ok(None) => self.wait_loop(on, deadline, patience, link, for_space, attempt),
+        }
+    }
+
+    /// The wait loop, entered after a first attempt missed (`for_space`: it found the
+    /// ring full).
+    #[inline(never)]
+    fn wait_loop<'a, T>(
+        &'a self,
+        on: WaitOn,
+        deadline: Option<Instant>,
+        patience: Patience,
+        mut link: LinkGuard<'a>,
+        for_space: bool,
+        mut attempt: impl FnMut(&mut Link, &mut Actions) -> io::Result<Option<T>>,
+    ) -> io::Result<(LinkGuard<'a>, T)> {
         // Set at the first miss: reading the clock costs as much as a write.
         let mut spin_until: Option<Option<Instant>> = None;
-        let mut link = self.lock();
+        let mut missed = Some(for_space);
         let mut spins = 0u32;
         let mut spinning: Option<Spinning<'_>> = None;
         // Wakeups on the doorbell in a row that brought us nothing (a ringing flood).
@@ -653,15 +681,21 @@ impl Shared {
         let mut space_turn = false;
         let mut pumped_once = false;
         let r = loop {
-            let mut out = Actions::default();
-            let r = attempt(&mut link, &mut out);
-            let for_space = std::mem::take(&mut out.wait_space);
-            self.act(&link, out);
-            match r {
-                Ok(Some(v)) => break Ok((link, v)),
-                Ok(None) => {}
-                Err(e) => break Err(e),
-            }
+            let for_space = match missed.take() {
+                Some(for_space) => for_space,
+                None => {
+                    let mut out = Actions::default();
+                    let r = attempt(&mut link, &mut out);
+                    let for_space = std::mem::take(&mut out.wait_space);
+                    self.act(&link, out);
+                    match r {
+                        Ok(Some(v)) => break Ok((link, v)),
+                        Ok(None) => {}
+                        Err(e) => break Err(e),
+                    }
+                    for_space
+                }
+            };
             if patience != Patience::Wait && link.is_closed() {
                 break Err(io::Error::new(
                     io::ErrorKind::NotConnected,
