@@ -1,5 +1,5 @@
 //! Criterion benches of the ring core on heap memory: frame push/pop, header encode and
-//! decode, and session multiplexing through one Endpoint pair.
+//! decode, session multiplexing through one Endpoint pair, and one small write and read.
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use ivring::bench_api::RingPair;
 use ivring::frame::{Header, Kind, HEADER_LEN};
@@ -102,5 +102,33 @@ fn sessions(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, push_pop, header, sessions);
+/// One 64-byte write and its read through a session, both ends on this thread: what the
+/// link's software costs a small write and read, with no other CPU in the path. Compare
+/// with `ring/push_publish_pop/64` of the same run (the bare ring's push, publish, pop).
+fn small_write_read(c: &mut Criterion) {
+    let cfg = Config {
+        wait: WaitMode::Poll,
+        ..Config::default()
+    };
+    let region = SharedRegion::heap(4 << 20);
+    let (a, b) = local::pair();
+    let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
+    let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+    let l = guest.listen(1).unwrap();
+    let mut tx = host.connect(1).unwrap();
+    let mut rx = l.accept().unwrap();
+    let msg = [0x5au8; 64];
+    let mut back = [0u8; 64];
+    let mut g = c.benchmark_group("sessions");
+    g.throughput(Throughput::Bytes(64));
+    g.bench_function("write_read_one_thread/64", |b| {
+        b.iter(|| {
+            tx.write_all(black_box(&msg)).unwrap();
+            rx.read_exact(&mut back).unwrap();
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, push_pop, header, sessions, small_write_read);
 criterion_main!(benches);
