@@ -55,18 +55,24 @@ fn header(c: &mut Criterion) {
     });
 }
 
+/// A host and a guest endpoint over a 4 MiB heap region with in-process doorbells.
+fn endpoint_pair(wait: WaitMode) -> (Endpoint, Endpoint) {
+    let cfg = Config {
+        wait,
+        ..Config::default()
+    };
+    let region = SharedRegion::heap(4 << 20);
+    let (a, b) = local::pair();
+    let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
+    let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+    (host, guest)
+}
+
 fn sessions(c: &mut Criterion) {
     let mut g = c.benchmark_group("sessions");
     g.sample_size(10);
     for n in [1usize, 4, 16] {
-        let cfg = Config {
-            wait: WaitMode::Adaptive,
-            ..Config::default()
-        };
-        let region = SharedRegion::heap(4 << 20);
-        let (a, b) = local::pair();
-        let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
-        let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+        let (host, guest) = endpoint_pair(WaitMode::Adaptive);
         let l = guest.listen(1).unwrap();
         let mut tx = Vec::new();
         let mut rx = Vec::new();
@@ -106,14 +112,7 @@ fn sessions(c: &mut Criterion) {
 /// link's software costs a small write and read, with no other CPU in the path. Compare
 /// with `ring/push_publish_pop/64` of the same run (the bare ring's push, publish, pop).
 fn small_write_read(c: &mut Criterion) {
-    let cfg = Config {
-        wait: WaitMode::Poll,
-        ..Config::default()
-    };
-    let region = SharedRegion::heap(4 << 20);
-    let (a, b) = local::pair();
-    let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
-    let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+    let (host, guest) = endpoint_pair(WaitMode::Poll);
     let l = guest.listen(1).unwrap();
     let mut tx = host.connect(1).unwrap();
     let mut rx = l.accept().unwrap();
