@@ -635,7 +635,7 @@ impl Shared {
     /// Runs `attempt` once under the lock, and on a miss waits in [`Shared::wait_loop`];
     /// `accept` waits never poll for ever and sleep on `accept_cv`. The first attempt is
     /// kept apart from the loop: a 64-byte write or read that succeeds at once spent a
-    /// tenth of its time moving the loop's state through the stack.
+    /// sixth of its time moving the loop's state through the stack.
     #[inline]
     pub(crate) fn wait_locked_on<T>(
         &self,
