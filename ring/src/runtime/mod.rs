@@ -86,8 +86,7 @@ pub(crate) struct Shared {
 
 /// Threads waiting for the lock from which a stream write leaves the head to them
 /// ([`LinkGuard`]). One is often the keeper or a reader, which a lone writer's stream
-/// of small writes would then wait on for every head: 64 B writes lost a fifth of
-/// their rate with one.
+/// of small writes would then wait on for every head.
 const LEAVE_HEAD_WAITERS: usize = 2;
 
 /// Most bytes left unpublished for waiters: a lock that stays contended (many writers)
@@ -119,9 +118,10 @@ struct Wake {
 /// leaves the ring's head unpublished ([`Shared::leave_head`]); whoever releases the
 /// lock with nobody waiting publishes it, here. Each head store is followed, lock held,
 /// by the wakeup rule's fence, which waits for the store to reach the reader's CPU, and
-/// the reader loads the moved line: with many writers queued on the lock, a head per
-/// frame cost each side a fifth of its time. One writer alone finds nobody waiting and
-/// publishes every frame at once, as before.
+/// the reader loads the moved line once per head: writers queued on the lock share one
+/// store, one fence and one line transfer (what that gives a thread per session was
+/// within the bench's spread: benches/README.md). One writer alone finds nobody waiting
+/// and publishes every frame at once, as before.
 pub(crate) struct LinkGuard<'a> {
     shared: &'a Shared,
     /// `None` only inside [`LinkGuard::wait_on`], while a condvar holds the guard.
