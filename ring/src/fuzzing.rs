@@ -12,6 +12,7 @@
 
 use crate::config::Config;
 use crate::link::park::Taken;
+use crate::link::rx::Lent;
 use crate::link::tx::Framed;
 use crate::link::{Actions, Link, Stripes};
 use crate::shm::doorbell::Polling;
@@ -19,6 +20,7 @@ use crate::shm::layout::{side, Geometry, Role};
 use crate::shm::region::SharedRegion;
 use crate::wire::frame::{record_len, Header, Kind, HEADER_LEN};
 use crate::wire::mock::MockPeer;
+use crate::wire::ring::Loan;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -116,6 +118,8 @@ pub fn fuzz_pump(data: &[u8]) {
     let mut buf = vec![0u8; 2 * BUF as usize];
     // An in-place view held open across the next steps: (session, generation).
     let mut lent: Option<(u64, u64)> = None;
+    // Loans of direct reads held across steps.
+    let mut loans: Vec<Loan> = Vec::new();
     // Frames reserved by an unlocked write, their payload not yet copied.
     let mut copying: Vec<(crate::wire::ring::CopySlot, usize)> = Vec::new();
     while let Some(op) = input.u8() {
@@ -268,7 +272,23 @@ pub fn fuzz_pump(data: &[u8]) {
                 if let Some(&id) = ids.get((pick & 0x7f) as usize % ids.len().max(1)) {
                     let n = input.u16() as usize % buf.len() + 1;
                     if pick & 0x80 == 0 {
-                        let _ = link.read_direct(id, &mut buf[..n], &mut out);
+                        // Large frames may be lent: copied out through the region,
+                        // then given back now or held across the next steps (the ring
+                        // reads on; its space waits).
+                        let mut lent = (pick & 0x40 != 0).then(|| Lent::new(n / 2));
+                        let r = link.read_direct(id, &mut buf[..n], lent.as_mut(), &mut out);
+                        if let Some((loan, copies)) = lent.as_mut().and_then(Lent::take) {
+                            for c in copies {
+                                assert!(c.to + c.len <= n, "a lent payload past the read's buffer");
+                                region.read(c.at, &mut buf[c.to..c.to + c.len]);
+                            }
+                            assert!(matches!(r, Ok(Some(k)) if k <= n) || r.is_err());
+                            if input.u8().unwrap_or(0) & 1 == 0 {
+                                link.give_back(loan, &mut out);
+                            } else {
+                                loans.push(loan);
+                            }
+                        }
                     } else {
                         // The sessions from the picked one on (an id not open among them
                         // answers with its error).
@@ -285,11 +305,14 @@ pub fn fuzz_pump(data: &[u8]) {
                     }
                 }
             }
-            // The victim reads in place (zero-copy): the session's frames are parked in
-            // the ring for it; a view is read through the region, then released now or
-            // held across the next steps (pumps and resets included).
+            // A loan a direct read holds is given back. Else the victim reads in place
+            // (zero-copy): the session's frames are parked in the ring for it; a view is
+            // read through the region, then released now or held across the next steps
+            // (pumps and resets included).
             13 => {
-                if let Some((id, gen)) = lent.take() {
+                if let Some(loan) = loans.pop() {
+                    link.give_back(loan, &mut out);
+                } else if let Some((id, gen)) = lent.take() {
                     let _ = link.zc_release(id, gen, &mut out);
                 } else {
                     let ids: Vec<u64> = link.session_ids();

@@ -2,6 +2,7 @@
 //! the runtime (`crate::runtime`), which drives the link (`crate::link`).
 
 use crate::config::Config;
+use crate::link::rx::Lent;
 use crate::link::tx::{step, Framed, WriteStep, COPY_UNLOCKED_MIN};
 use crate::link::{reset_error, Actions, Link, State, Stats};
 use crate::runtime::{DriveNext, Keeper, KeeperState, Patience, Shared, WaitOn};
@@ -731,20 +732,28 @@ impl Session {
     pub(crate) fn read_shared(&self, buf: &mut [u8], patience: Patience) -> io::Result<usize> {
         let id = self.id;
         let gen = self.gen;
-        self.shared
-            .wait_session(id, Self::deadline(self.read_timeout), patience, |l, out| {
-                if l.gen() != gen {
-                    // Data and EOF the peer sent before the link reset are still read.
-                    return match l.read_ended(gen, id, buf) {
-                        Some(n) => Ok(Some(n)),
-                        None => Err(reset_error(l)),
-                    };
-                }
-                if let Some(n) = l.read_direct(id, buf, out)? {
-                    return Ok(Some(n));
-                }
-                l.read(id, buf, out)
-            })
+        // Large frames are lent by the read and copied out after it, without the lock
+        // (none fits a smaller buffer).
+        let mut lent = (buf.len() >= COPY_UNLOCKED_MIN).then(|| Lent::new(COPY_UNLOCKED_MIN));
+        let read =
+            self.shared
+                .wait_session(id, Self::deadline(self.read_timeout), patience, |l, out| {
+                    if l.gen() != gen {
+                        // Data and EOF the peer sent before the link reset are still read.
+                        return match l.read_ended(gen, id, buf) {
+                            Some(n) => Ok(Some(n)),
+                            None => Err(reset_error(l)),
+                        };
+                    }
+                    if let Some(n) = l.read_direct(id, buf, lent.as_mut(), out)? {
+                        return Ok(Some(n));
+                    }
+                    l.read(id, buf, out)
+                });
+        match lent.as_mut().and_then(Lent::take) {
+            None => read,
+            Some((loan, copies)) => self.shared.copy_lent(gen, loan, copies, buf, read),
+        }
     }
 
     /// A vectored write through a shared reference: a stream session's slices go out as

@@ -12,10 +12,52 @@
 
 use crate::link::{session_in, Actions, Corruption, Fault, Link, Sess, SessionIds, State};
 use crate::wire::frame::{self, CreditArgs, Header, Kind, OpenArgs, FLAG_EOR};
-use crate::wire::ring::{Consumer, Record};
+use crate::wire::ring::{Consumer, Loan, Record};
 use std::collections::HashMap;
 use std::io;
 use std::time::Instant;
+
+/// Most frames one direct read lends out.
+pub(crate) const LEND_MAX: usize = 16;
+
+/// The frames a direct read lent out ([`Link::read_direct`]): their payloads go to the
+/// read's buffer without the runtime's lock, then the loan is given back with
+/// [`Link::give_back`]. The ring reads on meanwhile; only its space waits.
+pub(crate) struct Lent {
+    /// Frames from this size up are lent.
+    from: usize,
+    loan: Option<Loan>,
+    copies: [LentCopy; LEND_MAX],
+    len: usize,
+}
+
+/// One lent payload: `len` bytes at region offset `at`, for the read's buffer at `to`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct LentCopy {
+    pub(crate) at: usize,
+    pub(crate) len: usize,
+    pub(crate) to: usize,
+}
+
+impl Lent {
+    /// Lends frames of `from` bytes or more ([`crate::link::tx::COPY_UNLOCKED_MIN`] is
+    /// the runtime's choice).
+    pub(crate) fn new(from: usize) -> Lent {
+        Lent {
+            from,
+            loan: None,
+            copies: [LentCopy::default(); LEND_MAX],
+            len: 0,
+        }
+    }
+
+    /// The loan to give back and its payloads to copy, if anything was lent (once).
+    pub(crate) fn take(&mut self) -> Option<(Loan, &[LentCopy])> {
+        let loan = self.loan.take()?;
+        let n = std::mem::take(&mut self.len);
+        Some((loan, &self.copies[..n]))
+    }
+}
 
 impl Link {
     /// Reads every published frame into the sessions. Returns whether anything arrived.
@@ -554,11 +596,14 @@ impl Link {
     }
 
     /// Reads this stream session's next frames straight from the ring. `Ok(None)` when
-    /// the general path must handle the read.
+    /// the general path must handle the read. Given `lent`, large frames (up to
+    /// [`LEND_MAX`]) are consumed but lent instead of copied: the caller copies them out
+    /// without the runtime's lock, as a large write copies in. The count covers them.
     pub(crate) fn read_direct(
         &mut self,
         id: u64,
         buf: &mut [u8],
+        mut lent: Option<&mut Lent>,
         out: &mut Actions,
     ) -> io::Result<Option<usize>> {
         if !self.up || self.parked.is_some() || buf.is_empty() {
@@ -584,8 +629,22 @@ impl Link {
             if s.received - s.fwd_cnt + len as u64 > s.buf_alloc as u64 {
                 break; // past its credit: pump resets the session
             }
-            self.rx.read_payload(rec.payload_at, &mut buf[n..n + len]);
-            self.rx.consume(&h);
+            if let Some(lent) = lent
+                .as_deref_mut()
+                .filter(|l| len >= l.from && l.len < LEND_MAX)
+            {
+                let loan = lent.loan.get_or_insert_with(|| self.rx.new_loan());
+                self.rx.lend(&h, loan);
+                lent.copies[lent.len] = LentCopy {
+                    at: rec.payload_at,
+                    len,
+                    to: n,
+                };
+                lent.len += 1;
+            } else {
+                self.rx.read_payload(rec.payload_at, &mut buf[n..n + len]);
+                self.rx.consume(&h);
+            }
             s.received += len as u64;
             s.fwd_cnt += len as u64;
             n += len;
@@ -605,6 +664,14 @@ impl Link {
                 .map_err(|f| self.fault_to_io(f))?;
         }
         Ok(Some(n))
+    }
+
+    /// The payloads a direct read lent are copied out: the ring's space behind them goes
+    /// back to the peer once no loan is left.
+    pub(crate) fn give_back(&mut self, loan: Loan, out: &mut Actions) {
+        if self.rx.give_back(loan) && self.rx.release() {
+            out.ring_peer = true;
+        }
     }
 
     /// How far the ring has been read (it starts again at zero when the peer restarts).

@@ -16,12 +16,13 @@ mod bell;
 
 use self::bell::{Bell, CallerWait, Holder};
 use crate::config::{Config, WaitMode};
+use crate::link::rx::LentCopy;
 use crate::link::{Actions, Fault, Link, Stripes};
 use crate::shm::doorbell::Doorbell;
 use crate::shm::layout::{Geometry, LayoutError, Role};
 use crate::shm::region::SharedRegion;
 use crate::shm::sync::{AtomicBool, AtomicUsize, Ordering as StdOrdering};
-use crate::wire::ring::CopySlot;
+use crate::wire::ring::{CopySlot, Loan};
 use crossbeam_utils::CachePadded;
 use std::io;
 use std::ops::{Deref, DerefMut};
@@ -175,6 +176,21 @@ impl<'a> LinkGuard<'a> {
     }
 }
 
+/// Gives a loan back if [`Shared::copy_lent`] unwinds before it does.
+struct GiveBack<'a> {
+    shared: &'a Shared,
+    loan: Loan,
+}
+
+impl Drop for GiveBack<'_> {
+    fn drop(&mut self) {
+        let mut link = self.shared.lock();
+        let mut out = Actions::default();
+        link.give_back(self.loan, &mut out);
+        self.shared.act(&link, out);
+    }
+}
+
 /// Where some sessions' callers sleep.
 #[derive(Default)]
 struct Stripe {
@@ -284,6 +300,37 @@ impl Shared {
         let mut out = Actions::default();
         link.finish_copy(slot, &mut out);
         self.act(&link, out);
+    }
+
+    /// Copies the payloads a direct read of generation `gen` lent (`Link::read_direct`)
+    /// into its buffer, without the lock, then gives the loan back under it; `read` is
+    /// what the read returned. A link reset meanwhile: the bytes may be a restarted
+    /// peer's, so they are dropped and the reset reported.
+    pub(crate) fn copy_lent(
+        &self,
+        gen: u64,
+        loan: Loan,
+        copies: &[LentCopy],
+        buf: &mut [u8],
+        read: io::Result<usize>,
+    ) -> io::Result<usize> {
+        // Given back even if a copy unwinds: the ring's space would never come back.
+        let on_unwind = GiveBack { shared: self, loan };
+        if read.is_ok() {
+            for c in copies {
+                self.region.read(c.at, &mut buf[c.to..c.to + c.len]);
+            }
+        }
+        // It holds nothing to free: forgetting it only skips its drop.
+        std::mem::forget(on_unwind);
+        let mut link = self.lock();
+        let mut out = Actions::default();
+        link.give_back(loan, &mut out);
+        self.act(&link, out);
+        if read.is_ok() && link.gen() != gen {
+            return Err(crate::link::reset_error(&link));
+        }
+        read
     }
 
     /// A link fault: every session is reset; a new epoch starts unless the peer's

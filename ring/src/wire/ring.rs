@@ -87,6 +87,20 @@ pub(crate) struct Consumer {
     wakeup_armed: bool,
     /// The writer said it polls: release without the space fence.
     pub(crate) peer_polls: bool,
+    /// Records consumed but lent out ([`Consumer::lend`]) whose payloads are still being
+    /// copied: the tail stops at `held_from` until the last is given back.
+    lent: u32,
+    held_from: u64,
+    /// Counts resets: a record lent in an earlier round is given back into nothing.
+    round: u64,
+}
+
+/// Records [`Consumer::lend`] consumed while their payloads are copied out: given back
+/// together with [`Consumer::give_back`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Loan {
+    round: u64,
+    records: u32,
 }
 
 impl Producer {
@@ -398,6 +412,9 @@ impl Consumer {
             released: 0,
             wakeup_armed: false,
             peer_polls: false,
+            lent: 0,
+            held_from: 0,
+            round: 0,
         }
     }
 
@@ -409,6 +426,10 @@ impl Consumer {
         self.released = 0;
         self.wakeup_armed = false;
         self.peer_polls = false;
+        // Copies of the old round still running read bytes the new round may overwrite:
+        // their readers drop them (the link reset ends their sessions).
+        self.lent = 0;
+        self.round += 1;
         self.restore_words();
     }
 
@@ -506,23 +527,59 @@ impl Consumer {
         }
     }
 
+    /// Consumes the record [`Consumer::next`] returned, as [`Consumer::consume`] does,
+    /// while its payload is still to be copied out (without the caller's lock): the
+    /// records after it can be read meanwhile, but no byte from it on is handed back to
+    /// the writer until every loan is given back.
+    /// The record joins `loan` (from [`Consumer::new_loan`]).
+    pub(crate) fn lend(&mut self, header: &Header, loan: &mut Loan) {
+        if self.lent == 0 {
+            self.held_from = self.tail;
+        }
+        self.lent += 1;
+        loan.records += 1;
+        self.consume(header);
+    }
+
+    /// An empty loan of this round, for [`Consumer::lend`].
+    pub(crate) fn new_loan(&self) -> Loan {
+        Loan {
+            round: self.round,
+            records: 0,
+        }
+    }
+
+    /// The payloads of `loan` are copied out; `true` when no loan is left (the tail may
+    /// move). A loan of a round before a reset gives back nothing.
+    pub(crate) fn give_back(&mut self, loan: Loan) -> bool {
+        if loan.round == self.round {
+            self.lent = self.lent.saturating_sub(loan.records);
+        }
+        self.lent == 0
+    }
+
     /// Bytes consumed locally but not yet handed back to the writer.
     pub(crate) fn unreleased(&self) -> u64 {
         self.tail - self.released
     }
 
-    /// Hands consumed bytes back to the writer; says whether its blocked writer now has
-    /// the space it posted (ring it).
+    /// Hands consumed bytes back to the writer (up to the first lent record while loans
+    /// are out); says whether its blocked writer now has the space it posted (ring it).
     #[inline]
     pub(crate) fn release(&mut self) -> bool {
-        if self.tail == self.released {
+        let upto = if self.lent > 0 {
+            self.held_from
+        } else {
+            self.tail
+        };
+        if upto <= self.released {
             return false;
         }
-        self.released = self.tail;
+        self.released = upto;
         // SYNC POINT tail: Release pairs with the Acquire load of RX_TAIL in
         // Producer::free: we are done reading every byte below it.
         self.region
-            .store_u64(self.own_block + side::RX_TAIL, self.tail, Ordering::Release);
+            .store_u64(self.own_block + side::RX_TAIL, upto, Ordering::Release);
         if self.peer_polls {
             // The writer never posts a space need (PROTOCOL.md §5).
             return false;
@@ -533,7 +590,7 @@ impl Consumer {
         let want = self
             .region
             .load_u64(self.peer_block + side::TX_NEED_SPACE, Ordering::Relaxed);
-        want != 0 && self.tail >= want
+        want != 0 && upto >= want
     }
 
     /// Arms the need-wakeup flag and re-checks the peer's head: `true` if data is already
@@ -644,6 +701,76 @@ mod tests {
             c.consume(&rec.header);
             got.push((rec.header.session, want.len()));
         }
+    }
+
+    #[test]
+    fn the_tail_waits_at_a_lent_record_until_every_loan_is_back() {
+        let _w = crate::test_watchdog::watchdog(
+            "the_tail_waits_at_a_lent_record_until_every_loan_is_back",
+            20,
+        );
+        let (r, mut p, mut c) = pair();
+        for id in 0..4 {
+            assert!(push_rec(&mut p, 128, id));
+        }
+        p.publish();
+        c.available().unwrap();
+        // The first record is copied at once, the second and third lent on two loans.
+        let first = c.next(MAX).unwrap().unwrap();
+        c.consume(&first.header);
+        let mut a = c.new_loan();
+        let mut b = c.new_loan();
+        let second = c.next(MAX).unwrap().unwrap();
+        c.lend(&second.header, &mut a);
+        let third = c.next(MAX).unwrap().unwrap();
+        c.lend(&third.header, &mut b);
+        // The ring reads on past the loans.
+        let fourth = c.next(MAX).unwrap().unwrap();
+        assert_eq!(fourth.header.session, 3);
+        c.consume(&fourth.header);
+        assert_eq!(c.position(), 512);
+        // Only what is before the first lent record goes back to the writer.
+        c.release();
+        assert_eq!(word(&r, C + side::RX_TAIL), 128);
+        assert!(!c.give_back(a), "a loan is still out");
+        c.release();
+        assert_eq!(word(&r, C + side::RX_TAIL), 128);
+        assert!(c.give_back(b));
+        c.release();
+        assert_eq!(word(&r, C + side::RX_TAIL), 512);
+        assert_eq!(c.unreleased(), 0);
+    }
+
+    #[test]
+    fn a_loan_from_before_a_reset_gives_back_nothing() {
+        let _w =
+            crate::test_watchdog::watchdog("a_loan_from_before_a_reset_gives_back_nothing", 20);
+        let (r, mut p, mut c) = pair();
+        assert!(push_rec(&mut p, 128, 1));
+        p.publish();
+        c.available().unwrap();
+        let mut old = c.new_loan();
+        let rec = c.next(MAX).unwrap().unwrap();
+        c.lend(&rec.header, &mut old);
+        c.reset();
+        p.reset();
+        // The new round lends a record of its own.
+        assert!(push_rec(&mut p, 64, 2));
+        assert!(push_rec(&mut p, 64, 3));
+        p.publish();
+        c.available().unwrap();
+        let mut new = c.new_loan();
+        let rec = c.next(MAX).unwrap().unwrap();
+        c.lend(&rec.header, &mut new);
+        let rec = c.next(MAX).unwrap().unwrap();
+        c.consume(&rec.header);
+        // The old loan coming back does not free the new one's record.
+        assert!(!c.give_back(old));
+        c.release();
+        assert_eq!(word(&r, C + side::RX_TAIL), 0);
+        assert!(c.give_back(new));
+        c.release();
+        assert_eq!(word(&r, C + side::RX_TAIL), 128);
     }
 
     #[test]
