@@ -754,6 +754,74 @@ fn ivring_rtt(ep: &Endpoint, size: usize, secs: f64, message: bool) -> Result<Hi
     Ok(v)
 }
 
+/// Writes of `size` bytes to a sink, each timed, 64 at a time with a 50 us pause between
+/// (an application's requests, not a stream); with `beside_bulk`, while another thread of
+/// this endpoint reads a source session in 1 MiB reads. The writes' latencies and the
+/// bulk read's bytes/s: what a large read costs the endpoint's other sessions.
+fn ivring_writes_beside_bulk(
+    ep: &Endpoint,
+    size: usize,
+    secs: f64,
+    beside_bulk: bool,
+) -> Result<(Histogram<u64>, f64)> {
+    let mut sink = ep.connect(services::PORT_SINK)?;
+    let msg = vec![0x5au8; size];
+    let mut lat = rtt_histogram();
+    let mut sent = 0u64;
+    let stop = AtomicBool::new(false);
+    let bulk = std::thread::scope(|t| -> Result<f64> {
+        let reader = if beside_bulk {
+            let src = ep.connect(services::PORT_SOURCE)?;
+            // Far more than the figure reads: the source ends when the session drops.
+            let mut req = [0u8; 16];
+            req[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+            (&src).write_all(&req)?;
+            let stop = &stop;
+            Some(t.spawn(move || -> std::io::Result<f64> {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut got = 0u64;
+                let t0 = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    got += (&src).read(&mut buf)? as u64;
+                }
+                Ok(got as f64 / t0.elapsed().as_secs_f64())
+            }))
+        } else {
+            None
+        };
+        let t0 = Instant::now();
+        let wrote = (|| -> std::io::Result<()> {
+            while t0.elapsed().as_secs_f64() < secs {
+                for _ in 0..64 {
+                    let t = Instant::now();
+                    sink.write_all(&msg)?;
+                    record_rtt(&mut lat, t.elapsed());
+                    sent += size as u64;
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let bulk = match reader {
+            Some(r) => r
+                .join()
+                .map_err(|_| anyhow::anyhow!("bulk reader panicked"))??,
+            None => 0.0,
+        };
+        wrote?;
+        Ok(bulk)
+    })?;
+    sink.shutdown(Shutdown::Write)?;
+    let mut reply = [0u8; 8];
+    sink.read_exact(&mut reply)?;
+    let got = u64::from_le_bytes(reply);
+    if got != sent {
+        bail!("sink counted {got} bytes, {sent} sent");
+    }
+    Ok((lat, bulk))
+}
+
 /// Opens a session to `port`. The peer's listener backlog (Config::backlog) can fill
 /// while its accept thread waits for a CPU: back off and retry a refused open.
 fn connect_patiently(ep: &Endpoint, port: u32) -> Result<Session> {
@@ -1304,6 +1372,39 @@ fn measure_block(
             }
             rows.push(r);
         }
+    }
+    let name = "ivring/write-beside-bulk";
+    if !skip(name, 64) {
+        log(&format!(
+            "[{m}] {name} 64 B: writes timed alone and while another session is read in \
+             bulk (interleaved)"
+        ));
+        let mut out = interleave(
+            secs,
+            &mut [
+                &mut |t| ivring_writes_beside_bulk(ep, 64, t, false),
+                &mut |t| ivring_writes_beside_bulk(ep, 64, t, true),
+            ],
+        )?;
+        let beside = out.pop().unwrap_or_default();
+        let alone = out.pop().unwrap_or_default();
+        let bulk = beside.iter().map(|x| x.1).sum::<f64>() / beside.len().max(1) as f64;
+        let beside = rtt_of(beside.into_iter().map(|x| x.0).collect())?;
+        let alone = rtt_of(alone.into_iter().map(|x| x.0).collect())?;
+        let mut r = rtt_row(name, m, 64, &beside);
+        // Latencies of single writes, not round trips: no rate to give.
+        r.msgs_per_s = None;
+        let p999 = |x: &Histogram<u64>| pct(x, 99.9) as f64;
+        for (k, q) in [
+            ("alone_p50_ns", 50.0),
+            ("alone_p99_ns", 99.0),
+            ("alone_p99_9_ns", 99.9),
+        ] {
+            r.extra.push((k.into(), pct(&alone, q) as f64));
+        }
+        r.extra.push(("bulk_bytes_per_s".into(), bulk));
+        r.ratio = Some((p999(&beside) / p999(&alone).max(1.0), "alone p99.9".into()));
+        rows.push(r);
     }
     // Each many-session figure is measured in slices interleaved with one session's (the
     // same writes, sink and window) and with the other way of serving them, so that the
