@@ -8,7 +8,8 @@
 //! [`Link::read_direct`] copies them once, straight out of the ring. Anything else
 //! (another session's frame, a control frame, a bad header, a frame past the credit) is
 //! left for `pump`, which handles it exactly as before, so ordering and error handling do
-//! not change.
+//! not change. Large frames it consumes but lends ([`Lent`]): the runtime copies them out
+//! after releasing its lock, and the ring's tail waits for them, not the ring's readers.
 
 use crate::link::{session_in, Actions, Corruption, Fault, Link, Sess, SessionIds, State};
 use crate::wire::frame::{self, CreditArgs, Header, Kind, OpenArgs, FLAG_EOR};
