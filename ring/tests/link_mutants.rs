@@ -82,7 +82,12 @@ fn pair_in(role: Role, cfg: Config, len: usize) -> (Endpoint, Peer) {
 /// A host victim without a keeper thread, listening on `PORT`, link up: frames the peer
 /// publishes stay in the ring until the test drives it or a reader takes them directly.
 fn driven_pair(cfg: Config) -> (Endpoint, Listener, Peer) {
-    let region = SharedRegion::heap(64 << 10);
+    driven_pair_in(cfg, 64 << 10)
+}
+
+/// As [`driven_pair`], over a region of `len` bytes.
+fn driven_pair_in(cfg: Config, len: usize) -> (Endpoint, Listener, Peer) {
+    let region = SharedRegion::heap(len);
     let (a, b) = local::pair();
     let mut h = Hostile::new(region.clone(), Role::Guest, Arc::new(b));
     let victim = Endpoint::unattached(Role::Host, region, Arc::new(a), cfg).unwrap();
@@ -385,54 +390,61 @@ fn credit_is_exact() {
     assert_eq!(five.to_vec(), bytes(id, 2 * BUF as u64, 2 * BUF as u64 + 5));
 }
 
-/// A read with room for many frames takes the large ones out of the ring after the lock
-/// (lent) and the small ones under it: every byte arrives in order, the credit granted
-/// counts each byte once, and all the ring's space comes back to the writer.
+/// A direct read with room for many frames (nothing pumped them: the victim has no keeper
+/// thread) takes the large ones out of the ring after the lock (lent) and the small ones
+/// under it, all in one call: every byte arrives in order, the ring's space all comes
+/// back to the writer when the read returns, and the credit counts each byte once.
 #[test]
 fn large_frames_read_at_once_arrive_whole_and_credited() {
     let _w = watchdog("large_frames_read_at_once_arrive_whole_and_credited", LIMIT);
-    let window = 256 << 10;
+    let window = 512 << 10;
     let cfg = Config {
         buf_size: window,
         max_buf_size: window,
         ..cfg()
     };
-    let (victim, mut peer) = pair_in(Role::Host, cfg, 2 << 20);
-    let l = victim.listen(PORT).unwrap();
+    let (_victim, l, mut peer) = driven_pair_in(cfg, 2 << 20);
     let (id, mut s) = accepted(&l, &mut peer, false);
     // Lent, copied, lent, copied (one byte under the size lent), lent.
     let sizes: [u64; 5] = [48 << 10, 100, 20 << 10, (16 << 10) - 1, 48 << 10];
     let total: u64 = sizes.iter().sum();
-    let got = counted(&victim, &mut peer, |p| {
-        let mut off = 0;
-        for n in sizes {
-            p.push(Kind::Data, 0, id, &bytes(id, off, off + n));
-            off += n;
-        }
-    });
-    assert_eq!(got, (0, 0, 0), "frames within the credit");
-    let mut buf = vec![0u8; 1 << 20];
-    let mut read = Vec::new();
-    while (read.len() as u64) < total {
-        let k = s.read(&mut buf).unwrap();
-        assert!(k > 0, "EOF after {} of {total} bytes", read.len());
-        read.extend_from_slice(&buf[..k]);
+    let mut off = 0;
+    for n in sizes {
+        peer.push(Kind::Data, 0, id, &bytes(id, off, off + n));
+        off += n;
     }
-    assert_eq!(read.len() as u64, total);
-    assert!(read == bytes(id, 0, total), "the bytes, in order");
-    // The credits granted: each past the last, none past what was read, and within a
-    // quarter window of all of it (the rule for a stream session).
-    peer.sync();
+    let mut buf = vec![0u8; 1 << 20];
+    assert_eq!(
+        s.read(&mut buf).unwrap() as u64,
+        total,
+        "one read takes them all"
+    );
+    assert!(
+        buf[..total as usize] == bytes(id, 0, total)[..],
+        "the bytes, in order"
+    );
+    // Every byte handed back: the victim's tail is at the peer's head.
+    assert_eq!(peer.h.load(peer.h.victim, side::RX_TAIL), peer.h.head);
+    // The credit granted: within a quarter window of all that was read, none past it.
+    peer.poll();
     let credits: Vec<u64> = peer.credits(id).iter().map(|c| c.fwd_cnt).collect();
-    assert!(credits.windows(2).all(|w| w[0] < w[1]), "{credits:?}");
     let last = credits.last().copied().unwrap_or(0);
     assert!(
         last <= total && total - last < u64::from(window) / 4,
         "{credits:?}"
     );
-    // Every byte handed back: the victim's tail is at the peer's head.
+    // More frames of the size lent than one read lends: the rest are copied, same call.
+    let frame = 16u64 << 10;
+    for i in 0..17 {
+        let at = total + i * frame;
+        peer.push(Kind::Data, 0, id, &bytes(id, at, at + frame));
+    }
+    let more = 17 * frame;
+    assert_eq!(s.read(&mut buf).unwrap() as u64, more);
+    assert!(buf[..more as usize] == bytes(id, total, total + more)[..]);
     assert_eq!(peer.h.load(peer.h.victim, side::RX_TAIL), peer.h.head);
     // The session goes on: a small frame after them is read as usual.
+    let total = total + more;
     peer.push(Kind::Data, 0, id, &bytes(id, total, total + 7));
     let mut seven = [0u8; 7];
     s.read_exact(&mut seven).unwrap();
