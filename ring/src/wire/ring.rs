@@ -530,8 +530,8 @@ impl Consumer {
     /// Consumes the record [`Consumer::next`] returned, as [`Consumer::consume`] does,
     /// while its payload is still to be copied out (without the caller's lock): the
     /// records after it can be read meanwhile, but no byte from it on is handed back to
-    /// the writer until every loan is given back.
-    /// The record joins `loan` (from [`Consumer::new_loan`]).
+    /// the writer until every loan is given back. The record joins `loan` (from
+    /// [`Consumer::new_loan`]).
     pub(crate) fn lend(&mut self, header: &Header, loan: &mut Loan) {
         if self.lent == 0 {
             self.held_from = self.tail;
@@ -577,7 +577,8 @@ impl Consumer {
         }
         self.released = upto;
         // SYNC POINT tail: Release pairs with the Acquire load of RX_TAIL in
-        // Producer::free: we are done reading every byte below it.
+        // Producer::free: we are done reading every byte below it (a lent payload's
+        // copy comes before its give_back, under the caller's lock, and so before this).
         self.region
             .store_u64(self.own_block + side::RX_TAIL, upto, Ordering::Release);
         if self.peer_polls {
