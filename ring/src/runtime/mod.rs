@@ -184,10 +184,7 @@ struct GiveBack<'a> {
 
 impl Drop for GiveBack<'_> {
     fn drop(&mut self) {
-        let mut link = self.shared.lock();
-        let mut out = Actions::default();
-        link.give_back(self.loan, &mut out);
-        self.shared.act(&link, out);
+        drop(self.shared.give_back(self.loan));
     }
 }
 
@@ -323,14 +320,21 @@ impl Shared {
         }
         // It holds nothing to free: forgetting it only skips its drop.
         std::mem::forget(on_unwind);
-        let mut link = self.lock();
-        let mut out = Actions::default();
-        link.give_back(loan, &mut out);
-        self.act(&link, out);
+        let link = self.give_back(loan);
         if read.is_ok() && link.gen() != gen {
             return Err(crate::link::reset_error(&link));
         }
         read
+    }
+
+    /// Gives a direct read's loan back (the ring's space behind it may go back to the
+    /// peer); the lock stays held for the caller.
+    fn give_back(&self, loan: Loan) -> LinkGuard<'_> {
+        let mut link = self.lock();
+        let mut out = Actions::default();
+        link.give_back(loan, &mut out);
+        self.act(&link, out);
+        link
     }
 
     /// A link fault: every session is reset; a new epoch starts unless the peer's
