@@ -405,8 +405,8 @@ fn large_frames_read_at_once_arrive_whole_and_credited() {
     };
     let (_victim, l, mut peer) = driven_pair_in(cfg, 2 << 20);
     let (id, mut s) = accepted(&l, &mut peer, false);
-    // Lent, copied, lent, copied (one byte under the size lent), lent.
-    let sizes: [u64; 5] = [48 << 10, 100, 20 << 10, (16 << 10) - 1, 48 << 10];
+    // Lent, copied, lent, copied (one byte under the 1 KiB lent), lent.
+    let sizes: [u64; 5] = [48 << 10, 100, 20 << 10, (1 << 10) - 1, 48 << 10];
     let total: u64 = sizes.iter().sum();
     let mut off = 0;
     for n in sizes {
@@ -433,13 +433,14 @@ fn large_frames_read_at_once_arrive_whole_and_credited() {
         last <= total && total - last < u64::from(window) / 4,
         "{credits:?}"
     );
-    // More frames of the size lent than one read lends: the rest are copied, same call.
-    let frame = 16u64 << 10;
-    for i in 0..17 {
+    // More frames of the size lent than one read lends (64): the rest are copied, same
+    // call.
+    let frame = 1u64 << 10;
+    for i in 0..65 {
         let at = total + i * frame;
         peer.push(Kind::Data, 0, id, &bytes(id, at, at + frame));
     }
-    let more = 17 * frame;
+    let more = 65 * frame;
     assert_eq!(s.read(&mut buf).unwrap() as u64, more);
     assert!(buf[..more as usize] == bytes(id, total, total + more)[..]);
     assert_eq!(peer.h.load(peer.h.victim, side::RX_TAIL), peer.h.head);
@@ -449,6 +450,45 @@ fn large_frames_read_at_once_arrive_whole_and_credited() {
     let mut seven = [0u8; 7];
     s.read_exact(&mut seven).unwrap();
     assert_eq!(seven.to_vec(), bytes(id, total, total + 7));
+}
+
+/// A direct read copies at most 16 KiB with the lock held (frames too small to lend, or
+/// past the 64 one read lends), then returns what it has: the next read takes the rest.
+#[test]
+fn a_direct_read_copies_16_kib_at_most_under_the_lock() {
+    let _w = watchdog("a_direct_read_copies_16_kib_at_most_under_the_lock", LIMIT);
+    let window = 512 << 10;
+    let cfg = Config {
+        buf_size: window,
+        max_buf_size: window,
+        ..cfg()
+    };
+    let (_victim, l, mut peer) = driven_pair_in(cfg, 2 << 20);
+    let (id, mut s) = accepted(&l, &mut peer, false);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut read_and_check = |s: &mut ivring::Session, from: u64, want: u64| {
+        assert_eq!(s.read(&mut buf).unwrap() as u64, want, "bytes from {from}");
+        assert!(buf[..want as usize] == bytes(id, from, from + want)[..]);
+    };
+    // 300 frames of 100 bytes, none lent: 163 of them fit 16 KiB.
+    for i in 0..300u64 {
+        peer.push(Kind::Data, 0, id, &bytes(id, i * 100, (i + 1) * 100));
+    }
+    read_and_check(&mut s, 0, 16_300);
+    read_and_check(&mut s, 16_300, 13_700);
+    // 84 frames of 1 KiB: 64 lent, then 16 copied, then the last 4 on the next call.
+    let at = 30_000;
+    for i in 0..84u64 {
+        peer.push(
+            Kind::Data,
+            0,
+            id,
+            &bytes(id, at + (i << 10), at + ((i + 1) << 10)),
+        );
+    }
+    read_and_check(&mut s, at, 80 << 10);
+    read_and_check(&mut s, at + (80 << 10), 4 << 10);
+    assert_eq!(peer.h.load(peer.h.victim, side::RX_TAIL), peer.h.head);
 }
 
 /// A reader that sees the session reset by a frame past the credit gets ConnectionReset.

@@ -754,15 +754,24 @@ fn ivring_rtt(ep: &Endpoint, size: usize, secs: f64, message: bool) -> Result<Hi
     Ok(v)
 }
 
+/// The frames of the bulk session [`ivring_writes_beside_bulk`] reads.
+#[derive(Clone, Copy)]
+enum BulkFrames {
+    /// The largest frames there are (the source service's 256 KiB writes).
+    Largest,
+    /// Frames of this many bytes (the peer writes that much at a time).
+    Of(usize),
+}
+
 /// Writes of `size` bytes to a sink, each timed, 64 at a time with a 50 us pause between
 /// (an application's requests, not a stream); with `beside_bulk`, while another thread of
-/// this endpoint reads a source session in 1 MiB reads. The writes' latencies and the
-/// bulk read's bytes/s: what a large read costs the endpoint's other sessions.
+/// this endpoint reads a session of such frames in 1 MiB reads. The writes' latencies and
+/// the bulk read's bytes/s: what a large read costs the endpoint's other sessions.
 fn ivring_writes_beside_bulk(
     ep: &Endpoint,
     size: usize,
     secs: f64,
-    beside_bulk: bool,
+    beside_bulk: Option<BulkFrames>,
 ) -> Result<(Histogram<u64>, f64)> {
     let mut sink = ep.connect(services::PORT_SINK)?;
     let msg = vec![0x5au8; size];
@@ -770,12 +779,25 @@ fn ivring_writes_beside_bulk(
     let mut sent = 0u64;
     let stop = AtomicBool::new(false);
     let bulk = std::thread::scope(|t| -> Result<f64> {
-        let reader = if beside_bulk {
-            let src = ep.connect(services::PORT_SOURCE)?;
-            // Far more than the figure reads: the source ends when the session drops.
-            let mut req = [0u8; 16];
-            req[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
-            (&src).write_all(&req)?;
+        let reader = if let Some(frames) = beside_bulk {
+            let src = match frames {
+                BulkFrames::Largest => {
+                    // Far more than the figure reads: the source ends when the session
+                    // drops.
+                    let src = ep.connect(services::PORT_SOURCE)?;
+                    let mut req = [0u8; 16];
+                    req[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+                    (&src).write_all(&req)?;
+                    src
+                }
+                BulkFrames::Of(n) => {
+                    // The duplex service writes `n` bytes at a time until the session
+                    // drops (we send it nothing).
+                    let src = ep.connect(services::PORT_DUPLEX)?;
+                    (&src).write_all(&(n as u64).to_le_bytes())?;
+                    src
+                }
+            };
             let stop = &stop;
             Some(t.spawn(move || -> std::io::Result<f64> {
                 let mut buf = vec![0u8; 1 << 20];
@@ -1373,8 +1395,13 @@ fn measure_block(
             rows.push(r);
         }
     }
-    let name = "ivring/write-beside-bulk";
-    if !skip(name, 64) {
+    for (name, frames) in [
+        ("ivring/write-beside-bulk", BulkFrames::Largest),
+        ("ivring/write-beside-bulk-4k", BulkFrames::Of(4096)),
+    ] {
+        if skip(name, 64) {
+            continue;
+        }
         log(&format!(
             "[{m}] {name} 64 B: writes timed alone and while another session is read in \
              bulk (interleaved)"
@@ -1382,8 +1409,8 @@ fn measure_block(
         let mut out = interleave(
             secs,
             &mut [
-                &mut |t| ivring_writes_beside_bulk(ep, 64, t, false),
-                &mut |t| ivring_writes_beside_bulk(ep, 64, t, true),
+                &mut |t| ivring_writes_beside_bulk(ep, 64, t, None),
+                &mut |t| ivring_writes_beside_bulk(ep, 64, t, Some(frames)),
             ],
         )?;
         let beside = out.pop().unwrap_or_default();

@@ -1329,12 +1329,13 @@ mod tests {
                 sent += n;
             } else {
                 peer.publish();
-                l.pump(Instant::now(), &mut out).unwrap();
+                // Each pump takes 16 KiB of data at most.
+                while l.pump(Instant::now(), &mut out).unwrap() {}
                 peer.drain();
             }
         }
         peer.publish();
-        l.pump(Instant::now(), &mut out).unwrap();
+        while l.pump(Instant::now(), &mut out).unwrap() {}
         assert_eq!(l.sessions[&id].buffered(), bytes);
         id
     }

@@ -8,8 +8,10 @@
 //! [`Link::read_direct`] copies them once, straight out of the ring. Anything else
 //! (another session's frame, a control frame, a bad header, a frame past the credit) is
 //! left for `pump`, which handles it exactly as before, so ordering and error handling do
-//! not change. Large frames it consumes but lends ([`Lent`]): the runtime copies them out
-//! after releasing its lock, and the ring's tail waits for them, not the ring's readers.
+//! not change. Frames of 1 KiB or more it consumes but lends ([`Lent`]): the runtime
+//! copies them out after releasing its lock, and the ring's tail waits for them, not the
+//! ring's readers. What it copies under the lock it bounds ([`LOCKED_COPY_MAX`]), so a
+//! bulk read holds the lock for bookkeeping, not for its bytes, whatever its frames' size.
 
 use crate::link::{session_in, Actions, Corruption, Fault, Link, Sess, SessionIds, State};
 use crate::wire::frame::{self, CreditArgs, Header, Kind, OpenArgs, FLAG_EOR};
@@ -18,8 +20,19 @@ use std::collections::HashMap;
 use std::io;
 use std::time::Instant;
 
-/// Most frames one direct read lends out.
-pub(crate) const LEND_MAX: usize = 16;
+/// Most frames one direct read lends out: a 1 MiB read of 16 KiB frames, or a quarter
+/// of one of 4 KiB frames (the rest on the next call).
+pub(crate) const LEND_MAX: usize = 64;
+
+/// Frames from this size up are lent when the read lends ([`Lent::new`], the runtime's
+/// choice): below it a frame's copy costs about what recording its loan does.
+pub(crate) const LEND_FROM: usize = 1 << 10;
+
+/// Most payload bytes a direct read copies with the lock held (frames too small to lend,
+/// or past [`LEND_MAX`]): it returns what it has rather than go on. 16 KiB takes about a
+/// microsecond; a 1 MiB read of 4 KiB frames used to hold the lock for 50-100 us, and
+/// every writer and pump of the endpoint with it.
+pub(crate) const LOCKED_COPY_MAX: usize = 16 << 10;
 
 /// The frames a direct read lent out ([`Link::read_direct`]): their payloads go to the
 /// read's buffer without the runtime's lock, then the loan is given back with
@@ -41,8 +54,7 @@ pub(crate) struct LentCopy {
 }
 
 impl Lent {
-    /// Lends frames of `from` bytes or more ([`crate::link::tx::COPY_UNLOCKED_MIN`] is
-    /// the runtime's choice).
+    /// Lends frames of `from` bytes or more ([`LEND_FROM`] is the runtime's choice).
     pub(crate) fn new(from: usize) -> Lent {
         Lent {
             from,
@@ -61,7 +73,9 @@ impl Lent {
 }
 
 impl Link {
-    /// Reads every published frame into the sessions. Returns whether anything arrived.
+    /// Reads the published frames into the sessions, up to [`LOCKED_COPY_MAX`] bytes of
+    /// data (and at least one frame): the rest waits in the ring for the sessions' own
+    /// reads (one copy, not two) or the next call. Returns whether anything arrived.
     pub fn pump(&mut self, now: Instant, out: &mut Actions) -> Result<bool, Fault> {
         if !self.up {
             return Ok(false);
@@ -77,6 +91,7 @@ impl Link {
         // A peer that publishes as fast as we read must not keep us here (holding the
         // link's lock) for ever: after a ring's worth, stop and let the caller come back.
         let mut budget = self.geom.capacity;
+        let mut copied = 0;
         let mut may_park = match self.parked_state(now) {
             crate::link::park::ParkState::Lent => return Ok(false),
             crate::link::park::ParkState::Waiting => return Ok(false),
@@ -105,6 +120,12 @@ impl Link {
             budget = budget.saturating_sub(frame::record_len(rec.header.len as usize) as u64);
             if self.rx.unreleased() >= quarter && self.rx.release() {
                 out.ring_peer = true;
+            }
+            // The copies are what holds the lock: a 1 MiB batch of 4 KiB frames held every
+            // writer of the endpoint for as long as 50-100 us.
+            copied += rec.header.len as usize;
+            if copied >= LOCKED_COPY_MAX {
+                break;
             }
         }
         if self.rx.release() {
@@ -600,6 +621,7 @@ impl Link {
     /// the general path must handle the read. Given `lent`, large frames (up to
     /// [`LEND_MAX`]) are consumed but lent instead of copied: the caller copies them out
     /// without the runtime's lock, as a large write copies in. The count covers them.
+    /// Past [`LOCKED_COPY_MAX`] bytes copied here it stops: a short read, as a socket's.
     pub(crate) fn read_direct(
         &mut self,
         id: u64,
@@ -621,6 +643,7 @@ impl Link {
             return Ok(None);
         }
         let mut n = 0;
+        let mut copied = 0;
         while let Some(rec) = next_published_in(&mut self.rx, max_payload) {
             let h = rec.header;
             let len = h.len as usize;
@@ -643,8 +666,12 @@ impl Link {
                 };
                 lent.len += 1;
             } else {
+                if n > 0 && copied + len > LOCKED_COPY_MAX {
+                    break;
+                }
                 self.rx.read_payload(rec.payload_at, &mut buf[n..n + len]);
                 self.rx.consume(&h);
+                copied += len;
             }
             s.received += len as u64;
             s.fwd_cnt += len as u64;
