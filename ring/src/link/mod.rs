@@ -1092,8 +1092,12 @@ mod tests {
     /// A link of `role`, attached, and the peer that plays the other side (a host peer
     /// lays the region out only if `lay_out`).
     fn victim_with(role: Role, lay_out: bool) -> (Link, MockPeer) {
-        let region = SharedRegion::heap(REGION);
-        let geom = Geometry::for_size(REGION).unwrap();
+        victim_in(role, lay_out, REGION)
+    }
+
+    fn victim_in(role: Role, lay_out: bool, size: usize) -> (Link, MockPeer) {
+        let region = SharedRegion::heap(size);
+        let geom = Geometry::for_size(size).unwrap();
         let peer = MockPeer::laying_out(
             region.clone(),
             role.other(),
@@ -1376,6 +1380,66 @@ mod tests {
         assert_eq!(l.rx_position(), 0, "the new epoch's ring, from its start");
         assert_eq!(l.stats.session_resets, 1);
         assert!(check(&mut l), "check_peer reports the followed restart");
+    }
+
+    /// A direct read that lent less than 16 KiB copies it itself, under the lock: no
+    /// loan is left for a second pass through it, and the ring's space goes back at
+    /// once. From 16 KiB the loan stays for the caller.
+    #[test]
+    fn a_direct_read_keeps_no_small_loan() {
+        let (mut l, mut peer) = victim_in(Role::Host, true, 1 << 20);
+        up(&mut l, &mut peer);
+        let id = accepted_with_data(&mut l, &mut peer, 1, 0);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut out = Actions::default();
+        for (frames, kept) in [(3u8, false), (4, true)] {
+            for i in 0..frames {
+                assert!(peer.push(Kind::Data, 0, id, &[i; 4096]));
+            }
+            peer.publish();
+            let mut lent = rx::Lent::new(1024);
+            let n = l.read_direct(id, &mut buf, Some(&mut lent), &mut out);
+            assert_eq!(n.unwrap(), Some(frames as usize * 4096));
+            match lent.take() {
+                Some((loan, copies)) => {
+                    assert!(kept, "{frames} frames lent");
+                    assert_eq!(copies.len(), frames as usize);
+                    assert!(own(&l, side::RX_TAIL) < l.rx_position(), "the tail waits");
+                    l.give_back(loan, &mut out);
+                }
+                None => {
+                    assert!(!kept, "{frames} frames copied");
+                    assert!((0..frames).all(|i| buf[i as usize * 4096..][..4096] == [i; 4096]));
+                }
+            }
+            assert_eq!(
+                own(&l, side::RX_TAIL),
+                l.rx_position(),
+                "the space handed back"
+            );
+            peer.drain();
+        }
+    }
+
+    /// A pump copies 64 KiB of data at most (and one frame at least): what is left stays
+    /// in the ring for the session's own read or the next pump, in order.
+    #[test]
+    fn a_pump_copies_64_kib_at_most() {
+        let (mut l, mut peer) = victim_in(Role::Host, true, 1 << 20);
+        up(&mut l, &mut peer);
+        let id = accepted_with_data(&mut l, &mut peer, 1, 0);
+        for i in 0..140u8 {
+            assert!(peer.push(Kind::Data, 0, id, &[i; 1024]));
+        }
+        peer.publish();
+        let mut out = Actions::default();
+        let mut seen = Vec::new();
+        while l.pump(Instant::now(), &mut out).unwrap() {
+            seen.push(l.sessions[&id].buffered());
+        }
+        assert_eq!(seen, [64 << 10, 128 << 10, 140 << 10], "64, 64, then 12");
+        let rx = &l.sessions[&id].rx;
+        assert!((0..140u8).all(|i| rx[i as usize * 1024..][..1024] == [i; 1024]));
     }
 
     /// A closed session's receive buffer, emptied, serves the next session to open, and

@@ -28,6 +28,16 @@ pub(crate) const LEND_MAX: usize = 64;
 /// choice): below it a frame's copy costs about what recording its loan does.
 pub(crate) const LEND_FROM: usize = 1 << 10;
 
+/// A direct read that lent less than this copies what it lent itself, under the lock
+/// (the size from which a write copies outside it, for the same reason).
+const LEND_TOTAL_MIN: usize = crate::link::tx::COPY_UNLOCKED_MIN;
+
+/// Most payload bytes a pump copies into the sessions' buffers with the lock held (and
+/// one frame at least). Above a direct read's bound: one pump serves many sessions (256
+/// sessions' 4 KiB frames, a thread reading each), and each pump call is a pass through
+/// the lock.
+pub(crate) const PUMP_COPY_MAX: usize = 64 << 10;
+
 /// Most payload bytes a direct read copies with the lock held (frames too small to lend,
 /// or past [`LEND_MAX`]): it returns what it has rather than go on. 16 KiB takes about a
 /// microsecond; a 1 MiB read of 4 KiB frames used to hold the lock for 50-100 us, and
@@ -64,6 +74,11 @@ impl Lent {
         }
     }
 
+    /// Payload bytes lent so far.
+    fn bytes(&self) -> usize {
+        self.copies[..self.len].iter().map(|c| c.len).sum()
+    }
+
     /// The loan to give back and its payloads to copy, if anything was lent (once).
     pub(crate) fn take(&mut self) -> Option<(Loan, &[LentCopy])> {
         let loan = self.loan.take()?;
@@ -73,7 +88,7 @@ impl Lent {
 }
 
 impl Link {
-    /// Reads the published frames into the sessions, up to [`LOCKED_COPY_MAX`] bytes of
+    /// Reads the published frames into the sessions, up to [`PUMP_COPY_MAX`] bytes of
     /// data (and at least one frame): the rest waits in the ring for the sessions' own
     /// reads (one copy, not two) or the next call. Returns whether anything arrived.
     pub fn pump(&mut self, now: Instant, out: &mut Actions) -> Result<bool, Fault> {
@@ -122,9 +137,9 @@ impl Link {
                 out.ring_peer = true;
             }
             // The copies are what holds the lock: a 1 MiB batch of 4 KiB frames held every
-            // writer of the endpoint for as long as 50-100 us.
+            // writer of the endpoint for 50-100 us.
             copied += rec.header.len as usize;
-            if copied >= LOCKED_COPY_MAX {
+            if copied >= PUMP_COPY_MAX {
                 break;
             }
         }
@@ -682,6 +697,16 @@ impl Link {
         }
         if n == 0 {
             return Ok(None);
+        }
+        if let Some(lent) = lent.filter(|l| l.loan.is_some() && l.bytes() < LEND_TOTAL_MIN) {
+            // Too little lent to pay for the caller's second pass through the lock (with
+            // many threads queued on it, a pass is a hand-off): copied now, given back.
+            if let Some((loan, copies)) = lent.take() {
+                for c in copies {
+                    self.rx.read_payload(c.at, &mut buf[c.to..c.to + c.len]);
+                }
+                self.rx.give_back(loan);
+            }
         }
         let due = credit_due(s);
         if self.rx.release() {
