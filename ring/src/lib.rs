@@ -41,9 +41,11 @@
 //! copy is done; on the other side `Consumer` finds it) → `link/rx.rs`
 //! (`read_direct` copies it straight into the reader's buffer, `read_any` into an event
 //! loop's buffer with the frames of other sessions after it, or `pump` into the
-//! session's buffer and `read` from there). A frame of 16 KiB or more that
-//! `read_direct` meets it lends instead (`Consumer::lend`), and `runtime/mod.rs`
-//! (`copy_lent`) copies it out after the lock is released, as the write side does.
+//! session's buffer and `read` from there). Frames of 1 KiB or more that
+//! `read_direct` meets it lends instead (`Consumer::lend`), and when they add up to
+//! 16 KiB `runtime/mod.rs` (`copy_lent`) copies them out after the lock is released, as
+//! the write side does (fewer it copies at once: a loan costs a second pass through the
+//! lock).
 //! Beside it, `runtime/mod.rs` (`wait_locked_on`) decides when a call that found no
 //! credit, space or data tries again, and `wire/frame.rs` is the 16-byte header in
 //! front of it.

@@ -10,7 +10,7 @@
 //! left for `pump`, which handles it exactly as before, so ordering and error handling do
 //! not change. Frames of 1 KiB or more it consumes but lends ([`Lent`]): the runtime
 //! copies them out after releasing its lock, and the ring's tail waits for them, not the
-//! ring's readers. What it copies under the lock it bounds ([`LOCKED_COPY_MAX`]), so a
+//! ring's readers (under [`LEND_TOTAL_MIN`] lent, it copies them itself at once). What it copies under the lock it bounds ([`LOCKED_COPY_MAX`]), so a
 //! bulk read holds the lock for bookkeeping, not for its bytes, whatever its frames' size.
 
 use crate::link::{session_in, Actions, Corruption, Fault, Link, Sess, SessionIds, State};
