@@ -2,7 +2,7 @@
 //! the runtime (`crate::runtime`), which drives the link (`crate::link`).
 
 use crate::config::Config;
-use crate::link::rx::{Lent, LEND_FROM};
+use crate::link::rx::{Lent, LEND_FROM, LEND_TOTAL_MIN};
 use crate::link::tx::{step, Framed, WriteStep, COPY_UNLOCKED_MIN};
 use crate::link::{reset_error, Actions, Link, State, Stats};
 use crate::runtime::{DriveNext, Keeper, KeeperState, Patience, Shared, WaitOn};
@@ -735,7 +735,8 @@ impl Session {
         // Frames of 1 KiB and more are lent by the read and copied out after it, without
         // the lock, when the buffer has room for enough of them to pay for the second
         // pass through the lock (the size from which a write copies outside it).
-        let mut lent = (buf.len() >= COPY_UNLOCKED_MIN).then(|| Lent::new(LEND_FROM));
+        let mut lent =
+            (buf.len() >= COPY_UNLOCKED_MIN).then(|| Lent::new(LEND_FROM, LEND_TOTAL_MIN));
         let read =
             self.shared
                 .wait_session(id, Self::deadline(self.read_timeout), patience, |l, out| {

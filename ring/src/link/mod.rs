@@ -1397,7 +1397,7 @@ mod tests {
                 assert!(peer.push(Kind::Data, 0, id, &[i; 4096]));
             }
             peer.publish();
-            let mut lent = rx::Lent::new(1024);
+            let mut lent = rx::Lent::new(1024, rx::LEND_TOTAL_MIN);
             let n = l.read_direct(id, &mut buf, Some(&mut lent), &mut out);
             assert_eq!(n.unwrap(), Some(frames as usize * 4096));
             match lent.take() {

@@ -10,8 +10,9 @@
 //! left for `pump`, which handles it exactly as before, so ordering and error handling do
 //! not change. Frames of 1 KiB or more it consumes but lends ([`Lent`]): the runtime
 //! copies them out after releasing its lock, and the ring's tail waits for them, not the
-//! ring's readers (under [`LEND_TOTAL_MIN`] lent, it copies them itself at once). What it copies under the lock it bounds ([`LOCKED_COPY_MAX`]), so a
-//! bulk read holds the lock for bookkeeping, not for its bytes, whatever its frames' size.
+//! ring's readers (under [`LEND_TOTAL_MIN`] lent, it copies them itself at once). What
+//! it copies under the lock it bounds ([`LOCKED_COPY_MAX`]), so a bulk read holds the
+//! lock for bookkeeping, not for its bytes, whatever its frames' size.
 
 use crate::link::{session_in, Actions, Corruption, Fault, Link, Sess, SessionIds, State};
 use crate::wire::frame::{self, CreditArgs, Header, Kind, OpenArgs, FLAG_EOR};
@@ -29,8 +30,9 @@ pub(crate) const LEND_MAX: usize = 64;
 pub(crate) const LEND_FROM: usize = 1 << 10;
 
 /// A direct read that lent less than this copies what it lent itself, under the lock
-/// (the size from which a write copies outside it, for the same reason).
-const LEND_TOTAL_MIN: usize = crate::link::tx::COPY_UNLOCKED_MIN;
+/// (the size from which a write copies outside it, for the same reason): the runtime's
+/// choice for [`Lent::new`].
+pub(crate) const LEND_TOTAL_MIN: usize = crate::link::tx::COPY_UNLOCKED_MIN;
 
 /// Most payload bytes a pump copies into the sessions' buffers with the lock held (and
 /// one frame at least). Above a direct read's bound: one pump serves many sessions (256
@@ -50,6 +52,8 @@ pub(crate) const LOCKED_COPY_MAX: usize = 16 << 10;
 pub(crate) struct Lent {
     /// Frames from this size up are lent.
     from: usize,
+    /// Less than this lent in all, the read copies it at once and keeps no loan.
+    keep_from: usize,
     loan: Option<Loan>,
     copies: [LentCopy; LEND_MAX],
     len: usize,
@@ -64,10 +68,13 @@ pub(crate) struct LentCopy {
 }
 
 impl Lent {
-    /// Lends frames of `from` bytes or more ([`LEND_FROM`] is the runtime's choice).
-    pub(crate) fn new(from: usize) -> Lent {
+    /// Lends frames of `from` bytes or more, and keeps the loan for the caller once they
+    /// add up to `keep_from` bytes ([`LEND_FROM`] and [`LEND_TOTAL_MIN`] are the
+    /// runtime's choice; the fuzzer picks its own, to reach both outcomes).
+    pub(crate) fn new(from: usize, keep_from: usize) -> Lent {
         Lent {
             from,
+            keep_from,
             loan: None,
             copies: [LentCopy::default(); LEND_MAX],
             len: 0,
@@ -698,7 +705,7 @@ impl Link {
         if n == 0 {
             return Ok(None);
         }
-        if let Some(lent) = lent.filter(|l| l.loan.is_some() && l.bytes() < LEND_TOTAL_MIN) {
+        if let Some(lent) = lent.filter(|l| l.loan.is_some() && l.bytes() < l.keep_from) {
             // Too little lent to pay for the caller's second pass through the lock (with
             // many threads queued on it, a pass is a hand-off): copied now, given back.
             if let Some((loan, copies)) = lent.take() {
