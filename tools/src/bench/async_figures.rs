@@ -2,7 +2,7 @@
 //! `ivring::tokio::AsyncSession` on a current-thread tokio runtime, each interleaved with
 //! the blocking API's figure of the same size and given as a ratio to it.
 
-use super::{interleave, ivring_rtt, ivring_tput, rtt_of, rtt_row, tput_of, Row};
+use super::{interleave, ivring_rtt, ivring_tput, rtt_of, rtt_row, tput_of, Row, Writes};
 use crate::demo::{pct, record_rtt, rtt_histogram};
 use crate::services;
 use anyhow::{bail, Result};
@@ -44,7 +44,7 @@ pub(super) fn measure(
             Ok((b * t, t))
         };
         let mut blocking = |t: f64| {
-            let (_, b) = ivring_tput(ep, size, t, false, false)?;
+            let (_, b) = ivring_tput(ep, size, t, false, Writes::Copied)?;
             Ok((b * t, t))
         };
         let res = interleave(secs, &mut [&mut asy, &mut blocking])?;
