@@ -130,6 +130,41 @@ fn loom_no_lost_data_wakeup() {
     });
 }
 
+/// A reader that numbers its armings, rung once for its first arming and woken: while it
+/// disarms, reads the first record and arms again, the writer publishes a second record
+/// and rings only if it finds a number it has not rung for. Either the reader's re-check
+/// after its second arming sees the record, or the writer rings. Never neither. (With the
+/// number not renewed at the second arming, this fails: the writer, finding the number it
+/// rang for, stays quiet while the reader's re-check misses the record.)
+#[test]
+fn loom_no_lost_data_wakeup_with_one_ring_per_arming() {
+    model(|| {
+        let (mut p, mut c) = halves(64);
+        p.peer_numbers_armings = true;
+        assert!(!c.arm_wakeup(true).unwrap(), "nothing yet");
+        p.reserve(HEADER_LEN).unwrap().expect("empty ring has room");
+        p.commit(HEADER_LEN);
+        assert!(p.publish(), "the first arming is rung");
+        let writer = thread::spawn(move || {
+            p.reserve(HEADER_LEN)
+                .unwrap()
+                .expect("room for a second record");
+            p.commit(HEADER_LEN);
+            p.publish()
+        });
+        // Woken by the first ring: reads the first record (its bytes do not matter here).
+        c.disarm_wakeup();
+        assert!(c.available().unwrap() >= HEADER_LEN as u64);
+        c.consume(&data_header(0, 0));
+        let saw_data = c.available().unwrap() > 0 || c.arm_wakeup(true).unwrap();
+        let rings = writer.join().unwrap();
+        assert!(
+            saw_data || rings,
+            "lost wakeup: second record published, reader asleep"
+        );
+    });
+}
+
 /// The writer posts the space it needs and re-checks while the reader frees space:
 /// either the re-check sees the space or the reader decides to ring. Never neither.
 #[test]

@@ -495,12 +495,14 @@ impl Link {
             Ordering::Relaxed,
         );
         self.store_own(side::POLLS, u64::from(self.polls()), Ordering::Relaxed);
+        self.store_own(side::ARMINGS, 1, Ordering::Relaxed);
         self.store_own(side::HEARTBEAT, self.heartbeat, Ordering::Relaxed);
         // SYNC POINT ack (as in check_peer): our indices, stored above, are what we
         // acknowledged with.
         self.store_own(side::ACK, self.peer_acked, Ordering::Release);
         // SYNC POINT epoch: Release pairs with the Acquire load of the peer's EPOCH in
-        // check_peer: our zeroed indices, ack and `POLLS` are visible before the epoch.
+        // check_peer: our zeroed indices, ack, `POLLS` and `ARMINGS` are visible before the
+        // epoch.
         self.store_own(side::EPOCH, self.epoch, Ordering::Release);
     }
 
@@ -642,6 +644,8 @@ impl Link {
                 let polls = self.load_peer(side::POLLS, Ordering::Relaxed) == 1;
                 self.tx.peer_polls = polls;
                 self.rx.peer_polls = polls;
+                self.tx.peer_numbers_armings =
+                    self.load_peer(side::ARMINGS, Ordering::Relaxed) == 1;
                 self.peer_seen_present = false;
                 self.peer_beat = self.load_peer(side::HEARTBEAT, Ordering::Relaxed);
                 self.peer_beat_at = now;

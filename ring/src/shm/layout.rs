@@ -60,11 +60,17 @@ pub mod side {
     /// other side may publish and release without the wakeup fences and never rings it.
     /// Read once per epoch; any other value means "may sleep".
     pub const POLLS: usize = 32;
+    /// 1 if the owner numbers its armings: each time it sets `RX_NEED_WAKEUP` it stores a
+    /// new nonzero number, and arms afresh before every sleep that counts on a ring, so
+    /// the other side may ring once per number. Read once per epoch; any other value
+    /// means "ring on every publish that finds `RX_NEED_WAKEUP` nonzero".
+    pub const ARMINGS: usize = 40;
     /// Line 1: write index of the ring the owner writes (free-running byte count).
     pub const TX_HEAD: usize = LINE;
     /// Line 2: read index of the ring the owner reads (free-running byte count).
     pub const RX_TAIL: usize = 2 * LINE;
-    /// Line 3: 1 while the owner is about to sleep waiting for data (ring me on publish).
+    /// Line 3: nonzero while the owner is about to sleep waiting for data (ring me on
+    /// publish): the number of that arming if it says so in `ARMINGS`.
     pub const RX_NEED_WAKEUP: usize = 3 * LINE;
     /// Line 3: 0, or the reader tail position the owner's blocked writer is waiting for.
     pub const TX_NEED_SPACE: usize = 3 * LINE + 8;

@@ -40,6 +40,11 @@ pub(crate) struct Producer {
     /// The reader said it polls (side::POLLS, read once per epoch): publish without the
     /// wakeup fence.
     pub(crate) peer_polls: bool,
+    /// The reader numbers its armings (side::ARMINGS, read once per epoch): one ring per
+    /// number is enough (PROTOCOL.md §5).
+    pub(crate) peer_numbers_armings: bool,
+    /// The reader's arming we last asked to ring (0: none this epoch).
+    rang_for: u64,
     /// Payload copies into committed records still running outside the link's lock
     /// ([`Producer::reserve_copy`]): the head is stored only once none is, so the reader
     /// never sees a record before its bytes.
@@ -83,8 +88,11 @@ pub(crate) struct Consumer {
     cached_head: u64,
     /// Tail as last stored to shared memory.
     released: u64,
-    /// Our `RX_NEED_WAKEUP` as last stored (never read back, as `space_posted`).
-    wakeup_armed: bool,
+    /// Our `RX_NEED_WAKEUP` as last stored: 0, or the number of the arming (never read
+    /// back, as `space_posted`).
+    wakeup_armed: u64,
+    /// Armings so far: each stores a new number (PROTOCOL.md §5), never 0.
+    armings: u64,
     /// The writer said it polls: release without the space fence.
     pub(crate) peer_polls: bool,
     /// Records consumed but lent out ([`Consumer::lend`]) whose payloads are still being
@@ -123,6 +131,8 @@ impl Producer {
             published: 0,
             space_posted: 0,
             peer_polls: false,
+            peer_numbers_armings: false,
+            rang_for: 0,
             copies: 0,
             round: 0,
             stale_copies: 0,
@@ -139,6 +149,8 @@ impl Producer {
         self.published = 0;
         self.space_posted = 0;
         self.peer_polls = false;
+        self.peer_numbers_armings = false;
+        self.rang_for = 0;
         self.restore_words();
     }
 
@@ -313,9 +325,23 @@ impl Producer {
         // WAKEUP fence (publisher side): orders the head store before the flag load, so
         // either the reader's re-check sees the new head or we see its flag.
         fence(Ordering::SeqCst);
-        self.region
-            .load_u64(self.peer_block + side::RX_NEED_WAKEUP, Ordering::Relaxed)
-            != 0
+        let arming = self
+            .region
+            .load_u64(self.peer_block + side::RX_NEED_WAKEUP, Ordering::Relaxed);
+        if arming == 0 {
+            return false;
+        }
+        if self.peer_numbers_armings {
+            // One ring per arming: a reader rung and not yet awake reads this record too
+            // when it wakes, and it arms with a new number (and re-checks the head after
+            // a fence) before it sleeps again. Our load missed that number, so its
+            // re-check sees this head.
+            if arming == self.rang_for {
+                return false;
+            }
+            self.rang_for = arming;
+        }
+        true
     }
 
     /// Posts the tail position a blocked writer needs, then re-checks: `true` if the space
@@ -410,7 +436,8 @@ impl Consumer {
             tail_off: 0,
             cached_head: 0,
             released: 0,
-            wakeup_armed: false,
+            wakeup_armed: 0,
+            armings: 0,
             peer_polls: false,
             lent: 0,
             held_from: 0,
@@ -424,7 +451,9 @@ impl Consumer {
         self.tail_off = 0;
         self.cached_head = 0;
         self.released = 0;
-        self.wakeup_armed = false;
+        // `armings` goes on counting: a writer that has not yet seen the reset must not
+        // find a number it has rung for already.
+        self.wakeup_armed = 0;
         self.peer_polls = false;
         // Copies of the old round still running read bytes the new round may overwrite:
         // their readers drop them (the link reset ends their sessions).
@@ -439,7 +468,7 @@ impl Consumer {
         let own = self.own_block;
         self.region.store_u64(
             own + side::RX_NEED_WAKEUP,
-            u64::from(self.wakeup_armed),
+            self.wakeup_armed,
             Ordering::Relaxed,
         );
         // SYNC POINT tail (as in release): we are done with every byte below `released`.
@@ -600,9 +629,14 @@ impl Consumer {
     /// only re-checks.
     pub(crate) fn arm_wakeup(&mut self, post: bool) -> Result<bool, BadIndex> {
         if post {
-            self.wakeup_armed = true;
-            self.region
-                .store_u64(self.own_block + side::RX_NEED_WAKEUP, 1, Ordering::Relaxed);
+            // A new number for each arming: a writer rings once per number.
+            self.armings = self.armings.wrapping_add(1).max(1);
+            self.wakeup_armed = self.armings;
+            self.region.store_u64(
+                self.own_block + side::RX_NEED_WAKEUP,
+                self.wakeup_armed,
+                Ordering::Relaxed,
+            );
             // WAKEUP fence (sleeper side): orders the flag store before the head re-read,
             // pairing with the fence in Producer::publish.
             fence(Ordering::SeqCst);
@@ -616,7 +650,7 @@ impl Consumer {
 
     /// Clears the need-wakeup flag (after waking).
     pub(crate) fn disarm_wakeup(&mut self) {
-        self.wakeup_armed = false;
+        self.wakeup_armed = 0;
         self.region
             .store_u64(self.own_block + side::RX_NEED_WAKEUP, 0, Ordering::Relaxed);
     }
@@ -1128,14 +1162,14 @@ mod tests {
         let (r, mut p, mut c) = pair();
         let flag = C + side::RX_NEED_WAKEUP;
         assert_eq!(c.arm_wakeup(true), Ok(false));
-        assert!(c.wakeup_armed);
+        assert_eq!(c.wakeup_armed, 1);
         assert_eq!(word(&r, flag), 1);
         assert!(!p.publish(), "nothing to publish");
         assert!(push_rec(&mut p, 32, 1));
         assert!(p.publish(), "armed: ring it");
         assert!(!p.publish(), "nothing new");
         assert_eq!(c.arm_wakeup(true), Ok(true), "data already there");
-        assert!(!c.wakeup_armed);
+        assert_eq!(c.wakeup_armed, 0);
         assert_eq!(word(&r, flag), 0);
         assert!(push_rec(&mut p, 32, 2));
         assert!(!p.publish(), "not armed");
@@ -1148,10 +1182,48 @@ mod tests {
         assert!(!p.publish(), "the reader polls: no wakeup");
         assert_eq!(word(&r, P + side::TX_HEAD), 96);
         c.disarm_wakeup();
-        assert!(!c.wakeup_armed);
+        assert_eq!(c.wakeup_armed, 0);
         assert_eq!(word(&r, flag), 0);
         set(&r, P + side::TX_HEAD, 8);
         assert!(c.arm_wakeup(true).is_err());
+    }
+
+    /// A reader that numbers its armings is rung once per arming: a second publish before
+    /// it arms again finds the number it was rung for. One that does not is rung on every
+    /// publish that finds its flag set. A reset forgets the number.
+    #[test]
+    fn a_numbering_reader_is_rung_once_per_arming() {
+        let _w = crate::test_watchdog::watchdog("a_numbering_reader_is_rung_once_per_arming", 20);
+        let (r, mut p, mut c) = pair();
+        let flag = C + side::RX_NEED_WAKEUP;
+        p.peer_numbers_armings = true;
+        assert_eq!(c.arm_wakeup(true), Ok(false));
+        let first = word(&r, flag);
+        assert_ne!(first, 0);
+        assert!(push_rec(&mut p, 32, 1));
+        assert!(p.publish(), "armed: ring it");
+        assert!(push_rec(&mut p, 32, 2));
+        assert!(!p.publish(), "rung for this arming already");
+        drain(&mut c);
+        c.disarm_wakeup();
+        assert_eq!(c.arm_wakeup(true), Ok(false));
+        assert_ne!(word(&r, flag), first, "a new number");
+        assert!(push_rec(&mut p, 32, 3));
+        assert!(p.publish(), "a new arming: ring it");
+        // A reader that does not number (the peer's ARMINGS is not 1), or a number the
+        // writer has not seen since its reset, is rung again.
+        p.peer_numbers_armings = false;
+        assert!(push_rec(&mut p, 32, 4));
+        assert!(p.publish(), "no numbering: every publish");
+        drain(&mut c);
+        p.reset();
+        c.reset();
+        assert_eq!(word(&r, flag), 0);
+        p.peer_numbers_armings = true;
+        assert_eq!(c.arm_wakeup(true), Ok(false));
+        assert!(word(&r, flag) > first, "numbers go on across a reset");
+        assert!(push_rec(&mut p, 32, 5));
+        assert!(p.publish(), "the first ring of the epoch");
     }
 
     #[test]
@@ -1204,7 +1276,7 @@ mod tests {
         c.consume(&rec.header);
         c.release();
         assert_eq!(c.arm_wakeup(true), Ok(true));
-        c.wakeup_armed = true;
+        c.wakeup_armed = 1;
         let words = [
             P + side::TX_HEAD,
             P + side::TX_NEED_SPACE,
@@ -1239,7 +1311,7 @@ mod tests {
             (c.tail, c.tail_off, c.cached_head, c.released),
             (0, 0, 0, 0)
         );
-        assert!(!c.wakeup_armed && !c.has_cached());
+        assert!(c.wakeup_armed == 0 && !c.has_cached());
         assert_eq!(p.reserve(64).unwrap(), Some(DATA));
         assert_eq!(c.available().unwrap(), 0);
     }

@@ -1,7 +1,7 @@
 //! A loom model of the bell hand-off: the real [`Bell`] transitions, driven by a keeper
 //! and blocked callers shaped as the runtime's (`keeper` and `wait_locked_on` in
 //! `runtime/mod.rs`, in `Block` mode), against a peer that publishes frames and rings
-//! when asked to (PROTOCOL.md §5).
+//! when asked to, once per arming (PROTOCOL.md §5, with `ARMINGS` = 1).
 //!
 //! Nothing here has a timeout: where the runtime sleeps with one (the keeper's naps, a
 //! caller's condvar, the doorbell), the model sleeps until woken. So an interleaving in
@@ -68,6 +68,8 @@ struct Link {
     pumped: [bool; 2],
     delivered: [bool; 2],
     stop: bool,
+    /// Armings so far: each stores a new number in `need_wakeup`.
+    armings: usize,
 }
 
 /// One endpoint's runtime and the shared memory it reads.
@@ -75,8 +77,11 @@ struct World {
     link: Mutex<Link>,
     /// The ring: a frame for session `i` published by the peer (its head index).
     published: [AtomicBool; 2],
-    /// Our side's "ring me" word in shared memory (RX_NEED_WAKEUP).
-    need_wakeup: AtomicBool,
+    /// Our side's "ring me" word in shared memory (RX_NEED_WAKEUP): 0, or the number of
+    /// the arming.
+    need_wakeup: AtomicUsize,
+    /// The peer's memory of the arming it last rang for (only the peer's thread uses it).
+    rang_for: AtomicUsize,
     /// Where callers without the bell sleep (the stripes, folded into one).
     cv: Condvar,
     /// Callers asleep on `cv` (changed under the lock).
@@ -97,6 +102,9 @@ enum Plant {
     /// A caller giving the bell up without recalling the benched keeper for the callers
     /// asleep on condvars.
     NoRecall,
+    /// Arming with the number of the first arming every time: the peer, which rings once
+    /// per number, stays quiet.
+    ArmWithAUsedNumber,
 }
 
 impl World {
@@ -104,7 +112,8 @@ impl World {
         World {
             link: Mutex::new(Link::default()),
             published: [AtomicBool::new(false), AtomicBool::new(false)],
-            need_wakeup: AtomicBool::new(false),
+            need_wakeup: AtomicUsize::new(0),
+            rang_for: AtomicUsize::new(0),
             cv: Condvar::new(),
             sleepers: AtomicUsize::new(0),
             bell: Bell::new(),
@@ -114,13 +123,15 @@ impl World {
         }
     }
 
-    /// The peer: publish, then ring if asked: the store-load pattern of PROTOCOL.md §5,
-    /// with a SeqCst fence on each side as the ring has (loom models fences, and takes
-    /// SeqCst loads and stores for AcqRel).
+    /// The peer: publish, then ring if asked and not rung for that arming yet: the
+    /// store-load pattern of PROTOCOL.md §5, with a SeqCst fence on each side as the ring
+    /// has (loom models fences, and takes SeqCst loads and stores for AcqRel).
     fn publish(&self, session: usize) {
         self.published[session].store(true, Ordering::Release);
         fence(Ordering::SeqCst);
-        if self.need_wakeup.load(Ordering::Relaxed) {
+        let arming = self.need_wakeup.load(Ordering::Relaxed);
+        if arming != 0 && arming != self.rang_for.load(Ordering::Relaxed) {
+            self.rang_for.store(arming, Ordering::Relaxed);
             self.doorbell.ring();
         }
     }
@@ -140,8 +151,11 @@ impl World {
 
     /// Asks the peer to ring, then looks again: whether something came meanwhile (then
     /// the caller must not sleep).
-    fn arm(&self, l: &Link) -> bool {
-        self.need_wakeup.store(true, Ordering::Relaxed);
+    fn arm(&self, l: &mut Link) -> bool {
+        if self.plant != Plant::ArmWithAUsedNumber || l.armings == 0 {
+            l.armings += 1;
+        }
+        self.need_wakeup.store(l.armings, Ordering::Relaxed);
         if self.plant == Plant::ArmWithoutSecondLook {
             return false;
         }
@@ -150,7 +164,7 @@ impl World {
     }
 
     fn disarm(&self) {
-        self.need_wakeup.store(false, Ordering::Relaxed);
+        self.need_wakeup.store(0, Ordering::Relaxed);
     }
 
     fn notify(&self) {
@@ -184,7 +198,7 @@ impl World {
                     self.notify();
                     continue;
                 }
-                if self.arm(&g) {
+                if self.arm(&mut g) {
                     continue;
                 }
                 if !leading {
@@ -245,7 +259,7 @@ impl World {
                 continue;
             }
             benched = false;
-            let sleep = !self.arm(&g);
+            let sleep = !self.arm(&mut g);
             if sleep {
                 self.bell.keeper_take();
             }
@@ -313,6 +327,7 @@ fn catches(test: &str, plant: &str) {
         match p.as_str() {
             "arm" => run(1, Plant::ArmWithoutSecondLook),
             "recall" => run(2, Plant::NoRecall),
+            "number" => run(2, Plant::ArmWithAUsedNumber),
             _ => unreachable!("unknown plant {p}"),
         }
         return;
@@ -349,5 +364,15 @@ fn loom_model_catches_a_caller_that_does_not_recall_the_keeper() {
     catches(
         "runtime::bell::loom_model::loom_model_catches_a_caller_that_does_not_recall_the_keeper",
         "recall",
+    );
+}
+
+/// Arming with a number the peer has rung for already leaves a frame published after
+/// the arming's second look unrung: every wait must arm afresh.
+#[test]
+fn loom_model_catches_arming_with_a_used_number() {
+    catches(
+        "runtime::bell::loom_model::loom_model_catches_arming_with_a_used_number",
+        "number",
     );
 }
