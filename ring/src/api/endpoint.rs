@@ -903,7 +903,7 @@ mod tests {
     fn read_any_serves_many_sessions_in_order_with_their_eofs() {
         let _watchdog = crate::test_watchdog::watchdog(
             "read_any_serves_many_sessions_in_order_with_their_eofs",
-            60,
+            20,
         );
         read_any_loop(6, false);
     }
@@ -914,7 +914,7 @@ mod tests {
     fn read_any_many_batches_frames_of_many_sessions_and_keeps_messages_whole() {
         let _watchdog = crate::test_watchdog::watchdog(
             "read_any_many_batches_frames_of_many_sessions_and_keeps_messages_whole",
-            60,
+            20,
         );
         read_any_loop(20, true);
     }
@@ -924,7 +924,7 @@ mod tests {
     #[test]
     fn read_any_many_takes_what_is_waiting_in_few_calls() {
         let _watchdog =
-            crate::test_watchdog::watchdog("read_any_many_takes_what_is_waiting_in_few_calls", 60);
+            crate::test_watchdog::watchdog("read_any_many_takes_what_is_waiting_in_few_calls", 20);
         for wait in [WaitMode::Poll, WaitMode::Block, WaitMode::Adaptive] {
             let (host, guest) = heap_pair(wait);
             let l = guest.listen(9).unwrap();
@@ -1091,7 +1091,7 @@ mod tests {
     fn a_session_is_read_and_written_at_once_through_shared_references() {
         let _watchdog = crate::test_watchdog::watchdog(
             "a_session_is_read_and_written_at_once_through_shared_references",
-            60,
+            20,
         );
         for wait in [WaitMode::Poll, WaitMode::Block, WaitMode::Adaptive] {
             let (host, guest) = heap_pair(wait);

@@ -157,7 +157,7 @@ mod tests {
 
     #[test]
     fn a_fire_before_the_wait_is_kept() {
-        let _watchdog = crate::test_watchdog::watchdog("a_fire_before_the_wait_is_kept", 60);
+        let _watchdog = crate::test_watchdog::watchdog("a_fire_before_the_wait_is_kept", 20);
         let r = Readiness::new();
         (r.notifier())();
         assert!(r.wait(Duration::from_secs(10)));
@@ -167,7 +167,7 @@ mod tests {
     #[test]
     fn a_fire_from_another_thread_wakes_the_wait() {
         let _watchdog =
-            crate::test_watchdog::watchdog("a_fire_from_another_thread_wakes_the_wait", 60);
+            crate::test_watchdog::watchdog("a_fire_from_another_thread_wakes_the_wait", 20);
         for _ in 0..200 {
             let r = Readiness::new();
             let n = r.notifier();

@@ -282,7 +282,7 @@ mod tests {
 
     #[test]
     fn slots_and_views_round_trip() {
-        let _watchdog = crate::test_watchdog::watchdog("slots_and_views_round_trip", 60);
+        let _watchdog = crate::test_watchdog::watchdog("slots_and_views_round_trip", 20);
         let (host, guest) = pair(Config::default());
         let l = guest.listen(7).unwrap();
         let mut s = host.connect(7).unwrap();
@@ -328,7 +328,7 @@ mod tests {
 
     #[test]
     fn message_views_and_limits() {
-        let _watchdog = crate::test_watchdog::watchdog("message_views_and_limits", 60);
+        let _watchdog = crate::test_watchdog::watchdog("message_views_and_limits", 20);
         let (host, guest) = pair(Config::default());
         let l = guest.listen(8).unwrap();
         let mut s = host
@@ -358,6 +358,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "past a slot")]
     fn slot_writes_are_bounds_checked() {
+        let _watchdog = crate::test_watchdog::watchdog("slot_writes_are_bounds_checked", 20);
         let (host, guest) = pair(Config::default());
         let l = guest.listen(9).unwrap();
         let mut s = host.connect(9).unwrap();

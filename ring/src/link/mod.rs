@@ -1182,6 +1182,19 @@ mod tests {
         }
     }
 
+    /// `ARMINGS` is read when the link comes up: exactly 1 means the peer numbers its
+    /// armings (one ring per number); ours says 1.
+    #[test]
+    fn the_peers_armings_word_is_read_when_the_link_comes_up() {
+        for (word, numbers) in [(0, false), (1, true), (7, false)] {
+            let (mut l, mut peer) = victim(Role::Host);
+            peer.store(side::ARMINGS, word);
+            up(&mut l, &mut peer);
+            assert_eq!(l.tx.peer_numbers_armings, numbers, "ARMINGS = {word}");
+            assert_eq!(own(&l, side::ARMINGS), 1);
+        }
+    }
+
     /// The header is the host's own word: a guest that scribbles on it does not stop the
     /// host from following the guest's epochs (the host repairs it at its next heartbeat).
     #[test]

@@ -248,7 +248,7 @@ mod tests {
     #[test]
     fn in_place_reads_credit_a_message_writer_in_full() {
         let _watchdog =
-            crate::test_watchdog::watchdog("in_place_reads_credit_a_message_writer_in_full", 60);
+            crate::test_watchdog::watchdog("in_place_reads_credit_a_message_writer_in_full", 20);
         let cfg = Config {
             wait: WaitMode::Block,
             buf_size: 64 << 10,

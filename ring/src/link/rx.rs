@@ -943,7 +943,7 @@ mod window_tests {
     fn buffer_grows_for_a_reader_that_keeps_up_and_the_peer_learns_it() {
         let _watchdog = crate::test_watchdog::watchdog(
             "buffer_grows_for_a_reader_that_keeps_up_and_the_peer_learns_it",
-            60,
+            20,
         );
         let cfg = Config {
             wait: WaitMode::Block,
@@ -959,7 +959,7 @@ mod window_tests {
     #[test]
     fn buffer_stays_for_a_reader_that_falls_behind() {
         let _watchdog =
-            crate::test_watchdog::watchdog("buffer_stays_for_a_reader_that_falls_behind", 60);
+            crate::test_watchdog::watchdog("buffer_stays_for_a_reader_that_falls_behind", 20);
         let cfg = Config {
             wait: WaitMode::Block,
             buf_size: 64 << 10,
@@ -995,7 +995,7 @@ mod window_tests {
     #[test]
     fn one_of_many_sessions_grows_by_its_share_only() {
         let _watchdog =
-            crate::test_watchdog::watchdog("one_of_many_sessions_grows_by_its_share_only", 60);
+            crate::test_watchdog::watchdog("one_of_many_sessions_grows_by_its_share_only", 20);
         let cfg = small_buffers();
         let (host, guest) = pair(cfg.clone());
         let l = guest.listen(7).unwrap();
@@ -1014,7 +1014,7 @@ mod window_tests {
     fn growth_of_all_sessions_stays_within_the_link_budget() {
         let _watchdog = crate::test_watchdog::watchdog(
             "growth_of_all_sessions_stays_within_the_link_budget",
-            60,
+            20,
         );
         let cfg = small_buffers();
         let (host, guest) = pair(cfg.clone());
@@ -1067,7 +1067,7 @@ mod direct_tests {
     #[test]
     fn block_mode_writer_wakes_for_ring_space() {
         let _watchdog =
-            crate::test_watchdog::watchdog("block_mode_writer_wakes_for_ring_space", 60);
+            crate::test_watchdog::watchdog("block_mode_writer_wakes_for_ring_space", 20);
         let cfg = Config {
             wait: WaitMode::Block,
             buf_size: 1 << 20,
@@ -1103,7 +1103,7 @@ mod direct_tests {
     #[test]
     fn direct_reads_keep_order_across_sessions() {
         let _watchdog =
-            crate::test_watchdog::watchdog("direct_reads_keep_order_across_sessions", 60);
+            crate::test_watchdog::watchdog("direct_reads_keep_order_across_sessions", 20);
         for wait in [WaitMode::Poll, WaitMode::Block, WaitMode::Adaptive] {
             let cfg = Config {
                 wait,
