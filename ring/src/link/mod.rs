@@ -1170,27 +1170,20 @@ mod tests {
         }
     }
 
-    /// `POLLS` is read when the link comes up: exactly 1 means the peer polls.
+    /// The peer's promises, `POLLS` and `ARMINGS`, are read when the link comes up:
+    /// exactly 1 means the peer polls, and numbers its armings (one ring per number). Our
+    /// own `ARMINGS` says 1.
     #[test]
-    fn the_peers_polls_word_is_read_when_the_link_comes_up() {
-        for (word, polls) in [(0, false), (1, true), (2, false)] {
+    fn the_peers_promise_words_are_read_when_the_link_comes_up() {
+        for word in [0, 1, 2, 7] {
             let (mut l, mut peer) = victim(Role::Host);
             peer.store(side::POLLS, word);
-            up(&mut l, &mut peer);
-            assert_eq!(l.tx.peer_polls, polls, "POLLS = {word}");
-            assert_eq!(l.rx.peer_polls, polls, "POLLS = {word}");
-        }
-    }
-
-    /// `ARMINGS` is read when the link comes up: exactly 1 means the peer numbers its
-    /// armings (one ring per number); ours says 1.
-    #[test]
-    fn the_peers_armings_word_is_read_when_the_link_comes_up() {
-        for (word, numbers) in [(0, false), (1, true), (7, false)] {
-            let (mut l, mut peer) = victim(Role::Host);
             peer.store(side::ARMINGS, word);
             up(&mut l, &mut peer);
-            assert_eq!(l.tx.peer_numbers_armings, numbers, "ARMINGS = {word}");
+            let promised = word == 1;
+            assert_eq!(l.tx.peer_polls, promised, "POLLS = {word}");
+            assert_eq!(l.rx.peer_polls, promised, "POLLS = {word}");
+            assert_eq!(l.tx.peer_numbers_armings, promised, "ARMINGS = {word}");
             assert_eq!(own(&l, side::ARMINGS), 1);
         }
     }
