@@ -1099,7 +1099,17 @@ mod tests {
         victim_in(role, lay_out, REGION)
     }
 
-    fn victim_in(role: Role, lay_out: bool, size: usize) -> (Link, MockPeer) {
+    pub(super) fn victim_in(role: Role, lay_out: bool, size: usize) -> (Link, MockPeer) {
+        victim_cfg(role, lay_out, size, Config::default())
+    }
+
+    /// As [`victim_in`], with `cfg` for the link.
+    pub(super) fn victim_cfg(
+        role: Role,
+        lay_out: bool,
+        size: usize,
+        cfg: Config,
+    ) -> (Link, MockPeer) {
         let region = SharedRegion::heap(size);
         let geom = Geometry::for_size(size).unwrap();
         let peer = MockPeer::laying_out(
@@ -1108,7 +1118,7 @@ mod tests {
             Arc::new(Polling::new()),
             lay_out,
         );
-        let mut link = Link::new(role, region, geom, Config::default(), Instant::now());
+        let mut link = Link::new(role, region, geom, cfg, Instant::now());
         link.attach(Some(0), &mut Actions::default());
         (link, peer)
     }
@@ -1122,12 +1132,12 @@ mod tests {
     }
 
     /// One of the link's own words, as the peer reads it.
-    fn own(l: &Link, word: usize) -> u64 {
+    pub(super) fn own(l: &Link, word: usize) -> u64 {
         l.region.load_u64(l.own + word, Ordering::Acquire)
     }
 
     /// The peer (re)starts and the link comes up with it.
-    fn up(l: &mut Link, peer: &mut MockPeer) {
+    pub(super) fn up(l: &mut Link, peer: &mut MockPeer) {
         peer.restart();
         assert!(check(l), "the peer's new epoch is a change");
         assert!(peer.follow(), "the link acknowledged the peer's epoch");
@@ -1322,7 +1332,12 @@ mod tests {
     }
 
     /// What the peer sent on a session the link accepted, left unread in its buffer.
-    fn accepted_with_data(l: &mut Link, peer: &mut MockPeer, seq: u64, bytes: usize) -> u64 {
+    pub(super) fn accepted_with_data(
+        l: &mut Link,
+        peer: &mut MockPeer,
+        seq: u64,
+        bytes: usize,
+    ) -> u64 {
         const PORT: u32 = 7;
         let _ = l.listen(PORT);
         let id = seq << 1 | l.role.other().id_bit();

@@ -286,3 +286,315 @@ pub(crate) fn step(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::tests::{accepted_with_data, own, up, victim_cfg};
+    use crate::shm::layout::{side, Role};
+    use crate::wire::frame::{record_len, CreditArgs};
+    use crate::wire::mock::MockPeer;
+    use crate::{Config, WaitMode};
+
+    const REGION: usize = 64 << 10;
+
+    /// An up host link over `cfg` with one session the peer opened (1 MiB of credit).
+    fn link_with_session(cfg: Config) -> (Link, MockPeer, u64) {
+        let (mut l, mut peer) = victim_cfg(Role::Host, true, REGION, cfg);
+        up(&mut l, &mut peer);
+        let id = accepted_with_data(&mut l, &mut peer, 1, 0);
+        peer.drain();
+        (l, peer, id)
+    }
+
+    /// Writes Data frames of 1 KiB, then of 16 bytes (a control frame's size), until
+    /// the ring is full (the peer reads nothing), then publishes them: how many.
+    fn fill(l: &mut Link, id: u64) -> usize {
+        let mut out = Actions::default();
+        let mut frames = 0;
+        for size in [1024, 16] {
+            while l
+                .write_frame(id, &vec![1; size], false, true, false, &mut out)
+                .unwrap()
+                .is_some()
+            {
+                frames += 1;
+            }
+        }
+        l.publish(&mut out);
+        assert!(frames > 0);
+        frames
+    }
+
+    fn credit(id: u64, l: &mut Link, out: &mut Actions) {
+        let args = CreditArgs {
+            fwd_cnt: 0,
+            buf_alloc: 1 << 20,
+        };
+        l.send_ctrl(Kind::Credit, id, Some(args.encode()), out)
+            .unwrap();
+    }
+
+    fn kinds(frames: &[Header]) -> Vec<Kind> {
+        frames.iter().map(|h| h.kind).collect()
+    }
+
+    /// A control frame that found the ring full waits in the queue; no Data frame
+    /// overtakes it once space is back (an Accept must reach the peer before the
+    /// session's data), and the flush that sends it publishes it.
+    #[test]
+    fn queued_control_frames_go_first_and_their_flush_publishes_them() {
+        let (mut l, mut peer, id) = link_with_session(Config::default());
+        let mut out = Actions::default();
+        let frames = fill(&mut l, id);
+        credit(id, &mut l, &mut out);
+        assert!(l.has_pending(), "no room: the Credit waits");
+        assert_eq!(kinds(&peer.drain_frames()), vec![Kind::Data; frames]);
+
+        let w = l.write_frame(id, &[2; 64], false, true, false, &mut out);
+        assert_eq!(w.unwrap(), None, "the Data waits behind the queued Credit");
+        assert!(l.flush(&mut out).unwrap(), "the queue is sent");
+        assert!(!l.has_pending());
+        assert_eq!(
+            kinds(&peer.drain_frames()),
+            [Kind::Credit],
+            "the flush published what it sent"
+        );
+
+        // Once more through `step`, which flushes the queue ahead of its own frame.
+        fill(&mut l, id);
+        credit(id, &mut l, &mut out);
+        peer.drain();
+        let w = step(&mut l, id, &[3; 64], false, true, false, &mut out).unwrap();
+        assert!(matches!(w, WriteStep::Wrote(Framed::Copied(64))));
+        l.publish(&mut out);
+        assert_eq!(kinds(&peer.drain_frames()), [Kind::Credit, Kind::Data]);
+    }
+
+    /// A control frame past the queue's bound (a peer that floods us and reads
+    /// nothing) is dropped and counted, not queued.
+    #[test]
+    fn control_frames_past_the_queue_bound_are_dropped_and_counted() {
+        let (mut l, _peer, id) = link_with_session(Config::default());
+        let mut out = Actions::default();
+        fill(&mut l, id);
+        for _ in 0..MAX_PENDING_CONTROL + 3 {
+            credit(id, &mut l, &mut out);
+        }
+        assert_eq!(l.pending.len(), MAX_PENDING_CONTROL);
+        assert_eq!(l.stats.frames_dropped, 3);
+    }
+
+    /// A writer, or a control frame, that finds the ring full posts in `TX_NEED_SPACE`
+    /// the tail it needs (so the peer rings when it gets there) and says to wait; once
+    /// the peer has read, arming finds the space and withdraws the post. A polling link
+    /// promised its peer never to post, and does not.
+    #[test]
+    fn a_full_ring_posts_the_space_a_waiter_needs_unless_the_link_polls() {
+        for wait in [WaitMode::Adaptive, WaitMode::Block, WaitMode::Poll] {
+            let cfg = Config {
+                wait,
+                ..Config::default()
+            };
+            let (mut l, mut peer, id) = link_with_session(cfg);
+            let posts = wait != WaitMode::Poll;
+            for control in [false, true] {
+                fill(&mut l, id);
+                let mut out = Actions::default();
+                let armed = if control {
+                    credit(id, &mut l, &mut out);
+                    l.arm_pending_space(&mut out)
+                } else {
+                    l.arm_space(1024, &mut out)
+                };
+                assert!(!armed.unwrap(), "{wait:?}: full");
+                assert_eq!(
+                    out.wait_space, !control,
+                    "{wait:?}: a writer waits for space"
+                );
+                let posted = own(&l, side::TX_NEED_SPACE);
+                let head = own(&l, side::TX_HEAD);
+                if posts {
+                    assert!(posted > 0 && posted <= head, "{wait:?}: posted {posted}");
+                } else {
+                    assert_eq!(posted, 0, "{wait:?}: a polling link posts nothing");
+                }
+
+                peer.drain();
+                let mut out = Actions::default();
+                let armed = if control {
+                    l.arm_pending_space(&mut out)
+                } else {
+                    l.arm_space(1024, &mut out)
+                };
+                assert!(armed.unwrap(), "{wait:?}: the peer read");
+                assert!(!out.wait_space, "{wait:?}");
+                assert_eq!(own(&l, side::TX_NEED_SPACE), 0, "{wait:?}: withdrawn");
+                l.flush(&mut out).unwrap();
+                peer.drain();
+            }
+            let mut out = Actions::default();
+            assert!(l.arm_pending_space(&mut out).unwrap(), "nothing queued");
+        }
+    }
+
+    /// `unpublished_len` is the bytes of the records written since the head was last
+    /// stored (what the lock's waiters may leave unpublished is bounded by it).
+    #[test]
+    fn unpublished_len_counts_the_records_past_the_head() {
+        let (mut l, _peer, id) = link_with_session(Config::default());
+        let mut out = Actions::default();
+        assert_eq!(l.unpublished_len(), 0);
+        for n in [100, 1000] {
+            let w = l.write_frame(id, &vec![4; n], false, true, false, &mut out);
+            assert_eq!(w.unwrap(), Some(Framed::Copied(n)));
+        }
+        assert_eq!(
+            l.unpublished_len(),
+            (record_len(100) + record_len(1000)) as u64
+        );
+        l.publish(&mut out);
+        assert_eq!(l.unpublished_len(), 0);
+    }
+
+    /// Only a message's last fragment carries the end-of-message flag, and a stream's
+    /// frames never do, even one that carries all of its write.
+    #[test]
+    fn only_a_messages_last_fragment_ends_it() {
+        let (mut l, mut peer, id) = link_with_session(Config::default());
+        let max = l.max_payload;
+        let mut out = Actions::default();
+        for (eor, len) in [(true, 2 * max + 10), (false, max + 10), (false, 10)] {
+            let data = vec![5; len];
+            let mut off = 0;
+            while off < len {
+                match l.write_frame(id, &data[off..], eor, false, false, &mut out) {
+                    Ok(Some(Framed::Copied(n))) => off += n,
+                    other => panic!("{other:?}"),
+                }
+            }
+            l.publish(&mut out);
+            let flags: Vec<u8> = peer.drain_frames().iter().map(|h| h.flags).collect();
+            let mut want = vec![0; len.div_ceil(max)];
+            if eor {
+                *want.last_mut().unwrap() = FLAG_EOR;
+            }
+            assert_eq!(flags, want, "eor {eor}, {len} bytes");
+        }
+    }
+
+    /// A write that finds the ring full with credit left posts the space it needs and
+    /// waits for space; one that finds control frames queued and no room for them waits
+    /// for space too; one without credit waits for credit, posting nothing.
+    #[test]
+    fn a_write_that_finds_the_ring_full_waits_for_space_and_one_without_credit_does_not() {
+        let (mut l, mut peer, id) = link_with_session(Config::default());
+        fill(&mut l, id);
+        let mut out = Actions::default();
+        let w = step(&mut l, id, &[6; 1024], false, true, false, &mut out).unwrap();
+        assert!(matches!(w, WriteStep::Wait));
+        assert!(out.wait_space, "waits for space");
+        assert!(own(&l, side::TX_NEED_SPACE) > 0, "posted");
+
+        credit(id, &mut l, &mut out);
+        let mut out = Actions::default();
+        let w = step(&mut l, id, &[6; 64], false, true, false, &mut out).unwrap();
+        assert!(matches!(w, WriteStep::Wait));
+        assert!(out.wait_space, "waits for the queue's space");
+        peer.drain();
+        l.flush(&mut out).unwrap();
+        peer.drain();
+        assert!(l.space_ready(), "the post is met and withdrawn");
+        assert_eq!(own(&l, side::TX_NEED_SPACE), 0);
+
+        let max = l.max_payload;
+        l.sessions.get_mut(&id).unwrap().peer_buf_alloc = 0;
+        let mut out = Actions::default();
+        let w = step(&mut l, id, &vec![6; max], false, true, false, &mut out).unwrap();
+        assert!(matches!(w, WriteStep::Wait), "no credit");
+        assert!(!out.wait_space, "waits for credit, not space");
+        assert_eq!(own(&l, side::TX_NEED_SPACE), 0);
+        // A message's fragment is sent on the credit checked for the whole message.
+        let w = step(&mut l, id, &[6; 64], true, false, false, &mut out).unwrap();
+        assert!(matches!(w, WriteStep::Wrote(Framed::Copied(64))));
+    }
+
+    /// `space_ready` says once that the space posted for is back (the keeper then wakes
+    /// the writers), and never while the link is down.
+    #[test]
+    fn space_ready_says_once_that_the_posted_space_is_back() {
+        let (mut l, mut peer, id) = link_with_session(Config::default());
+        assert!(!l.space_ready(), "nothing posted");
+        fill(&mut l, id);
+        let mut out = Actions::default();
+        assert!(!l.arm_space(1024, &mut out).unwrap());
+        assert!(!l.space_ready(), "the peer has not read");
+        peer.drain();
+        l.up = false;
+        assert!(!l.space_ready(), "the link is down");
+        l.up = true;
+        assert!(l.space_ready(), "the peer read");
+        assert!(!l.space_ready(), "said once");
+    }
+
+    /// A non-blocking write that found the ring full asks for its session's callback
+    /// once, however often it asks; the callback runs once when space comes back.
+    #[test]
+    fn a_session_is_called_back_once_when_ring_space_comes_back() {
+        use std::sync::atomic::{AtomicUsize, Ordering as O};
+        use std::sync::Arc;
+        let (mut l, _peer, id) = link_with_session(Config::default());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        l.notify_on_space(id);
+        assert!(l.space_notify.is_empty(), "no callback, nothing to call");
+        l.sessions.get_mut(&id).unwrap().notify = Some(Arc::new(move || {
+            c.fetch_add(1, O::Relaxed);
+        }));
+        l.notify_on_space(id);
+        l.notify_on_space(id);
+        assert_eq!(l.space_notify, [id], "listed once");
+        l.space_came_back();
+        assert_eq!(calls.load(O::Relaxed), 1);
+        l.space_came_back();
+        assert_eq!(calls.load(O::Relaxed), 1, "called once");
+        l.notify_on_space(id);
+        l.space_came_back();
+        assert_eq!(calls.load(O::Relaxed), 2, "asked again, called again");
+    }
+
+    /// Shutdown goes to the peer once, and not after the peer closed; Close goes to the
+    /// peer for a session it has not closed, on a link that is up.
+    #[test]
+    fn shutdown_and_close_are_sent_once_and_only_to_a_peer_that_listens() {
+        let sent = |l: &mut Link, peer: &mut MockPeer| {
+            let mut out = Actions::default();
+            l.publish(&mut out);
+            kinds(&peer.drain_frames())
+        };
+        let (mut l, mut peer, id) = link_with_session(Config::default());
+        let mut out = Actions::default();
+        l.shutdown_write(id, &mut out).unwrap();
+        assert_eq!(sent(&mut l, &mut peer), [Kind::Shutdown]);
+        l.shutdown_write(id, &mut out).unwrap();
+        assert_eq!(sent(&mut l, &mut peer), [], "once");
+        l.close(id, &mut out);
+        assert_eq!(sent(&mut l, &mut peer), [Kind::Close]);
+
+        for seq in [2, 3] {
+            let id = accepted_with_data(&mut l, &mut peer, seq, 0);
+            peer.drain();
+            if seq == 2 {
+                l.sessions.get_mut(&id).unwrap().peer_closed = true;
+                l.shutdown_write(id, &mut out).unwrap();
+                l.close(id, &mut out);
+                assert_eq!(sent(&mut l, &mut peer), [], "the peer closed");
+            } else {
+                l.up = false;
+                l.close(id, &mut out);
+                l.up = true;
+                assert_eq!(sent(&mut l, &mut peer), [], "the link is down");
+            }
+        }
+    }
+}

@@ -213,6 +213,18 @@ impl MockPeer {
 
     /// Reads what the victim sent: learns its Opens, Accepts and Credits.
     pub fn drain(&mut self) {
+        self.drain_each(|_| {});
+    }
+
+    /// As [`MockPeer::drain`], and gives the header of every frame read but pads, in
+    /// ring order: what a test of the victim's sending checks.
+    pub fn drain_frames(&mut self) -> Vec<Header> {
+        let mut seen = Vec::new();
+        self.drain_each(|h| seen.push(*h));
+        seen
+    }
+
+    fn drain_each(&mut self, mut seen: impl FnMut(&Header)) {
         let cap = self.cap();
         let vh = self.load(self.victim, side::TX_HEAD);
         if vh.wrapping_sub(self.tail) > cap {
@@ -232,6 +244,7 @@ impl MockPeer {
                 self.tail += to_end as u64;
                 continue;
             }
+            seen(&h);
             let mut p = [0u8; 16];
             if h.len == 16 {
                 self.region.read(self.rx_ring + off + HEADER_LEN, &mut p);
