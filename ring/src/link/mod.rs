@@ -1136,6 +1136,25 @@ mod tests {
         l.region.load_u64(l.own + word, Ordering::Acquire)
     }
 
+    /// Writes Data frames of 1 KiB, then of 16 bytes (a control frame's size), until
+    /// the ring is full (the peer reads nothing), then publishes them: how many.
+    pub(super) fn fill(l: &mut Link, id: u64) -> usize {
+        let mut out = Actions::default();
+        let mut frames = 0;
+        for size in [1024, 16] {
+            while l
+                .write_frame(id, &vec![1; size], false, true, false, &mut out)
+                .unwrap()
+                .is_some()
+            {
+                frames += 1;
+            }
+        }
+        l.publish(&mut out);
+        assert!(frames > 0);
+        frames
+    }
+
     /// The peer (re)starts and the link comes up with it.
     pub(super) fn up(l: &mut Link, peer: &mut MockPeer) {
         peer.restart();

@@ -279,4 +279,283 @@ mod tests {
         drop(tx);
         assert_eq!(reader.join().unwrap(), sizes);
     }
+
+    use super::{ParkState, Taken, PARK_MAX};
+    use crate::link::tests::{accepted_with_data, fill, up, victim_in};
+    use crate::link::{Actions, Link};
+    use crate::shm::layout::Role;
+    use crate::wire::frame::{Header, Kind};
+    use crate::wire::mock::MockPeer;
+    use crate::wire::ring::Record;
+    use std::time::Instant;
+
+    /// An up host link with one session whose reader takes frames in place, and a
+    /// 100-byte Data frame of it parked by a pump at `t0`.
+    fn parked_frame() -> (Link, MockPeer, u64, Instant) {
+        let (mut l, mut peer) = victim_in(Role::Host, true, 1 << 20);
+        up(&mut l, &mut peer);
+        let id = accepted_with_data(&mut l, &mut peer, 1, 0);
+        let mut out = Actions::default();
+        assert!(l.zc_take(id, &mut out).unwrap().is_none(), "nothing yet");
+        let t0 = Instant::now();
+        assert!(peer.push(Kind::Data, 0, id, &[9; 100]));
+        peer.publish();
+        l.pump(t0, &mut out).unwrap();
+        assert!(l.parked.is_some(), "parked");
+        assert_eq!(l.sessions[&id].buffered(), 0, "not copied");
+        (l, peer, id, t0)
+    }
+
+    /// A parked frame waits for its in-place reader for `PARK_MAX`, then is copied out
+    /// as usual by the next pump.
+    #[test]
+    fn a_parked_frame_waits_for_its_reader_until_park_max() {
+        let (mut l, _peer, id, t0) = parked_frame();
+        let just_before = t0 + PARK_MAX - Duration::from_micros(1);
+        for now in [t0, just_before] {
+            assert!(matches!(l.parked_state(now), ParkState::Waiting));
+        }
+        l.pump(t0 + PARK_MAX, &mut Actions::default()).unwrap();
+        assert!(l.parked.is_none());
+        assert_eq!(l.sessions[&id].buffered(), 100, "copied out");
+
+        let (mut l, _peer, _id, t0) = parked_frame();
+        assert!(matches!(l.parked_state(t0 + PARK_MAX), ParkState::Expired));
+        assert!(l.parked.is_none());
+    }
+
+    /// A frame lent to a view stays however long the view lives, until it is released
+    /// (and credited); a reset of the link, or a reader that stopped reading in place,
+    /// ends the parking at once.
+    #[test]
+    fn a_lent_frame_stays_until_released_and_a_frame_nobody_wants_expires() {
+        let (mut l, _peer, id, t0) = parked_frame();
+        let mut out = Actions::default();
+        let taken = l.zc_take(id, &mut out).unwrap();
+        assert!(matches!(taken, Some(Taken::Ring { len: 100, .. })));
+        assert!(matches!(
+            l.parked_state(t0 + 10 * PARK_MAX),
+            ParkState::Lent
+        ));
+        l.zc_release(id, l.gen, &mut out).unwrap();
+        assert!(matches!(l.parked_state(t0), ParkState::None));
+        assert_eq!(l.sessions[&id].fwd_cnt, 100, "consumed and counted");
+
+        let (mut l, _peer, id, t0) = parked_frame();
+        l.sessions.get_mut(&id).unwrap().in_place = false;
+        assert!(matches!(l.parked_state(t0), ParkState::Expired));
+
+        let (mut l, _peer, id, t0) = parked_frame();
+        let taken = l.zc_take(id, &mut out).unwrap();
+        assert!(matches!(taken, Some(Taken::Ring { .. })));
+        l.reset_all("a test reset", &mut out);
+        assert!(
+            matches!(l.parked_state(t0), ParkState::Expired | ParkState::None),
+            "lent before the reset: nothing to wait for"
+        );
+    }
+
+    /// Only a Data frame with bytes in it is parked: a control frame, or an empty Data
+    /// frame, is dispatched as usual.
+    #[test]
+    fn only_a_data_frame_with_bytes_parks() {
+        let (mut l, _peer, id, t0) = parked_frame();
+        let mut out = Actions::default();
+        l.parked = None;
+        let rec = |kind, len| Record {
+            header: Header {
+                kind,
+                flags: 0,
+                len,
+                session: id,
+            },
+            payload_at: 0,
+        };
+        assert!(!l.park(&rec(Kind::Credit, 16), t0, &mut out));
+        assert!(!l.park(&rec(Kind::Data, 0), t0, &mut out));
+        assert!(l.parked.is_none());
+        assert!(l.park(&rec(Kind::Data, 16), t0, &mut out));
+    }
+
+    /// A session the peer opens on `l` (a message session if `message`), accepted, its
+    /// reader taking frames in place.
+    fn in_place_session(l: &mut Link, peer: &mut MockPeer, seq: u64, message: bool) -> u64 {
+        use crate::wire::frame::OpenArgs;
+        const PORT: u32 = 9;
+        let _ = l.listen(PORT);
+        let id = seq << 1 | l.role.other().id_bit();
+        let args = OpenArgs {
+            port: PORT,
+            message,
+            buf_alloc: 1 << 20,
+        };
+        assert!(peer.push(Kind::Open, 0, id, &args.encode()));
+        peer.publish();
+        let mut out = Actions::default();
+        l.pump(Instant::now(), &mut out).unwrap();
+        assert_eq!(l.accept(PORT), Some((id, message)));
+        peer.drain();
+        assert!(l.zc_take(id, &mut out).unwrap().is_none());
+        id
+    }
+
+    /// A message session's frame is parked only when it ends its message (a view holds
+    /// whole messages), and the view says whether the frame ends one.
+    #[test]
+    fn a_message_fragment_is_not_parked_and_a_view_knows_a_messages_end() {
+        use crate::wire::frame::FLAG_EOR;
+        let (mut l, mut peer) = victim_in(Role::Host, true, 1 << 20);
+        up(&mut l, &mut peer);
+        let stream = in_place_session(&mut l, &mut peer, 1, false);
+        let message = in_place_session(&mut l, &mut peer, 2, true);
+        let mut out = Actions::default();
+        let now = Instant::now();
+
+        assert!(peer.push(Kind::Data, 0, message, &[1; 64]));
+        peer.publish();
+        l.pump(now, &mut out).unwrap();
+        assert!(l.parked.is_none(), "a fragment is copied");
+        assert!(peer.push(Kind::Data, FLAG_EOR, message, &[2; 64]));
+        peer.publish();
+        l.pump(now, &mut out).unwrap();
+        assert!(l.parked.is_none(), "the rest of a copied message is copied");
+        let taken = l.zc_take(message, &mut out).unwrap();
+        assert!(
+            matches!(taken, Some(Taken::Owned(ref v)) if v.len() == 128),
+            "whole"
+        );
+
+        for (id, flags) in [(message, FLAG_EOR), (stream, 0)] {
+            assert!(peer.push(Kind::Data, flags, id, &[3; 64]));
+            peer.publish();
+            l.pump(now, &mut out).unwrap();
+            assert!(l.parked.is_some(), "parked for {id}");
+            let taken = l.zc_take(id, &mut out).unwrap();
+            let eor = flags != 0;
+            assert!(matches!(taken, Some(Taken::Ring { len: 64, eor: e, .. }) if e == eor));
+            l.zc_release(id, l.gen, &mut out).unwrap();
+            assert!(l.parked.is_none());
+        }
+    }
+
+    /// A parked frame belongs to its session alone: another session's take does not get
+    /// it, and another session's release (or a release before the take) leaves it.
+    #[test]
+    fn a_parked_frame_is_taken_and_released_by_its_own_session_only() {
+        let (mut l, mut peer) = victim_in(Role::Host, true, 1 << 20);
+        up(&mut l, &mut peer);
+        let a = in_place_session(&mut l, &mut peer, 1, false);
+        let b = in_place_session(&mut l, &mut peer, 2, false);
+        let mut out = Actions::default();
+        assert!(peer.push(Kind::Data, 0, a, &[4; 64]));
+        peer.publish();
+        l.pump(Instant::now(), &mut out).unwrap();
+        assert!(l.parked.is_some());
+
+        l.zc_release(a, l.gen, &mut out).unwrap();
+        assert!(l.parked.is_some(), "not lent yet: nothing to release");
+        assert!(l.zc_take(b, &mut out).unwrap().is_none(), "not b's");
+        assert!(matches!(
+            l.zc_take(a, &mut out).unwrap(),
+            Some(Taken::Ring { len: 64, .. })
+        ));
+        l.zc_release(b, l.gen, &mut out).unwrap();
+        assert!(l.parked.is_some(), "b releases nothing of a's");
+        assert_eq!(l.sessions[&a].fwd_cnt, 0);
+        l.zc_release(a, l.gen, &mut out).unwrap();
+        assert!(l.parked.is_none());
+        assert_eq!(l.sessions[&a].fwd_cnt, 64);
+    }
+
+    /// What was copied for a session before its reader took frames in place is handed
+    /// over first, as owned bytes.
+    #[test]
+    fn bytes_copied_before_are_taken_first_as_owned() {
+        let (mut l, mut peer) = victim_in(Role::Host, true, 1 << 20);
+        up(&mut l, &mut peer);
+        let id = accepted_with_data(&mut l, &mut peer, 1, 300);
+        let mut out = Actions::default();
+        let taken = l.zc_take(id, &mut out).unwrap();
+        assert!(matches!(taken, Some(Taken::Owned(ref v)) if v == &[7; 300]));
+    }
+
+    /// A slot holds 1 byte to one frame's payload, within the peer's buffer; it waits
+    /// for credit (and takes all of it); a session closed for writing has none.
+    #[test]
+    fn a_slot_is_reserved_within_the_frame_the_peers_buffer_and_the_credit() {
+        use std::io::ErrorKind;
+        let (mut l, mut peer) = victim_in(Role::Host, true, 1 << 20);
+        up(&mut l, &mut peer);
+        let id = accepted_with_data(&mut l, &mut peer, 1, 0);
+        let max = l.max_payload;
+        let mut out = Actions::default();
+        let kind = |r: std::io::Result<Option<usize>>| r.map(|_| ()).unwrap_err().kind();
+        let at = l
+            .zc_reserve(id, max, &mut out)
+            .unwrap()
+            .expect("a whole frame");
+        l.zc_commit(id, at, max, false, &mut out);
+        peer.drain();
+        for len in [0, max + 1] {
+            assert_eq!(
+                kind(l.zc_reserve(id, len, &mut out)),
+                ErrorKind::InvalidInput
+            );
+        }
+
+        let s = l.sessions.get_mut(&id).unwrap();
+        s.peer_buf_alloc = 100;
+        s.peer_fwd_cnt = s.tx_cnt;
+        assert_eq!(
+            kind(l.zc_reserve(id, 101, &mut out)),
+            ErrorKind::InvalidInput
+        );
+        assert!(
+            l.zc_reserve(id, 100, &mut out).unwrap().is_some(),
+            "all the credit"
+        );
+        l.sessions.get_mut(&id).unwrap().peer_fwd_cnt -= 1;
+        assert_eq!(
+            l.zc_reserve(id, 100, &mut out).unwrap(),
+            None,
+            "waits for credit"
+        );
+
+        l.shutdown_write(id, &mut out).unwrap();
+        assert_eq!(kind(l.zc_reserve(id, 10, &mut out)), ErrorKind::BrokenPipe);
+        let other = accepted_with_data(&mut l, &mut peer, 2, 0);
+        l.sessions.get_mut(&other).unwrap().peer_closed = true;
+        assert_eq!(
+            kind(l.zc_reserve(other, 10, &mut out)),
+            ErrorKind::BrokenPipe
+        );
+    }
+
+    /// A slot is not reserved ahead of control frames queued for ring space: it waits
+    /// for space with them, then sends them first.
+    #[test]
+    fn a_slot_waits_behind_queued_control_frames_and_sends_them_first() {
+        use crate::wire::frame::CreditArgs;
+        let (mut l, mut peer) = victim_in(Role::Host, true, 64 << 10);
+        up(&mut l, &mut peer);
+        let id = accepted_with_data(&mut l, &mut peer, 1, 0);
+        peer.drain();
+        fill(&mut l, id);
+        let mut out = Actions::default();
+        let args = CreditArgs {
+            fwd_cnt: 0,
+            buf_alloc: 1 << 20,
+        };
+        l.send_ctrl(Kind::Credit, id, Some(args.encode()), &mut out)
+            .unwrap();
+        assert!(l.has_pending());
+        assert_eq!(l.zc_reserve(id, 64, &mut out).unwrap(), None);
+        assert!(out.wait_space);
+        peer.drain();
+        let at = l.zc_reserve(id, 64, &mut out).unwrap().expect("space");
+        assert!(!l.has_pending(), "the queue went first");
+        l.zc_commit(id, at, 64, false, &mut out);
+        let kinds: Vec<Kind> = peer.drain_frames().iter().map(|h| h.kind).collect();
+        assert_eq!(kinds, [Kind::Credit, Kind::Data]);
+    }
 }

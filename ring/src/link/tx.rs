@@ -290,7 +290,7 @@ pub(crate) fn step(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::link::tests::{accepted_with_data, own, up, victim_cfg};
+    use crate::link::tests::{accepted_with_data, fill, own, up, victim_cfg};
     use crate::shm::layout::{side, Role};
     use crate::wire::frame::{record_len, CreditArgs};
     use crate::wire::mock::MockPeer;
@@ -305,25 +305,6 @@ mod tests {
         let id = accepted_with_data(&mut l, &mut peer, 1, 0);
         peer.drain();
         (l, peer, id)
-    }
-
-    /// Writes Data frames of 1 KiB, then of 16 bytes (a control frame's size), until
-    /// the ring is full (the peer reads nothing), then publishes them: how many.
-    fn fill(l: &mut Link, id: u64) -> usize {
-        let mut out = Actions::default();
-        let mut frames = 0;
-        for size in [1024, 16] {
-            while l
-                .write_frame(id, &vec![1; size], false, true, false, &mut out)
-                .unwrap()
-                .is_some()
-            {
-                frames += 1;
-            }
-        }
-        l.publish(&mut out);
-        assert!(frames > 0);
-        frames
     }
 
     fn credit(id: u64, l: &mut Link, out: &mut Actions) {
