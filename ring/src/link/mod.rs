@@ -680,12 +680,7 @@ impl Link {
     }
 
     fn read_peer_id(&mut self) {
-        let w = self.load_peer(side::PEER_ID, Ordering::Relaxed);
-        self.peer_id = if w & PEER_ID_VALID != 0 && w >> 33 == 0 {
-            Some(w as u16)
-        } else {
-            None
-        };
+        self.peer_id = peer_id_in(self.load_peer(side::PEER_ID, Ordering::Relaxed));
     }
 
     /// Bumps our heartbeat when due. Spinning waiters call it too: with many of them the
@@ -759,10 +754,8 @@ impl Link {
     /// Whom to ring when [`Actions::ring_peer`] says so: the peer's ivshmem id, as last
     /// read (or read now, before the link is up).
     pub fn doorbell_target(&self) -> Option<u16> {
-        self.peer_id.or_else(|| {
-            let w = self.load_peer(side::PEER_ID, Ordering::Relaxed);
-            (w & PEER_ID_VALID != 0 && w >> 33 == 0).then_some(w as u16)
-        })
+        self.peer_id
+            .or_else(|| peer_id_in(self.load_peer(side::PEER_ID, Ordering::Relaxed)))
     }
 
     /// Whether this side polls (`WaitMode::Poll`), as it tells the peer in `side::POLLS`.
@@ -801,6 +794,12 @@ impl Link {
     pub fn session(&mut self, id: u64) -> io::Result<&mut Sess> {
         session_in(&mut self.sessions, id)
     }
+}
+
+/// The ivshmem peer id a `PEER_ID` word holds: `PEER_ID_VALID | id` exactly (a word with
+/// any other bit set is a peer's scribble, not an id to ring).
+fn peer_id_in(word: u64) -> Option<u16> {
+    (word >> 16 == PEER_ID_VALID >> 16).then_some(word as u16)
 }
 
 /// [`Link::session`] on the map alone, so that the ring can be borrowed beside it.
@@ -1165,6 +1164,64 @@ mod tests {
         assert!(!check(l), "nothing changed");
     }
 
+    /// A `PEER_ID` word names a peer to ring only as `PEER_ID_VALID | id`: a word with
+    /// the flag missing or any other bit set names none; before the link has read the
+    /// word, the doorbell target is read from it.
+    #[test]
+    fn a_peer_id_word_is_the_valid_flag_and_16_bits_and_nothing_else() {
+        let (l, peer) = victim(Role::Host);
+        for (word, id) in [
+            (PEER_ID_VALID | 5, Some(5)),
+            (PEER_ID_VALID | 0xffff, Some(0xffff)),
+            (PEER_ID_VALID, Some(0)),
+            (5, None),
+            (0, None),
+            (PEER_ID_VALID | 1 << 16 | 5, None),
+            (PEER_ID_VALID << 1 | PEER_ID_VALID | 5, None),
+            (u64::MAX, None),
+        ] {
+            assert_eq!(peer_id_in(word), id, "{word:#x}");
+            peer.store(side::PEER_ID, word);
+            assert_eq!(l.doorbell_target(), id, "{word:#x}");
+        }
+    }
+
+    /// A stream reader's buffer gives back what was read: all of it once it is all read,
+    /// the front once more than half of it and more than 4 KiB is read (so a reader
+    /// that reads in small pieces does not keep a buffer growing for ever), and nothing
+    /// before that (moving the rest costs a copy).
+    #[test]
+    fn a_receive_buffer_gives_back_what_was_read() {
+        // (bytes buffered, bytes read, what is left at the buffer's front)
+        for (held, read, compacted) in [
+            (10_000, 10_000, true),
+            (10_000, 6_000, true),
+            (10_000, 5_000, false),
+            (6_000, 4_096, false),
+        ] {
+            let mut s = Sess::new(false, 1 << 20, State::Open);
+            s.rx = (0..held).map(|i| i as u8).collect();
+            let mut buf = vec![0; read];
+            assert_eq!(s.take(&mut buf), (read, read));
+            assert!(buf.iter().enumerate().all(|(i, &b)| b == i as u8));
+            let (len, pos) = if compacted {
+                (held - read, 0)
+            } else {
+                (held, read)
+            };
+            assert_eq!(
+                (s.rx.len(), s.rx_pos),
+                (len, pos),
+                "{held} held, {read} read"
+            );
+            assert_eq!(s.buffered(), held - read);
+            assert_eq!(
+                s.rx[s.rx_pos..].first().copied(),
+                (held > read).then_some(read as u8)
+            );
+        }
+    }
+
     /// Each side acknowledges the other's epoch, and the link comes up only once the peer
     /// has acknowledged ours; `check_peer` says exactly when something changed.
     #[test]
@@ -1350,6 +1407,24 @@ mod tests {
         assert!(!l.up);
     }
 
+    /// A session the peer opens on port 7 (a message session if `message`), with a
+    /// 1 MiB buffer of its own, accepted.
+    pub(super) fn accepted(l: &mut Link, peer: &mut MockPeer, seq: u64, message: bool) -> u64 {
+        const PORT: u32 = 7;
+        let _ = l.listen(PORT);
+        let id = seq << 1 | l.role.other().id_bit();
+        let args = OpenArgs {
+            port: PORT,
+            message,
+            buf_alloc: 1 << 20,
+        };
+        assert!(peer.push(Kind::Open, 0, id, &args.encode()));
+        peer.publish();
+        l.pump(Instant::now(), &mut Actions::default()).unwrap();
+        assert_eq!(l.accept(PORT), Some((id, message)));
+        id
+    }
+
     /// What the peer sent on a session the link accepted, left unread in its buffer.
     pub(super) fn accepted_with_data(
         l: &mut Link,
@@ -1357,19 +1432,8 @@ mod tests {
         seq: u64,
         bytes: usize,
     ) -> u64 {
-        const PORT: u32 = 7;
-        let _ = l.listen(PORT);
-        let id = seq << 1 | l.role.other().id_bit();
-        let args = OpenArgs {
-            port: PORT,
-            message: false,
-            buf_alloc: 1 << 20,
-        };
-        assert!(peer.push(Kind::Open, 0, id, &args.encode()));
-        peer.publish();
+        let id = accepted(l, peer, seq, false);
         let mut out = Actions::default();
-        l.pump(Instant::now(), &mut out).unwrap();
-        assert_eq!(l.accept(PORT), Some((id, false)));
         let mut sent = 0;
         while sent < bytes {
             let n = (bytes - sent).min(1024);

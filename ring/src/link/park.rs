@@ -281,7 +281,7 @@ mod tests {
     }
 
     use super::{ParkState, Taken, PARK_MAX};
-    use crate::link::tests::{accepted_with_data, fill, up, victim_in};
+    use crate::link::tests::{accepted, accepted_with_data, fill, up, victim_in};
     use crate::link::{Actions, Link};
     use crate::shm::layout::Role;
     use crate::wire::frame::{Header, Kind};
@@ -380,21 +380,9 @@ mod tests {
     /// A session the peer opens on `l` (a message session if `message`), accepted, its
     /// reader taking frames in place.
     fn in_place_session(l: &mut Link, peer: &mut MockPeer, seq: u64, message: bool) -> u64 {
-        use crate::wire::frame::OpenArgs;
-        const PORT: u32 = 9;
-        let _ = l.listen(PORT);
-        let id = seq << 1 | l.role.other().id_bit();
-        let args = OpenArgs {
-            port: PORT,
-            message,
-            buf_alloc: 1 << 20,
-        };
-        assert!(peer.push(Kind::Open, 0, id, &args.encode()));
-        peer.publish();
-        let mut out = Actions::default();
-        l.pump(Instant::now(), &mut out).unwrap();
-        assert_eq!(l.accept(PORT), Some((id, message)));
+        let id = accepted(l, peer, seq, message);
         peer.drain();
+        let mut out = Actions::default();
         assert!(l.zc_take(id, &mut out).unwrap().is_none());
         id
     }

@@ -1191,3 +1191,159 @@ mod set_index_tests {
         check(&mut ix, &small);
     }
 }
+
+/// The window growth rule of [`Link::grow_window`], at the link's level: each case sets a
+/// session's counters as a reader that ran dry would leave them.
+#[cfg(test)]
+mod grow_tests {
+    use crate::link::tests::{accepted, up, victim_cfg};
+    use crate::link::{Actions, Link, State};
+    use crate::shm::layout::Role;
+    use crate::wire::frame::Kind;
+    use crate::wire::mock::MockPeer;
+    use crate::Config;
+
+    const BASE: u32 = 8 << 10;
+    const MAX: u32 = 64 << 10;
+
+    /// An up host link with buffers of 8 KiB growing to 64 KiB (a link budget of
+    /// 256 KiB), and `streams` stream sessions and `messages` message sessions the peer
+    /// opened: their ids, streams first.
+    fn link(streams: u64, messages: u64) -> (Link, MockPeer, Vec<u64>) {
+        let cfg = Config {
+            buf_size: BASE,
+            max_buf_size: MAX,
+            ..Config::default()
+        };
+        let (mut l, mut peer) = victim_cfg(Role::Host, true, 1 << 20, cfg);
+        up(&mut l, &mut peer);
+        let ids = (0..streams + messages)
+            .map(|i| accepted(&mut l, &mut peer, i + 1, i >= streams))
+            .collect();
+        peer.drain();
+        (l, peer, ids)
+    }
+
+    /// Sets session `id` as a reader that ran dry: `consumed` bytes since it last ran
+    /// dry (from `at_dry`), having slept if `slept`; grows, and gives the new buffer and
+    /// whether a Credit went to the peer.
+    fn dry(
+        l: &mut Link,
+        peer: &mut MockPeer,
+        id: u64,
+        at_dry: u64,
+        consumed: u64,
+        slept: bool,
+    ) -> (u32, bool) {
+        let s = l.sessions.get_mut(&id).unwrap();
+        s.fwd_at_dry = at_dry;
+        s.fwd_cnt = at_dry + consumed;
+        s.received = s.fwd_cnt;
+        s.slept = slept;
+        l.grow_window(id, &mut Actions::default()).unwrap();
+        let mut out = Actions::default();
+        l.publish(&mut out);
+        let told = peer
+            .drain_frames()
+            .iter()
+            .any(|h| h.kind == Kind::Credit && h.session == id);
+        let s = &l.sessions[&id];
+        if told {
+            assert_eq!(
+                (s.fwd_at_dry, s.slept),
+                (s.fwd_cnt, false),
+                "a new dry spell"
+            );
+        }
+        (s.buf_alloc, told)
+    }
+
+    /// A reader that slept and consumed at least 7/8 of its buffer since it last ran dry
+    /// doubles it and tells the peer; one that consumed less, or never slept, keeps it
+    /// and starts a new dry spell.
+    #[test]
+    fn a_buffer_doubles_for_a_reader_that_slept_and_read_seven_eighths_of_it() {
+        let (mut l, mut peer, ids) = link(1, 0);
+        let id = ids[0];
+        assert_eq!(l.sessions[&id].buf_alloc, BASE);
+        let most = BASE as u64 * 7 / 8;
+        for (at_dry, consumed, slept) in [
+            (0, 0, true),
+            (100_000, most - 1, true),
+            (0, 2 * BASE as u64, false),
+        ] {
+            assert_eq!(
+                dry(&mut l, &mut peer, id, at_dry, consumed, slept),
+                (BASE, false)
+            );
+            let s = &l.sessions[&id];
+            // Something consumed: a new dry spell; nothing: the same one goes on.
+            let spell = if consumed > 0 {
+                (s.fwd_cnt, false)
+            } else {
+                (at_dry, slept)
+            };
+            assert_eq!((s.fwd_at_dry, s.slept), spell);
+        }
+        assert_eq!(dry(&mut l, &mut peer, id, 0, most, true), (2 * BASE, true));
+        let s = &l.sessions[&id];
+        assert_eq!(s.fwd_sent, s.fwd_cnt, "the Credit counts what was consumed");
+        // Up to the maximum, not past it, and not again once there.
+        l.sessions.get_mut(&id).unwrap().buf_alloc = 48 << 10;
+        assert_eq!(dry(&mut l, &mut peer, id, 0, 48 << 10, true), (MAX, true));
+        assert_eq!(
+            dry(&mut l, &mut peer, id, 0, MAX as u64, true),
+            (MAX, false)
+        );
+    }
+
+    /// Message sessions keep their buffer (it is the largest message the peer may send),
+    /// and so do sessions that are not open or whose peer finished.
+    #[test]
+    fn message_ended_and_unopened_sessions_keep_their_buffer() {
+        let (mut l, mut peer, ids) = link(3, 1);
+        let (eof, unopened, message) = (ids[1], ids[2], ids[3]);
+        l.sessions.get_mut(&eof).unwrap().rx_eof = true;
+        l.sessions.get_mut(&unopened).unwrap().state = State::Connecting;
+        for id in [eof, unopened, message] {
+            assert_eq!(
+                dry(&mut l, &mut peer, id, 0, BASE as u64, true),
+                (BASE, false)
+            );
+        }
+        assert_eq!(
+            dry(&mut l, &mut peer, ids[0], 0, BASE as u64, true),
+            (2 * BASE, true)
+        );
+    }
+
+    /// Among open stream sessions each may grow by an equal share of the link's budget
+    /// (4 x the maximum: message sessions and sessions not open take no share), and all
+    /// together by the budget at most.
+    #[test]
+    fn a_buffer_grows_by_its_share_of_the_link_budget_at_most() {
+        // 8 streams and 8 message sessions: a share of 256 KiB / 8 = 32 KiB.
+        let (mut l, mut peer, ids) = link(8, 8);
+        let id = ids[0];
+        l.sessions.get_mut(&id).unwrap().buf_alloc = 16 << 10;
+        let share = (4 * MAX) / 8;
+        assert_eq!(
+            dry(&mut l, &mut peer, id, 0, 16 << 10, true),
+            (32 << 10, true)
+        );
+        assert_eq!(
+            dry(&mut l, &mut peer, id, 0, 32 << 10, true),
+            (BASE + share, true)
+        );
+
+        // Others grew by all but 4 KiB of the budget: 4 KiB is left to grow by.
+        let (mut l, mut peer, ids) = link(8, 0);
+        for &other in &ids[1..5] {
+            l.sessions.get_mut(&other).unwrap().buf_alloc = BASE + MAX - (1 << 10);
+        }
+        assert_eq!(
+            dry(&mut l, &mut peer, ids[0], 0, BASE as u64, true),
+            (BASE + (4 << 10), true)
+        );
+    }
+}
