@@ -1184,6 +1184,13 @@ mod tests {
             peer.store(side::PEER_ID, word);
             assert_eq!(l.doorbell_target(), id, "{word:#x}");
         }
+        // Once the link is up, the id read then is the one rung, whatever the word says.
+        let (mut l, mut peer) = victim(Role::Host);
+        up(&mut l, &mut peer);
+        let id = l.doorbell_target();
+        assert!(id.is_some());
+        peer.store(side::PEER_ID, PEER_ID_VALID | 77);
+        assert_eq!(l.doorbell_target(), id);
     }
 
     /// A stream reader's buffer gives back what was read: all of it once it is all read,
