@@ -1193,6 +1193,76 @@ mod tests {
         assert_eq!(l.doorbell_target(), id);
     }
 
+    /// A set of wait stripes holds exactly the stripes added, in order.
+    #[test]
+    fn a_stripe_set_holds_the_stripes_added() {
+        assert!(Stripes::default().is_empty());
+        assert_eq!(Stripes::ALL.iter().count(), STRIPES);
+        for stripes in [
+            vec![0],
+            vec![63],
+            vec![64],
+            vec![255],
+            vec![1, 64, 130, 255],
+        ] {
+            let mut set = Stripes::default();
+            for &s in stripes.iter().rev() {
+                set.add(s);
+                set.add(s);
+            }
+            assert!(!set.is_empty());
+            assert_eq!(set.iter().collect::<Vec<_>>(), stripes);
+        }
+        assert_eq!(
+            stripe_of(2 * 300 + 1),
+            300 - STRIPES,
+            "the side bit left out"
+        );
+    }
+
+    /// The heartbeat: ours goes out each period; the peer is gone when its heartbeat
+    /// stands still past the timeout, or when the server says it left after saying it
+    /// was there (not before: the news of a join may come late).
+    #[test]
+    fn a_peer_is_gone_when_its_heartbeat_stops_or_it_leaves_the_server() {
+        let (mut l, mut peer) = victim(Role::Host);
+        up(&mut l, &mut peer);
+        let t0 = Instant::now();
+        let timeout = l.cfg.peer_timeout;
+        let ours = own(&l, side::HEARTBEAT);
+        assert_eq!(l.beat(t0 + l.cfg.heartbeat, None), Ok(()));
+        assert!(own(&l, side::HEARTBEAT) > ours, "ours went out");
+
+        peer.store(side::HEARTBEAT, 1000);
+        assert_eq!(l.beat(t0, None), Ok(()), "it moved");
+        assert_eq!(
+            l.beat(t0 + timeout, None),
+            Ok(()),
+            "still within the timeout"
+        );
+        peer.store(side::HEARTBEAT, 1001);
+        let ms = std::time::Duration::from_millis(1);
+        let later = t0 + timeout + ms;
+        assert_eq!(l.beat(later, None), Ok(()), "it moved again");
+        assert_eq!(
+            l.beat(later + timeout + ms, None),
+            Err(Fault::PeerGone(Gone::HeartbeatStopped(timeout)))
+        );
+
+        let (mut l, mut peer) = victim(Role::Host);
+        up(&mut l, &mut peer);
+        assert_eq!(
+            l.beat(t0, Some(false)),
+            Ok(()),
+            "never seen: the join is late"
+        );
+        assert_eq!(l.beat(t0, Some(true)), Ok(()));
+        assert_eq!(
+            l.beat(t0, Some(false)),
+            Err(Fault::PeerGone(Gone::LeftServer))
+        );
+    }
+
     /// A stream reader's buffer gives back what was read: all of it once it is all read,
     /// the front once more than half of it and more than 4 KiB is read (so a reader
     /// that reads in small pieces does not keep a buffer growing for ever), and nothing
