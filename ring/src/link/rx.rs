@@ -1347,3 +1347,106 @@ mod grow_tests {
         );
     }
 }
+
+/// The receive side's small rules, at the link's level over the mock peer.
+#[cfg(test)]
+mod rx_tests {
+    use crate::link::tests::{accepted_with_data, own, up, victim_cfg};
+    use crate::link::{Actions, State};
+    use crate::shm::layout::{side, Role};
+    use crate::wire::frame::Kind;
+    use crate::{Config, WaitMode};
+    use std::time::Instant;
+
+    /// A reader about to sleep arms `RX_NEED_WAKEUP` and re-checks the peer's head; a
+    /// polling reader promised never to arm, and a down link has nothing to wait on.
+    #[test]
+    fn a_reader_arms_its_wakeup_unless_it_polls_or_the_link_is_down() {
+        for wait in [WaitMode::Adaptive, WaitMode::Poll] {
+            let cfg = Config {
+                wait,
+                ..Config::default()
+            };
+            let (mut l, mut peer) = victim_cfg(Role::Host, true, 64 << 10, cfg);
+            let mut out = Actions::default();
+            assert_eq!(l.arm_wakeup(&mut out), Ok(false), "{wait:?}: down");
+            assert_eq!(own(&l, side::RX_NEED_WAKEUP), 0);
+            up(&mut l, &mut peer);
+            assert_eq!(l.arm_wakeup(&mut out), Ok(false), "{wait:?}: nothing there");
+            let armed = own(&l, side::RX_NEED_WAKEUP) != 0;
+            assert_eq!(armed, wait != WaitMode::Poll, "{wait:?}");
+            assert!(peer.push(Kind::Credit, 0, 2, &[0; 16]));
+            peer.publish();
+            assert_eq!(
+                l.arm_wakeup(&mut out),
+                Ok(true),
+                "{wait:?}: a frame is there"
+            );
+        }
+    }
+
+    /// `rx_moved` says whether frames arrived that nobody has looked at: not on a down
+    /// link, not once a pump took them.
+    #[test]
+    fn rx_moved_says_whether_unread_frames_arrived() {
+        let (mut l, mut peer) = victim_cfg(Role::Host, true, 64 << 10, Config::default());
+        assert!(peer.push(Kind::Credit, 0, 2, &[0; 16]));
+        peer.publish();
+        assert!(!l.rx_moved(), "down");
+        up(&mut l, &mut peer);
+        assert!(!l.rx_moved());
+        assert!(peer.push(Kind::Credit, 0, 2, &[0; 16]));
+        peer.publish();
+        assert!(l.rx_moved());
+        l.pump(Instant::now(), &mut Actions::default()).unwrap();
+        assert!(!l.rx_moved(), "pumped");
+    }
+
+    /// A read side shut down discards (and credits) what is buffered, and stays shut.
+    #[test]
+    fn a_shut_read_side_discards_and_credits_what_is_buffered() {
+        let (mut l, mut peer) = victim_cfg(Role::Host, true, 1 << 20, Config::default());
+        up(&mut l, &mut peer);
+        let id = accepted_with_data(&mut l, &mut peer, 1, 300);
+        l.sessions.get_mut(&id).unwrap().rd_shut = true;
+        let mut out = Actions::default();
+        let mut buf = [0; 100];
+        assert_eq!(
+            l.read(id, &mut buf, &mut out).unwrap(),
+            Some(0),
+            "shut: EOF"
+        );
+        assert_eq!(l.read_discard(id, &mut buf, &mut out).unwrap(), Some(100));
+        let s = &l.sessions[&id];
+        assert!(s.rd_shut, "still shut");
+        assert_eq!((s.fwd_cnt, s.buffered()), (100, 200));
+        let mut rest = [0; 1000];
+        assert_eq!(l.read_discard(id, &mut rest, &mut out).unwrap(), Some(200));
+        assert_eq!(
+            l.read_discard(id, &mut rest, &mut out).unwrap(),
+            None,
+            "empty"
+        );
+    }
+
+    /// A session reset for a protocol violation drops what it held, counts the reset
+    /// and tells the peer; the link goes on.
+    #[test]
+    fn a_session_reset_drops_its_data_counts_and_tells_the_peer() {
+        let (mut l, mut peer) = victim_cfg(Role::Host, true, 1 << 20, Config::default());
+        up(&mut l, &mut peer);
+        let id = accepted_with_data(&mut l, &mut peer, 1, 300);
+        peer.drain();
+        let mut out = Actions::default();
+        let resets = l.stats.session_resets;
+        l.reset_session(id, "a test", &mut out).unwrap();
+        let s = &l.sessions[&id];
+        assert_eq!(s.state, State::Reset("a test".into()));
+        assert_eq!(s.buffered(), 0);
+        assert_eq!(l.stats.session_resets, resets + 1);
+        l.publish(&mut out);
+        let kinds: Vec<Kind> = peer.drain_frames().iter().map(|h| h.kind).collect();
+        assert_eq!(kinds, [Kind::Reset]);
+        assert!(l.is_up());
+    }
+}
