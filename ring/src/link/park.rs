@@ -289,6 +289,13 @@ mod tests {
     use crate::wire::ring::Record;
     use std::time::Instant;
 
+    /// The peer sends one Data frame of session `id` and the link pumps at `now`.
+    fn deliver(l: &mut Link, peer: &mut MockPeer, id: u64, flags: u8, bytes: &[u8], now: Instant) {
+        assert!(peer.push(Kind::Data, flags, id, bytes));
+        peer.publish();
+        l.pump(now, &mut Actions::default()).unwrap();
+    }
+
     /// An up host link with one session whose reader takes frames in place, and a
     /// 100-byte Data frame of it parked by a pump at `t0`.
     fn parked_frame() -> (Link, MockPeer, u64, Instant) {
@@ -298,9 +305,7 @@ mod tests {
         let mut out = Actions::default();
         assert!(l.zc_take(id, &mut out).unwrap().is_none(), "nothing yet");
         let t0 = Instant::now();
-        assert!(peer.push(Kind::Data, 0, id, &[9; 100]));
-        peer.publish();
-        l.pump(t0, &mut out).unwrap();
+        deliver(&mut l, &mut peer, id, 0, &[9; 100], t0);
         assert!(l.parked.is_some(), "parked");
         assert_eq!(l.sessions[&id].buffered(), 0, "not copied");
         (l, peer, id, t0)
@@ -399,13 +404,9 @@ mod tests {
         let mut out = Actions::default();
         let now = Instant::now();
 
-        assert!(peer.push(Kind::Data, 0, message, &[1; 64]));
-        peer.publish();
-        l.pump(now, &mut out).unwrap();
+        deliver(&mut l, &mut peer, message, 0, &[1; 64], now);
         assert!(l.parked.is_none(), "a fragment is copied");
-        assert!(peer.push(Kind::Data, FLAG_EOR, message, &[2; 64]));
-        peer.publish();
-        l.pump(now, &mut out).unwrap();
+        deliver(&mut l, &mut peer, message, FLAG_EOR, &[2; 64], now);
         assert!(l.parked.is_none(), "the rest of a copied message is copied");
         let taken = l.zc_take(message, &mut out).unwrap();
         assert!(
@@ -414,9 +415,7 @@ mod tests {
         );
 
         for (id, flags) in [(message, FLAG_EOR), (stream, 0)] {
-            assert!(peer.push(Kind::Data, flags, id, &[3; 64]));
-            peer.publish();
-            l.pump(now, &mut out).unwrap();
+            deliver(&mut l, &mut peer, id, flags, &[3; 64], now);
             assert!(l.parked.is_some(), "parked for {id}");
             let taken = l.zc_take(id, &mut out).unwrap();
             let eor = flags != 0;
@@ -435,9 +434,7 @@ mod tests {
         let a = in_place_session(&mut l, &mut peer, 1, false);
         let b = in_place_session(&mut l, &mut peer, 2, false);
         let mut out = Actions::default();
-        assert!(peer.push(Kind::Data, 0, a, &[4; 64]));
-        peer.publish();
-        l.pump(Instant::now(), &mut out).unwrap();
+        deliver(&mut l, &mut peer, a, 0, &[4; 64], Instant::now());
         assert!(l.parked.is_some());
 
         l.zc_release(a, l.gen, &mut out).unwrap();
