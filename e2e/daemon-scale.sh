@@ -20,11 +20,17 @@ if [ -z "${HOST_BIN:-}" ] || [ -z "${GUEST_BIN:-}" ]; then
     GUEST_BIN=${GUEST_BIN:-$ROOT/target/release/ivring-guest}
 fi
 QGA_BIN=$(command -v qemu-ga || echo /usr/sbin/qemu-ga)
-if [ ! -x "$QGA_BIN" ]; then
-    echo "qemu-ga missing: apt-get install -y qemu-guest-agent" >&2
-    apt-get install -y qemu-guest-agent >/dev/null 2>&1 || true
+# The suite asks qemu-ga for `-a` (allowed commands, QEMU 8.0 on): e2e/setup.sh installs
+# QEMU 10's from bookworm-backports; Debian's own qemu-ga 7.2 lacks the option.
+if [ ! -x "$QGA_BIN" ] || ! "$QGA_BIN" --help 2>&1 | grep -q -- --allow-rpcs; then
+    echo "qemu-ga missing or older than 8.0: installing QEMU 10's (e2e/setup.sh)" >&2
+    bash "$ROOT/e2e/setup.sh" >/dev/null || true
     QGA_BIN=$(command -v qemu-ga || echo /usr/sbin/qemu-ga)
-    [ -x "$QGA_BIN" ] || { echo "FAIL qemu-ga could not be installed"; echo "0 passed, 1 failed"; exit 1; }
+    "$QGA_BIN" --help 2>&1 | grep -q -- --allow-rpcs || {
+        echo "FAIL qemu-ga with --allow-rpcs could not be installed: run e2e/setup.sh as root"
+        echo "0 passed, 1 failed"
+        exit 1
+    }
 fi
 # 2 processes and a qemu-ga per VM, each with a few fds.
 ulimit -n 65536 2>/dev/null || true
