@@ -878,7 +878,80 @@ fn writers_share_a_full_ring() {
         for t in writers.into_iter().chain(readers) {
             t.join().unwrap();
         }
+        assert_woken_by_events(&p, &format!("{wait:?}: writers sharing a full ring"));
     }
+}
+
+/// Asserts that the pair's blocked calls were woken by what they waited for, not by
+/// their 100 ms safety limit ([`ivring::Stats::late_wakeups`]). A lost wakeup leaves
+/// every stripe sleeper or space waiter behind it waiting out that limit, dozens of times
+/// in these tests; one is allowed, for a notifier preempted for 100 ms on a loaded
+/// machine between making data ready and waking its reader.
+fn assert_woken_by_events(p: &Pair, what: &str) {
+    let (h, g) = (p.host.stats().late_wakeups, p.guest.stats().late_wakeups);
+    assert!(
+        h + g <= 1,
+        "{what}: {h} host and {g} guest calls slept to their limit and then found what \
+         they waited for: a wakeup was lost"
+    );
+}
+
+/// Blocked callers sleep on the doorbell (one of them) or on their session's stripe (the
+/// others) and each is woken by its event: data, a listener's connection, EOF. Six
+/// sessions echo 40 rounds each, every thread blocked in `read` between rounds, so that
+/// the thread on the doorbell keeps waking the others.
+#[test]
+fn blocked_callers_are_woken_by_their_events_not_their_limit() {
+    let _guard = common::watchdog(
+        "blocked_callers_are_woken_by_their_events_not_their_limit",
+        Duration::from_secs(60),
+    );
+    let cfg = Config {
+        wait: WaitMode::Block,
+        ..Config::default()
+    };
+    let p = pair_with(1 << 20, cfg);
+    const SESSIONS: u64 = 6;
+    const ROUNDS: u64 = 40;
+    let listener = Arc::new(p.guest.listen(77).unwrap());
+    // The guest's echo threads wait in accept first: a connection must wake them.
+    let echoes: Vec<_> = (0..SESSIONS)
+        .map(|_| {
+            let l = listener.clone();
+            thread::spawn(move || {
+                let mut g = l.accept_timeout(PATIENCE).unwrap();
+                g.set_read_timeout(Some(PATIENCE));
+                let mut buf = [0u8; 64];
+                loop {
+                    let n = g.read(&mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    g.write_all(&buf[..n]).unwrap();
+                }
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(20));
+    let clients: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            let mut h = p.host.connect(77).unwrap();
+            h.set_read_timeout(Some(PATIENCE));
+            thread::spawn(move || {
+                for r in 0..ROUNDS {
+                    let msg = [(i * ROUNDS + r) as u8; 48];
+                    h.write_all(&msg).unwrap();
+                    let got = read_exact_timeout(&mut h, msg.len());
+                    assert_eq!(got, msg, "session {i} round {r}: the echo differs");
+                }
+                h.shutdown(Shutdown::Write).unwrap();
+            })
+        })
+        .collect();
+    for t in clients.into_iter().chain(echoes) {
+        t.join().unwrap();
+    }
+    assert_woken_by_events(&p, "echo rounds in block mode");
 }
 
 /// A stream write that finds a thread waiting for the lock leaves the ring's head to it

@@ -182,6 +182,13 @@ impl LinkWatch {
         if n > 0 {
             debug!(count = n, "{link}: frames for sessions not open dropped");
         }
+        let n = more(now.late_wakeups, last.late_wakeups);
+        if n > 0 {
+            debug!(
+                count = n,
+                "{link}: blocked calls woken by their 100 ms limit, not by the event                  they waited for (a slow or silent doorbell)"
+            );
+        }
         let up = ep.is_up();
         if self.up != Some(up) {
             if up {

@@ -142,9 +142,12 @@ impl Endpoint {
             .is_ok()
     }
 
-    /// Counters about the peer's behaviour, and the last link error.
+    /// Counters about the peer's behaviour and the endpoint's wakeups, and the last link
+    /// error.
     pub fn stats(&self) -> Stats {
-        self.shared.lock().stats().clone()
+        let mut stats = self.shared.lock().stats().clone();
+        stats.late_wakeups = self.shared.late_wakeups();
+        stats
     }
 
     /// Number of sessions open (or opening) on this link.

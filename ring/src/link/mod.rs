@@ -38,6 +38,11 @@ pub struct Stats {
     pub opens_refused: u64,
     /// The most recent reason for a reset of the link, if any.
     pub last_error: Option<String>,
+    /// Blocked calls that slept until their safety limit (100 ms) and then found what
+    /// they waited for: wakeups lost between the threads of this endpoint or by a peer
+    /// that did not ring when asked. 0 on a healthy link; counted by the runtime, not the
+    /// link.
+    pub late_wakeups: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

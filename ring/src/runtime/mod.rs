@@ -21,7 +21,7 @@ use crate::link::{Actions, Fault, Link, Stripes};
 use crate::shm::doorbell::Doorbell;
 use crate::shm::layout::{Geometry, LayoutError, Role};
 use crate::shm::region::SharedRegion;
-use crate::shm::sync::{AtomicBool, AtomicUsize, Ordering as StdOrdering};
+use crate::shm::sync::{AtomicBool, AtomicU64, AtomicUsize, Ordering as StdOrdering};
 use crate::wire::ring::{CopySlot, Loan};
 use crossbeam_utils::CachePadded;
 use std::io;
@@ -83,7 +83,15 @@ pub(crate) struct Shared {
     space_sleepers: AtomicUsize,
     /// Threads that found the link lock taken and have not got it yet ([`LinkGuard`]).
     lock_waiters: CachePadded<AtomicUsize>,
+    /// Waits that slept to their [`WAIT_LIMIT`] and then found what they waited for: a
+    /// wakeup that never came ([`Stats::late_wakeups`](crate::Stats::late_wakeups)).
+    late_wakeups: AtomicU64,
 }
+
+/// The longest a blocked caller sleeps before it looks again by itself. Every event a
+/// caller waits for wakes it (the doorbell, a notify, a hand-off): this limit is a safety
+/// net, and a wait that runs into it and then finds its data is counted as a lost wakeup.
+const WAIT_LIMIT: Duration = Duration::from_millis(100);
 
 /// Threads waiting for the lock from which a stream write leaves the head to them
 /// ([`LinkGuard`]). One is often the keeper or a reader, which a lone writer's stream
@@ -158,21 +166,22 @@ impl Drop for LinkGuard<'_> {
 
 impl<'a> LinkGuard<'a> {
     /// Sleeps on `cv` for at most `limit`, the lock released meanwhile (and released as
-    /// any other release is: the head published if nobody waits for the lock).
-    fn wait_on(mut self, cv: &Condvar, limit: Duration) -> LinkGuard<'a> {
+    /// any other release is: the head published if nobody waits for the lock). Whether
+    /// the wait ran to its limit.
+    fn wait_on(mut self, cv: &Condvar, limit: Duration) -> (LinkGuard<'a>, bool) {
         let shared = self.shared;
         let Some(mut l) = self.link.take() else {
             unreachable!("a link guard is used only while it holds the lock")
         };
         shared.publish_on_release(&mut l);
-        let l = cv
-            .wait_timeout(l, limit)
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
-        LinkGuard {
-            shared,
-            link: Some(l),
-        }
+        let (l, waited) = cv.wait_timeout(l, limit).unwrap_or_else(|e| e.into_inner());
+        (
+            LinkGuard {
+                shared,
+                link: Some(l),
+            },
+            waited.timed_out(),
+        )
     }
 }
 
@@ -212,8 +221,9 @@ enum Led {
     No,
     /// Read the ring, or found data or a fault while arming: try again.
     Progress,
-    /// Waited on the doorbell; `early` when it returned before half the time.
-    Waited { early: bool },
+    /// Waited on the doorbell; `early` when it returned before half the time, `to_limit`
+    /// when it ran to the limit.
+    Waited { early: bool, to_limit: bool },
 }
 
 /// Counts a spinning waiter while it lives.
@@ -526,7 +536,8 @@ impl Shared {
         }
         let t = Instant::now();
         self.doorbell.wait(Some(limit));
-        let early = t.elapsed() < limit / 2;
+        let slept = t.elapsed();
+        let (early, to_limit) = (slept < limit / 2, slept >= limit);
         let mut link = self.lock();
         // Awake: the peer need not ring while we read (the keeper does the same). We keep
         // the bell until we return (or sleep on a condvar): woken for other sessions'
@@ -534,10 +545,14 @@ impl Shared {
         link.disarm_wakeup();
         // What the keeper would do on this wakeup, since it sits out.
         let mut out = Actions::default();
-        if self.follow_peer(&mut link, Instant::now(), &mut out) {
+        let followed = self.follow_peer(&mut link, Instant::now(), &mut out);
+        if followed {
             self.ring(&link, &mut out);
             self.notify_all();
         }
+        // A change found by this look (the peer gone, or restarted) was nobody's to ring
+        // for: not a lost wakeup.
+        let to_limit = to_limit && !followed;
         if self.send_queued(&mut link, &mut out) {
             self.ring(&link, &mut out);
             self.notify_unlocked(Wake {
@@ -545,7 +560,7 @@ impl Shared {
                 ..Wake::default()
             });
         }
-        (link, Led::Waited { early })
+        (link, Led::Waited { early, to_limit })
     }
 
     /// Follows the peer on a wakeup: its epoch (a restart), its heartbeat, and what the
@@ -603,15 +618,20 @@ impl Shared {
     /// callers asleep on condvars need someone on it.
     fn resign(&self, leading: &mut bool) {
         if std::mem::take(leading) {
-            // What else needs the keeper (accepts, notify callbacks, frames waiting for
-            // space) can wait for its short nap: recalling it on every give-up would cost
-            // a thread switch each time.
-            let sleepers = self.sleepers.load(StdOrdering::Relaxed) > 0
-                || self.stripe_sleepers.load(StdOrdering::Relaxed) > 0;
-            if self.bell.caller_give_up(sleepers) {
+            // Callers asleep on condvars rely on whoever is on the doorbell: writers
+            // waiting for ring space too (the peer rings for the space they posted). What
+            // else needs the keeper (accepts, notify callbacks, frames waiting for space)
+            // can wait for its short nap: recalling it on every give-up would cost a
+            // thread switch each time.
+            if self.bell.caller_give_up(self.condvar_sleepers() > 0) {
                 self.unpark_keeper();
             }
         }
+    }
+
+    /// Waits that slept to the safety net's limit and then found what they waited for.
+    pub(crate) fn late_wakeups(&self) -> u64 {
+        self.late_wakeups.load(StdOrdering::Relaxed)
     }
 
     /// Counts an event loop that polls its sessions as a spinner (the keeper then stops
@@ -731,6 +751,8 @@ impl Shared {
         // Woken on the space condvar: pass the turn on when leaving.
         let mut space_turn = false;
         let mut pumped_once = false;
+        // The last sleep ran to the safety net's limit.
+        let mut slept_to_limit = false;
         let r = loop {
             let for_space = match missed.take() {
                 Some(for_space) => for_space,
@@ -739,6 +761,9 @@ impl Shared {
                     let r = attempt(&mut link, &mut out);
                     let for_space = std::mem::take(&mut out.wait_space);
                     self.act(&link, out);
+                    if std::mem::take(&mut slept_to_limit) && !matches!(r, Ok(None)) {
+                        self.late_wakeups.fetch_add(1, StdOrdering::Relaxed);
+                    }
                     match r {
                         Ok(Some(v)) => break Ok((link, v)),
                         Ok(None) => {}
@@ -842,10 +867,12 @@ impl Shared {
                 // Nobody pumps the ring while we sleep but the keeper: it must be armed.
                 drop(spinning.take());
                 self.wake_unarmed_keeper();
-                let mut limit = Duration::from_millis(100);
+                let mut limit = WAIT_LIMIT;
                 if let Some(d) = deadline {
                     limit = limit.min(d.saturating_duration_since(now));
                 }
+                // Only the safety net's limit says a wakeup was missed, not a deadline.
+                let net = limit == WAIT_LIMIT;
                 // A thread waiting in accept does not take the bell: it would be woken
                 // by every ring for the sessions' traffic and pass it on to them.
                 let mut led = Led::No;
@@ -858,8 +885,9 @@ impl Shared {
                         early_wakes = 0;
                         continue;
                     }
-                    Led::Waited { early } => {
+                    Led::Waited { early, to_limit } => {
                         early_wakes = if early { early_wakes + 1 } else { 0 };
+                        slept_to_limit = net && to_limit;
                         if let WaitOn::Session(id) = on {
                             link.slept(id);
                         }
@@ -894,7 +922,9 @@ impl Shared {
                 if let WaitOn::Session(id) = on {
                     link.slept(id);
                 }
-                link = link.wait_on(cv, limit);
+                let to_limit;
+                (link, to_limit) = link.wait_on(cv, limit);
+                slept_to_limit = net && to_limit;
                 n.fetch_sub(1, StdOrdering::Relaxed);
                 if on_stripe {
                     self.stripe_sleepers.fetch_sub(1, StdOrdering::Relaxed);
@@ -978,6 +1008,7 @@ impl Shared {
             space_cv: Condvar::new(),
             space_sleepers: AtomicUsize::new(0),
             lock_waiters: CachePadded::new(AtomicUsize::new(0)),
+            late_wakeups: AtomicU64::new(0),
         }))
     }
 
@@ -1175,8 +1206,12 @@ impl Shared {
             // Between two of the callers' waits nobody is on the bell, and what does not
             // recall us (accepts, notify callbacks, frames waiting for space) must not
             // wait long: while callers come and go, nap briefly; while one caller keeps
-            // the bell (an idle link), sleep as long as the heartbeat allows.
-            let others = sh.accept_sleepers.load(StdOrdering::Relaxed) > 0
+            // the bell (an idle link), sleep as long as the heartbeat allows. Recalled, we
+            // nap briefly too: a caller that left the bell with others asleep on condvars
+            // recalled us to be on it for them, and a sit-out for the heartbeat left them
+            // to their 100 ms limit (`Stats::late_wakeups`).
+            let others = recalled
+                || sh.accept_sleepers.load(StdOrdering::Relaxed) > 0
                 || sh.notifiers.load(StdOrdering::Relaxed)
                 || link.has_pending()
                 || link.has_parked();

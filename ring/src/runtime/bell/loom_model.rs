@@ -70,6 +70,8 @@ struct Link {
     stop: bool,
     /// Armings so far: each stores a new number in `need_wakeup`.
     armings: usize,
+    /// A caller unparked the keeper (`keeper_recalled`, set under the lock here).
+    recalled: bool,
 }
 
 /// One endpoint's runtime and the shared memory it reads.
@@ -174,10 +176,11 @@ impl World {
     }
 
     /// As `Shared::resign`.
-    fn resign(&self, leading: &mut bool) {
+    fn resign(&self, l: &mut Link, leading: &mut bool) {
         if std::mem::take(leading) {
             let sleepers = self.sleepers.load(Ordering::Relaxed) > 0;
             if self.bell.caller_give_up(sleepers) && self.plant != Plant::NoRecall {
+                l.recalled = true;
                 self.keeper.unpark();
             }
         }
@@ -189,7 +192,7 @@ impl World {
         let mut g: MutexGuard<'_, Link> = self.link.lock().unwrap();
         loop {
             if std::mem::take(&mut g.delivered[i]) {
-                self.resign(&mut leading);
+                self.resign(&mut g, &mut leading);
                 return;
             }
             // lead()
@@ -212,9 +215,10 @@ impl World {
                 continue;
             }
             if self.bell.caller_wait(i, true) == CallerWait::RecallKeeper {
+                g.recalled = true;
                 self.keeper.unpark();
             }
-            self.resign(&mut leading);
+            self.resign(&mut g, &mut leading);
             self.sleepers.fetch_add(1, Ordering::Relaxed);
             g = self.cv.wait(g).unwrap();
             self.sleepers.fetch_sub(1, Ordering::Relaxed);
@@ -237,16 +241,20 @@ impl World {
             let wanted = self.bell.take_wanted();
             let takes = self.bell.caller_takes();
             let callers_took = std::mem::replace(&mut last_takes, takes) != takes;
+            // Recalled, the runtime's keeper naps briefly (`HANDOFF_MAX`) rather than for
+            // the heartbeat; without timeouts here, that is a round at once.
+            let recalled = std::mem::take(&mut g.recalled);
             let mut wake = changed;
-            let bench =
-                if self.bell.holder() == Holder::Caller || (callers_took && benched && !changed) {
-                    true
-                } else if wanted != 0 {
-                    wake = true;
-                    true
-                } else {
-                    false
-                };
+            let bench = if self.bell.holder() == Holder::Caller
+                || (callers_took && benched && !changed && !recalled)
+            {
+                true
+            } else if wanted != 0 {
+                wake = true;
+                true
+            } else {
+                false
+            };
             if bench {
                 self.bell.set_keeper_benched(true);
                 drop(g);
