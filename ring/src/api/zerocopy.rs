@@ -262,7 +262,7 @@ impl Drop for ReadView<'_> {
         // Keep the receive side moving: the keeper slept while the frame was parked.
         sh.pump_and_wake(&mut link, std::time::Instant::now());
         // The keeper slept unarmed while the frame was parked: it wakes by itself within
-        // PARK_MAX / 2, and any caller about to sleep wakes it at once (wait_locked).
+        // PARK_MAX / 2, and any caller about to sleep wakes it at once (wait_locked_on).
     }
 }
 
