@@ -31,6 +31,17 @@ fn pair(size: usize) -> (Endpoint, Endpoint) {
 }
 
 /// A byte pattern that a shifted or dropped byte breaks.
+/// No task waited for a callback that ran only after the endpoint's thread slept to its
+/// 100 ms limit, and no blocked call slept to its own (`Stats::late_wakeups`; one allowed
+/// for a thread preempted that long on a loaded machine).
+fn assert_woken_by_events(host: &Endpoint, guest: &Endpoint, what: &str) {
+    let (h, g) = (host.stats().late_wakeups, guest.stats().late_wakeups);
+    assert!(
+        h + g <= 1,
+        "{what}: {h} host and {g} guest wakeups came at a 100 ms limit: a wakeup was lost"
+    );
+}
+
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     (0..len)
@@ -48,7 +59,7 @@ async fn echo_in_both_roles() {
     let _guard = common::watchdog("echo_in_both_roles", Duration::from_secs(60));
     let (host, guest) = pair(1 << 22);
     let (host, guest) = (Arc::new(host), Arc::new(guest));
-    for (server, client) in [(guest.clone(), host.clone()), (host, guest)] {
+    for (server, client) in [(guest.clone(), host.clone()), (host.clone(), guest.clone())] {
         let listener = AsyncListener::bind(&server, 7).unwrap();
         let echo = tokio::spawn(async move {
             let mut s = listener.accept().await.unwrap();
@@ -70,6 +81,7 @@ async fn echo_in_both_roles() {
         writer.await.unwrap();
         echo.await.unwrap();
     }
+    assert_woken_by_events(&host, &guest, "echo in both roles");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,6 +355,7 @@ async fn a_writer_waits_for_credit_and_ring_space() {
     }
     writer.await.unwrap();
     assert!(got == data);
+    assert_woken_by_events(&host, &guest, "a writer short of credit and space");
 }
 
 /// A cancelled connect withdraws its open: the listener's accepted session reads EOF.
@@ -411,4 +424,5 @@ async fn async_sessions_move_beside_a_blocked_blocking_reader() {
     );
     drop(quiet);
     assert_eq!(reader.join().unwrap().unwrap(), 0);
+    assert_woken_by_events(&host, &guest, "async sessions beside a blocked reader");
 }

@@ -1338,3 +1338,66 @@ fn accept_goes_on_while_a_reader_streams_ahead_of_the_keeper() {
         drop(writer.join().unwrap());
     }
 }
+
+/// A caller blocked in `read` holds the doorbell while the keeper sits out, and a
+/// non-blocking caller of another session waits for its callback meanwhile. When the
+/// blocked reader gets its data and leaves the doorbell, the keeper must come back for
+/// the callback: the other session's data, arriving next, is read at once and its
+/// callback runs, rather than when the keeper's sit-out (the heartbeat) ends. A callback
+/// that waited for the keeper's limit is counted in `late_wakeups`.
+#[test]
+fn a_callback_waiter_is_served_when_a_blocked_reader_leaves_the_doorbell() {
+    let _guard = common::watchdog(
+        "a_callback_waiter_is_served_when_a_blocked_reader_leaves_the_doorbell",
+        Duration::from_secs(60),
+    );
+    let cfg = Config {
+        wait: WaitMode::Block,
+        ..Config::default()
+    };
+    let p = pair_with(1 << 20, cfg);
+    let (mut host_a, mut guest_a) = connect(&p, 80, SessionOptions::default());
+    let (mut host_b, mut guest_b) = connect(&p, 81, SessionOptions::default());
+    let (called, calls) = mpsc::channel();
+    guest_b.set_nonblocking(true);
+    guest_b
+        .set_notify(Arc::new(move || {
+            let _ = called.send(());
+        }))
+        .unwrap();
+    const ROUNDS: u8 = 4;
+    for round in 0..ROUNDS {
+        let reader = thread::spawn(move || {
+            let mut b = [0u8; 8];
+            guest_a.read_exact(&mut b).unwrap();
+            assert_eq!(b, [round; 8]);
+            guest_a
+        });
+        // Long enough for the reader to ask for the doorbell, take it at the keeper's
+        // next round, and for the keeper to sit out behind it for the heartbeat.
+        thread::sleep(Duration::from_millis(250));
+        let mut b = [0u8; 8];
+        let e = guest_b.read(&mut b).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WouldBlock, "round {round}");
+        while calls.try_recv().is_ok() {}
+        host_a.write_all(&[round; 8]).unwrap();
+        guest_a = reader.join().unwrap();
+        thread::sleep(Duration::from_millis(5));
+        host_b.write_all(&[round; 8]).unwrap();
+        calls
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("round {round}: the callback never ran"));
+        let mut got = Vec::new();
+        while got.len() < 8 {
+            match guest_b.read(&mut b) {
+                Ok(n) => got.extend_from_slice(&b[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    calls.recv_timeout(PATIENCE).unwrap();
+                }
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        assert_eq!(got, [round; 8]);
+    }
+    assert_woken_by_events(&p, "callbacks after a blocked reader left the doorbell");
+}

@@ -186,8 +186,8 @@ impl LinkWatch {
         if n > 0 {
             debug!(
                 count = n,
-                "{link}: blocked calls woken by their 100 ms limit, not by the event \
-                 they waited for (a slow or silent doorbell)"
+                "{link}: blocked calls or callbacks woken by a 100 ms limit, not by \
+                 the event they waited for (a slow or silent doorbell)"
             );
         }
         let up = ep.is_up();

@@ -39,9 +39,10 @@ pub struct Stats {
     /// The most recent reason for a reset of the link, if any.
     pub last_error: Option<String>,
     /// Blocked calls that slept until their safety limit (100 ms) and then found what
-    /// they waited for: wakeups lost between the threads of this endpoint or by a peer
-    /// that did not ring when asked. 0 on a healthy link; counted by the runtime, not the
-    /// link.
+    /// they waited for, and callbacks a non-blocking caller waited for that ran only
+    /// when the endpoint's own thread had slept to its limit: wakeups lost between the
+    /// threads of this endpoint or by a peer that did not ring when asked. 0 on a
+    /// healthy link; counted by the runtime, not the link.
     pub late_wakeups: u64,
 }
 
@@ -86,6 +87,9 @@ pub(crate) struct Sess {
     pub(crate) slept: bool,
     /// The reader takes frames in place (`link::park`): pump parks them in the ring.
     pub(crate) in_place: bool,
+    /// A call of the session returned `WouldBlock` and its caller waits for `notify`
+    /// ([`Link::await_callback`]); cleared when the callback runs.
+    pub(crate) awaited: bool,
 }
 
 /// A readiness callback: must be cheap and must not call back into the endpoint.
@@ -116,6 +120,7 @@ impl Sess {
             fwd_at_dry: 0,
             slept: false,
             in_place: false,
+            awaited: false,
         }
     }
 
@@ -258,6 +263,9 @@ pub(crate) struct Actions {
     /// The ring takes records again after a reset's stale copies finished: wake the
     /// writers waiting for space.
     pub space_back: bool,
+    /// A callback ran for a caller that waited for it ([`Link::await_callback`]): the
+    /// runtime tells from this whether the one who ran it came late.
+    pub awaited_callback: bool,
 }
 
 pub(crate) struct Link {
@@ -538,8 +546,9 @@ impl Link {
             self.stats.link_resets += 1;
         }
         self.stats.last_error = Some(why.to_string());
-        for s in self.sessions.values() {
+        for s in self.sessions.values_mut() {
             if let Some(n) = &s.notify {
+                s.awaited = false;
                 n();
             }
         }

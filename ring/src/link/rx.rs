@@ -160,12 +160,11 @@ impl Link {
     fn dispatch(&mut self, h: &Header, payload_at: usize, out: &mut Actions) -> Result<(), Fault> {
         out.wake.add(crate::link::stripe_of(h.session));
         self.dispatch_frame(h, payload_at, out)?;
-        if let Some(n) = self
-            .sessions
-            .get(&h.session)
-            .and_then(|s| s.notify.as_ref())
-        {
-            n();
+        if let Some(s) = self.sessions.get_mut(&h.session) {
+            if let Some(n) = &s.notify {
+                out.awaited_callback |= std::mem::take(&mut s.awaited);
+                n();
+            }
         }
         Ok(())
     }

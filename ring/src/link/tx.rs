@@ -211,9 +211,18 @@ impl Link {
             if let Some(s) = self.sessions.get_mut(&id) {
                 s.space_notify = false;
                 if let Some(n) = &s.notify {
+                    s.awaited = false;
                     n();
                 }
             }
+        }
+    }
+
+    /// A call of session `id` returns `WouldBlock` and its caller waits for the session's
+    /// callback: the next callback to run for it is one somebody waited for.
+    pub(crate) fn await_callback(&mut self, id: u64) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.awaited = s.notify.is_some();
         }
     }
 

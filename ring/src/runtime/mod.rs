@@ -619,11 +619,17 @@ impl Shared {
     fn resign(&self, leading: &mut bool) {
         if std::mem::take(leading) {
             // Callers asleep on condvars rely on whoever is on the doorbell: writers
-            // waiting for ring space too (the peer rings for the space they posted). What
-            // else needs the keeper (accepts, notify callbacks, frames waiting for space)
-            // can wait for its short nap: recalling it on every give-up would cost a
-            // thread switch each time.
-            if self.bell.caller_give_up(self.condvar_sleepers() > 0) {
+            // waiting for ring space too (the peer rings for the space they posted). So
+            // do callers waiting for a callback: a keeper that sat out behind a caller
+            // that held the bell for long sits out for the heartbeat, and a callback left
+            // to it ran up to 100 ms late. What else needs the keeper (accepts, frames
+            // waiting for space) can wait for its short nap: recalling it on every
+            // give-up would cost a thread switch each time.
+            let notifiers = self.notifiers.load(StdOrdering::Relaxed);
+            if self
+                .bell
+                .caller_give_up(notifiers || self.condvar_sleepers() > 0)
+            {
                 self.unpark_keeper();
             }
         }
@@ -800,8 +806,11 @@ impl Shared {
                 {
                     continue;
                 }
-                if let (true, WaitOn::Session(id)) = (for_space, on) {
-                    link.notify_on_space(id);
+                if let WaitOn::Session(id) = on {
+                    if for_space {
+                        link.notify_on_space(id);
+                    }
+                    link.await_callback(id);
                 }
                 self.recall_keeper_for_callbacks();
                 break Err(io::ErrorKind::WouldBlock.into());
@@ -871,8 +880,11 @@ impl Shared {
             } else if patience == Patience::Spin {
                 // Spun without luck: the caller sleeps elsewhere (its runtime), woken by
                 // the session's callback.
-                if let (true, WaitOn::Session(id)) = (for_space, on) {
-                    link.notify_on_space(id);
+                if let WaitOn::Session(id) = on {
+                    if for_space {
+                        link.notify_on_space(id);
+                    }
+                    link.await_callback(id);
                 }
                 self.recall_keeper_for_callbacks();
                 break Err(io::ErrorKind::WouldBlock.into());
@@ -1095,6 +1107,11 @@ pub(crate) struct KeeperState {
     rx_seen: u64,
     /// A driven keeper: when its last doorbell wait began, and its timeout.
     waiting: Option<(Instant, Duration)>,
+    /// A sleep of the keeper thread (sitting out, or on the doorbell) lasted its whole
+    /// time, at least [`WAIT_LIMIT`], and no round has read the ring since (callers read
+    /// it ahead of us): a callback somebody waited for that the next read of the ring runs
+    /// was due to a wakeup that never came.
+    slept_to_limit: bool,
 }
 
 const POLL_MIN: Duration = Duration::from_micros(20);
@@ -1142,6 +1159,7 @@ impl KeeperState {
             last_takes: 0,
             rx_seen: 0,
             waiting: None,
+            slept_to_limit: false,
         }
     }
 }
@@ -1186,6 +1204,9 @@ impl Shared {
                     sh.fault(&mut link, f);
                     changed = true;
                 }
+            }
+            if std::mem::take(&mut st.slept_to_limit) && out.awaited_callback {
+                sh.late_wakeups.fetch_add(1, StdOrdering::Relaxed);
             }
         }
         st.rx_seen = link.rx_position();
@@ -1373,7 +1394,9 @@ fn keeper(sh: Arc<Shared>) {
     while !sh.stop.load(StdOrdering::SeqCst) {
         match sh.keeper_round(&mut st) {
             KeeperNext::Bench(t) => {
+                let since = Instant::now();
                 std::thread::park_timeout(t);
+                st.slept_to_limit |= t >= WAIT_LIMIT && since.elapsed() >= t;
                 sh.bell.set_keeper_benched(false);
             }
             KeeperNext::Unarmed(t) => {
@@ -1386,7 +1409,9 @@ fn keeper(sh: Arc<Shared>) {
                 }
                 let t = Instant::now();
                 sh.doorbell.wait(Some(timeout));
-                st.woke_early = st.can_wait && t.elapsed() < timeout / 2;
+                let slept = t.elapsed();
+                st.woke_early = st.can_wait && slept < timeout / 2;
+                st.slept_to_limit |= st.can_wait && timeout >= WAIT_LIMIT && slept >= timeout;
             }
             KeeperNext::Again => st.woke_early = false,
             KeeperNext::Stopped => return,
