@@ -1401,3 +1401,47 @@ fn a_callback_waiter_is_served_when_a_blocked_reader_leaves_the_doorbell() {
     }
     assert_woken_by_events(&p, "callbacks after a blocked reader left the doorbell");
 }
+
+/// As above, with a blocked reader of the other session instead of a callback: it sleeps
+/// on its stripe's condvar, relying on the caller that holds the doorbell, which must
+/// recall the keeper when it leaves. Its data, arriving next, is read at once rather than
+/// when the keeper's sit-out ends (counted in `late_wakeups` when it ends at its limit).
+#[test]
+fn a_condvar_sleeper_is_served_when_a_blocked_reader_leaves_the_doorbell() {
+    let _guard = common::watchdog(
+        "a_condvar_sleeper_is_served_when_a_blocked_reader_leaves_the_doorbell",
+        Duration::from_secs(60),
+    );
+    let cfg = Config {
+        wait: WaitMode::Block,
+        ..Config::default()
+    };
+    let p = pair_with(1 << 20, cfg);
+    let (mut host_a, mut guest_a) = connect(&p, 80, SessionOptions::default());
+    let (mut host_b, mut guest_b) = connect(&p, 81, SessionOptions::default());
+    const ROUNDS: u8 = 4;
+    for round in 0..ROUNDS {
+        let first = thread::spawn(move || {
+            let mut b = [0u8; 8];
+            guest_a.read_exact(&mut b).unwrap();
+            assert_eq!(b, [round; 8]);
+            guest_a
+        });
+        // The first reader asks for the doorbell, takes it at the keeper's next round,
+        // and the keeper sits out behind it for the heartbeat.
+        thread::sleep(Duration::from_millis(250));
+        let second = thread::spawn(move || {
+            let mut b = [0u8; 8];
+            guest_b.read_exact(&mut b).unwrap();
+            assert_eq!(b, [round; 8]);
+            guest_b
+        });
+        thread::sleep(Duration::from_millis(5));
+        host_a.write_all(&[round; 8]).unwrap();
+        guest_a = first.join().unwrap();
+        thread::sleep(Duration::from_millis(5));
+        host_b.write_all(&[round; 8]).unwrap();
+        guest_b = second.join().unwrap();
+    }
+    assert_woken_by_events(&p, "a sleeper after a blocked reader left the doorbell");
+}

@@ -635,6 +635,19 @@ impl Shared {
         }
     }
 
+    /// Whether frames a keeper's pump read after it slept to its limit were waited for:
+    /// a callback somebody awaited ran, or callers sleep on the stripes they concern.
+    /// Nobody rang or recalled the keeper for them: a wakeup was lost.
+    fn came_late(&self, pumped: &Actions) -> bool {
+        pumped.awaited_callback
+            || (self.stripe_sleepers.load(StdOrdering::Relaxed) > 0
+                && pumped.wake.iter().any(|i| {
+                    self.stripes
+                        .get(i)
+                        .is_some_and(|s| s.sleepers.load(StdOrdering::Relaxed) > 0)
+                }))
+    }
+
     /// Waits that slept to the safety net's limit and then found what they waited for.
     pub(crate) fn late_wakeups(&self) -> u64 {
         self.late_wakeups.load(StdOrdering::Relaxed)
@@ -1109,8 +1122,8 @@ pub(crate) struct KeeperState {
     waiting: Option<(Instant, Duration)>,
     /// A sleep of the keeper thread (sitting out, or on the doorbell) lasted its whole
     /// time, at least [`WAIT_LIMIT`], and no round has read the ring since (callers read
-    /// it ahead of us): a callback somebody waited for that the next read of the ring runs
-    /// was due to a wakeup that never came.
+    /// it ahead of us): frames somebody waited for that the next read of the ring finds
+    /// ([`Shared::came_late`]) were due to a wakeup that never came.
     slept_to_limit: bool,
 }
 
@@ -1198,6 +1211,7 @@ impl Shared {
             && !link.has_parked()
             && sh.condvar_sleepers() == 0;
         if !readers_ahead {
+            let followed = changed;
             match link.pump(now, &mut out) {
                 Ok(p) => changed |= p,
                 Err(f) => {
@@ -1205,7 +1219,7 @@ impl Shared {
                     changed = true;
                 }
             }
-            if std::mem::take(&mut st.slept_to_limit) && out.awaited_callback {
+            if std::mem::take(&mut st.slept_to_limit) && !followed && sh.came_late(&out) {
                 sh.late_wakeups.fetch_add(1, StdOrdering::Relaxed);
             }
         }
