@@ -1445,3 +1445,102 @@ fn a_condvar_sleeper_is_served_when_a_blocked_reader_leaves_the_doorbell() {
     }
     assert_woken_by_events(&p, "a sleeper after a blocked reader left the doorbell");
 }
+
+/// A doorbell whose rings can be silenced: a peer that does not ring when asked.
+struct Silenceable {
+    inner: LocalDoorbell,
+    silent: std::sync::atomic::AtomicBool,
+}
+
+impl ivring::Doorbell for Silenceable {
+    fn own_id(&self) -> u16 {
+        self.inner.own_id()
+    }
+    fn ring(&self, peer: u16) {
+        if !self.silent.load(Ordering::SeqCst) {
+            self.inner.ring(peer);
+        }
+    }
+    fn wait(&self, timeout: Option<Duration>) {
+        self.inner.wait(timeout)
+    }
+    fn interrupt(&self) {
+        self.inner.interrupt()
+    }
+}
+
+/// A peer that stops ringing leaves every wakeup to a 100 ms limit, and `late_wakeups`
+/// says so: a callback that ran when the keeper's doorbell wait timed out, and a blocked
+/// read served only then. The data still arrives.
+#[test]
+fn a_peer_that_does_not_ring_is_seen_in_late_wakeups() {
+    let _guard = common::watchdog(
+        "a_peer_that_does_not_ring_is_seen_in_late_wakeups",
+        Duration::from_secs(60),
+    );
+    let cfg = Config {
+        wait: WaitMode::Block,
+        peer_timeout: Duration::from_secs(60),
+        ..Config::default()
+    };
+    let region = SharedRegion::heap(1 << 20);
+    let (a, b) = local::pair();
+    let host_bell = Arc::new(Silenceable {
+        inner: a,
+        silent: false.into(),
+    });
+    let host = Endpoint::host(region.clone(), host_bell.clone(), cfg.clone()).unwrap();
+    let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+    assert!(host.wait_up(PATIENCE) && guest.wait_up(PATIENCE));
+    let listener = guest.listen(90).unwrap();
+    let mut host_a = host.connect(90).unwrap();
+    let mut guest_a = listener.accept_timeout(PATIENCE).unwrap();
+    let mut host_b = host.connect(90).unwrap();
+    let mut guest_b = listener.accept_timeout(PATIENCE).unwrap();
+    guest_a.set_read_timeout(Some(PATIENCE));
+    let (called, calls) = mpsc::channel();
+    guest_b.set_nonblocking(true);
+    guest_b
+        .set_notify(Arc::new(move || {
+            let _ = called.send(());
+        }))
+        .unwrap();
+    host_bell.silent.store(true, Ordering::SeqCst);
+
+    // A callback waiter: its data comes in unrung.
+    let mut b = [0u8; 8];
+    let e = guest_b.read(&mut b).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::WouldBlock);
+    while calls.try_recv().is_ok() {}
+    host_b.write_all(&[2; 8]).unwrap();
+    calls
+        .recv_timeout(PATIENCE)
+        .expect("the callback never ran");
+    let after_callback = guest.stats().late_wakeups;
+    assert!(
+        after_callback >= 1,
+        "a callback run only at the keeper's timeout was not counted"
+    );
+    let mut got = 0;
+    while got < 8 {
+        match guest_b.read(&mut b) {
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => drop(calls.recv_timeout(PATIENCE)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    // A blocked reader: the same.
+    let reader = thread::spawn(move || {
+        let mut b = [0u8; 8];
+        guest_a.read_exact(&mut b).unwrap();
+        b
+    });
+    thread::sleep(Duration::from_millis(20));
+    host_a.write_all(&[1; 8]).unwrap();
+    assert_eq!(reader.join().unwrap(), [1; 8]);
+    assert!(
+        guest.stats().late_wakeups > after_callback,
+        "a blocked read served only at a timeout was not counted"
+    );
+}
