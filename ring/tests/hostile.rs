@@ -926,3 +926,61 @@ fn message_write_times_out_when_the_peer_stops_reading() {
     let st = victim.stats();
     assert!(st.session_resets >= 1, "{st:?}");
 }
+
+/// A write that finds the peer's damage (its read tail of our ring beyond what we wrote)
+/// resets the link at once, and the caller asleep on the doorbell learns of it at once:
+/// the reset interrupts its wait, which the hostile peer, ringing nobody, would otherwise
+/// leave to the 100 ms limit (counted in `late_wakeups`). Before, the writer got its
+/// error and the link ran on until the peer's heartbeat timed out.
+#[test]
+fn a_reset_a_writer_finds_wakes_the_caller_on_the_doorbell() {
+    let _guard = common::watchdog(
+        "a_reset_a_writer_finds_wakes_the_caller_on_the_doorbell",
+        Duration::from_secs(60),
+    );
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for role in [Role::Host, Role::Guest] {
+        let (victim, mut h) = setup(role);
+        let victim = Arc::new(victim);
+        let mut sessions = Vec::new();
+        for _ in 0..2 {
+            let v = victim.clone();
+            let conn = thread::spawn(move || v.connect(PORT));
+            let id = accept_victim_open(&mut h, 1 << 20);
+            h.victim_opens.clear();
+            let s = conn.join().unwrap().expect("victim connect");
+            assert_eq!(s.id(), id);
+            sessions.push(s);
+        }
+        let mut writer = sessions.pop().unwrap();
+        let mut reader = sessions.pop().unwrap();
+        reader.set_read_timeout(Some(Duration::from_secs(5)));
+        writer.set_write_timeout(Some(Duration::from_secs(5)));
+        let blocked = thread::spawn(move || {
+            let mut b = [0u8; 16];
+            reader.read(&mut b)
+        });
+        // The reader takes the doorbell within a few of the keeper's 20 ms rounds.
+        thread::sleep(Duration::from_millis(150));
+        // A read tail beyond everything we wrote: the writer finds it when the space it
+        // remembers runs out.
+        h.store(side::RX_TAIL, 1 << 40);
+        let chunk = vec![7u8; 4096];
+        let e = loop {
+            if let Err(e) = writer.write(&chunk) {
+                break e;
+            }
+        };
+        assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+        // Reset for the corruption the writer found, not later for the peer's silence.
+        let e = blocked.join().unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+        assert!(e.to_string().contains("corrupted"), "{role:?}: {e}");
+        let st = victim.stats();
+        assert_eq!(st.corruptions, 1, "{st:?}");
+        assert_eq!(
+            st.late_wakeups, 0,
+            "{role:?}: the reader on the doorbell was left to its limit"
+        );
+    }
+}

@@ -266,6 +266,9 @@ pub(crate) struct Actions {
     /// A callback ran for a caller that waited for it ([`Link::await_callback`]): the
     /// runtime tells from this whether the one who ran it came late.
     pub awaited_callback: bool,
+    /// Every session was reset: every caller must look again, the one waiting on the
+    /// doorbell too (it would otherwise learn at the peer's next ring).
+    pub reset: bool,
 }
 
 pub(crate) struct Link {
@@ -579,6 +582,7 @@ impl Link {
         self.pending.clear();
         self.parked = None;
         out.wake = Stripes::ALL;
+        out.reset = true;
         self.gen += 1;
         self.up = false;
     }
@@ -796,11 +800,17 @@ impl Link {
             buf_alloc: self.cfg.buf_size,
         };
         self.send_ctrl(Kind::Open, id, Some(args.encode()), out)
-            .map_err(|f| self.fault_to_io(f))?;
+            .map_err(|f| self.fault_to_io(f, out))?;
         Ok(id)
     }
 
-    pub fn fault_to_io(&mut self, f: Fault) -> io::Error {
+    /// Acts on a fault a session operation found, and gives the error its caller
+    /// returns: a fault that calls for a local reset gets it here, at once, so that the
+    /// link's other sessions end too rather than run on over a ring the peer broke.
+    pub fn fault_to_io(&mut self, f: Fault, out: &mut Actions) -> io::Error {
+        if f.needs_local_reset() {
+            self.local_reset(&f.to_string(), out);
+        }
         io::Error::new(io::ErrorKind::ConnectionReset, format!("ivring: {f}"))
     }
 

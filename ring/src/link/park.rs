@@ -131,7 +131,8 @@ impl Link {
         if s.rx_eof {
             return Ok(Some(Taken::Eof));
         }
-        self.grow_window(id, out).map_err(|f| self.fault_to_io(f))?;
+        self.grow_window(id, out)
+            .map_err(|f| self.fault_to_io(f, out))?;
         Ok(None)
     }
 
@@ -158,7 +159,8 @@ impl Link {
         s.received += len;
         s.fwd_cnt += len;
         // Credit is granted in one place for every receive mode (PROTOCOL.md §7).
-        self.grant_credit(id, out).map_err(|f| self.fault_to_io(f))
+        self.grant_credit(id, out)
+            .map_err(|f| self.fault_to_io(f, out))
     }
 
     /// Finds ring space for one Data frame of `len` bytes within the session's credit:
@@ -189,7 +191,7 @@ impl Link {
         if s.credit() < len as u64 {
             return Ok(None);
         }
-        if self.has_pending() && !self.flush(out).map_err(|f| self.fault_to_io(f))? {
+        if self.has_pending() && !self.flush(out).map_err(|f| self.fault_to_io(f, out))? {
             out.wait_space = true;
             return Ok(None);
         }
@@ -200,11 +202,11 @@ impl Link {
                 Ok(None) => match self.arm_space(len, out) {
                     Ok(true) => continue,
                     Ok(false) => return Ok(None),
-                    Err(f) => return Err(self.fault_to_io(f)),
+                    Err(f) => return Err(self.fault_to_io(f, out)),
                 },
                 Err(bad) => {
                     let f = self.index_fault(bad, out);
-                    return Err(self.fault_to_io(f));
+                    return Err(self.fault_to_io(f, out));
                 }
             }
         }

@@ -351,14 +351,15 @@ impl Link {
             return Ok(Some(0));
         }
         if !s.readable() {
-            self.grow_window(id, out).map_err(|f| self.fault_to_io(f))?;
+            self.grow_window(id, out)
+                .map_err(|f| self.fault_to_io(f, out))?;
             return Ok(None);
         }
         let (n, consumed) = s.take(buf);
         s.fwd_cnt += consumed as u64;
         if credit_due(s) {
             self.grant_credit(id, out)
-                .map_err(|f| self.fault_to_io(f))?;
+                .map_err(|f| self.fault_to_io(f, out))?;
         }
         Ok(Some(n))
     }
@@ -538,7 +539,7 @@ impl Link {
                 match self.grant_credit(h.session, out) {
                     Ok(()) => got.push((i, Ok(len))),
                     Err(f) => {
-                        got.push((i, Err(self.fault_to_io(f))));
+                        got.push((i, Err(self.fault_to_io(f, out))));
                         break;
                     }
                 }
@@ -551,10 +552,11 @@ impl Link {
                 // Consumed either way: a frame is never acted on twice.
                 self.rx.consume(&h);
                 if let Err(f) = dispatched {
-                    // A bad index of the peer (met sending a control frame): the keeper's
-                    // next look resets the link and wakes every caller.
+                    // A bad index of the peer (met sending a control frame): the link
+                    // resets now, and every caller wakes to its error.
+                    let e = self.fault_to_io(f, out);
                     if let Some(i) = at {
-                        got.push((i, Err(self.fault_to_io(f))));
+                        got.push((i, Err(e)));
                     }
                     break;
                 }
@@ -720,7 +722,7 @@ impl Link {
         }
         if due {
             self.grant_credit(id, out)
-                .map_err(|f| self.fault_to_io(f))?;
+                .map_err(|f| self.fault_to_io(f, out))?;
         }
         Ok(Some(n))
     }

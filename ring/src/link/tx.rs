@@ -149,7 +149,7 @@ impl Link {
             Ok(None) => Ok(None),
             Err(bad) => {
                 let f = self.index_fault(bad, out);
-                Err(self.fault_to_io(f))
+                Err(self.fault_to_io(f, out))
             }
         }
     }
@@ -244,7 +244,7 @@ impl Link {
         }
         s.wr_shut = true;
         self.send_ctrl(Kind::Shutdown, id, None, out)
-            .map_err(|f| self.fault_to_io(f))?;
+            .map_err(|f| self.fault_to_io(f, out))?;
         Ok(())
     }
 
@@ -281,7 +281,7 @@ pub(crate) fn step(
                         match l.flush(out) {
                             Ok(true) => continue,
                             Ok(false) => out.wait_space = !no_credit,
-                            Err(f) => return Err(l.fault_to_io(f)),
+                            Err(f) => return Err(l.fault_to_io(f, out)),
                         }
                     }
                     return Ok(WriteStep::Wait);
@@ -289,7 +289,7 @@ pub(crate) fn step(
                 match l.arm_space(data.len(), out) {
                     Ok(true) => continue,
                     Ok(false) => return Ok(WriteStep::Wait),
-                    Err(f) => return Err(l.fault_to_io(f)),
+                    Err(f) => return Err(l.fault_to_io(f, out)),
                 }
             }
         }

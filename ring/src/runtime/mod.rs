@@ -290,7 +290,10 @@ impl Shared {
     /// wakes the callers of the sessions they concerned.
     pub(crate) fn act(&self, link: &Link, mut out: Actions) {
         self.ring(link, &mut out);
-        if !out.wake.is_empty() || out.space_back {
+        if out.reset {
+            // A call found the peer's damage and reset the link: everyone's calls end.
+            self.notify_all();
+        } else if !out.wake.is_empty() || out.space_back {
             self.notify_unlocked(Wake {
                 stripes: out.wake,
                 space_all: out.space_back,
@@ -358,8 +361,12 @@ impl Shared {
         self.notify_all();
     }
 
-    /// Wakes every sleeper.
+    /// Wakes every sleeper, the caller waiting on the doorbell too (the peer that broke
+    /// the link may never ring it).
     fn notify_all(&self) {
+        if self.bell.holder() == Holder::Caller {
+            self.doorbell.interrupt();
+        }
         self.cv.notify_all();
         self.space_cv.notify_all();
         self.accept_cv.notify_all();
