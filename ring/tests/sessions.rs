@@ -1339,111 +1339,108 @@ fn accept_goes_on_while_a_reader_streams_ahead_of_the_keeper() {
     }
 }
 
-/// A caller blocked in `read` holds the doorbell while the keeper sits out, and a
-/// non-blocking caller of another session waits for its callback meanwhile. When the
-/// blocked reader gets its data and leaves the doorbell, the keeper must come back for
-/// the callback: the other session's data, arriving next, is read at once and its
-/// callback runs, rather than when the keeper's sit-out (the heartbeat) ends. A callback
-/// that waited for the keeper's limit is counted in `late_wakeups`.
-#[test]
-fn a_callback_waiter_is_served_when_a_blocked_reader_leaves_the_doorbell() {
-    let _guard = common::watchdog(
-        "a_callback_waiter_is_served_when_a_blocked_reader_leaves_the_doorbell",
-        Duration::from_secs(60),
-    );
+/// How the caller of the other session waits in
+/// [`served_when_a_blocked_reader_leaves_the_doorbell`].
+#[derive(Clone, Copy, PartialEq)]
+enum OtherWaiter {
+    /// Non-blocking, for its callback (as an async task).
+    Callback,
+    /// Blocked in `read`, asleep on its stripe's condvar.
+    Condvar,
+}
+
+/// A caller blocked in `read` holds the doorbell while the keeper sits out, and the
+/// caller of another session waits meanwhile (for its callback, or asleep on a condvar,
+/// relying on whoever holds the doorbell). When the blocked reader gets its data and
+/// leaves the doorbell, it must recall the keeper: the other session's data, arriving
+/// next, is read at once, rather than when the keeper's sit-out (the heartbeat) ends. A
+/// wakeup left to the keeper's limit is counted in `late_wakeups`.
+fn served_when_a_blocked_reader_leaves_the_doorbell(test: &'static str, waiter: OtherWaiter) {
+    let _guard = common::watchdog(test, Duration::from_secs(60));
     let cfg = Config {
         wait: WaitMode::Block,
         ..Config::default()
     };
     let p = pair_with(1 << 20, cfg);
     let (mut host_a, mut guest_a) = connect(&p, 80, SessionOptions::default());
-    let (mut host_b, mut guest_b) = connect(&p, 81, SessionOptions::default());
+    let (mut host_b, guest_b) = connect(&p, 81, SessionOptions::default());
+    // Lent to the second reader's thread in each round, when it is one.
+    let mut guest_b = Some(guest_b);
     let (called, calls) = mpsc::channel();
-    guest_b.set_nonblocking(true);
-    guest_b
-        .set_notify(Arc::new(move || {
-            let _ = called.send(());
-        }))
-        .unwrap();
+    if let (OtherWaiter::Callback, Some(guest_b)) = (waiter, &mut guest_b) {
+        guest_b.set_nonblocking(true);
+        guest_b
+            .set_notify(Arc::new(move || {
+                let _ = called.send(());
+            }))
+            .unwrap();
+    }
+    let read_8 = |mut s: Session, round: u8| {
+        thread::spawn(move || {
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b).unwrap();
+            assert_eq!(b, [round; 8]);
+            s
+        })
+    };
     const ROUNDS: u8 = 4;
     for round in 0..ROUNDS {
-        let reader = thread::spawn(move || {
-            let mut b = [0u8; 8];
-            guest_a.read_exact(&mut b).unwrap();
-            assert_eq!(b, [round; 8]);
-            guest_a
-        });
+        let first = read_8(guest_a, round);
         // Long enough for the reader to ask for the doorbell, take it at the keeper's
         // next round, and for the keeper to sit out behind it for the heartbeat.
         thread::sleep(Duration::from_millis(250));
-        let mut b = [0u8; 8];
-        let e = guest_b.read(&mut b).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::WouldBlock, "round {round}");
-        while calls.try_recv().is_ok() {}
-        host_a.write_all(&[round; 8]).unwrap();
-        guest_a = reader.join().unwrap();
-        thread::sleep(Duration::from_millis(5));
-        host_b.write_all(&[round; 8]).unwrap();
-        calls
-            .recv_timeout(PATIENCE)
-            .unwrap_or_else(|_| panic!("round {round}: the callback never ran"));
-        let mut got = Vec::new();
-        while got.len() < 8 {
-            match guest_b.read(&mut b) {
-                Ok(n) => got.extend_from_slice(&b[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    calls.recv_timeout(PATIENCE).unwrap();
-                }
-                Err(e) => panic!("round {round}: {e}"),
+        let second = match waiter {
+            OtherWaiter::Callback => {
+                let e = guest_b.as_mut().unwrap().read(&mut [0u8; 8]).unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::WouldBlock, "round {round}");
+                while calls.try_recv().is_ok() {}
+                None
             }
-        }
-        assert_eq!(got, [round; 8]);
-    }
-    assert_woken_by_events(&p, "callbacks after a blocked reader left the doorbell");
-}
-
-/// As above, with a blocked reader of the other session instead of a callback: it sleeps
-/// on its stripe's condvar, relying on the caller that holds the doorbell, which must
-/// recall the keeper when it leaves. Its data, arriving next, is read at once rather than
-/// when the keeper's sit-out ends (counted in `late_wakeups` when it ends at its limit).
-#[test]
-fn a_condvar_sleeper_is_served_when_a_blocked_reader_leaves_the_doorbell() {
-    let _guard = common::watchdog(
-        "a_condvar_sleeper_is_served_when_a_blocked_reader_leaves_the_doorbell",
-        Duration::from_secs(60),
-    );
-    let cfg = Config {
-        wait: WaitMode::Block,
-        ..Config::default()
-    };
-    let p = pair_with(1 << 20, cfg);
-    let (mut host_a, mut guest_a) = connect(&p, 80, SessionOptions::default());
-    let (mut host_b, mut guest_b) = connect(&p, 81, SessionOptions::default());
-    const ROUNDS: u8 = 4;
-    for round in 0..ROUNDS {
-        let first = thread::spawn(move || {
-            let mut b = [0u8; 8];
-            guest_a.read_exact(&mut b).unwrap();
-            assert_eq!(b, [round; 8]);
-            guest_a
-        });
-        // The first reader asks for the doorbell, takes it at the keeper's next round,
-        // and the keeper sits out behind it for the heartbeat.
-        thread::sleep(Duration::from_millis(250));
-        let second = thread::spawn(move || {
-            let mut b = [0u8; 8];
-            guest_b.read_exact(&mut b).unwrap();
-            assert_eq!(b, [round; 8]);
-            guest_b
-        });
+            OtherWaiter::Condvar => Some(read_8(guest_b.take().unwrap(), round)),
+        };
         thread::sleep(Duration::from_millis(5));
         host_a.write_all(&[round; 8]).unwrap();
         guest_a = first.join().unwrap();
         thread::sleep(Duration::from_millis(5));
         host_b.write_all(&[round; 8]).unwrap();
-        guest_b = second.join().unwrap();
+        match second {
+            Some(t) => guest_b = Some(t.join().unwrap()),
+            None => {
+                let guest_b = guest_b.as_mut().unwrap();
+                calls
+                    .recv_timeout(PATIENCE)
+                    .unwrap_or_else(|_| panic!("round {round}: the callback never ran"));
+                let (mut got, mut b) = (Vec::new(), [0u8; 8]);
+                while got.len() < 8 {
+                    match guest_b.read(&mut b) {
+                        Ok(n) => got.extend_from_slice(&b[..n]),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            calls.recv_timeout(PATIENCE).unwrap();
+                        }
+                        Err(e) => panic!("round {round}: {e}"),
+                    }
+                }
+                assert_eq!(got, [round; 8]);
+            }
+        }
     }
-    assert_woken_by_events(&p, "a sleeper after a blocked reader left the doorbell");
+    assert_woken_by_events(&p, test);
+}
+
+#[test]
+fn a_callback_waiter_is_served_when_a_blocked_reader_leaves_the_doorbell() {
+    served_when_a_blocked_reader_leaves_the_doorbell(
+        "a_callback_waiter_is_served_when_a_blocked_reader_leaves_the_doorbell",
+        OtherWaiter::Callback,
+    );
+}
+
+#[test]
+fn a_condvar_sleeper_is_served_when_a_blocked_reader_leaves_the_doorbell() {
+    served_when_a_blocked_reader_leaves_the_doorbell(
+        "a_condvar_sleeper_is_served_when_a_blocked_reader_leaves_the_doorbell",
+        OtherWaiter::Condvar,
+    );
 }
 
 /// A doorbell whose rings can be silenced: a peer that does not ring when asked.
