@@ -39,9 +39,9 @@ pub struct Stats {
     /// The most recent reason for a reset of the link, if any.
     pub last_error: Option<String>,
     /// Blocked calls that slept until their safety limit (100 ms) and then found what
-    /// they waited for, and callbacks a non-blocking caller waited for that ran only
-    /// when the endpoint's own thread had slept to its limit: wakeups lost between the
-    /// threads of this endpoint or by a peer that did not ring when asked. 0 on a
+    /// they waited for, and frames a callback or a blocked call waited for that the
+    /// endpoint's own thread read only after sleeping to its limit: wakeups lost between
+    /// the threads of this endpoint or by a peer that did not ring when asked. 0 on a
     /// healthy link; counted by the runtime, not the link.
     pub late_wakeups: u64,
 }
