@@ -93,6 +93,10 @@ struct World {
     keeper: Parker,
     /// A bug planted to show that the model sees the lost wakeup it causes.
     plant: Plant,
+    /// Which callers may take the bell: the runtime's `lead` declines it while the link
+    /// is down or a frame is parked for an in-place reader, and its caller sleeps on a
+    /// condvar even with the bell free.
+    may_lead: [bool; 2],
 }
 
 /// Bugs the model must catch.
@@ -107,10 +111,13 @@ enum Plant {
     /// Arming with the number of the first arming every time: the peer, which rings once
     /// per number, stays quiet.
     ArmWithAUsedNumber,
+    /// A caller that may not take the free bell sleeping without recalling the benched
+    /// keeper.
+    NoRecallWhenFree,
 }
 
 impl World {
-    fn new(plant: Plant) -> World {
+    fn new(plant: Plant, may_lead: [bool; 2]) -> World {
         World {
             link: Mutex::new(Link::default()),
             published: [AtomicBool::new(false), AtomicBool::new(false)],
@@ -122,6 +129,7 @@ impl World {
             doorbell: Doorbell::default(),
             keeper: Parker::default(),
             plant,
+            may_lead,
         }
     }
 
@@ -196,7 +204,7 @@ impl World {
                 return;
             }
             // lead()
-            if leading || self.bell.holder() == Holder::Free {
+            if self.may_lead[i] && (leading || self.bell.holder() == Holder::Free) {
                 if self.pump(&mut g) {
                     self.notify();
                     continue;
@@ -214,7 +222,9 @@ impl World {
                 self.disarm();
                 continue;
             }
-            if self.bell.caller_wait(i, true) == CallerWait::RecallKeeper {
+            if self.bell.caller_wait(i, true) == CallerWait::RecallKeeper
+                && self.plant != Plant::NoRecallWhenFree
+            {
                 g.recalled = true;
                 self.keeper.unpark();
             }
@@ -291,12 +301,17 @@ impl World {
 /// `callers` blocked readers (sessions 0 and 1), a keeper and a peer that publishes one
 /// frame for each: every caller gets its frame with no timeout to help.
 fn run(callers: usize, plant: Plant) {
+    run_leading(callers, plant, [true; 2]);
+}
+
+/// As `run`, with only the callers `may_lead` says taking the bell.
+fn run_leading(callers: usize, plant: Plant, may_lead: [bool; 2]) {
     let mut b = loom::model::Builder::new();
     if std::env::var("LOOM_MAX_PREEMPTIONS").is_err() {
         b.preemption_bound = Some(2);
     }
     b.check(move || {
-        let w = Arc::new(World::new(plant));
+        let w = Arc::new(World::new(plant, may_lead));
         let keeper = {
             let w = w.clone();
             thread::spawn(move || w.keeper())
@@ -328,6 +343,14 @@ fn loom_model_two_callers_hand_the_bell_on() {
     run(2, Plant::None);
 }
 
+/// One caller holds the bell and leaves it (the keeper sitting out); the other may not
+/// take it (in the runtime: the link down, or a frame parked) and sleeps on a condvar,
+/// so it must recall the keeper itself.
+#[test]
+fn loom_model_a_caller_that_may_not_lead_recalls_the_keeper() {
+    run_leading(2, Plant::None, [true, false]);
+}
+
 /// Runs the model with `plant` in a child process of this test binary (a loom deadlock
 /// aborts the process) and checks that it reports the deadlock.
 fn catches(test: &str, plant: &str) {
@@ -336,6 +359,7 @@ fn catches(test: &str, plant: &str) {
             "arm" => run(1, Plant::ArmWithoutSecondLook),
             "recall" => run(2, Plant::NoRecall),
             "number" => run(2, Plant::ArmWithAUsedNumber),
+            "free" => run_leading(2, Plant::NoRecallWhenFree, [true, false]),
             _ => unreachable!("unknown plant {p}"),
         }
         return;
@@ -382,5 +406,15 @@ fn loom_model_catches_arming_with_a_used_number() {
     catches(
         "runtime::bell::loom_model::loom_model_catches_arming_with_a_used_number",
         "number",
+    );
+}
+
+/// A caller that may not take the free bell and sleeps without recalling the benched
+/// keeper leaves its frame unread.
+#[test]
+fn loom_model_catches_a_caller_that_may_not_lead_and_does_not_recall() {
+    catches(
+        "runtime::bell::loom_model::loom_model_catches_a_caller_that_may_not_lead_and_does_not_recall",
+        "free",
     );
 }
