@@ -1127,11 +1127,11 @@ pub(crate) struct KeeperState {
     rx_seen: u64,
     /// A driven keeper: when its last doorbell wait began, and its timeout.
     waiting: Option<(Instant, Duration)>,
-    /// A sleep of the keeper thread (sitting out, or on the doorbell) lasted its whole
-    /// time, at least [`WAIT_LIMIT`], and no round has read the ring since (callers read
-    /// it ahead of us): frames somebody waited for that the next read of the ring finds
-    /// ([`Shared::came_late`]) were due to a wakeup that never came.
-    slept_to_limit: bool,
+    /// When a sleep of the keeper thread (sitting out, or on the doorbell) that lasted
+    /// its whole time, at least [`WAIT_LIMIT`], ended, if no round has read the ring since
+    /// (callers read it ahead of us): frames somebody waited for that a read of the ring
+    /// finds soon after ([`Shared::came_late`]) were due to a wakeup that never came.
+    slept_to_limit: Option<Instant>,
 }
 
 const POLL_MIN: Duration = Duration::from_micros(20);
@@ -1179,7 +1179,7 @@ impl KeeperState {
             last_takes: 0,
             rx_seen: 0,
             waiting: None,
-            slept_to_limit: false,
+            slept_to_limit: None,
         }
     }
 }
@@ -1226,7 +1226,12 @@ impl Shared {
                     changed = true;
                 }
             }
-            if std::mem::take(&mut st.slept_to_limit) && !followed && sh.came_late(&out) {
+            // Within a nap of the long sleep: later, the frames are today's traffic.
+            let late = st
+                .slept_to_limit
+                .take()
+                .is_some_and(|at| now.saturating_duration_since(at) <= HANDOFF_MAX);
+            if late && !followed && sh.came_late(&out) {
                 sh.late_wakeups.fetch_add(1, StdOrdering::Relaxed);
             }
         }
@@ -1417,7 +1422,9 @@ fn keeper(sh: Arc<Shared>) {
             KeeperNext::Bench(t) => {
                 let since = Instant::now();
                 std::thread::park_timeout(t);
-                st.slept_to_limit |= t >= WAIT_LIMIT && since.elapsed() >= t;
+                if t >= WAIT_LIMIT && since.elapsed() >= t {
+                    st.slept_to_limit = Some(Instant::now());
+                }
                 sh.bell.set_keeper_benched(false);
             }
             KeeperNext::Unarmed(t) => {
@@ -1432,7 +1439,9 @@ fn keeper(sh: Arc<Shared>) {
                 sh.doorbell.wait(Some(timeout));
                 let slept = t.elapsed();
                 st.woke_early = st.can_wait && slept < timeout / 2;
-                st.slept_to_limit |= st.can_wait && timeout >= WAIT_LIMIT && slept >= timeout;
+                if st.can_wait && timeout >= WAIT_LIMIT && slept >= timeout {
+                    st.slept_to_limit = Some(Instant::now());
+                }
             }
             KeeperNext::Again => st.woke_early = false,
             KeeperNext::Stopped => return,
