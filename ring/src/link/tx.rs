@@ -56,21 +56,37 @@ impl Link {
             return Ok(());
         }
         self.pending.push_back((h, p));
+        if self.pending.len() == 1 {
+            // The first in the queue: post its space (see `flush`).
+            self.flush(out)?;
+        }
         Ok(())
     }
 
     /// Sends queued control frames while the ring has room. `Ok(true)` when none is left.
+    ///
+    /// Frames left queued have the space the first needs posted in `TX_NEED_SPACE`, so
+    /// the peer rings when it has read that far: whoever queued them may be the only
+    /// one awake, and the caller asleep on the doorbell or the keeper sitting out behind
+    /// it would otherwise learn of the space only at its own timeout, while the peer's
+    /// writers wait for the credit inside.
     pub fn flush(&mut self, out: &mut Actions) -> Result<bool, Fault> {
         let mut sent = false;
-        while let Some((h, p)) = self.pending.front() {
-            let (h, p) = (*h, *p);
-            match self.tx.push(&h, &p[..h.len as usize]) {
-                Ok(true) => {
-                    self.pending.pop_front();
-                    sent = true;
+        loop {
+            while let Some((h, p)) = self.pending.front() {
+                let (h, p) = (*h, *p);
+                match self.tx.push(&h, &p[..h.len as usize]) {
+                    Ok(true) => {
+                        self.pending.pop_front();
+                        sent = true;
+                    }
+                    Ok(false) => break,
+                    Err(bad) => return Err(self.index_fault(bad, out)),
                 }
-                Ok(false) => break,
-                Err(bad) => return Err(self.index_fault(bad, out)),
+            }
+            // Posted and found the space already there: send more.
+            if self.pending.is_empty() || !self.arm_pending_space(out)? {
+                break;
             }
         }
         if sent && self.tx.publish() {
@@ -426,6 +442,43 @@ mod tests {
             let mut out = Actions::default();
             assert!(l.arm_pending_space(&mut out).unwrap(), "nothing queued");
         }
+    }
+
+    /// A control frame queued behind a full ring posts the space it needs at once, and
+    /// a flush that leaves frames queued posts the space the next one needs: the peer
+    /// rings for them when it reads, whoever else sleeps.
+    #[test]
+    fn queued_control_frames_post_the_space_they_need() {
+        let (mut l, mut peer, id) = link_with_session(Config::default());
+        let mut out = Actions::default();
+        fill(&mut l, id);
+        assert_eq!(own(&l, side::TX_NEED_SPACE), 0, "filled without waiting");
+        credit(id, &mut l, &mut out);
+        assert!(l.has_pending(), "no room: the Credit waits");
+        let first = own(&l, side::TX_NEED_SPACE);
+        let head = own(&l, side::TX_HEAD);
+        assert!(first > 0 && first <= head, "posted {first}, head {head}");
+        // More than the ring holds: the flush after the peer's read leaves some queued.
+        let cap = peer.cap() as usize;
+        for _ in 0..cap / record_len(16) {
+            credit(id, &mut l, &mut out);
+        }
+        peer.drain();
+        assert!(peer.tail >= first, "the peer read past the post: it rings");
+        assert!(!l.flush(&mut out).unwrap(), "some are left");
+        let next = own(&l, side::TX_NEED_SPACE);
+        let head = own(&l, side::TX_HEAD);
+        assert!(
+            next > first && next <= head,
+            "the next post {next} (first {first}, head {head})"
+        );
+        // Once the peer has read all, the flush sends the rest and the post is met.
+        peer.drain();
+        assert!(l.flush(&mut out).unwrap(), "all sent");
+        let rest = peer.drain_frames();
+        assert!(!rest.is_empty() && rest.iter().all(|h| h.kind == Kind::Credit));
+        assert!(l.space_ready(), "the post is met and withdrawn");
+        assert_eq!(own(&l, side::TX_NEED_SPACE), 0);
     }
 
     /// `unpublished_len` is the bytes of the records written since the head was last
