@@ -78,6 +78,11 @@ fn keeper_tasks() -> Vec<String> {
 
 /// Builds a victim of `victim_role` on a heap region and a hostile peer of the other role.
 fn setup(victim_role: Role) -> (Endpoint, Hostile) {
+    setup_with(victim_role, victim_cfg())
+}
+
+/// As [`setup`], with the victim's configuration.
+fn setup_with(victim_role: Role, cfg: Config) -> (Endpoint, Hostile) {
     let region = SharedRegion::heap(HOSTILE_REGION);
     let (a, b) = local::pair();
     let (victim_bell, hostile_bell) = match victim_role {
@@ -90,7 +95,7 @@ fn setup(victim_role: Role) -> (Endpoint, Hostile) {
     };
     // A hostile host lays the region out before the victim guest attaches.
     let mut hostile = Hostile::new(region.clone(), hostile_role, Arc::new(hostile_bell));
-    let victim = Endpoint::new(victim_role, region, Arc::new(victim_bell), victim_cfg()).unwrap();
+    let victim = Endpoint::new(victim_role, region, Arc::new(victim_bell), cfg).unwrap();
     hostile.restart();
     let t0 = Instant::now();
     while !(hostile.follow() && victim.is_up()) {
@@ -981,6 +986,74 @@ fn a_reset_a_writer_finds_wakes_the_caller_on_the_doorbell() {
         assert_eq!(
             st.late_wakeups, 0,
             "{role:?}: the reader on the doorbell was left to its limit"
+        );
+    }
+}
+
+/// Writers asleep for ring space are woken one at a time, each passing the turn to the
+/// next as it leaves: one report of space serves them all. A writer that kept the turn
+/// would leave the rest to their 100 ms limit (`late_wakeups`) when, as here, nothing
+/// else reports space: the peer reads everything once and rings once, and the keeper
+/// sits out behind the writer on the doorbell for its (long) heartbeat.
+#[test]
+fn writers_asleep_for_space_pass_the_turn() {
+    const WRITERS: usize = 8;
+    let _guard = common::watchdog(
+        "writers_asleep_for_space_pass_the_turn",
+        Duration::from_secs(60),
+    );
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for role in [Role::Host, Role::Guest] {
+        let cfg = Config {
+            heartbeat: Duration::from_secs(1),
+            peer_timeout: Duration::from_secs(30),
+            ..victim_cfg()
+        };
+        let (victim, mut h) = setup_with(role, cfg);
+        let victim = Arc::new(victim);
+        let mut sessions = Vec::new();
+        for _ in 0..=WRITERS {
+            let v = victim.clone();
+            let conn = thread::spawn(move || v.connect(PORT));
+            accept_victim_open(&mut h, 1 << 20);
+            h.victim_opens.clear();
+            sessions.push(conn.join().unwrap().expect("victim connect"));
+        }
+        // The peer reads nothing yet: fill the ring.
+        let mut filler = sessions.remove(0);
+        filler.set_nonblocking(true);
+        let mut filled = 0;
+        loop {
+            match filler.write(&[1; 4096]) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{role:?}: filling: {e}"),
+            }
+        }
+        assert!(filled > 0);
+        let writers: Vec<_> = sessions
+            .into_iter()
+            .map(|mut s| {
+                s.set_write_timeout(Some(Duration::from_secs(10)));
+                thread::spawn(move || s.write_all(&[2; 1024]))
+            })
+            .collect();
+        // All asleep for space: one on the doorbell, the rest on the space condvar. They
+        // went to sleep together and wake at their 100 ms limit together: ring halfway.
+        thread::sleep(Duration::from_millis(250));
+        let late_before = victim.stats().late_wakeups;
+        // Read everything, and ring once as an honest reader does for the space posted.
+        h.drain();
+        let need = h.load(h.victim, side::TX_NEED_SPACE);
+        assert!(need != 0 && need <= h.tail, "{role:?}: posted {need}");
+        h.ring();
+        for w in writers {
+            w.join().unwrap().expect("a writer waiting for space");
+        }
+        let late = victim.stats().late_wakeups - late_before;
+        assert!(
+            late <= 1,
+            "{role:?}: {late} writers waited to their limit for the space one ring reported"
         );
     }
 }
