@@ -176,7 +176,16 @@ impl Link {
         match self.tx.finish_copy(slot) {
             CopyDone::Publish => self.publish(out),
             CopyDone::Running => {}
-            CopyDone::SpaceBack => out.space_back = true,
+            CopyDone::SpaceBack => {
+                out.space_back = true;
+                // Control frames queued while the stale copies ran could post no space
+                // (`Producer::arm_space`): nothing would ring for them. They go now.
+                if self.has_pending() {
+                    if let Err(f) = self.flush(out) {
+                        self.fault_to_io(f, out);
+                    }
+                }
+            }
         }
     }
 
@@ -479,6 +488,35 @@ mod tests {
         assert!(!rest.is_empty() && rest.iter().all(|h| h.kind == Kind::Credit));
         assert!(l.space_ready(), "the post is met and withdrawn");
         assert_eq!(own(&l, side::TX_NEED_SPACE), 0);
+    }
+
+    /// A control frame queued while a reset's stale copy still writes into the ring
+    /// (an Open of the new link's first session) goes out when that copy finishes: the
+    /// space it waited for was never posted, so no ring of the peer's would send it.
+    #[test]
+    fn control_frames_queued_behind_stale_copies_go_when_the_last_one_finishes() {
+        let (mut l, mut peer, id) = link_with_session(Config::default());
+        let mut out = Actions::default();
+        let big = vec![7; COPY_UNLOCKED_MIN];
+        let slot = match l.write_frame(id, &big, false, true, true, &mut out) {
+            Ok(Some(Framed::Reserved(slot, _))) => slot,
+            other => panic!("{other:?}"),
+        };
+        l.local_reset("a test", &mut out);
+        let opened = l.open(9, false, &mut out).unwrap();
+        assert!(l.has_pending(), "no record while the stale copy runs");
+        assert_eq!(own(&l, side::TX_NEED_SPACE), 0, "nothing to post for");
+        let mut out = Actions::default();
+        l.finish_copy(slot, &mut out);
+        assert!(out.space_back);
+        assert!(!l.has_pending(), "the Open went with the space");
+        peer.follow();
+        let sent = peer.drain_frames();
+        assert!(
+            sent.iter()
+                .any(|h| h.kind == Kind::Open && h.session == opened),
+            "{sent:?}"
+        );
     }
 
     /// `unpublished_len` is the bytes of the records written since the head was last
