@@ -882,6 +882,58 @@ fn writers_share_a_full_ring() {
     }
 }
 
+/// An event loop's `read_any` takes frames of sessions outside its set from the ring on
+/// the way to its own, buffering them: it must wake their readers, which sleep on their
+/// sessions' stripes while the event loop waits on the doorbell (nobody else pumps those
+/// frames, so nobody else would wake them).
+#[test]
+fn read_any_wakes_the_readers_of_the_frames_it_passes() {
+    let _guard = common::watchdog(
+        "read_any_wakes_the_readers_of_the_frames_it_passes",
+        Duration::from_secs(60),
+    );
+    let cfg = Config {
+        wait: WaitMode::Block,
+        heartbeat: Duration::from_millis(20),
+        ..Config::default()
+    };
+    let p = pair_with(1 << 20, cfg);
+    let listener = p.guest.listen(43).unwrap();
+    let mut host_sides = Vec::new();
+    let mut guest_sides = Vec::new();
+    for _ in 0..2 {
+        host_sides.push(p.host.connect(43).unwrap());
+        guest_sides.push(listener.accept_timeout(PATIENCE).unwrap());
+    }
+    let (mut in_set, mut other) = (&host_sides[0], &host_sides[1]);
+    let mut read = guest_sides.pop().unwrap();
+    let looped = guest_sides.pop().unwrap();
+    read.set_read_timeout(Some(PATIENCE));
+    let read = &read;
+    for round in 0..5 {
+        thread::scope(|t| {
+            let event_loop = t.spawn(|| {
+                let mut buf = [0u8; 16];
+                Session::read_any(&[&looped], &mut buf, Some(PATIENCE))
+            });
+            // The event loop takes the doorbell within a few of the keeper's rounds.
+            thread::sleep(Duration::from_millis(150));
+            let reader = t.spawn(move || {
+                let mut buf = [0u8; 16];
+                let mut read = read;
+                read.read(&mut buf)
+            });
+            thread::sleep(Duration::from_millis(50));
+            other.write_all(b"b").unwrap();
+            in_set.write_all(b"a").unwrap();
+            let (i, r) = event_loop.join().unwrap().unwrap();
+            assert_eq!((i, r.unwrap()), (0, 1), "round {round}");
+            assert_eq!(reader.join().unwrap().unwrap(), 1, "round {round}");
+        });
+    }
+    assert_woken_by_events(&p, "readers of frames read_any passed");
+}
+
 /// Asserts that the pair's blocked calls were woken by what they waited for, not by
 /// their 100 ms safety limit ([`ivring::Stats::late_wakeups`]). A lost wakeup leaves
 /// every stripe sleeper or space waiter behind it waiting out that limit, dozens of times
