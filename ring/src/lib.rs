@@ -94,6 +94,22 @@ pub use shm::region::SharedRegion;
 /// For the unit tests that wait: a bug fails them in seconds instead of stalling the run.
 #[cfg(test)]
 pub(crate) mod test_watchdog {
+    use crate::{doorbell::local, Config, Endpoint, SharedRegion};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A host and a guest endpoint over `size` bytes of heap. A connect gives up after 3
+    /// s rather than the default 10: a bug that leaves an Open unanswered then fails the
+    /// tests that connect in seconds.
+    pub(crate) fn endpoint_pair(size: usize, mut cfg: Config) -> (Endpoint, Endpoint) {
+        cfg.connect_timeout = cfg.connect_timeout.min(Duration::from_secs(3));
+        let region = SharedRegion::heap(size);
+        let (a, b) = local::pair();
+        let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
+        let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+        (host, guest)
+    }
+
     /// Aborts the test binary, naming `test`, if the guard is still alive after `secs`.
     pub(crate) fn watchdog(test: &'static str, secs: u64) -> std::sync::mpsc::Sender<()> {
         let (done, rx) = std::sync::mpsc::channel::<()>();

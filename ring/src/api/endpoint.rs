@@ -852,9 +852,9 @@ impl Drop for Session {
 
 #[cfg(test)]
 mod tests {
-    use crate::{doorbell::local, wire::mock::pattern, Config, Endpoint, SharedRegion, WaitMode};
+    use crate::{wire::mock::pattern, Config, Endpoint, WaitMode};
     use std::io::{Read, Write};
-    use std::sync::Arc;
+
     use std::time::Duration;
 
     /// A host and a guest endpoint over 256 KiB of heap, 16 KiB session buffers.
@@ -864,11 +864,7 @@ mod tests {
             buf_size: 16 << 10,
             ..Config::default()
         };
-        let region = SharedRegion::heap(256 << 10);
-        let (a, b) = local::pair();
-        let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
-        let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
-        (host, guest)
+        crate::test_watchdog::endpoint_pair(256 << 10, cfg)
     }
 
     /// Writes `total` pattern bytes of session `id` through `s`.

@@ -268,16 +268,11 @@ impl Drop for ReadView<'_> {
 
 #[cfg(test)]
 mod tests {
-    use crate::{doorbell::local, Config, Endpoint, SessionOptions, SharedRegion};
+    use crate::{Config, Endpoint, SessionOptions};
     use std::io::{Read, Write};
-    use std::sync::Arc;
 
     fn pair(cfg: Config) -> (Endpoint, Endpoint) {
-        let region = SharedRegion::heap(1 << 20);
-        let (a, b) = local::pair();
-        let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
-        let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
-        (host, guest)
+        crate::test_watchdog::endpoint_pair(1 << 20, cfg)
     }
 
     #[test]

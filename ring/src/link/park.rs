@@ -238,9 +238,9 @@ impl Link {
 
 #[cfg(test)]
 mod tests {
-    use crate::{doorbell::local, Config, Endpoint, SessionOptions, SharedRegion, WaitMode};
+    use crate::{Config, SessionOptions, WaitMode};
     use std::io::Write;
-    use std::sync::Arc;
+
     use std::time::Duration;
 
     /// A message writer waits for credit for its whole message. Small messages read in
@@ -256,10 +256,7 @@ mod tests {
             buf_size: 64 << 10,
             ..Config::default()
         };
-        let region = SharedRegion::heap(1 << 20);
-        let (a, b) = local::pair();
-        let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
-        let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+        let (host, guest) = crate::test_watchdog::endpoint_pair(1 << 20, cfg);
         let l = guest.listen(5).unwrap();
         let mut tx = host
             .connect_with(5, SessionOptions { message: true })
@@ -317,6 +314,10 @@ mod tests {
     /// as usual by the next pump.
     #[test]
     fn a_parked_frame_waits_for_its_reader_until_park_max() {
+        let _w = crate::test_watchdog::watchdog(
+            "a_parked_frame_waits_for_its_reader_until_park_max",
+            20,
+        );
         let (mut l, _peer, id, t0) = parked_frame();
         let just_before = t0 + PARK_MAX - Duration::from_micros(1);
         for now in [t0, just_before] {
@@ -336,6 +337,10 @@ mod tests {
     /// ends the parking at once.
     #[test]
     fn a_lent_frame_stays_until_released_and_a_frame_nobody_wants_expires() {
+        let _w = crate::test_watchdog::watchdog(
+            "a_lent_frame_stays_until_released_and_a_frame_nobody_wants_expires",
+            20,
+        );
         let (mut l, _peer, id, t0) = parked_frame();
         let mut out = Actions::default();
         let taken = l.zc_take(id, &mut out).unwrap();
@@ -366,6 +371,7 @@ mod tests {
     /// frame, is dispatched as usual.
     #[test]
     fn only_a_data_frame_with_bytes_parks() {
+        let _w = crate::test_watchdog::watchdog("only_a_data_frame_with_bytes_parks", 20);
         let (mut l, _peer, id, t0) = parked_frame();
         let mut out = Actions::default();
         l.parked = None;
@@ -398,6 +404,10 @@ mod tests {
     /// whole messages), and the view says whether the frame ends one.
     #[test]
     fn a_message_fragment_is_not_parked_and_a_view_knows_a_messages_end() {
+        let _w = crate::test_watchdog::watchdog(
+            "a_message_fragment_is_not_parked_and_a_view_knows_a_messages_end",
+            20,
+        );
         use crate::wire::frame::FLAG_EOR;
         let (mut l, mut peer) = victim_in(Role::Host, true, 1 << 20);
         up(&mut l, &mut peer);
@@ -431,6 +441,10 @@ mod tests {
     /// it, and another session's release (or a release before the take) leaves it.
     #[test]
     fn a_parked_frame_is_taken_and_released_by_its_own_session_only() {
+        let _w = crate::test_watchdog::watchdog(
+            "a_parked_frame_is_taken_and_released_by_its_own_session_only",
+            20,
+        );
         let (mut l, mut peer) = victim_in(Role::Host, true, 1 << 20);
         up(&mut l, &mut peer);
         let a = in_place_session(&mut l, &mut peer, 1, false);
@@ -458,6 +472,7 @@ mod tests {
     /// over first, as owned bytes.
     #[test]
     fn bytes_copied_before_are_taken_first_as_owned() {
+        let _w = crate::test_watchdog::watchdog("bytes_copied_before_are_taken_first_as_owned", 20);
         let (mut l, mut peer) = victim_in(Role::Host, true, 1 << 20);
         up(&mut l, &mut peer);
         let id = accepted_with_data(&mut l, &mut peer, 1, 300);
@@ -470,6 +485,10 @@ mod tests {
     /// for credit (and takes all of it); a session closed for writing has none.
     #[test]
     fn a_slot_is_reserved_within_the_frame_the_peers_buffer_and_the_credit() {
+        let _w = crate::test_watchdog::watchdog(
+            "a_slot_is_reserved_within_the_frame_the_peers_buffer_and_the_credit",
+            20,
+        );
         use std::io::ErrorKind;
         let (mut l, mut peer) = victim_in(Role::Host, true, 1 << 20);
         up(&mut l, &mut peer);
@@ -522,6 +541,10 @@ mod tests {
     /// for space with them, then sends them first.
     #[test]
     fn a_slot_waits_behind_queued_control_frames_and_sends_them_first() {
+        let _w = crate::test_watchdog::watchdog(
+            "a_slot_waits_behind_queued_control_frames_and_sends_them_first",
+            20,
+        );
         use crate::wire::frame::CreditArgs;
         let (mut l, mut peer) = victim_in(Role::Host, true, 64 << 10);
         up(&mut l, &mut peer);

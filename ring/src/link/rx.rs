@@ -855,16 +855,13 @@ impl<'a> SetIndex<'a> {
 
 #[cfg(test)]
 mod window_tests {
-    use crate::{doorbell::local, Config, Endpoint, Session, SharedRegion, WaitMode};
+    use crate::{Config, Endpoint, Session, WaitMode};
     use std::io::{Read, Write};
-    use std::sync::Arc;
+
     use std::time::Duration;
 
     fn pair(cfg: Config) -> (Endpoint, Endpoint) {
-        let region = SharedRegion::heap(4 << 20);
-        let (a, b) = local::pair();
-        let host = Endpoint::host(region.clone(), Arc::new(a), cfg.clone()).unwrap();
-        let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+        let (host, guest) = crate::test_watchdog::endpoint_pair(4 << 20, cfg);
         assert!(host.wait_up(Duration::from_secs(60)));
         (host, guest)
     }

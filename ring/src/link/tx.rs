@@ -359,6 +359,10 @@ mod tests {
     /// session's data), and the flush that sends it publishes it.
     #[test]
     fn queued_control_frames_go_first_and_their_flush_publishes_them() {
+        let _w = crate::test_watchdog::watchdog(
+            "queued_control_frames_go_first_and_their_flush_publishes_them",
+            20,
+        );
         let (mut l, mut peer, id) = link_with_session(Config::default());
         let mut out = Actions::default();
         let frames = fill(&mut l, id);
@@ -390,6 +394,10 @@ mod tests {
     /// nothing) is dropped and counted, not queued.
     #[test]
     fn control_frames_past_the_queue_bound_are_dropped_and_counted() {
+        let _w = crate::test_watchdog::watchdog(
+            "control_frames_past_the_queue_bound_are_dropped_and_counted",
+            20,
+        );
         let (mut l, _peer, id) = link_with_session(Config::default());
         let mut out = Actions::default();
         fill(&mut l, id);
@@ -406,6 +414,10 @@ mod tests {
     /// promised its peer never to post, and does not.
     #[test]
     fn a_full_ring_posts_the_space_a_waiter_needs_unless_the_link_polls() {
+        let _w = crate::test_watchdog::watchdog(
+            "a_full_ring_posts_the_space_a_waiter_needs_unless_the_link_polls",
+            20,
+        );
         for wait in [WaitMode::Adaptive, WaitMode::Block, WaitMode::Poll] {
             let cfg = Config {
                 wait,
@@ -458,6 +470,8 @@ mod tests {
     /// rings for them when it reads, whoever else sleeps.
     #[test]
     fn queued_control_frames_post_the_space_they_need() {
+        let _w =
+            crate::test_watchdog::watchdog("queued_control_frames_post_the_space_they_need", 20);
         let (mut l, mut peer, id) = link_with_session(Config::default());
         let mut out = Actions::default();
         fill(&mut l, id);
@@ -495,6 +509,10 @@ mod tests {
     /// space it waited for was never posted, so no ring of the peer's would send it.
     #[test]
     fn control_frames_queued_behind_stale_copies_go_when_the_last_one_finishes() {
+        let _w = crate::test_watchdog::watchdog(
+            "control_frames_queued_behind_stale_copies_go_when_the_last_one_finishes",
+            20,
+        );
         let (mut l, mut peer, id) = link_with_session(Config::default());
         let mut out = Actions::default();
         let big = vec![7; COPY_UNLOCKED_MIN];
@@ -523,6 +541,8 @@ mod tests {
     /// stored (what the lock's waiters may leave unpublished is bounded by it).
     #[test]
     fn unpublished_len_counts_the_records_past_the_head() {
+        let _w =
+            crate::test_watchdog::watchdog("unpublished_len_counts_the_records_past_the_head", 20);
         let (mut l, _peer, id) = link_with_session(Config::default());
         let mut out = Actions::default();
         assert_eq!(l.unpublished_len(), 0);
@@ -542,6 +562,7 @@ mod tests {
     /// frames never do, even one that carries all of its write.
     #[test]
     fn only_a_messages_last_fragment_ends_it() {
+        let _w = crate::test_watchdog::watchdog("only_a_messages_last_fragment_ends_it", 20);
         let (mut l, mut peer, id) = link_with_session(Config::default());
         let max = l.max_payload;
         let mut out = Actions::default();
@@ -569,6 +590,10 @@ mod tests {
     /// for space too; one without credit waits for credit, posting nothing.
     #[test]
     fn a_write_that_finds_the_ring_full_waits_for_space_and_one_without_credit_does_not() {
+        let _w = crate::test_watchdog::watchdog(
+            "a_write_that_finds_the_ring_full_waits_for_space_and_one_without_credit_does_not",
+            20,
+        );
         let (mut l, mut peer, id) = link_with_session(Config::default());
         fill(&mut l, id);
         let mut out = Actions::default();
@@ -604,6 +629,10 @@ mod tests {
     /// the writers), and never while the link is down.
     #[test]
     fn space_ready_says_once_that_the_posted_space_is_back() {
+        let _w = crate::test_watchdog::watchdog(
+            "space_ready_says_once_that_the_posted_space_is_back",
+            20,
+        );
         let (mut l, mut peer, id) = link_with_session(Config::default());
         assert!(!l.space_ready(), "nothing posted");
         fill(&mut l, id);
@@ -622,6 +651,10 @@ mod tests {
     /// once, however often it asks; the callback runs once when space comes back.
     #[test]
     fn a_session_is_called_back_once_when_ring_space_comes_back() {
+        let _w = crate::test_watchdog::watchdog(
+            "a_session_is_called_back_once_when_ring_space_comes_back",
+            20,
+        );
         use std::sync::atomic::{AtomicUsize, Ordering as O};
         use std::sync::Arc;
         let (mut l, _peer, id) = link_with_session(Config::default());
@@ -648,6 +681,10 @@ mod tests {
     /// peer for a session it has not closed, on a link that is up.
     #[test]
     fn shutdown_and_close_are_sent_once_and_only_to_a_peer_that_listens() {
+        let _w = crate::test_watchdog::watchdog(
+            "shutdown_and_close_are_sent_once_and_only_to_a_peer_that_listens",
+            20,
+        );
         let sent = |l: &mut Link, peer: &mut MockPeer| {
             let mut out = Actions::default();
             l.publish(&mut out);
