@@ -1593,3 +1593,50 @@ fn a_peer_that_does_not_ring_is_seen_in_late_wakeups() {
         "a blocked read served only at a timeout was not counted"
     );
 }
+
+/// Only the 100 ms safety limit says a wakeup was lost: a read whose own timeout is
+/// shorter wakes at that deadline, and what it finds then is not counted late (a healthy
+/// link with short read timeouts meets data at the deadline by chance), even from a peer
+/// that does not ring.
+#[test]
+fn a_wait_cut_short_by_its_deadline_is_not_counted_late() {
+    let _guard = common::watchdog(
+        "a_wait_cut_short_by_its_deadline_is_not_counted_late",
+        Duration::from_secs(60),
+    );
+    let cfg = Config {
+        wait: WaitMode::Block,
+        peer_timeout: Duration::from_secs(60),
+        ..Config::default()
+    };
+    let region = SharedRegion::heap(1 << 20);
+    let (a, b) = local::pair();
+    let host_bell = Arc::new(Silenceable {
+        inner: a,
+        silent: false.into(),
+    });
+    let host = Endpoint::host(region.clone(), host_bell.clone(), cfg.clone()).unwrap();
+    let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
+    assert!(host.wait_up(PATIENCE) && guest.wait_up(PATIENCE));
+    let listener = guest.listen(91).unwrap();
+    let mut host_s = host.connect(91).unwrap();
+    let mut guest_s = listener.accept_timeout(PATIENCE).unwrap();
+    guest_s.set_read_timeout(Some(Duration::from_millis(40)));
+    host_bell.silent.store(true, Ordering::SeqCst);
+    let before = guest.stats().late_wakeups;
+    let reader = thread::spawn(move || {
+        let mut b = [0u8; 8];
+        let r = guest_s.read_exact(&mut b).map(|()| b);
+        (r, guest_s)
+    });
+    thread::sleep(Duration::from_millis(10));
+    host_s.write_all(&[3; 8]).unwrap();
+    let (r, _guest_s) = reader.join().unwrap();
+    // The data came in unrung: the read took it when its 40 ms deadline woke it.
+    assert_eq!(r.unwrap(), [3; 8]);
+    assert_eq!(
+        guest.stats().late_wakeups,
+        before,
+        "a wait cut short by the caller's own deadline was counted as a lost wakeup"
+    );
+}
