@@ -1518,15 +1518,8 @@ impl ivring::Doorbell for Silenceable {
     }
 }
 
-/// A peer that stops ringing leaves every wakeup to a 100 ms limit, and `late_wakeups`
-/// says so: a callback that ran when the keeper's doorbell wait timed out, and a blocked
-/// read served only then. The data still arrives.
-#[test]
-fn a_peer_that_does_not_ring_is_seen_in_late_wakeups() {
-    let _guard = common::watchdog(
-        "a_peer_that_does_not_ring_is_seen_in_late_wakeups",
-        Duration::from_secs(60),
-    );
+/// A host and a guest endpoint, up, in block mode, whose host doorbell can be silenced.
+fn silenceable_pair() -> (Endpoint, Endpoint, Arc<Silenceable>) {
     let cfg = Config {
         wait: WaitMode::Block,
         peer_timeout: Duration::from_secs(60),
@@ -1541,6 +1534,19 @@ fn a_peer_that_does_not_ring_is_seen_in_late_wakeups() {
     let host = Endpoint::host(region.clone(), host_bell.clone(), cfg.clone()).unwrap();
     let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
     assert!(host.wait_up(PATIENCE) && guest.wait_up(PATIENCE));
+    (host, guest, host_bell)
+}
+
+/// A peer that stops ringing leaves every wakeup to a 100 ms limit, and `late_wakeups`
+/// says so: a callback that ran when the keeper's doorbell wait timed out, and a blocked
+/// read served only then. The data still arrives.
+#[test]
+fn a_peer_that_does_not_ring_is_seen_in_late_wakeups() {
+    let _guard = common::watchdog(
+        "a_peer_that_does_not_ring_is_seen_in_late_wakeups",
+        Duration::from_secs(60),
+    );
+    let (host, guest, host_bell) = silenceable_pair();
     let listener = guest.listen(90).unwrap();
     let mut host_a = host.connect(90).unwrap();
     let mut guest_a = listener.accept_timeout(PATIENCE).unwrap();
@@ -1604,20 +1610,7 @@ fn a_wait_cut_short_by_its_deadline_is_not_counted_late() {
         "a_wait_cut_short_by_its_deadline_is_not_counted_late",
         Duration::from_secs(60),
     );
-    let cfg = Config {
-        wait: WaitMode::Block,
-        peer_timeout: Duration::from_secs(60),
-        ..Config::default()
-    };
-    let region = SharedRegion::heap(1 << 20);
-    let (a, b) = local::pair();
-    let host_bell = Arc::new(Silenceable {
-        inner: a,
-        silent: false.into(),
-    });
-    let host = Endpoint::host(region.clone(), host_bell.clone(), cfg.clone()).unwrap();
-    let guest = Endpoint::guest(region, Arc::new(b), cfg).unwrap();
-    assert!(host.wait_up(PATIENCE) && guest.wait_up(PATIENCE));
+    let (host, guest, host_bell) = silenceable_pair();
     let listener = guest.listen(91).unwrap();
     let mut host_s = host.connect(91).unwrap();
     let mut guest_s = listener.accept_timeout(PATIENCE).unwrap();
