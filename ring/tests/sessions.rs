@@ -1619,14 +1619,24 @@ fn a_wait_cut_short_by_its_deadline_is_not_counted_late() {
     let before = guest.stats().late_wakeups;
     let reader = thread::spawn(move || {
         let mut b = [0u8; 8];
-        let r = guest_s.read_exact(&mut b).map(|()| b);
-        (r, guest_s)
+        let mut got = 0;
+        // A loaded machine may write after the first deadline: each read is cut short
+        // by its own, and none may count.
+        while got < b.len() {
+            match guest_s.read(&mut b[got..]) {
+                Ok(0) => panic!("EOF on an open session"),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == ErrorKind::TimedOut => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        (b, guest_s)
     });
     thread::sleep(Duration::from_millis(10));
     host_s.write_all(&[3; 8]).unwrap();
-    let (r, _guest_s) = reader.join().unwrap();
-    // The data came in unrung: the read took it when its 40 ms deadline woke it.
-    assert_eq!(r.unwrap(), [3; 8]);
+    let (b, _guest_s) = reader.join().unwrap();
+    // The data came in unrung: the read took it when its deadline woke it.
+    assert_eq!(b, [3; 8]);
     assert_eq!(
         guest.stats().late_wakeups,
         before,
