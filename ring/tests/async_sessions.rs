@@ -229,10 +229,22 @@ async fn a_cancelled_read_loses_no_byte() {
     let mut g = listener.accept().await.unwrap();
     let data = pattern(2 << 20, 3);
     let sent = data.clone();
+    // Bytes the reader has, for the writer's pauses below.
+    let read_so_far = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reader_has = read_so_far.clone();
     let writer = tokio::spawn(async move {
+        let mut written = 0;
         for (i, chunk) in sent.chunks(7919).enumerate() {
             c.write_all(chunk).await.unwrap();
-            if i % 4 == 0 {
+            written += chunk.len();
+            if i % 32 == 31 {
+                // A pause with nothing left to read: at least the reads waiting through
+                // it are cancelled, however far behind a loaded machine kept the reader.
+                while reader_has.load(std::sync::atomic::Ordering::Relaxed) < written {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            } else if i % 4 == 0 {
                 tokio::time::sleep(Duration::from_micros(200)).await;
             }
         }
@@ -247,7 +259,10 @@ async fn a_cancelled_read_loses_no_byte() {
             _ = tokio::time::sleep(Duration::from_micros(50)) => cancelled += 1,
             r = g.read(&mut buf) => match r.unwrap() {
                 0 => break,
-                n => got.extend_from_slice(&buf[..n]),
+                n => {
+                    got.extend_from_slice(&buf[..n]);
+                    read_so_far.store(got.len(), std::sync::atomic::Ordering::Relaxed);
+                }
             },
         }
     }
