@@ -854,7 +854,6 @@ impl Drop for Session {
 mod tests {
     use crate::{wire::mock::pattern, Config, Endpoint, WaitMode};
     use std::io::{Read, Write};
-
     use std::time::Duration;
 
     /// A host and a guest endpoint over 256 KiB of heap, 16 KiB session buffers.
