@@ -525,7 +525,18 @@ fn measure_baselines(
     }
     for &size in &RTT_SIZES {
         rows.push(rtt_row("baseline/uds", "-", size, &uds_rtt(size, secs)?));
-        rows.push(rtt_row("baseline/spsc", "-", size, &spsc::rtt(size, secs)?));
+        rows.push(rtt_row(
+            "baseline/spsc",
+            "-",
+            size,
+            &spsc::rtt(size, secs, spsc::Producer::Bare)?,
+        ));
+        rows.push(rtt_row(
+            "baseline/spsc-locked",
+            "-",
+            size,
+            &spsc::rtt(size, secs, spsc::Producer::Locked)?,
+        ));
     }
     rows.push(rtt_row("baseline/eventfd", "-", 8, &eventfd_rtt(secs)?));
     rows.push(rtt_row("baseline/cacheline", "-", 8, &cacheline_rtt(secs)));
@@ -1419,6 +1430,14 @@ fn measure_block(
                 r.extra.push(("spsc_p50_ns".into(), sp[0]));
                 r.extra.push(("vs_spsc".into(), p50(&v) / sp[0].max(1.0)));
             }
+            if let Some(sp) = base
+                .find("baseline/spsc-locked", size, true)
+                .and_then(|b| b.rtt)
+            {
+                r.extra.push(("spsc_locked_p50_ns".into(), sp[0]));
+                r.extra
+                    .push(("vs_spsc_locked".into(), p50(&v) / sp[0].max(1.0)));
+            }
             match floor {
                 Some(fname) => {
                     r.extra.push((format!("{fname}_p50_ns"), p50(&f)));
@@ -1638,6 +1657,19 @@ fn targets(rows: &[Row]) -> Vec<Target> {
             msgs("baseline/spsc-locked")? / msgs(name)?,
         ))
     };
+    // The same for round trips: the locked ring's p50 over another poll-block baseline's.
+    let locked_rtt_over = |name: &str| {
+        let p50 = |name: &str| {
+            rows.iter()
+                .find(|r| r.name == name && r.block == "poll" && r.size <= 64 && r.rtt.is_some())
+                .and_then(|r| r.rtt)
+                .map(|r| r[0])
+        };
+        Some((
+            "bare ring + one mutex per read and per write",
+            p50("baseline/spsc-locked")? / p50(name)?.max(1.0),
+        ))
+    };
     for (m, limit) in [("poll", 35.0), ("adaptive", 25.0), ("block", 15.0)] {
         push(
             &format!("64 B stream, 1 session, {m}: msgs/s vs UNIX socket"),
@@ -1667,7 +1699,7 @@ fn targets(rows: &[Row]) -> Vec<Target> {
         extra(find("ivring/rtt/stream", "poll", 64, 1), "vs_spsc"),
         1.3,
         false,
-        None,
+        locked_rtt_over("baseline/spsc"),
     );
     push(
         "64 B round trip, poll: p99 / p50",
@@ -1714,7 +1746,7 @@ fn targets(rows: &[Row]) -> Vec<Target> {
         ratio(find("ivring/rtt/stream", "poll", 64, 1)),
         2.5,
         false,
-        None,
+        locked_rtt_over("baseline/cacheline"),
     );
     push(
         "64 B round trip, block: p50 vs eventfd ping-pong",

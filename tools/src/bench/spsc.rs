@@ -358,22 +358,26 @@ pub fn duplex(size: usize, secs: f64) -> Result<f64> {
     Ok(out + back)
 }
 
-/// Round trips of `size` bytes over two rings for `secs`: the times in ns.
-pub fn rtt(size: usize, secs: f64) -> Result<Histogram<u64>> {
+/// Round trips of `size` bytes over two rings for `secs`: the times in ns. With
+/// [`Producer::Locked`] (`baseline/spsc-locked`), each side takes an uncontended mutex
+/// around each read and each write, as a link's callers take its lock, and watches the
+/// head without it: what four lock round trips cost a round trip, with nothing else.
+pub fn rtt(size: usize, secs: f64, producer: Producer) -> Result<Histogram<u64>> {
     let half = 8 << 20;
     let region = memory(2 * half as u64)?;
-    let mut ping = Writer::new(Ring::new(region.clone(), 0, half));
-    let mut pong_in = Reader::new(Ring::new(region.clone(), half, half));
-    let mut echo_in = Reader::new(ping.ring.other_end());
-    let mut echo_out = Writer::new(pong_in.ring.other_end());
+    let ping = Writer::new(Ring::new(region.clone(), 0, half));
+    let pong_in = Reader::new(Ring::new(region.clone(), half, half));
+    let mut echo_in = End::new(Reader::new(ping.ring.other_end()), producer);
+    let mut echo_out = End::new(Writer::new(pong_in.ring.other_end()), producer);
+    let (mut ping, mut pong_in) = (End::new(ping, producer), End::new(pong_in, producer));
     let echo = std::thread::spawn(move || {
         let mut buf = Vec::with_capacity(size);
         loop {
             buf.clear();
-            if echo_in.next(&mut buf) == KIND_STOP {
+            if echo_in.read(&mut buf) == KIND_STOP {
                 return;
             }
-            echo_out.send(KIND_DATA, &buf);
+            echo_out.write(KIND_DATA, &buf);
         }
     });
     let out = vec![7u8; size];
@@ -382,17 +386,67 @@ pub fn rtt(size: usize, secs: f64) -> Result<Histogram<u64>> {
     let t0 = Instant::now();
     while t0.elapsed().as_secs_f64() < secs {
         let t = Instant::now();
-        ping.send(KIND_DATA, &out);
+        ping.write(KIND_DATA, &out);
         back.clear();
         while back.len() < size {
-            pong_in.next(&mut back);
+            pong_in.read(&mut back);
         }
         record_rtt(&mut v, t.elapsed());
     }
-    ping.send(KIND_STOP, &[]);
+    ping.write(KIND_STOP, &[]);
     echo.join()
         .map_err(|_| anyhow::anyhow!("spsc echo panicked"))?;
     Ok(v)
+}
+
+/// One end of a round-trip ring: owned outright, or behind a mutex taken around each
+/// read and write (never contended: one thread uses it).
+enum End<T> {
+    Bare(T),
+    Locked(Mutex<T>),
+}
+
+impl<T> End<T> {
+    fn new(end: T, producer: Producer) -> End<T> {
+        match producer {
+            Producer::Bare => End::Bare(end),
+            Producer::Locked => End::Locked(Mutex::new(end)),
+        }
+    }
+
+    #[expect(
+        clippy::mut_mutex_lock,
+        reason = "the lock taken and released is what the locked end measures"
+    )]
+    fn with<R>(&mut self, f: impl FnOnce(&mut T) -> R) -> R {
+        match self {
+            End::Bare(t) => f(t),
+            End::Locked(m) => f(&mut m.lock().unwrap_or_else(PoisonError::into_inner)),
+        }
+    }
+}
+
+impl End<Writer> {
+    fn write(&mut self, kind: u8, buf: &[u8]) {
+        self.with(|w| w.send(kind, buf));
+    }
+}
+
+impl End<Reader> {
+    /// The next record; a locked end watches the head without its lock (as a link's
+    /// spinning callers do) and takes the lock to read.
+    fn read(&mut self, out: &mut Vec<u8>) -> u8 {
+        if let End::Locked(m) = self {
+            let r = m.get_mut().unwrap_or_else(PoisonError::into_inner);
+            let mut spins = 0;
+            while r.cached_head == r.tail
+                && r.ring.region.load_u64(r.ring.head_at, Ordering::Acquire) == r.tail
+            {
+                wait(&mut spins);
+            }
+        }
+        self.with(|r| r.next(out))
+    }
 }
 
 /// Ring bytes per pair of `baseline/spsc-threads`: as much as an ivring session's
@@ -466,7 +520,10 @@ mod tests {
             assert!(mps > 0.0 && bps > 0.0);
         }
         for size in [64, 64 << 10] {
-            assert!(!super::rtt(size, 0.05).unwrap().is_empty());
+            for producer in [Producer::Bare, Producer::Locked] {
+                // Each round trip waits for all `size` bytes back: a count is an answer.
+                assert!(!super::rtt(size, 0.05, producer).unwrap().is_empty());
+            }
         }
     }
 
