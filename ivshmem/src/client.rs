@@ -71,6 +71,12 @@ pub struct ClientDoorbell {
     own_more: Mutex<Vec<EventFd>>,
     /// Private: [`Doorbell::interrupt`] and membership changes signal it.
     intr: EventFd,
+    /// Epoll instances watching `own0` and `intr` edge-triggered, one per waiter at a
+    /// time (the keeper and a caller on the bell may wait at once): a wait is one
+    /// `epoll_wait`, where a `poll` then a `read` to drain cost a 64-byte round trip
+    /// in block mode about 0.9 us of its 13 (a C ping-pong of the two ways to wait).
+    /// Each instance sees every ring, as each `poll` did.
+    waits: Mutex<Vec<sys::Epoll>>,
     peers: Mutex<BTreeMap<u16, Vec<EventFd>>>,
     changed: Condvar,
     server_alive: AtomicBool,
@@ -233,6 +239,7 @@ impl Client {
             own0,
             own_more: Mutex::new(own.collect()),
             intr: EventFd::new()?,
+            waits: Mutex::new(Vec::new()),
             peers: Mutex::new(peers.map),
             changed: Condvar::new(),
             server_alive: AtomicBool::new(alive),
@@ -474,6 +481,18 @@ impl ClientDoorbell {
             .filter(|&p| p != self.id)
             .collect()
     }
+
+    /// An epoll instance of `waits` for one wait, or a new one watching `own0` and
+    /// `intr`; `None` if none can be made.
+    fn take_wait(&self, own0: &EventFd) -> Option<sys::Epoll> {
+        if let Some(ep) = lock(&self.waits).pop() {
+            return Some(ep);
+        }
+        let ep = sys::Epoll::new().ok()?;
+        ep.add_edge(own0.as_fd(), 0).ok()?;
+        ep.add_edge(self.intr.as_fd(), 1).ok()?;
+        Some(ep)
+    }
 }
 
 impl Doorbell for ClientDoorbell {
@@ -496,10 +515,15 @@ impl Doorbell for ClientDoorbell {
             }
             return;
         };
+        if let Some(ep) = self.take_wait(own0) {
+            // An error (or EINTR) returns early, which the contract allows.
+            let _ = ep.wait_any(timeout);
+            lock(&self.waits).push(ep);
+            return;
+        }
+        // No epoll instance to be had (out of fds): poll, and drain what is readable.
         // A poll error (EINTR is retried inside) leaves us returning early, which the
         // contract allows.
-        // Drain only what is readable: a read of an empty eventfd is a wasted syscall on
-        // the path of every blocked round trip.
         match sys::poll_readable(&[own0.as_fd(), self.intr.as_fd()], timeout) {
             Ok(ready) => {
                 if ready.first() == Some(&true) {

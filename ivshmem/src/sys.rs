@@ -322,6 +322,34 @@ impl Epoll {
         .map_err(io::Error::from)
     }
 
+    /// Watches `fd` edge-triggered: each time its wait queue is woken (for an eventfd,
+    /// each write to it) the next [`Epoll::wait_any`] returns, whether or not anyone
+    /// read the fd in between, so an eventfd watched this way is never drained.
+    pub fn add_edge(&self, fd: BorrowedFd<'_>, key: u64) -> io::Result<()> {
+        rustix::event::epoll::add(
+            &self.fd,
+            fd,
+            rustix::event::epoll::EventData::new_u64(key),
+            rustix::event::epoll::EventFlags::IN | rustix::event::epoll::EventFlags::ET,
+        )
+        .map_err(io::Error::from)
+    }
+
+    /// Waits until a watched fd is ready or `timeout` passes (`None`: forever; rounded up
+    /// to the millisecond): whether one was. EINTR returns `false`.
+    pub fn wait_any(&self, timeout: Option<Duration>) -> Result<bool> {
+        let mut events = [MaybeUninit::<rustix::event::epoll::Event>::uninit(); 4];
+        let ts = timeout.map(|l| Timespec {
+            tv_sec: l.as_secs().min(i32::MAX as u64 / 1000) as _,
+            tv_nsec: l.subsec_nanos() as _,
+        });
+        match rustix::event::epoll::wait(&self.fd, &mut events, ts.as_ref()) {
+            Ok((ready, _)) => Ok(!ready.is_empty()),
+            Err(Errno::INTR) => Ok(false),
+            Err(e) => Err(HostError::io("epoll_wait", e)),
+        }
+    }
+
     /// Forgets `fd`.
     pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         rustix::event::epoll::delete(&self.fd, fd).map_err(io::Error::from)

@@ -95,6 +95,77 @@ fn ring_wakes_and_wait_times_out() {
     da.ring(999);
 }
 
+/// The doorbell's waits are edge-triggered and never drain the eventfd: a ring while
+/// nobody waits is kept for the next wait, and every wait under way wakes on one ring
+/// (the keeper and a caller on the bell at a hand-off) and takes it, so that the waits
+/// after it sleep. (A wait may also return early, which the doorbell's contract allows:
+/// the first on a new epoll instance when the eventfd was rung before, or one whose
+/// instance sat in the pool through a ring.)
+#[test]
+fn a_ring_is_kept_for_the_next_wait_and_wakes_every_waiter() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let _server = Server::bind(&sock, SIZE, 1).unwrap().spawn();
+    let a = Client::connect(&sock).unwrap();
+    let b = Client::connect(&sock).unwrap();
+    a.wait_for_peer(Some(LONG)).unwrap();
+    let (da, db) = (a.doorbell(), b.doorbell());
+    // Two waits at once, each for at most `limit`, and a ring by `da` after `ring_after`
+    // if given: how long each took.
+    let two_waits = |limit: Duration, ring_after: Option<Duration>| {
+        let started = std::sync::Arc::new(std::sync::Barrier::new(3));
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let (d, started) = (db.clone(), started.clone());
+                std::thread::spawn(move || {
+                    started.wait();
+                    let t = Instant::now();
+                    d.wait(Some(limit));
+                    t.elapsed()
+                })
+            })
+            .collect();
+        started.wait();
+        if let Some(after) = ring_after {
+            std::thread::sleep(after);
+            da.ring(b.id());
+        }
+        waiters
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .collect::<Vec<_>>()
+    };
+
+    // Rung with nobody waiting: the next wait returns at once.
+    da.ring(b.id());
+    let t = Instant::now();
+    db.wait(Some(LONG));
+    assert!(t.elapsed() < Duration::from_secs(1), "a ring was lost");
+    // Settle: two rounds of two waits with no ring take what earlier rings left on
+    // either instance (the second round's waits all sleep).
+    two_waits(Duration::from_millis(50), None);
+    for took in two_waits(Duration::from_millis(50), None) {
+        assert!(
+            took >= Duration::from_millis(40),
+            "a wait woke unrung: {took:?}"
+        );
+    }
+    // One ring wakes both waits under way.
+    for took in two_waits(LONG, Some(Duration::from_millis(100))) {
+        assert!(
+            (Duration::from_millis(50)..Duration::from_secs(1)).contains(&took),
+            "a waiter woke after {took:?}: before the ring, or not for it"
+        );
+    }
+    // Both took it: the waits after it sleep.
+    for took in two_waits(Duration::from_millis(50), None) {
+        assert!(
+            took >= Duration::from_millis(40),
+            "a ring woke a later wait"
+        );
+    }
+}
+
 #[test]
 fn leave_is_announced_and_interrupts_and_rejoin_gets_new_id() {
     let dir = tempfile::tempdir().unwrap();
