@@ -4,10 +4,12 @@
 use crate::device::Registers;
 use crate::vfio::VfioDevice;
 use ivring::Doorbell;
-use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
+use rustix::event::{epoll, eventfd, poll, EventfdFlags, PollFd, PollFlags};
 use rustix::time::Timespec;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// First sleep of a polling wait.
@@ -33,6 +35,12 @@ pub struct GuestDoorbell {
     wake: Wake,
     /// Private eventfd that [`Doorbell::interrupt`] signals to end a wait.
     interrupt: OwnedFd,
+    /// Epoll instances watching the MSI-X vectors and `interrupt` edge-triggered, one
+    /// per waiter at a time (the keeper and a caller on the bell may wait at once): a
+    /// wait is one `epoll_wait` instead of a `poll` and a `read` to drain (as the host's
+    /// doorbell waits; the eventfds are never drained). Each instance sees every
+    /// interrupt, as each `poll` did.
+    waits: Mutex<Vec<OwnedFd>>,
 }
 
 impl std::fmt::Debug for GuestDoorbell {
@@ -71,6 +79,7 @@ impl GuestDoorbell {
                 backoff_ns: AtomicU64::new(POLL_MIN.as_nanos() as u64),
             },
             interrupt: new_eventfd()?,
+            waits: Mutex::new(Vec::new()),
         })
     }
 
@@ -81,6 +90,7 @@ impl GuestDoorbell {
             regs,
             wake: Wake::Msix(vfio),
             interrupt: new_eventfd()?,
+            waits: Mutex::new(Vec::new()),
         })
     }
 
@@ -93,6 +103,45 @@ impl GuestDoorbell {
         if let Wake::Polling { backoff_ns } = &self.wake {
             backoff_ns.store(POLL_MIN.as_nanos() as u64, Ordering::Relaxed);
         }
+    }
+
+    /// An epoll instance for one wait on `fds` and the interrupt eventfd: one of
+    /// `waits`, or a new one; `None` if none can be made.
+    fn take_wait(&self, fds: &[&OwnedFd]) -> Option<OwnedFd> {
+        if let Some(ep) = self
+            .waits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+        {
+            return Some(ep);
+        }
+        let ep = epoll::create(epoll::CreateFlags::CLOEXEC).ok()?;
+        let edge = epoll::EventFlags::IN | epoll::EventFlags::ET;
+        for (i, fd) in fds.iter().copied().chain([&self.interrupt]).enumerate() {
+            epoll::add(&ep, fd, epoll::EventData::new_u64(i as u64), edge).ok()?;
+        }
+        Some(ep)
+    }
+
+    /// Waits on `fds` and the interrupt eventfd edge-triggered for at most `timeout`
+    /// (rounded up to the millisecond), or as [`GuestDoorbell::poll_fds`] does if no
+    /// epoll instance can be had. An early return (EINTR, an instance that sat in the
+    /// pool through an interrupt) is allowed by the doorbell's contract.
+    fn wait_edges(&self, fds: &[&OwnedFd], timeout: Option<Duration>) {
+        let Some(ep) = self.take_wait(fds) else {
+            return self.poll_fds(fds, timeout);
+        };
+        let mut events = [MaybeUninit::<epoll::Event>::uninit(); 4];
+        // A timeout too long to represent is no timeout.
+        let ts = timeout
+            .filter(|t| t.as_secs() < i32::MAX as u64 / 1000)
+            .map(timespec);
+        let _ = epoll::wait(&ep, &mut events, ts.as_ref());
+        self.waits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(ep);
     }
 
     /// Polls the given fds plus the interrupt eventfd, for at most `timeout`; then drains
@@ -142,7 +191,7 @@ impl Doorbell for GuestDoorbell {
         match &self.wake {
             Wake::Msix(vfio) => {
                 let fds: Vec<&OwnedFd> = vfio.vectors().iter().collect();
-                self.poll_fds(&fds, timeout);
+                self.wait_edges(&fds, timeout);
             }
             Wake::Polling { backoff_ns } => {
                 let cur = Duration::from_nanos(backoff_ns.load(Ordering::Relaxed));
