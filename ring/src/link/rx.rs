@@ -702,6 +702,11 @@ impl Link {
             if self.rx.unreleased() >= quarter && self.rx.release() {
                 out.ring_peer = true;
             }
+            if n == buf.len() {
+                // Full: no frame could join (each has a byte at least). Looking would
+                // load the peer's head again, a line its writer may be storing to.
+                break;
+            }
         }
         if n == 0 {
             return Ok(None);
