@@ -336,16 +336,15 @@ impl Epoll {
     }
 
     /// Waits until a watched fd is ready or `timeout` passes (`None`: forever; rounded up
-    /// to the millisecond): whether one was. EINTR returns `false`.
-    pub fn wait_any(&self, timeout: Option<Duration>) -> Result<bool> {
+    /// to the millisecond, at most about 24 days). EINTR returns early.
+    pub fn wait_any(&self, timeout: Option<Duration>) -> Result<()> {
         let mut events = [MaybeUninit::<rustix::event::epoll::Event>::uninit(); 4];
         let ts = timeout.map(|l| Timespec {
             tv_sec: l.as_secs().min(i32::MAX as u64 / 1000) as _,
             tv_nsec: l.subsec_nanos() as _,
         });
         match rustix::event::epoll::wait(&self.fd, &mut events, ts.as_ref()) {
-            Ok((ready, _)) => Ok(!ready.is_empty()),
-            Err(Errno::INTR) => Ok(false),
+            Ok(_) | Err(Errno::INTR) => Ok(()),
             Err(e) => Err(HostError::io("epoll_wait", e)),
         }
     }
