@@ -3,7 +3,7 @@
 
 use ivring::Doorbell;
 use ivring_ivshmem::shm::{check_memfd, create_sealed_memfd, validate_size};
-use ivring_ivshmem::{Client, ConnectOptions, HostError, Server};
+use ivring_ivshmem::{Client, ConnectOptions, HostError, Server, ServerHandle};
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -60,14 +60,21 @@ fn two_clients_see_each_other_and_share_memory() {
     assert!(!sock.exists(), "shutdown removes the socket");
 }
 
-#[test]
-fn ring_wakes_and_wait_times_out() {
+/// A server (one vector each) and two clients that have seen each other. The caller
+/// keeps the temp dir and the server handle for as long as it uses the clients.
+fn two_peers() -> (tempfile::TempDir, ServerHandle, Client, Client) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("s");
-    let _server = Server::bind(&sock, SIZE, 1).unwrap().spawn();
+    let server = Server::bind(&sock, SIZE, 1).unwrap().spawn();
     let a = Client::connect(&sock).unwrap();
     let b = Client::connect(&sock).unwrap();
     a.wait_for_peer(Some(LONG)).unwrap();
+    (dir, server, a, b)
+}
+
+#[test]
+fn ring_wakes_and_wait_times_out() {
+    let (_dir, _server, a, b) = two_peers();
     let (da, db) = (a.doorbell(), b.doorbell());
 
     let t = Instant::now();
@@ -103,12 +110,7 @@ fn ring_wakes_and_wait_times_out() {
 /// instance sat in the pool through a ring.)
 #[test]
 fn a_ring_is_kept_for_the_next_wait_and_wakes_every_waiter() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("s");
-    let _server = Server::bind(&sock, SIZE, 1).unwrap().spawn();
-    let a = Client::connect(&sock).unwrap();
-    let b = Client::connect(&sock).unwrap();
-    a.wait_for_peer(Some(LONG)).unwrap();
+    let (_dir, _server, a, b) = two_peers();
     let (da, db) = (a.doorbell(), b.doorbell());
     // Two waits at once, each for at most `limit`, and a ring by `da` after `ring_after`
     // if given: how long each took.
