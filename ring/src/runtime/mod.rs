@@ -739,7 +739,7 @@ impl Shared {
         let r = attempt(&mut link, &mut out);
         // Read, not taken (`act` ignores it): a byte stored into `out` just before `act`
         // moves it makes the move's wide loads wait for the store (a failed store
-        // forward), which cost a 64-byte write and its read about a tenth of their time.
+        // forward), which cost a 64-byte write and its read 5-10% of their time.
         let for_space = out.wait_space;
         self.act(&link, out);
         match r {
