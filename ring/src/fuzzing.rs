@@ -204,12 +204,11 @@ pub fn fuzz_pump(data: &[u8]) {
                 handshake(epoch);
                 link.check_peer(now, &mut out);
             }
-            // The victim opens a session.
+            // The victim opens a session, a stream or a message one.
             6 => {
                 if link.is_up() {
-                    if let Ok(id) =
-                        link.open(input.u8().unwrap_or(0) as u32 % 4 + 6, false, &mut out)
-                    {
+                    let pick = input.u8().unwrap_or(0);
+                    if let Ok(id) = link.open(pick as u32 % 4 + 6, pick & 0x10 != 0, &mut out) {
                         sessions.push(id);
                     }
                 }

@@ -1110,6 +1110,78 @@ fn a_message_read_from_the_ring_is_one_message() {
     assert_eq!(buf[..3], bytes(id, 3, 6)[..]);
 }
 
+/// A message of several frames waiting in the ring is read whole: the direct-read path
+/// takes only a frame that ends a message, never a message's first fragment alone.
+#[test]
+fn a_message_of_several_frames_in_the_ring_is_read_whole() {
+    let _w = watchdog(
+        "a_message_of_several_frames_in_the_ring_is_read_whole",
+        LIMIT,
+    );
+    let (_victim, l, mut peer) = driven_pair(cfg());
+    let (id, mut s) = accepted(&l, &mut peer, true);
+    peer.push(Kind::Data, 0, id, &bytes(id, 0, 2));
+    peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 2, 5));
+    peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 5, 9));
+    let mut buf = [0u8; 64];
+    assert_eq!(s.read(&mut buf).unwrap(), 5, "a fragment read as a message");
+    assert_eq!(buf[..5], bytes(id, 0, 5)[..]);
+    assert_eq!(s.read(&mut buf).unwrap(), 4);
+    assert_eq!(buf[..4], bytes(id, 5, 9)[..]);
+}
+
+/// Messages the pump already took come before one still in the ring, an empty message
+/// (which buffers no byte) among them: the direct-read path serves a message session only
+/// when nothing waits in its buffer.
+#[test]
+fn messages_already_taken_are_read_before_one_in_the_ring() {
+    let _w = watchdog(
+        "messages_already_taken_are_read_before_one_in_the_ring",
+        LIMIT,
+    );
+    for first in [0u64, 3] {
+        let (_victim, l, mut peer) = driven_pair(cfg());
+        let (id, mut s) = accepted(&l, &mut peer, true);
+        peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 0, first));
+        // The sentinel's answer says the message above is in the session's buffer.
+        peer.sync();
+        peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, first, first + 4));
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap();
+        assert_eq!(n as u64, first, "the message in the ring read first");
+        assert_eq!(buf[..n], bytes(id, 0, first)[..]);
+        assert_eq!(s.read(&mut buf).unwrap(), 4);
+        assert_eq!(buf[..4], bytes(id, first, first + 4)[..]);
+    }
+}
+
+/// The peer's credit met ahead of a message by a direct read (nothing pumped the ring:
+/// the victim has no keeper thread) is taken, not skipped: the writer has it at once.
+#[test]
+fn a_credit_ahead_of_a_message_read_directly_is_taken() {
+    let _w = watchdog("a_credit_ahead_of_a_message_read_directly_is_taken", LIMIT);
+    let (_victim, l, mut peer) = driven_pair(cfg());
+    let (id, mut s) = accepted(&l, &mut peer, true);
+    let grant = |fwd_cnt| {
+        CreditArgs {
+            fwd_cnt,
+            buf_alloc: 100,
+        }
+        .encode()
+    };
+    peer.push(Kind::Credit, 0, id, &grant(0));
+    peer.sync();
+    assert_eq!(s.write(&[7u8; 100]).unwrap(), 100);
+    peer.push(Kind::Credit, 0, id, &grant(100));
+    peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 0, 3));
+    let mut buf = [0u8; 64];
+    assert_eq!(s.read(&mut buf).unwrap(), 3);
+    assert_eq!(buf[..3], bytes(id, 0, 3)[..]);
+    // Out of credit but for the grant the read met: a write that may not wait.
+    s.set_nonblocking(true);
+    assert_eq!(s.write(&[8u8; 100]).unwrap(), 100, "the credit was lost");
+}
+
 /// A direct read takes only whole frames that fit what is left of the caller's buffer;
 /// the rest goes through the session's buffer, cut to the caller's size.
 #[test]

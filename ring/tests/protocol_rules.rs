@@ -7,7 +7,8 @@
 //! - the direct-read path keeps message boundaries (a reader that finds several messages
 //!   already in the ring still gets one per read);
 //! - a Data frame over the frame limit, and a record published only in part, are
-//!   corruption, met by the direct-read path or by `pump` alone (message sessions).
+//!   corruption, met by the direct-read path or by `pump` alone (a message's first
+//!   fragment).
 //!
 //! Every test runs under a watchdog: a wait that never ends fails the run in seconds.
 
@@ -386,7 +387,7 @@ fn messages_waiting_in_the_ring_are_read_one_per_read() {
 
 /// A Data frame longer than the frame limit is corruption even where the ring has room
 /// for it; nothing of it is read. On a stream session the direct-read path meets it
-/// first; on a message session (which that path never serves) only `pump` does.
+/// first; as a message's first fragment (which that path leaves to it) only `pump` does.
 #[test]
 fn data_over_the_frame_limit_is_corruption() {
     let _w = watchdog("data_over_the_frame_limit_is_corruption", LIMIT);
@@ -397,7 +398,8 @@ fn data_over_the_frame_limit_is_corruption() {
         let mut s = l.accept_timeout(Duration::from_secs(10)).unwrap();
         let len = peer.geom.max_payload() as u64 + 16;
         assert!((record_len(len as usize) as u64) < peer.cap() / 2);
-        assert!(peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 0, len)));
+        let flags = if message { 0 } else { FLAG_EOR };
+        assert!(peer.push(Kind::Data, flags, id, &bytes(id, 0, len)));
         peer.publish();
         s.set_read_timeout(Some(Duration::from_secs(10)));
         let err = s.read(&mut vec![0u8; 1 << 16]).unwrap_err();
@@ -415,14 +417,15 @@ fn data_over_the_frame_limit_is_corruption() {
 #[test]
 fn a_record_published_in_part_is_corruption() {
     let _w = watchdog("a_record_published_in_part_is_corruption", LIMIT);
-    // As above: the direct-read path first (stream), or only pump (message).
+    // As above: the direct-read path first (stream), or only pump (a message's fragment).
     for message in [false, true] {
         let (victim, mut peer) = pair(Role::Host, cfg());
         let l = victim.listen(PORT).unwrap();
         let id = peer_opens(&mut peer, Role::Host, PORT, message);
         let mut s = l.accept_timeout(Duration::from_secs(10)).unwrap();
         let start = peer.head;
-        assert!(peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 0, 256)));
+        let flags = if message { 0 } else { FLAG_EOR };
+        assert!(peer.push(Kind::Data, flags, id, &bytes(id, 0, 256)));
         // Written, never published: a reader that took the Data above would go on to
         // this one, and a session ended by its peer keeps its data through the reset.
         assert!(peer.push(Kind::Shutdown, 0, id, &[]));

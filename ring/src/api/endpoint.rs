@@ -560,7 +560,7 @@ impl Session {
         let sh = self.shared.clone();
         let deadline = Self::deadline(self.write_timeout);
         // The whole message's credit first, so the peer can always take all of it.
-        sh.wait_session(id, deadline, patience, |l, _| {
+        let first = sh.wait_session(id, deadline, patience, |l, out| {
             if l.gen() != gen {
                 return Err(reset_error(l));
             }
@@ -581,9 +581,33 @@ impl Session {
                     ),
                 ));
             }
-            Ok((s.credit() >= buf.len() as u64).then_some(()))
+            if s.credit() < buf.len() as u64 {
+                return Ok(None);
+            }
+            // The first frame goes in the same pass: a message that fits one frame
+            // takes one pass through the lock, as a stream write does.
+            match step(l, id, buf, true, false, buf.len() >= COPY_UNLOCKED_MIN, out)? {
+                WriteStep::Wrote(f) => {
+                    if matches!(f, Framed::Copied(n) if n == buf.len()) && !sh.leave_head(l) {
+                        l.publish(out);
+                    }
+                    Ok(Some(Some(f)))
+                }
+                WriteStep::Wait => {
+                    l.publish(out);
+                    Ok(Some(None))
+                }
+            }
         })?;
         let mut off = 0;
+        if let Some(f) = first {
+            off = self.finish_frame(f, buf);
+            if off == buf.len() {
+                // Published: under the lock (or by the thread it was left to), or by the
+                // last copy of a reserved frame.
+                return Ok(off);
+            }
+        }
         loop {
             // A message may not be abandoned half way, yet a peer that granted credit
             // and then stopped reading must not hold us past the deadline: at the

@@ -640,8 +640,9 @@ impl Link {
         }
     }
 
-    /// Reads this stream session's next frames straight from the ring. `Ok(None)` when
-    /// the general path must handle the read. Given `lent`, large frames (up to
+    /// Reads this session's next frames straight from the ring (a message session's next
+    /// message, when one frame carries it whole). `Ok(None)` when the general path must
+    /// handle the read. Given `lent`, large frames (up to
     /// [`LEND_MAX`]) are consumed but lent instead of copied: the caller copies them out
     /// without the runtime's lock, as a large write copies in. The count covers them.
     /// Past [`LOCKED_COPY_MAX`] bytes copied here it stops: a short read, as a socket's.
@@ -658,19 +659,41 @@ impl Link {
         let quarter = self.geom.capacity / 4;
         let max_payload = self.max_payload;
         // One lookup for the whole call: the ring and the session map are borrowed apart.
-        let s = session_in(&mut self.sessions, id)?;
-        if s.message || s.rd_shut || s.in_place || s.state != State::Open || s.rx_eof {
+        let mut s = session_in(&mut self.sessions, id)?;
+        if s.message {
+            // A message reader returns credit after each message (PROTOCOL.md §7), so an
+            // exchange of messages alternates the peer's credit and its data: the credit
+            // is taken here as the pump takes it, and the data behind it read directly.
+            // (A stream's credit comes once a quarter buffer: the pump's.)
+            while let Some(rec) = next_published_in(&mut self.rx, max_payload) {
+                if rec.header.kind != Kind::Credit || rec.header.session != id {
+                    break;
+                }
+                self.dispatch(&rec.header, rec.payload_at, out)
+                    .map_err(|f| self.fault_to_io(f, out))?;
+                self.rx.consume(&rec.header);
+            }
+            s = session_in(&mut self.sessions, id)?;
+        }
+        if s.rd_shut || s.in_place || s.state != State::Open || s.rx_eof {
             return Ok(None);
         }
-        if s.buffered() > 0 {
+        // Anything the pump buffered goes first (an empty message buffers no byte).
+        if s.buffered() > 0 || !s.msgs.is_empty() {
             return Ok(None);
         }
+        let message = s.message;
         let mut n = 0;
         let mut copied = 0;
         while let Some(rec) = next_published_in(&mut self.rx, max_payload) {
             let h = rec.header;
             let len = h.len as usize;
             if h.kind != Kind::Data || h.session != id || len == 0 || len > buf.len() - n {
+                break;
+            }
+            // A message session's read is one whole message: a frame that ends one, alone
+            // (a message of several frames is assembled by the pump).
+            if message && h.flags & FLAG_EOR == 0 {
                 break;
             }
             if s.received - s.fwd_cnt + len as u64 > s.buf_alloc as u64 {
@@ -702,7 +725,7 @@ impl Link {
             if self.rx.unreleased() >= quarter && self.rx.release() {
                 out.ring_peer = true;
             }
-            if n == buf.len() {
+            if message || n == buf.len() {
                 // Full: no frame could join (each has a byte at least). Looking would
                 // load the peer's head again, a line its writer may be storing to.
                 break;
