@@ -977,6 +977,43 @@ fn message_credit_goes_back_when_the_buffer_empties() {
     assert_eq!(peer.credits(id), vec![want]);
 }
 
+/// A run of messages read straight from the ring (nothing pumped them: the victim has no
+/// keeper thread) is credited once, by the read that takes its last message, as a run
+/// the pump buffered is: not once per message, and not held back by another session's
+/// frame behind it.
+#[test]
+fn a_run_of_messages_read_directly_is_credited_once() {
+    let _w = watchdog("a_run_of_messages_read_directly_is_credited_once", LIMIT);
+    let (_victim, l, mut peer) = driven_pair(cfg());
+    let (id, mut s) = accepted(&l, &mut peer, true);
+    let mut buf = [0u8; 256];
+    // A run longer than a quarter of the buffer is credited at each quarter as well;
+    // a short one, with another session's frame behind it, once at its end.
+    let ghost = 1001 << 1 | peer.bit();
+    for (from, to) in [(0, 15), (15, 18)] {
+        for k in from..to {
+            peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, k * 100, (k + 1) * 100));
+        }
+        if to == 18 {
+            peer.push(Kind::Data, FLAG_EOR, ghost, b"another session's");
+        }
+        for k in from..to {
+            assert_eq!(s.read(&mut buf).unwrap(), 100);
+            assert_eq!(buf[..100], bytes(id, k * 100, (k + 1) * 100)[..]);
+        }
+    }
+    peer.sync();
+    let credit = |fwd_cnt| CreditArgs {
+        fwd_cnt,
+        buf_alloc: BUF,
+    };
+    assert_eq!(BUF / 4, 1024);
+    assert_eq!(
+        peer.credits(id),
+        vec![credit(1100), credit(1500), credit(1800)]
+    );
+}
+
 /// No credit after the peer said it sends no more.
 #[test]
 fn no_credit_after_the_peers_shutdown() {

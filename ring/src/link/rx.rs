@@ -744,7 +744,14 @@ impl Link {
                 self.rx.give_back(loan);
             }
         }
-        let due = credit_due(s);
+        // A message session's credit for an empty buffer waits while its next message
+        // is in the ring: the read that takes the last of a run sends it (one Credit for
+        // a run of messages, where the pump's buffer would also have held them all).
+        let due = credit_due(s)
+            && !(message
+                && !quarter_consumed(s)
+                && next_published_in(&mut self.rx, max_payload)
+                    .is_some_and(|r| r.header.kind == Kind::Data && r.header.session == id));
         if self.rx.release() {
             out.ring_peer = true;
         }
@@ -814,9 +821,13 @@ fn next_published_in(rx: &mut Consumer, max_payload: usize) -> Option<Record> {
 /// is reported: otherwise up to a quarter of the buffer stays uncredited and a large
 /// message never goes.
 fn credit_due(s: &Sess) -> bool {
-    let due = s.fwd_cnt - s.fwd_sent >= (s.buf_alloc / 4).max(1) as u64
-        || (s.message && s.buffered() == 0 && s.fwd_cnt != s.fwd_sent);
+    let due = quarter_consumed(s) || (s.message && s.buffered() == 0 && s.fwd_cnt != s.fwd_sent);
     due && s.state == State::Open && !s.rx_eof
+}
+
+/// Whether a quarter of session `s`'s buffer has been consumed since its last Credit.
+fn quarter_consumed(s: &Sess) -> bool {
+    s.fwd_cnt - s.fwd_sent >= (s.buf_alloc / 4).max(1) as u64
 }
 
 /// Where a session id stands in the set a `read_any` call was given: a scan when the set
