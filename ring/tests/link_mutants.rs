@@ -1350,9 +1350,10 @@ fn batch(set: &[&Session], buf: &mut [u8]) -> (Vec<(u64, usize)>, Vec<u8>) {
 }
 
 /// Straight from the ring (nothing pumped the frames: the victim has no keeper thread),
-/// a batch takes the set's stream frames in ring order and ends, unread, at the first
-/// frame that would change a session of the set: a message, a Shutdown, a frame that
-/// does not fit. Those come one to a call, as `read_any` gives them.
+/// a batch takes the set's frames in ring order, each message whole and alone as one
+/// result, and ends, unread, at the first frame that would change a session of the set:
+/// a Shutdown, a message's first fragment, a frame that does not fit. Those come one to
+/// a call, as `read_any` gives them.
 #[test]
 fn a_batch_takes_stream_frames_and_stops_at_what_changes_a_session() {
     let _w = watchdog(
@@ -1374,34 +1375,66 @@ fn a_batch_takes_stream_frames_and_stops_at_what_changes_a_session() {
     peer.push(Kind::Data, 0, c, &bytes(c, 40, 50));
     let set = [&sa, &sb, &sm, &sc];
     let mut buf = vec![0u8; 1000];
+    // The batch ends at B's Shutdown; B's EOF comes alone.
     let (got, data) = batch(&set, &mut buf);
-    assert_eq!(got, vec![(a, 10), (b, 20), (a, 20)], "the first batch");
-    let want: Vec<u8> = [bytes(a, 0, 10), bytes(b, 0, 20), bytes(a, 10, 30)].concat();
+    let firsts = vec![(a, 10), (b, 20), (a, 20), (m, 5), (m, 7), (c, 40)];
+    assert_eq!(got, firsts, "the first batch");
+    let want: Vec<u8> = [
+        bytes(a, 0, 10),
+        bytes(b, 0, 20),
+        bytes(a, 10, 30),
+        bytes(m, 0, 12),
+        bytes(c, 0, 40),
+    ]
+    .concat();
     assert_eq!(data, want);
-    // Each message alone, whole.
-    assert_eq!(batch(&set, &mut buf), (vec![(m, 5)], bytes(m, 0, 5)));
-    assert_eq!(batch(&set, &mut buf), (vec![(m, 7)], bytes(m, 5, 12)));
-    // C's frame, then the batch ends at B's Shutdown; B's EOF comes alone.
-    assert_eq!(batch(&set, &mut buf), (vec![(c, 40)], bytes(c, 0, 40)));
     assert_eq!(batch(&set, &mut buf), (vec![(b, 0)], vec![]));
     let set = [&sa, &sm, &sc];
     assert_eq!(batch(&set, &mut buf), (vec![(c, 10)], bytes(c, 40, 50)));
+    // A message's first fragment ends a batch; its message comes whole, alone.
+    peer.push(Kind::Data, 0, c, &bytes(c, 50, 55));
+    peer.push(Kind::Data, 0, m, &bytes(m, 12, 15));
+    peer.push(Kind::Data, FLAG_EOR, m, &bytes(m, 15, 20));
+    assert_eq!(batch(&set, &mut buf), (vec![(c, 5)], bytes(c, 50, 55)));
+    assert_eq!(batch(&set, &mut buf), (vec![(m, 8)], bytes(m, 12, 20)));
     // Frames that fit what is left of the buffer, then one that does not: it ends the
     // batch; alone, it goes through its session's buffer, cut to the caller's size.
-    peer.push(Kind::Data, 0, c, &bytes(c, 50, 80));
+    peer.push(Kind::Data, 0, c, &bytes(c, 55, 85));
     peer.push(Kind::Data, 0, a, &bytes(a, 30, 130));
-    peer.push(Kind::Data, 0, c, &bytes(c, 80, 90));
+    peer.push(Kind::Data, 0, c, &bytes(c, 85, 95));
     let mut small = vec![0u8; 60];
-    assert_eq!(batch(&set, &mut small), (vec![(c, 30)], bytes(c, 50, 80)));
+    assert_eq!(batch(&set, &mut small), (vec![(c, 30)], bytes(c, 55, 85)));
     assert_eq!(batch(&set, &mut small), (vec![(a, 60)], bytes(a, 30, 90)));
     // A's rest is held now, C's frame is next in the ring: the ring comes first.
-    assert_eq!(batch(&set, &mut small), (vec![(c, 10)], bytes(c, 80, 90)));
+    assert_eq!(batch(&set, &mut small), (vec![(c, 10)], bytes(c, 85, 95)));
     assert_eq!(batch(&set, &mut small), (vec![(a, 40)], bytes(a, 90, 130)));
     // Nothing waits: WouldBlock.
     let mut got = Vec::new();
     let e = Session::read_any_many(&set, &mut buf, &mut got, Some(Duration::ZERO)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::WouldBlock);
     assert!(got.is_empty());
+}
+
+/// A batch of messages taken straight from the ring is credited as a run: once, by the
+/// result that takes the last of them.
+#[test]
+fn a_batch_of_messages_is_credited_once() {
+    let _w = watchdog("a_batch_of_messages_is_credited_once", LIMIT);
+    let (_victim, l, mut peer) = driven_pair(cfg());
+    let (m, sm) = accepted(&l, &mut peer, true);
+    for k in 0..3 {
+        peer.push(Kind::Data, FLAG_EOR, m, &bytes(m, k * 100, (k + 1) * 100));
+    }
+    let mut buf = vec![0u8; 1000];
+    let (got, data) = batch(&[&sm], &mut buf);
+    assert_eq!(got, vec![(m, 100); 3]);
+    assert_eq!(data, bytes(m, 0, 300));
+    peer.sync();
+    let want = CreditArgs {
+        fwd_cnt: 300,
+        buf_alloc: BUF,
+    };
+    assert_eq!(peer.credits(m), vec![want]);
 }
 
 /// What sessions hold (a pump put it there) is served from one session further each

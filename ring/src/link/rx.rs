@@ -504,6 +504,7 @@ impl Link {
             return 0;
         }
         let quarter = self.geom.capacity / 4;
+        let max_payload = self.max_payload;
         let mut budget = self.geom.capacity;
         let mut used = 0;
         while budget > 0 && got.len() < max && used < buf.len() {
@@ -517,7 +518,8 @@ impl Link {
                 (Kind::Data, Some(_), Some(s)) => {
                     len > 0
                         && len <= buf.len() - used
-                        && !s.message
+                        // A message whole in one frame, with none held before it.
+                        && (!s.message || (h.flags & FLAG_EOR != 0 && s.msgs.is_empty()))
                         && !s.rd_shut
                         && !s.in_place
                         && s.state == State::Open
@@ -531,12 +533,20 @@ impl Link {
                 self.rx
                     .read_payload(rec.payload_at, &mut buf[used..used + len]);
                 self.rx.consume(&h);
+                let mut due = false;
                 if let Some(s) = self.sessions.get_mut(&h.session) {
                     s.received += len as u64;
                     s.fwd_cnt += len as u64;
+                    due = credit_due(s)
+                        && !credit_waits_for_next(s, &mut self.rx, max_payload, h.session);
                 }
                 used += len;
-                match self.grant_credit(h.session, out) {
+                let granted = if due {
+                    self.grant_credit(h.session, out)
+                } else {
+                    Ok(())
+                };
+                match granted {
                     Ok(()) => got.push((i, Ok(len))),
                     Err(f) => {
                         got.push((i, Err(self.fault_to_io(f, out))));
@@ -744,14 +754,7 @@ impl Link {
                 self.rx.give_back(loan);
             }
         }
-        // A message session's credit for an empty buffer waits while its next message
-        // is in the ring: the read that takes the last of a run sends it (one Credit for
-        // a run of messages, where the pump's buffer would also have held them all).
-        let due = credit_due(s)
-            && !(message
-                && !quarter_consumed(s)
-                && next_published_in(&mut self.rx, max_payload)
-                    .is_some_and(|r| r.header.kind == Kind::Data && r.header.session == id));
+        let due = credit_due(s) && !credit_waits_for_next(s, &mut self.rx, max_payload, id);
         if self.rx.release() {
             out.ring_peer = true;
         }
@@ -823,6 +826,18 @@ fn next_published_in(rx: &mut Consumer, max_payload: usize) -> Option<Record> {
 fn credit_due(s: &Sess) -> bool {
     let due = quarter_consumed(s) || (s.message && s.buffered() == 0 && s.fwd_cnt != s.fwd_sent);
     due && s.state == State::Open && !s.rx_eof
+}
+
+/// Whether session `s` (`id`), read straight from the ring, leaves the Credit it owes to
+/// its next read: a message session's credit for an empty buffer waits while its next
+/// message is next in the ring, and the read that takes the last of a run sends it (one
+/// Credit for a run, as when the pump's buffer held them all), unless a quarter of the
+/// buffer is consumed.
+fn credit_waits_for_next(s: &Sess, rx: &mut Consumer, max_payload: usize, id: u64) -> bool {
+    s.message
+        && !quarter_consumed(s)
+        && next_published_in(rx, max_payload)
+            .is_some_and(|r| r.header.kind == Kind::Data && r.header.session == id)
 }
 
 /// Whether a quarter of session `s`'s buffer has been consumed since its last Credit.
