@@ -986,7 +986,6 @@ fn a_run_of_messages_read_directly_is_credited_once() {
     let _w = watchdog("a_run_of_messages_read_directly_is_credited_once", LIMIT);
     let (_victim, l, mut peer) = driven_pair(cfg());
     let (id, mut s) = accepted(&l, &mut peer, true);
-    let mut buf = [0u8; 256];
     // A run longer than a quarter of the buffer is credited at each quarter as well;
     // a short one, with another session's frame behind it, once at its end.
     let ghost = 1001 << 1 | peer.bit();
@@ -998,8 +997,7 @@ fn a_run_of_messages_read_directly_is_credited_once() {
             peer.push(Kind::Data, FLAG_EOR, ghost, b"another session's");
         }
         for k in from..to {
-            assert_eq!(s.read(&mut buf).unwrap(), 100);
-            assert_eq!(buf[..100], bytes(id, k * 100, (k + 1) * 100)[..]);
+            read_is(&mut s, id, k * 100, (k + 1) * 100);
         }
     }
     peer.sync();
@@ -1132,39 +1130,30 @@ fn a_direct_read_takes_only_this_sessions_data_in_order() {
     assert_eq!(s2.read(&mut buf).unwrap(), 0, "data after Shutdown(Read)");
 }
 
-/// A message session's reads return one message each, even straight from the ring.
+/// Reads once from `s` and checks it returned session `id`'s pattern bytes `from..to`,
+/// no more, no less (one message, on a message session).
+fn read_is(s: &mut Session, id: u64, from: u64, to: u64) {
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], &bytes(id, from, to)[..], "read {n} bytes");
+}
+
+/// A message session's reads return one message each, whole, even straight from the
+/// ring: never two merged, never a message's first fragment alone.
 #[test]
-fn a_message_read_from_the_ring_is_one_message() {
-    let _w = watchdog("a_message_read_from_the_ring_is_one_message", LIMIT);
+fn a_message_read_from_the_ring_is_one_whole_message() {
+    let _w = watchdog("a_message_read_from_the_ring_is_one_whole_message", LIMIT);
     let (_victim, l, mut peer) = driven_pair(cfg());
     let (id, mut s) = accepted(&l, &mut peer, true);
     peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 0, 3));
     peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 3, 6));
-    let mut buf = [0u8; 64];
-    assert_eq!(s.read(&mut buf).unwrap(), 3);
-    assert_eq!(buf[..3], bytes(id, 0, 3)[..]);
-    assert_eq!(s.read(&mut buf).unwrap(), 3);
-    assert_eq!(buf[..3], bytes(id, 3, 6)[..]);
-}
-
-/// A message of several frames waiting in the ring is read whole: the direct-read path
-/// takes only a frame that ends a message, never a message's first fragment alone.
-#[test]
-fn a_message_of_several_frames_in_the_ring_is_read_whole() {
-    let _w = watchdog(
-        "a_message_of_several_frames_in_the_ring_is_read_whole",
-        LIMIT,
-    );
-    let (_victim, l, mut peer) = driven_pair(cfg());
-    let (id, mut s) = accepted(&l, &mut peer, true);
-    peer.push(Kind::Data, 0, id, &bytes(id, 0, 2));
-    peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 2, 5));
-    peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 5, 9));
-    let mut buf = [0u8; 64];
-    assert_eq!(s.read(&mut buf).unwrap(), 5, "a fragment read as a message");
-    assert_eq!(buf[..5], bytes(id, 0, 5)[..]);
-    assert_eq!(s.read(&mut buf).unwrap(), 4);
-    assert_eq!(buf[..4], bytes(id, 5, 9)[..]);
+    peer.push(Kind::Data, 0, id, &bytes(id, 6, 8));
+    peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 8, 11));
+    peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 11, 15));
+    read_is(&mut s, id, 0, 3);
+    read_is(&mut s, id, 3, 6);
+    read_is(&mut s, id, 6, 11);
+    read_is(&mut s, id, 11, 15);
 }
 
 /// Messages the pump already took come before one still in the ring, an empty message
@@ -1183,12 +1172,9 @@ fn messages_already_taken_are_read_before_one_in_the_ring() {
         // The sentinel's answer says the message above is in the session's buffer.
         peer.sync();
         peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, first, first + 4));
-        let mut buf = [0u8; 64];
-        let n = s.read(&mut buf).unwrap();
-        assert_eq!(n as u64, first, "the message in the ring read first");
-        assert_eq!(buf[..n], bytes(id, 0, first)[..]);
-        assert_eq!(s.read(&mut buf).unwrap(), 4);
-        assert_eq!(buf[..4], bytes(id, first, first + 4)[..]);
+        // Not the message in the ring first.
+        read_is(&mut s, id, 0, first);
+        read_is(&mut s, id, first, first + 4);
     }
 }
 
@@ -1211,9 +1197,7 @@ fn a_credit_ahead_of_a_message_read_directly_is_taken() {
     assert_eq!(s.write(&[7u8; 100]).unwrap(), 100);
     peer.push(Kind::Credit, 0, id, &grant(100));
     peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 0, 3));
-    let mut buf = [0u8; 64];
-    assert_eq!(s.read(&mut buf).unwrap(), 3);
-    assert_eq!(buf[..3], bytes(id, 0, 3)[..]);
+    read_is(&mut s, id, 0, 3);
     // Out of credit but for the grant the read met: a write that may not wait.
     s.set_nonblocking(true);
     assert_eq!(s.write(&[8u8; 100]).unwrap(), 100, "the credit was lost");
