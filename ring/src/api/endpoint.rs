@@ -687,9 +687,10 @@ impl Session {
     }
 
     /// As [`Session::read_any`], many frames at once, as `recvmmsg`: every frame of
-    /// `sessions` in ring order that fits what is left of `buf`, up to the first that a
-    /// batch cannot take (it does not fit, or it ends its session: the next call returns
-    /// it). `got` is cleared, then gets one (index in `sessions`, read) per result, in
+    /// `sessions` in ring order that fits what is left of `buf` (a message whole in one
+    /// frame is one result), up to the first that a batch cannot take (it does not fit,
+    /// it ends its session, or it starts a message of several frames: the next call
+    /// returns it). `got` is cleared, then gets one (index in `sessions`, read) per result, in
     /// order; the bytes of each `Ok(n)` follow those of the results before it in `buf`.
     /// Returns how many results there are (at least one). One lock, one index store and
     /// one doorbell for the whole batch: an event loop over many sessions moves small
