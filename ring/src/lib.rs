@@ -34,14 +34,16 @@
 //!
 //! One byte, from [`Session::write`](std::io::Write::write) to the peer's
 //! [`Session::read`](std::io::Read::read), is copied in four files: `api/endpoint.rs`
-//! (`write_stream` hands the caller's slice on) → `link/tx.rs` (`step`, `write_frame`:
+//! (`write_stream` hands the caller's slice on; `write_message` for a message session)
+//! → `link/tx.rs` (`step`, `write_frame`:
 //! one frame within the credit, then `publish`) → `wire/ring.rs` (`Producer::push`
 //! copies it into the ring; a write of 16 KiB or more takes `Producer::reserve_copy`
 //! instead and copies after the runtime's lock is released, the head stored once the
 //! copy is done; on the other side `Consumer` finds it) → `link/rx.rs`
 //! (`read_direct` copies it straight into the reader's buffer, `read_any` into an event
 //! loop's buffer with the frames of other sessions after it, or `pump` into the
-//! session's buffer and `read` from there). Frames of 1 KiB or more that
+//! session's buffer and `read` from there: a message of several frames, or data behind
+//! what the session already holds). Frames of 1 KiB or more that
 //! `read_direct` meets it lends instead (`Consumer::lend`), and when they add up to
 //! 16 KiB `runtime/mod.rs` (`copy_lent`) copies them out after the lock is released, as
 //! the write side does (fewer it copies at once: a loan costs a second pass through the
