@@ -1203,6 +1203,23 @@ fn a_credit_ahead_of_a_message_read_directly_is_taken() {
     assert_eq!(s.write(&[8u8; 100]).unwrap(), 100, "the credit was lost");
 }
 
+/// Data the peer sends after it reset a session is not read, directly or otherwise: the
+/// reader gets `ConnectionReset`, whichever kind of session.
+#[test]
+fn data_after_the_peers_reset_is_not_read() {
+    let _w = watchdog("data_after_the_peers_reset_is_not_read", LIMIT);
+    for message in [false, true] {
+        let (_victim, l, mut peer) = driven_pair(cfg());
+        let (id, mut s) = accepted(&l, &mut peer, message);
+        peer.push(Kind::Reset, 0, id, &[]);
+        // The sentinel's answer says the Reset was handled: the Data is alone in the ring.
+        peer.sync();
+        peer.push(Kind::Data, FLAG_EOR, id, &bytes(id, 0, 10));
+        let err = s.read(&mut [0u8; 64]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ConnectionReset, "message {message}");
+    }
+}
+
 /// A direct read takes only whole frames that fit what is left of the caller's buffer;
 /// the rest goes through the session's buffer, cut to the caller's size.
 #[test]
