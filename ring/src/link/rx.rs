@@ -533,18 +533,17 @@ impl Link {
                 self.rx
                     .read_payload(rec.payload_at, &mut buf[used..used + len]);
                 self.rx.consume(&h);
-                let mut due = false;
+                let mut credit_waits = false;
                 if let Some(s) = self.sessions.get_mut(&h.session) {
                     s.received += len as u64;
                     s.fwd_cnt += len as u64;
-                    due = credit_due(s)
-                        && !credit_waits_for_next(s, &mut self.rx, max_payload, h.session);
+                    credit_waits = credit_waits_for_next(s, &mut self.rx, max_payload, h.session);
                 }
                 used += len;
-                let granted = if due {
-                    self.grant_credit(h.session, out)
-                } else {
+                let granted = if credit_waits {
                     Ok(())
+                } else {
+                    self.grant_credit(h.session, out)
                 };
                 match granted {
                     Ok(()) => got.push((i, Ok(len))),
@@ -736,8 +735,9 @@ impl Link {
                 out.ring_peer = true;
             }
             if message || n == buf.len() {
-                // Full: no frame could join (each has a byte at least). Looking would
-                // load the peer's head again, a line its writer may be storing to.
+                // One message per read; or full: no frame could join (each has a byte at
+                // least), and looking would load the peer's head again, a line its writer
+                // may be storing to.
                 break;
             }
         }
